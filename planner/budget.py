@@ -1,0 +1,194 @@
+"""Planning under a GPU memory budget: components at ``strategy: auto`` get the fastest residency that fits.
+
+The choice is a fixed sequence of upgrades from the least-GPU configuration (stream every layer,
+or offload whole what has no layers), ordered by predicted seconds saved per generation per byte;
+a budget takes the longest prefix that fits. A larger budget therefore never keeps less resident.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import SpecError
+from .inventory import DTYPE_BYTES, ComponentInfo, Inventory
+from .load import Document
+from .plan import Decision, Estimate, Plan
+from .resolve import ComponentResolution, Resolution, place_resident
+from .rules import reason, runs_per_step
+from .sizes import format_size, parse_size
+from .workload import denoiser_tokens
+
+PROFILES_PATH = Path(__file__).parent / "data" / "profiles.json"
+DEFAULT_PROFILE = "h100"
+DEFAULT_STEPS = 28
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    h2d_bytes_per_s: float
+    effective_flops: float
+    layer_overhead_s: float = 2e-5
+
+
+def load_profile(name_or_path: str | None, base: Path | None = None) -> Profile:
+    name = name_or_path or DEFAULT_PROFILE
+    builtin = json.loads(PROFILES_PATH.read_text(encoding="utf-8"))["profiles"]
+    if name in builtin:
+        data = builtin[name]
+    else:
+        path = Path(name) if base is None or Path(name).is_absolute() else base / name
+        data = json.loads(path.read_text(encoding="utf-8"))
+    return Profile(name=data.get("name", name), h2d_bytes_per_s=float(data["h2d_bytes_per_s"]),
+                   effective_flops=float(data["effective_flops"]),
+                   layer_overhead_s=float(data.get("layer_overhead_s", 2e-5)))
+
+
+def compute_seconds(info: ComponentInfo, workload: Mapping[str, Any], profile: Profile) -> float:
+    """One forward of a component: 2 FLOPs per weight per token at the profile's effective rate."""
+    params = info.weight_bytes / DTYPE_BYTES.get(info.dtype, 2)
+    tokens = denoiser_tokens(workload, info.class_name) if runs_per_step_name(info.name) else \
+        workload.get("text_tokens", 512)
+    return 2.0 * params * tokens * workload.get("batch_size", 1) / profile.effective_flops
+
+
+def runs_per_step_name(name: str) -> bool:
+    from .rules import family_of
+
+    return runs_per_step(family_of(name))
+
+
+def step_seconds(strategy: str, info: ComponentInfo, resident: tuple[int, ...], workload: Mapping[str, Any],
+                 profile: Profile, *, calls: int = 1) -> float:
+    """Predicted seconds of one call of a component under a strategy (layerwise: max(compute, stream))."""
+    compute = compute_seconds(info, workload, profile)
+    if strategy == "resident" or strategy == "fsdp":
+        return compute
+    if strategy == "cpu_offload":
+        # moved in once per generation, then resident for the rest of its calls
+        return compute + info.weight_bytes / profile.h2d_bytes_per_s / calls
+    keep = set(resident)
+    streamed = sum(b for i, b in enumerate(info.layer_bytes) if i not in keep)
+    n_streamed = sum(1 for i in range(len(info.layer_bytes)) if i not in keep)
+    return max(compute, streamed / profile.h2d_bytes_per_s) + n_streamed * profile.layer_overhead_s
+
+
+def plan_budget(doc: Document, inventory: Inventory, resolution: Resolution, *, strict: bool = False) -> Plan:
+    from .api import build_plan
+
+    spec = doc.data
+    workload = dict(spec.get("workload") or {})
+    base_dir = Path(doc.file).parent if doc.file and not doc.file.startswith("<") else None
+    profile = load_profile(spec.get("profile"), base_dir)
+    steps = workload.get("steps", DEFAULT_STEPS)
+    auto = [c for c in resolution.components.values() if c.strategy == "auto"]
+    memory = spec.get("memory", {})
+    if auto and "gpu_budget" not in memory:
+        where = ("components", auto[0].name) if auto[0].name in spec.get("components", {}) else ("defaults", "strategy")
+        raise SpecError([doc.diagnostic(where, f"strategy 'auto' ({auto[0].name}) needs memory.gpu_budget to plan under")])
+    if auto:
+        budget = parse_size(memory["gpu_budget"])
+        _choose(doc, inventory, resolution, auto, budget, workload, profile, steps)
+    plan = build_plan(doc, inventory, resolution)
+    return _with_times(plan, inventory, workload, profile, steps)
+
+
+def _with_times(plan: Plan, inventory: Inventory, workload: Mapping[str, Any], profile: Profile, steps: int) -> Plan:
+    comps = {}
+    per_step = 0.0
+    for name, cp in plan.components.items():
+        info = inventory.get(name)
+        if info is None or not info.known:
+            comps[name] = cp
+            continue
+        calls = steps if runs_per_step_name(name) else 1
+        t = step_seconds(cp.strategy, info, cp.resident_layers, workload, profile, calls=calls)
+        if runs_per_step_name(name):
+            per_step += t
+        comps[name] = replace(cp, estimate=replace(cp.estimate, step_seconds=round(t, 6)))
+    est = replace(plan.estimate, seconds_per_step=round(per_step, 6), profile=profile.name)
+    return replace(plan, components=comps, estimate=est)
+
+
+def _choose(doc: Document, inventory: Inventory, resolution: Resolution, auto: list[ComponentResolution],
+            budget: int, workload: Mapping[str, Any], profile: Profile, steps: int) -> None:
+    from .api import build_plan
+
+    # Least-GPU start: stream every layer of what has layers, offload the rest whole.
+    start: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for comp in auto:
+        start[comp.name] = ("layerwise", ()) if comp.info.layer_count else ("cpu_offload", ())
+    upgrades = _upgrade_sequence(auto, start, workload, profile, steps)
+
+    def peak_of(state: dict[str, tuple[str, tuple[int, ...]]]) -> int:
+        trial = Resolution(components={n: replace(c) for n, c in resolution.components.items()},
+                           decisions=[], warnings=[])
+        for name, (strategy, resident) in state.items():
+            trial.components[name].strategy = strategy
+            trial.components[name].resident_layers = resident
+        return build_plan(doc, inventory, trial).estimate.gpu_peak_bytes
+
+    state = dict(start)
+    smallest = peak_of(state)
+    if smallest > budget:
+        raise SpecError([doc.diagnostic(("memory", "gpu_budget"),
+                                        f"gpu_budget {format_size(budget)} is too small: the smallest plan needs "
+                                        f"{format_size(smallest)} ({smallest} bytes) on the GPU")])
+    best = dict(state)
+    # The longest prefix that fits; peaks are nearly monotone along the sequence, so scan it all.
+    for name, strategy, resident in upgrades:
+        state[name] = (strategy, resident)
+        if peak_of(state) <= budget:
+            best = dict(state)
+    for comp in auto:
+        strategy, resident = best[comp.name]
+        detail = (f"{comp.name}: {strategy}" + (f" with {len(resident)} of {comp.info.layer_count} layers resident"
+                                                 if strategy == "layerwise" else "")
+                  + f", the fastest choice that fits gpu_budget {format_size(budget)}")
+        resolution.decisions.append(Decision(rule="auto-budget", component=comp.name, from_="auto", to=strategy,
+                                             reason=reason("auto-budget", detail=detail)))
+        comp.strategy = strategy
+        comp.resident_layers = resident
+        if comp.prefetch is None:
+            comp.prefetch = 1
+
+
+def _upgrade_sequence(auto: list[ComponentResolution], start: Mapping[str, tuple[str, tuple[int, ...]]],
+                      workload: Mapping[str, Any], profile: Profile, steps: int) -> list[tuple[str, str, tuple[int, ...]]]:
+    """Upgrades in order of predicted seconds saved per generation per GPU byte."""
+    candidates: list[tuple[float, int, str, str, tuple[int, ...]]] = []
+    order = 0
+    for comp in auto:
+        info = comp.info
+        calls = steps if runs_per_step(comp.family) else 1
+        n = info.layer_count
+        prev_time = step_seconds(start[comp.name][0], info, (), workload, profile, calls=calls) * calls
+        if n:
+            for r in range(1, n + 1):
+                resident = place_resident(r, n, comp.placement)
+                t = step_seconds("layerwise", info, resident, workload, profile, calls=calls) * calls
+                gain = (prev_time - t) / max(1, max(info.layer_bytes))
+                candidates.append((-gain, order, comp.name, "layerwise", resident))
+                order += 1
+                prev_time = t
+        t = step_seconds("resident", info, (), workload, profile, calls=calls) * calls
+        gain = (prev_time - t) / max(1, info.weight_bytes)
+        candidates.append((-gain, order, comp.name, "resident", ()))
+        order += 1
+    # Within a component the steps must stay in order (r before r+1): a stable sort on gain per
+    # component would break that, so sort components' chains by their first gain, keeping chains whole.
+    chains: dict[str, list[tuple[float, int, str, str, tuple[int, ...]]]] = {}
+    for cand in candidates:
+        chains.setdefault(cand[2], []).append(cand)
+    merged: list[tuple[str, str, tuple[int, ...]]] = []
+    heads = {name: 0 for name in chains}
+    while any(heads[n] < len(chains[n]) for n in chains):
+        name = min((n for n in chains if heads[n] < len(chains[n])),
+                   key=lambda n: (chains[n][heads[n]][0], chains[n][heads[n]][1]))
+        _, _, _, strategy, resident = chains[name][heads[name]]
+        merged.append((name, strategy, resident))
+        heads[name] += 1
+    return merged

@@ -1,0 +1,334 @@
+"""``residency-planner``: validate, plan, explain, diff, schema, from-sglang, inventory, run.
+
+Exit codes: 0 valid, 1 invalid input (``FILE:LINE:COL: error: ...``), 2 usage error. The spec-side
+commands import no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Sequence, TextIO
+
+from .errors import Diagnostic, SpecError
+from .sizes import format_size
+
+SPEC_SUFFIXES = (".yaml", ".yml")
+
+
+def _emit(diags: Iterable[Diagnostic], fmt: str, out: TextIO) -> None:
+    for d in diags:
+        out.write((d.format_github() if fmt == "github" else d.format()) + "\n")
+
+
+def _spec_files(paths: Sequence[str]) -> list[Path]:
+    files: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            files.extend(sorted(f for f in p.rglob("*") if f.suffix in SPEC_SUFFIXES and f.is_file()))
+        else:
+            files.append(p)
+    return files
+
+
+def validate_file(path: Path, *, strict: bool) -> list[Diagnostic]:
+    """Every check that needs no model files: YAML, schema, catalog names, rules against the inventory."""
+    from .api import load_spec, spec_inventory
+    from .resolve import resolve
+
+    try:
+        doc = load_spec(path)
+        section = doc.data["pipeline"]
+        if "path" in section and not (Path(doc.file).parent / section["path"]).exists():
+            return []   # the folder is not here (CI without model files): schema checks only
+        inventory = spec_inventory(doc)
+        res = resolve(doc, inventory, strict=strict)
+        from .budget import plan_budget
+
+        plan_budget(doc, inventory, res, strict=strict)
+        return list(res.warnings)
+    except SpecError as exc:
+        return list(exc.diagnostics)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    files = _spec_files(args.paths)
+    if not files:
+        print(f"error: no deployment files ({', '.join(SPEC_SUFFIXES)}) found in {' '.join(args.paths)}", file=sys.stderr)
+        return 2
+    failed = 0
+    report: list[dict[str, Any]] = []
+    for f in files:
+        diags = validate_file(f, strict=args.strict)
+        errors = [d for d in diags if d.severity == "error"]
+        failed += bool(errors)
+        if args.format == "json":
+            report.append({"file": str(f), "valid": not errors, "diagnostics": [d.to_dict() for d in diags]})
+        else:
+            _emit(diags, args.format, sys.stdout)
+            if not errors and args.format == "text" and not args.quiet:
+                print(f"{f}: ok")
+    if args.format == "json":
+        print(json.dumps(report, indent=2))
+    elif args.format == "text" and not args.quiet:
+        print(f"{len(files) - failed} valid, {failed} invalid")
+    return 1 if failed else 0
+
+
+def _load_plan(source: str, *, strict: bool = False) -> Any:
+    """A plan from a spec file, or a saved plan (.json)."""
+    from .api import make_plan
+    from .plan import Plan
+
+    if source.endswith(".json"):
+        from .load import load_text
+        from .validate import check_document
+
+        doc = load_text(Path(source).read_bytes(), source)
+        check_document(doc, "plan.schema.json")
+        return Plan.from_dict(doc.data)
+    return make_plan(source, strict=strict)
+
+
+def _fmt_bytes(n: int) -> str:
+    return format_size(n) if n else "-"
+
+
+def plan_table(plan: Any, source: str) -> str:
+    rows = [("component", "family", "strategy", "prefetch", "resident layers", "GPU resident", "GPU transient",
+             "pinned host", "s/call")]
+    for name, cp in plan.components.items():
+        layers = f"{len(cp.resident_layers)}/{cp.layer_count}" if cp.strategy == "layerwise" else "-"
+        est = cp.estimate
+        t = f"{est.step_seconds:.3f}" if est.step_seconds is not None else "-"
+        rows.append((name, cp.family, cp.strategy, str(cp.prefetch) if cp.prefetch else "-", layers,
+                     _fmt_bytes(est.gpu_resident_bytes), _fmt_bytes(est.gpu_transient_bytes),
+                     _fmt_bytes(est.host_pinned_bytes), t))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [f"plan for {source} ({plan.pipeline.get('source', '')}, {plan.dtype}, {plan.device})", ""]
+    for i, row in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) if j < 5 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    e = plan.estimate
+    budget = f" of {format_size(e.gpu_budget_bytes)} budget" if e.gpu_budget_bytes else ""
+    lines.append("")
+    lines.append(f"peak GPU {format_size(e.gpu_peak_bytes)}{budget}"
+                 + (f" (activations {format_size(e.activation_bytes)})" if e.activation_bytes else "")
+                 + f"; pinned host {format_size(e.host_pinned_bytes)}"
+                 + (f" of {format_size(e.host_budget_bytes)} budget" if e.host_budget_bytes else ""))
+    if e.seconds_per_step is not None:
+        lines.append(f"predicted denoising step {e.seconds_per_step:.3f} s ({e.profile} profile)")
+    if plan.decisions:
+        lines.append(f"{len(plan.decisions)} decision(s); 'residency-planner explain {source}' says why")
+    for w in plan.warnings:
+        lines.append(w)
+    return "\n".join(lines) + "\n"
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    try:
+        plan = _load_plan(args.spec, strict=args.strict)
+    except SpecError as exc:
+        _emit(exc.diagnostics, args.format, sys.stderr if args.format != "github" else sys.stdout)
+        return 1
+    text = plan.to_json() if args.format == "json" else plan_table(plan, args.spec)
+    if args.output:
+        Path(args.output).write_text(plan.to_json(), encoding="utf-8")
+    if args.chart:
+        from .chart import write_chart
+
+        write_chart(plan, args.chart)
+    sys.stdout.write(text)
+    return 0
+
+
+def explain_text(plan: Any) -> str:
+    lines: list[str] = []
+    by_comp: dict[str, list[Any]] = {}
+    for d in plan.decisions:
+        by_comp.setdefault(d.component, []).append(d)
+    for name, cp in plan.components.items():
+        extra = ""
+        if cp.strategy == "layerwise":
+            extra = (f", prefetch {cp.prefetch}, {len(cp.resident_layers)} of {cp.layer_count} layers resident"
+                     + (f" {list(cp.resident_layers)}" if cp.resident_layers else ""))
+        lines.append(f"{name} ({cp.family}): {cp.strategy}{extra}")
+        decisions = by_comp.get(name, [])
+        if not decisions:
+            lines.append("  resident: no rule changed it")
+        for d in decisions:
+            lines.append(f"  {d.from_} -> {d.to}  [{d.rule}]")
+            lines.append(f"    {d.reason}")
+    for w in plan.warnings:
+        lines.append(w)
+    return "\n".join(lines) + "\n"
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    try:
+        plan = _load_plan(args.spec, strict=args.strict)
+    except SpecError as exc:
+        _emit(exc.diagnostics, args.format, sys.stderr)
+        return 1
+    if args.format == "json":
+        print(json.dumps([{"rule": d.rule, "component": d.component, "from": d.from_, "to": d.to,
+                           "reason": d.reason} for d in plan.decisions], indent=2))
+    else:
+        sys.stdout.write(explain_text(plan))
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    try:
+        old, new = _load_plan(args.old), _load_plan(args.new)
+    except SpecError as exc:
+        _emit(exc.diagnostics, "text", sys.stderr)
+        return 1
+    from .plan import _component_to_dict
+
+    changes = []
+    for name in list(old.components) + [n for n in new.components if n not in old.components]:
+        a = old.components.get(name)
+        b = new.components.get(name)
+        da = _component_to_dict(a) if a else None
+        db = _component_to_dict(b) if b else None
+        if da != db:
+            keys = sorted(set(da or {}) | set(db or {}))
+            for k in keys:
+                va, vb = (da or {}).get(k), (db or {}).get(k)
+                if va != vb:
+                    changes.append(f"~ {name}.{k}: {json.dumps(va)} -> {json.dumps(vb)}")
+    for k in ("gpu_peak_bytes", "host_pinned_bytes", "seconds_per_step"):
+        va, vb = getattr(old.estimate, k), getattr(new.estimate, k)
+        if va != vb:
+            changes.append(f"~ estimate.{k}: {va} -> {vb}")
+    print("\n".join(changes) if changes else "no changes")
+    return 0 if not changes or not args.exit_code else 1
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from .validate import schema_path
+
+    sys.stdout.write(schema_path("plan.schema.json" if args.plan else "deployment.schema.json").read_text())
+    return 0
+
+
+def cmd_from_sglang(args: argparse.Namespace) -> int:
+    from .sglang import SGLangArgsError, parse_args, render_yaml, translate
+
+    try:
+        translation = translate(parse_args(args.args))
+    except SGLangArgsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    text = render_yaml(translation)
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_inventory(args: argparse.Namespace) -> int:
+    from .folder import FolderError, folder_inventory
+
+    try:
+        inv = folder_inventory(Path(args.path))
+    except FolderError as exc:
+        print(f"{args.path}:0:0: error: {exc}", file=sys.stderr)
+        return 1
+    if args.format == "json":
+        print(json.dumps(inv.to_dict(), indent=2))
+        return 0
+    print(f"{args.path}")
+    for comp in inv.components:
+        print(f"  {comp.name:<16} {comp.class_name:<36} {format_size(comp.weight_bytes):>12}  {comp.dtype}")
+        for ll in comp.layer_lists:
+            per = format_size(max(ll.layer_bytes)) if ll.layer_bytes else "?"
+            print(f"    {ll.path:<30} {ll.count:>4} layers, up to {per} each")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .run import run_command
+
+    return run_command(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="residency-planner",
+                                     description="Plan where a diffusion pipeline's weights live, and apply it.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser, formats: Sequence[str] = ("text", "json", "github")) -> None:
+        p.add_argument("--format", choices=formats, default="text")
+        p.add_argument("--strict", action="store_true", help="treat warnings as errors")
+
+    p = sub.add_parser("validate", help="check deployment files (no model files needed)")
+    p.add_argument("paths", nargs="+", metavar="FILE|DIR")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only problems")
+    common(p)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("plan", help="resolve a spec into a residency plan")
+    p.add_argument("spec", metavar="SPEC")
+    p.add_argument("-o", "--output", help="also save the plan as JSON")
+    p.add_argument("--chart", metavar="FILE", help="draw the plan (SVG or PNG)")
+    common(p)
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("explain", help="each decision the resolver made, and why")
+    p.add_argument("spec", metavar="SPEC")
+    common(p)
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("diff", help="compare two plans (specs or saved plans)")
+    p.add_argument("old")
+    p.add_argument("new")
+    p.add_argument("--exit-code", action="store_true", help="exit 1 when the plans differ")
+    p.set_defaults(func=cmd_diff)
+
+    p = sub.add_parser("schema", help="print the JSON Schema of the deployment spec")
+    p.add_argument("--plan", action="store_true", help="print the plan's schema instead")
+    p.set_defaults(func=cmd_schema)
+
+    p = sub.add_parser("from-sglang", help="SGLang server args (or --config FILE) to a deployment spec")
+    p.add_argument("-o", "--output")
+    p.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS")
+    p.set_defaults(func=cmd_from_sglang)
+
+    p = sub.add_parser("inventory", help="components, layers and bytes of a pipeline folder (headers only)")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.set_defaults(func=cmd_inventory)
+
+    p = sub.add_parser("run", help="load a pipeline with its plan applied and generate")
+    p.add_argument("spec", metavar="SPEC")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default="output.png")
+    p.add_argument("--device", default=None, help="override the spec's device")
+    p.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except BrokenPipeError:  # pragma: no cover - `| head`
+        return 0
+    except KeyboardInterrupt:  # pragma: no cover
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

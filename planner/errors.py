@@ -1,0 +1,49 @@
+"""Diagnostics that point at a place in a file: ``FILE:LINE:COL: error: message``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    file: str
+    line: int          # 1-based; 0 when the place is the whole file
+    column: int        # 1-based
+    message: str
+    severity: str = "error"   # error | warning
+    where: str = ""           # path inside the spec, e.g. "offload.dit_cpu_offload"
+
+    def format(self) -> str:
+        where = f" ({self.where})" if self.where else ""
+        return f"{self.file}:{self.line}:{self.column}: {self.severity}: {self.message}{where}"
+
+    def format_github(self) -> str:
+        kind = "error" if self.severity == "error" else "warning"
+        msg = self.message + (f" ({self.where})" if self.where else "")
+        msg = msg.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+        return f"::{kind} file={self.file},line={max(self.line, 1)},col={max(self.column, 1)}::{msg}"
+
+    def to_dict(self) -> dict[str, object]:
+        return {"file": self.file, "line": self.line, "column": self.column, "severity": self.severity,
+                "message": self.message, "where": self.where}
+
+
+class SpecError(Exception):
+    """One or more errors in a deployment spec or plan; each carries its place."""
+
+    def __init__(self, diagnostics: Iterable[Diagnostic]) -> None:
+        self.diagnostics = tuple(diagnostics)
+        super().__init__("\n".join(d.format() for d in self.diagnostics))
+
+
+class PlanApplyError(RuntimeError):
+    """Applying a plan to a pipeline failed; the pipeline was left as it was."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    import difflib
+
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean '{match[0]}'?" if match else ""

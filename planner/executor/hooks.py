@@ -1,0 +1,389 @@
+"""Pieces shared by the execution engines (layerwise streaming, whole-component CPU offload).
+
+- ``StreamOps``: CUDA streams and events on a CUDA device, no-op stand-ins elsewhere, so the engines
+  run one code path on CPU (CI) and GPU.
+- ``HostPack``: host copies of groups of tensors, one flat block per dtype, each group an aligned
+  slice of it (so a group moves with one copy per dtype), plus views of the same layout in any
+  device buffer.
+- ``alloc_host`` / ``alloc_device``: the only places the engines allocate weight memory; tests
+  replace them to simulate allocation failures.
+- ``ModuleHooks``: forward pre/post hooks registered on modules and removed together.
+- tensor discovery: every parameter and buffer object of a module tree, with its owners.
+
+Weights are rebound through ``tensor.data = other`` on the registered tensor object itself, so
+every place that holds the same object (tied weights, a RoPE buffer shared by all blocks) sees the
+new storage at once and ``Parameter`` identity, ``requires_grad`` and hooks keyed on the object
+stay intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+
+ALIGN_BYTES = 256          # slot and host offsets; covers vectorised loads and cudaMalloc's alignment
+PAGE_BYTES = 4096          # cudaHostRegister works on whole pages
+
+
+# --------------------------------------------------------------------------------------------
+# streams and events
+
+
+class NullEvent:
+    """Stands in for ``torch.cuda.Event`` off CUDA: work is already ordered, so nothing to wait."""
+
+    __slots__ = ()
+
+    def record(self, stream: Any = None) -> None:
+        pass
+
+    def wait(self, stream: Any = None) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        pass
+
+
+class NullStream:
+    """Stands in for ``torch.cuda.Stream`` off CUDA."""
+
+    __slots__ = ()
+
+    def wait_event(self, event: Any) -> None:
+        pass
+
+    def wait_stream(self, stream: Any) -> None:
+        pass
+
+    def record_event(self, event: Any = None) -> Any:
+        return event if event is not None else NullEvent()
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+_NULL_STREAM = NullStream()
+
+
+class StreamOps:
+    """Streams, events and stream contexts for one device (real on CUDA, no-op objects elsewhere)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.is_cuda = device.type == "cuda"
+
+    def current(self) -> Any:
+        return torch.cuda.current_stream(self.device) if self.is_cuda else _NULL_STREAM
+
+    def new_stream(self) -> Any:
+        return torch.cuda.Stream(self.device) if self.is_cuda else NullStream()
+
+    def new_event(self) -> Any:
+        return torch.cuda.Event() if self.is_cuda else NullEvent()
+
+    def use(self, stream: Any) -> contextlib.AbstractContextManager:
+        return torch.cuda.stream(stream) if self.is_cuda else contextlib.nullcontext()
+
+    def synchronize(self) -> None:
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+
+
+def resolve_device(device: torch.device | str) -> torch.device:
+    """``cuda`` without an index means the current CUDA device (streams need a concrete one)."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+# --------------------------------------------------------------------------------------------
+# allocation
+
+
+class HostBlock:
+    """One flat host buffer of one dtype; ``nbytes`` is what it really holds in host memory.
+
+    Pinned blocks are plain CPU memory page-locked with ``cudaHostRegister``: exact size, where
+    ``torch.empty(..., pin_memory=True)`` goes through the caching host allocator, which rounds
+    every request up to a power of two (an 11.5 GiB model would take 16 GiB). If registering is
+    not possible the caching allocator is used and its rounded size is reported.
+    """
+
+    def __init__(self, tensor: torch.Tensor, nbytes: int, pinned: bool,
+                 registered_ptr: int | None = None, raw: torch.Tensor | None = None) -> None:
+        self.tensor = tensor
+        self.nbytes = nbytes
+        self.pinned = pinned
+        self._registered_ptr = registered_ptr
+        self._raw = raw
+
+    def free(self) -> None:
+        """Drop the memory; the caller guarantees no copy still reads it."""
+        if self._registered_ptr is not None:
+            try:
+                torch.cuda.cudart().cudaHostUnregister(self._registered_ptr)
+            except Exception:  # pragma: no cover - interpreter shutdown, driver gone
+                pass
+            self._registered_ptr = None
+        self.tensor = torch.empty(0, dtype=self.tensor.dtype)
+        self._raw = None
+
+    def __del__(self) -> None:  # an engine dropped without detach must not leak page locks
+        if getattr(self, "_registered_ptr", None) is not None:
+            self.free()
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def alloc_host(numel: int, dtype: torch.dtype, pin: bool) -> HostBlock:
+    """A flat host buffer of ``numel`` elements; page-locked when ``pin`` (CUDA present)."""
+    elsize = torch.empty(0, dtype=dtype).element_size()
+    nbytes = numel * elsize
+    if not pin:
+        return HostBlock(torch.empty(numel, dtype=dtype), nbytes, pinned=False)
+    size = -(-nbytes // PAGE_BYTES) * PAGE_BYTES
+    raw = torch.empty(size + PAGE_BYTES, dtype=torch.uint8)
+    start = (-raw.data_ptr()) % PAGE_BYTES
+    ptr = raw.data_ptr() + start
+    err = 1
+    try:
+        err = int(torch.cuda.cudart().cudaHostRegister(ptr, size, 1))  # 1: cudaHostRegisterPortable
+    except Exception:
+        err = 1
+    if err == 0:
+        tensor = raw[start:start + nbytes].view(dtype)
+        return HostBlock(tensor, size + PAGE_BYTES, pinned=True, registered_ptr=ptr, raw=raw)
+    del raw
+    tensor = torch.empty(numel, dtype=dtype, pin_memory=True)
+    return HostBlock(tensor, _pow2_ceil(nbytes), pinned=True)
+
+
+def alloc_device(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A flat device buffer (a layer slot, or a component while it is on the device)."""
+    return torch.empty(numel, dtype=dtype, device=device)
+
+
+# --------------------------------------------------------------------------------------------
+# tensor discovery and packing
+
+
+def iter_tensors(module: torch.nn.Module) -> Iterator[tuple[torch.nn.Module, str, torch.Tensor]]:
+    """Every (owner module, name, tensor) of a module tree, parameters then buffers, aliases included."""
+    for mod in module.modules():
+        for name, p in mod._parameters.items():
+            if p is not None:
+                yield mod, name, p
+        for name, b in mod._buffers.items():
+            if b is not None:
+                yield mod, name, b
+
+
+def unique_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The distinct tensor objects of a module tree, in registration order."""
+    seen: set[int] = set()
+    out: list[torch.Tensor] = []
+    for _, _, t in iter_tensors(module):
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
+
+
+def is_packable(t: torch.Tensor) -> bool:
+    """Plain strided dense tensors without gaps or overlaps (any dimension order).
+
+    Such a tensor is stored as ``numel`` consecutive elements and can be re-created as a view of
+    a flat buffer with its own strides. Anything else (expanded, sliced with gaps, sparse,
+    quantized, tensor subclasses, meta) stays where it is put, untouched.
+    """
+    data = t.data
+    if type(data) is not torch.Tensor or data.layout != torch.strided or data.is_quantized:
+        return False
+    if data.device.type == "meta" or data.numel() == 0:
+        return False
+    if data.is_contiguous():
+        return True
+    dims = sorted((s, n) for s, n in zip(data.stride(), data.shape) if n != 1)
+    expected = 1
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _align(n: int, elsize: int) -> int:
+    step = max(1, ALIGN_BYTES // elsize)
+    return -(-n // step) * step
+
+
+@dataclass
+class PackedTensor:
+    """Where one tensor sits inside its group's slice of the dtype block."""
+
+    tensor: torch.Tensor
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int            # elements from the start of the group's span
+    numel: int
+    requires_grad: bool
+    device: torch.device   # where it lived before packing
+
+
+@dataclass
+class PackedGroup:
+    """One layer (or one component): its tensors and its span of each dtype block."""
+
+    tensors: list[PackedTensor] = field(default_factory=list)
+    spans: dict[torch.dtype, tuple[int, int]] = field(default_factory=dict)   # dtype -> (start, numel)
+    nbytes: int = 0        # payload bytes (without alignment padding)
+
+    def span_bytes(self) -> dict[torch.dtype, int]:
+        return {d: n * torch.empty(0, dtype=d).element_size() for d, (_, n) in self.spans.items()}
+
+
+def view_in(buf: torch.Tensor, pt: PackedTensor, base: int = 0) -> torch.Tensor:
+    """``pt`` as a view of the flat buffer ``buf`` whose element ``base`` is the group's start."""
+    flat = buf.narrow(0, base + pt.offset, pt.numel)
+    if flat.dim() == 1 and len(pt.shape) == 1 and pt.stride == (1,):
+        return flat
+    return flat.as_strided(pt.shape, pt.stride)
+
+
+class HostPack:
+    """Host copies of groups of tensors: one flat block per dtype, groups as aligned slices of it.
+
+    Construction only lays out offsets; ``allocate`` takes the memory and ``fill`` copies values.
+    """
+
+    def __init__(self, groups: Sequence[Sequence[torch.Tensor]], *, pin: bool) -> None:
+        self.pin = pin
+        self.groups: list[PackedGroup] = []
+        self.blocks: dict[torch.dtype, HostBlock] = {}
+        cursor: dict[torch.dtype, int] = {}
+        for tensors in groups:
+            group = PackedGroup()
+            by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+            for t in tensors:
+                by_dtype.setdefault(t.dtype, []).append(t)
+            for dtype, ts in by_dtype.items():
+                elsize = ts[0].element_size()
+                start = _align(cursor.get(dtype, 0), elsize)
+                off = 0
+                for t in ts:
+                    off = _align(off, elsize)
+                    group.tensors.append(PackedTensor(
+                        tensor=t, dtype=dtype, shape=tuple(t.shape), stride=tuple(t.stride()),
+                        offset=off, numel=t.numel(), requires_grad=t.requires_grad, device=t.device))
+                    off += t.numel()
+                    group.nbytes += t.numel() * elsize
+                group.spans[dtype] = (start, off)
+                cursor[dtype] = start + off
+            self.groups.append(group)
+        self.numels = cursor
+
+    def allocate(self) -> None:
+        """Takes the host memory (all-or-nothing: a failure frees what was taken, then re-raises)."""
+        try:
+            for dtype, numel in self.numels.items():
+                # looked up on the module so tests can replace it
+                self.blocks[dtype] = _this_module().alloc_host(numel, dtype, self.pin)
+        except BaseException:
+            self.free()
+            raise
+
+    def fill(self) -> None:
+        """Copies every tensor's current values into its place (device originals: one D2H each)."""
+        for group in self.groups:
+            for pt in group.tensors:
+                self.host_view(group, pt).copy_(pt.tensor.data)
+
+    def host_view(self, group: PackedGroup, pt: PackedTensor) -> torch.Tensor:
+        return view_in(self.blocks[pt.dtype].tensor, pt, group.spans[pt.dtype][0])
+
+    def host_span(self, group: PackedGroup, dtype: torch.dtype) -> torch.Tensor:
+        start, numel = group.spans[dtype]
+        return self.blocks[dtype].tensor.narrow(0, start, numel)
+
+    @property
+    def allocated_bytes(self) -> int:
+        return sum(b.nbytes for b in self.blocks.values())
+
+    @property
+    def pinned_bytes(self) -> int:
+        return sum(b.nbytes for b in self.blocks.values() if b.pinned)
+
+    def free(self) -> None:
+        for block in self.blocks.values():
+            block.free()
+        self.blocks = {}
+
+
+def _this_module() -> Any:
+    import sys
+    return sys.modules[__name__]
+
+
+def restore_tensor(pt: PackedTensor, source: torch.Tensor) -> None:
+    """Rebinds ``pt.tensor`` to a fresh copy of ``source`` on its original device, original strides."""
+    fresh = torch.empty_strided(pt.shape, pt.stride, dtype=pt.dtype, device=pt.device)
+    fresh.copy_(source)
+    pt.tensor.data = fresh
+    if pt.tensor.requires_grad != pt.requires_grad:
+        pt.tensor.requires_grad_(pt.requires_grad)
+
+
+# --------------------------------------------------------------------------------------------
+# hooks
+
+
+class ModuleHooks:
+    """Forward hooks registered by one engine; ``remove`` unregisters every one of them."""
+
+    def __init__(self) -> None:
+        self._handles: list[Any] = []
+
+    def pre(self, module: torch.nn.Module, fn: Callable[[torch.nn.Module, Any], Any]) -> None:
+        self._handles.append(module.register_forward_pre_hook(fn))
+
+    def post(self, module: torch.nn.Module, fn: Callable[[torch.nn.Module, Any, Any], Any]) -> None:
+        # always_call: a forward that raises still releases what its pre-hook took
+        self._handles.append(module.register_forward_hook(fn, always_call=True))
+
+    def remove(self) -> None:
+        for handle in reversed(self._handles):
+            handle.remove()
+        self._handles = []
+
+    def __len__(self) -> int:
+        return len(self._handles)
+
+
+def modules_overlap(modules: Iterable[torch.nn.Module]) -> tuple[int, int] | None:
+    """Indices (i, j) of two entries where one is (or contains) the other, else None."""
+    mods = list(modules)
+    owner: dict[int, int] = {}
+    for i, m in enumerate(mods):
+        for sub in m.modules():
+            j = owner.get(id(sub))
+            if j is not None and j != i:
+                return (j, i)
+            owner[id(sub)] = i
+    return None

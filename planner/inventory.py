@@ -1,0 +1,149 @@
+"""What the planner knows about a pipeline: its module components, their layer lists and bytes.
+
+An inventory comes from the built-in catalog (``pipeline.model``), from a diffusers folder's
+``model_index.json`` and safetensors headers (``pipeline.path``), from class names alone
+(``pipeline.components``), or from a loaded pipeline (``planner.executor.inventory``). The
+spec side reads it as plain data; nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Mapping
+
+CATALOG_PATH = Path(__file__).parent / "data" / "catalog.json"
+
+
+@dataclass(frozen=True)
+class LayerList:
+    """One list of repeated blocks inside a component, e.g. ``transformer_blocks``.
+
+    ``layer_bytes`` holds the weight bytes of each layer (parameters and buffers), in order.
+    """
+
+    path: str
+    count: int
+    layer_bytes: tuple[int, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "count": self.count, "layer_bytes": list(self.layer_bytes)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "LayerList":
+        return cls(path=data["path"], count=int(data["count"]),
+                   layer_bytes=tuple(int(b) for b in data.get("layer_bytes", ())))
+
+
+@dataclass(frozen=True)
+class ComponentInfo:
+    """A module component of a pipeline.
+
+    ``weight_bytes`` counts every parameter and buffer of the component; the bytes outside its
+    layer lists are ``weight_bytes - sum(layer bytes)``. ``known`` is False when the inventory came
+    from a class name only and holds no sizes.
+    """
+
+    name: str
+    class_name: str
+    weight_bytes: int = 0
+    dtype: str = "bfloat16"
+    layer_lists: tuple[LayerList, ...] = ()
+    known: bool = True
+
+    @property
+    def layer_count(self) -> int:
+        return sum(ll.count for ll in self.layer_lists)
+
+    @property
+    def layer_bytes(self) -> tuple[int, ...]:
+        """Bytes of each layer of the flattened layer sequence (layer lists in order)."""
+        return tuple(b for ll in self.layer_lists for b in ll.layer_bytes)
+
+    @property
+    def non_layer_bytes(self) -> int:
+        return max(0, self.weight_bytes - sum(self.layer_bytes))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"class": self.class_name, "weight_bytes": self.weight_bytes, "dtype": self.dtype,
+                "layer_lists": [ll.to_dict() for ll in self.layer_lists], "known": self.known}
+
+    @classmethod
+    def from_dict(cls, name: str, data: Mapping[str, Any]) -> "ComponentInfo":
+        return cls(name=name, class_name=data["class"], weight_bytes=int(data.get("weight_bytes", 0)),
+                   dtype=data.get("dtype", "bfloat16"),
+                   layer_lists=tuple(LayerList.from_dict(d) for d in data.get("layer_lists", ())),
+                   known=bool(data.get("known", True)))
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """The module components of one pipeline, in pipeline order (encoders, denoisers, decoders)."""
+
+    source: str
+    components: tuple[ComponentInfo, ...] = field(default_factory=tuple)
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.components)
+
+    def get(self, name: str) -> ComponentInfo | None:
+        for comp in self.components:
+            if comp.name == name:
+                return comp
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "components": {c.name: c.to_dict() for c in self.components}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Inventory":
+        return cls(source=data.get("source", ""),
+                   components=tuple(ComponentInfo.from_dict(n, d) for n, d in data["components"].items()))
+
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1}
+
+
+def rescale_dtype(inventory: Inventory, dtype: str) -> Inventory:
+    """The same inventory with floating-point weights counted in ``dtype`` (catalog bytes are bf16)."""
+    from dataclasses import replace
+
+    def scale(nbytes: int, src: str) -> int:
+        return nbytes * DTYPE_BYTES[dtype] // DTYPE_BYTES.get(src, 2)
+
+    comps = []
+    for comp in inventory.components:
+        if comp.dtype == dtype or comp.dtype not in DTYPE_BYTES:
+            comps.append(comp)
+            continue
+        lls = tuple(replace(ll, layer_bytes=tuple(scale(b, comp.dtype) for b in ll.layer_bytes))
+                    for ll in comp.layer_lists)
+        comps.append(replace(comp, weight_bytes=scale(comp.weight_bytes, comp.dtype), dtype=dtype,
+                             layer_lists=lls))
+    return replace(inventory, components=tuple(comps))
+
+
+@lru_cache(maxsize=1)
+def load_catalog() -> dict[str, Any]:
+    with open(CATALOG_PATH, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def catalog_models() -> tuple[str, ...]:
+    return tuple(sorted(load_catalog()["models"]))
+
+
+def catalog_inventory(model: str) -> Inventory | None:
+    entry = load_catalog()["models"].get(model)
+    if entry is None:
+        return None
+    return Inventory.from_dict({"source": f"catalog:{model}", "components": entry["components"]})
+
+
+def class_inventory(components: Mapping[str, str]) -> Inventory:
+    """An inventory from class names alone: names and families, no sizes or layers."""
+    return Inventory(source="components",
+                     components=tuple(ComponentInfo(name=n, class_name=c, known=False)
+                                      for n, c in components.items()))

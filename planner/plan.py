@@ -1,0 +1,178 @@
+"""The residency plan: a frozen value that can be printed, saved, diffed and applied later."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+PLAN_VERSION = 1
+STRATEGIES = ("resident", "cpu_offload", "layerwise", "fsdp")
+
+
+@dataclass(frozen=True)
+class LayerListPlan:
+    """A layer list the plan streams from; ``count`` is checked against the pipeline at apply time."""
+
+    path: str
+    count: int
+
+
+@dataclass(frozen=True)
+class ComponentEstimate:
+    gpu_resident_bytes: int = 0      # weights that stay on the GPU for the whole run
+    gpu_transient_bytes: int = 0     # streamed slots, or the whole component while it runs
+    host_pinned_bytes: int = 0
+    step_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class ComponentPlan:
+    """Where one component's weights live.
+
+    ``resident_layers`` indexes the component's layer sequence: its layer lists concatenated in
+    order (Flux: 19 ``transformer_blocks`` then 38 ``single_transformer_blocks``).
+    """
+
+    strategy: str
+    family: str
+    class_name: str = ""
+    prefetch: int | None = None
+    resident_layers: tuple[int, ...] = ()
+    layers: tuple[LayerListPlan, ...] = ()
+    weight_bytes: int = 0
+    estimate: ComponentEstimate = field(default_factory=ComponentEstimate)
+
+    @property
+    def layer_count(self) -> int:
+        return sum(ll.count for ll in self.layers)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A change the resolver made, with the rule that made it and why."""
+
+    rule: str
+    component: str
+    from_: str
+    to: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Estimate:
+    gpu_peak_bytes: int = 0
+    host_pinned_bytes: int = 0
+    gpu_budget_bytes: int | None = None
+    host_budget_bytes: int | None = None
+    margin_bytes: int = 0
+    activation_bytes: int = 0
+    seconds_per_step: float | None = None
+    profile: str | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    device: str
+    dtype: str
+    pipeline: Mapping[str, Any]
+    components: Mapping[str, ComponentPlan]
+    decisions: tuple[Decision, ...] = ()
+    warnings: tuple[str, ...] = ()
+    estimate: Estimate = field(default_factory=Estimate)
+    version: int = PLAN_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "device": self.device,
+            "dtype": self.dtype,
+            "pipeline": dict(self.pipeline),
+            "components": {name: _component_to_dict(cp) for name, cp in self.components.items()},
+            "decisions": [{"rule": d.rule, "component": d.component, "from": d.from_, "to": d.to,
+                           "reason": d.reason} for d in self.decisions],
+            "warnings": list(self.warnings),
+            "estimate": _drop_none({
+                "gpu_peak_bytes": self.estimate.gpu_peak_bytes,
+                "host_pinned_bytes": self.estimate.host_pinned_bytes,
+                "gpu_budget_bytes": self.estimate.gpu_budget_bytes,
+                "host_budget_bytes": self.estimate.host_budget_bytes,
+                "margin_bytes": self.estimate.margin_bytes,
+                "activation_bytes": self.estimate.activation_bytes,
+                "seconds_per_step": self.estimate.seconds_per_step,
+                "profile": self.estimate.profile,
+            }),
+        }
+
+    def to_json(self) -> str:
+        """Deterministic JSON: same plan, same bytes."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False, ensure_ascii=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Plan":
+        est = data.get("estimate", {})
+        return cls(
+            version=int(data.get("version", PLAN_VERSION)),
+            device=data["device"],
+            dtype=data.get("dtype", "bfloat16"),
+            pipeline=dict(data.get("pipeline", {})),
+            components={name: _component_from_dict(cp) for name, cp in data["components"].items()},
+            decisions=tuple(Decision(rule=d["rule"], component=d["component"], from_=d["from"], to=d["to"],
+                                     reason=d["reason"]) for d in data.get("decisions", ())),
+            warnings=tuple(data.get("warnings", ())),
+            estimate=Estimate(
+                gpu_peak_bytes=int(est.get("gpu_peak_bytes", 0)),
+                host_pinned_bytes=int(est.get("host_pinned_bytes", 0)),
+                gpu_budget_bytes=est.get("gpu_budget_bytes"),
+                host_budget_bytes=est.get("host_budget_bytes"),
+                margin_bytes=int(est.get("margin_bytes", 0)),
+                activation_bytes=int(est.get("activation_bytes", 0)),
+                seconds_per_step=est.get("seconds_per_step"),
+                profile=est.get("profile"),
+            ),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        return cls.from_dict(json.loads(text))
+
+
+def _drop_none(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in data.items() if v is not None}
+
+
+def _component_to_dict(cp: ComponentPlan) -> dict[str, Any]:
+    out: dict[str, Any] = {"strategy": cp.strategy, "family": cp.family}
+    if cp.class_name:
+        out["class"] = cp.class_name
+    if cp.strategy == "layerwise":
+        out["prefetch"] = cp.prefetch
+        out["resident_layers"] = list(cp.resident_layers)
+        out["layers"] = [{"path": ll.path, "count": ll.count} for ll in cp.layers]
+    out["weight_bytes"] = cp.weight_bytes
+    out["estimate"] = _drop_none({
+        "gpu_resident_bytes": cp.estimate.gpu_resident_bytes,
+        "gpu_transient_bytes": cp.estimate.gpu_transient_bytes,
+        "host_pinned_bytes": cp.estimate.host_pinned_bytes,
+        "step_seconds": cp.estimate.step_seconds,
+    })
+    return out
+
+
+def _component_from_dict(data: Mapping[str, Any]) -> ComponentPlan:
+    est = data.get("estimate", {})
+    return ComponentPlan(
+        strategy=data["strategy"],
+        family=data.get("family", "other"),
+        class_name=data.get("class", ""),
+        prefetch=data.get("prefetch"),
+        resident_layers=tuple(int(i) for i in data.get("resident_layers", ())),
+        layers=tuple(LayerListPlan(path=ll["path"], count=int(ll["count"])) for ll in data.get("layers", ())),
+        weight_bytes=int(data.get("weight_bytes", 0)),
+        estimate=ComponentEstimate(
+            gpu_resident_bytes=int(est.get("gpu_resident_bytes", 0)),
+            gpu_transient_bytes=int(est.get("gpu_transient_bytes", 0)),
+            host_pinned_bytes=int(est.get("host_pinned_bytes", 0)),
+            step_seconds=est.get("step_seconds"),
+        ),
+    )

@@ -1,0 +1,138 @@
+"""The rules as data: component families, selection tokens, SGLang flags, conflict rules.
+
+Each table is the single place its facts live; the resolver, the schema generator, ``explain``
+and the docs read them from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+DTYPES = ("bfloat16", "float16", "float32")
+SPEC_STRATEGIES = ("resident", "cpu_offload", "layerwise", "fsdp", "auto")
+PLACEMENTS = ("leading", "trailing", "strided", "ends")
+
+
+# --- component families (design rule 1) -------------------------------------------------------
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    description: str
+    matches: Callable[[str], bool]
+    runs_per_generation: str    # "per_step" (denoisers) or "once" (encoders, decoders)
+
+
+DIT_NAMES = ("transformer", "transformer_2", "video_dit", "video_dit_2", "audio_dit", "dual_tower_bridge")
+VAE_NAMES = ("vae", "video_vae", "audio_vae", "vocoder", "spatial_upsampler", "condition_image_encoder")
+
+FAMILIES: tuple[Family, ...] = (
+    Family("dit", "diffusion transformer / denoiser", lambda n: n in DIT_NAMES, "per_step"),
+    Family("vae", "VAE, vocoder, upsampler", lambda n: n in VAE_NAMES, "once"),
+    Family("text_encoder", "text encoder", lambda n: n.startswith("text_encoder") or n.endswith("text_encoder"), "once"),
+    Family("image_encoder", "image encoder", lambda n: n == "image_encoder", "once"),
+)
+OTHER_FAMILY = "other"
+
+# Parts of a pipeline that hold no weights to place; never planned.
+NON_MODULE_HINTS = ("scheduler", "tokenizer", "processor", "feature_extractor", "image_processor")
+
+
+def family_of(name: str) -> str:
+    for fam in FAMILIES:
+        if fam.matches(name):
+            return fam.name
+    return OTHER_FAMILY
+
+
+def runs_per_step(family: str) -> bool:
+    return any(f.name == family and f.runs_per_generation == "per_step" for f in FAMILIES)
+
+
+# --- layerwise selection tokens (design rule 2) -----------------------------------------------
+
+@dataclass(frozen=True)
+class Token:
+    token: str
+    description: str
+    select: Callable[[str, str], bool]    # (component name, family) -> selected
+
+
+SELECTION_TOKENS: tuple[Token, ...] = (
+    Token("all", "every module component", lambda name, fam: True),
+    Token("default", "the DiT family except dual_tower_bridge",
+          lambda name, fam: fam == "dit" and name != "dual_tower_bridge"),
+    Token("text_encoder", "the whole text-encoder family", lambda name, fam: fam == "text_encoder"),
+    Token("vae", "the whole VAE family", lambda name, fam: fam == "vae"),
+)
+
+
+def normalize_token(raw: str) -> str:
+    return raw.strip().replace("-", "_").lower()
+
+
+# --- SGLang server-arg flags understood in `offload:` (design rules 2, 3, 7) -----------------
+
+# (name, kind, description); kind: bool | selection | prefetch
+OFFLOAD_FLAGS: tuple[tuple[str, str, str], ...] = (
+    ("dit_layerwise_offload", "bool", "Legacy: stream the DiT family layer by layer (adds the token 'default')."),
+    ("layerwise_offload_components", "selection",
+     "Components to stream layer by layer: comma-separated tokens or a list (all, default, text_encoder, vae, or names)."),
+    ("layerwise_offload_modules", "selection", "Alias of layerwise_offload_components."),
+    ("dit_offload_prefetch_size", "prefetch", "Layers prefetched ahead: a fraction in [0, 1) of the layer count, or a count."),
+    ("dit_cpu_offload", "bool", "Move the DiT family to the GPU whole before use and back after."),
+    ("text_encoder_cpu_offload", "bool", "CPU offload for the text-encoder family."),
+    ("image_encoder_cpu_offload", "bool", "CPU offload for the image-encoder family."),
+    ("vae_cpu_offload", "bool", "CPU offload for the VAE family."),
+    ("use_fsdp_inference", "bool", "Shard the DiT family with FSDP2 across ranks."),
+)
+
+# Family flags (design rule 3): flag -> (family, strategy)
+FAMILY_FLAGS: dict[str, tuple[str, str]] = {
+    "dit_cpu_offload": ("dit", "cpu_offload"),
+    "text_encoder_cpu_offload": ("text_encoder", "cpu_offload"),
+    "image_encoder_cpu_offload": ("image_encoder", "cpu_offload"),
+    "vae_cpu_offload": ("vae", "cpu_offload"),
+    "use_fsdp_inference": ("dit", "fsdp"),
+}
+
+
+# --- the rules that change a strategy, with the words `explain` prints ------------------------
+
+@dataclass(frozen=True)
+class Rule:
+    id: str
+    summary: str
+    reason: str      # a template: {component}, {flag}, {source}, {from_}, {to}
+
+
+RULES: dict[str, Rule] = {r.id: r for r in (
+    Rule("default-strategy", "defaults.strategy applies to every component",
+         "defaults.strategy is '{to}'"),
+    Rule("family-flag", "an SGLang family flag sets the strategy of its family",
+         "offload.{flag} is true and {component} is in the {family} family"),
+    Rule("fsdp-overrides-cpu-offload", "FSDP and CPU offload of one family: FSDP wins",
+         "offload.use_fsdp_inference shards {component}; its CPU offload from {flag} is turned off"),
+    Rule("layerwise-selection", "a component selected for layerwise offload is streamed",
+         "{component} is selected by {source}"),
+    Rule("layerwise-overrides-cpu-offload", "layerwise selection turns off CPU offload for that component only",
+         "{component} is selected for layerwise offload by {source}; its CPU offload from {flag} is turned off "
+         "(the weights already live in pinned host memory and stream in per layer)"),
+    Rule("layerwise-overrides-fsdp", "layerwise selection turns off FSDP for that component only",
+         "{component} is selected for layerwise offload by {source}; FSDP from {flag} is turned off for it "
+         "(a streamed component is not sharded)"),
+    Rule("component-entry", "a components: entry is the most specific statement and overrides flags",
+         "components.{component} sets strategy '{to}'"),
+    Rule("auto-budget", "strategy auto: chosen under memory.gpu_budget to minimise predicted time",
+         "{detail}"),
+    Rule("layerwise-no-layers", "a component with no layer lists cannot stream layer by layer",
+         "{component} has no repeated blocks to stream; it is offloaded whole instead"),
+)}
+
+
+def reason(rule_id: str, **fields: object) -> str:
+    class _Default(dict):
+        def __missing__(self, key: str) -> str:
+            return "?"
+    return RULES[rule_id].reason.format_map(_Default(fields))

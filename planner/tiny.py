@@ -1,0 +1,674 @@
+"""Tiny, randomly initialised diffusers pipelines for CPU tests of the executor.
+
+Each family uses the *real* diffusers pipeline class and the real component classes
+(transformer, VAE, text encoders, tokenizers, scheduler) with configs shrunk to a few
+MB, so a residency plan can be applied to it exactly as to the full-size checkpoint:
+same component names, same module tree shape, same ``from_pretrained`` loading path.
+
+Nothing is downloaded: tokenizers are built in memory from a small byte-level BPE
+(CLIP, Qwen) or unigram (T5) vocabulary learned from a fixed corpus below.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderKLQwenImage,
+    AutoencoderKLWan,
+    DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    UniPCMultistepScheduler,
+    WanPipeline,
+    WanTransformer3DModel,
+    ZImagePipeline,
+    ZImageTransformer2DModel,
+)
+from diffusers.models.modeling_utils import ModelMixin
+from tokenizers import pre_tokenizers
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2Tokenizer,
+    Qwen3Config,
+    Qwen3Model,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+    UMT5Config,
+    UMT5EncoderModel,
+)
+
+__all__ = [
+    "TINY_FAMILIES",
+    "build_tiny_pipeline",
+    "load_tiny_pipeline",
+    "run_tiny",
+    "save_tiny_pipeline",
+    "tiny_call_defaults",
+    "tiny_family_names",
+]
+
+TINY_FAMILIES: tuple[str, ...] = (
+    "z-image-turbo",
+    "flux.1-dev",
+    "wan2.2-t2v-a14b",
+    "sd3.5-large",
+    "qwen-image",
+)
+
+# ---------------------------------------------------------------------------------------
+# Tokenizers (in memory, no Hub access)
+# ---------------------------------------------------------------------------------------
+
+# BPE merges are learned (to exhaustion) from this fixed text, so every word in it becomes
+# a single token like with a real vocabulary; other text still tokenizes byte by byte.
+# It contains Qwen-Image's prompt template: the pipeline drops a hard-coded 34 leading
+# template tokens (prompt_template_encode_start_idx), which only lines up with the real
+# model if the template's system prefix tokenizes to 34 tokens here too.
+_PROMPT_WORDS = (
+    "a cat a dog the cat sat on the mat a photo of a cat a painting of a squirrel eating a burger "
+    "dance monkey bad quality blurry low resolution an astronaut riding a horse on the moon "
+    "red green blue light dark high detailed portrait landscape"
+)
+_QWEN_IMAGE_TEMPLATE_TEXT = (
+    "\nsystem\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
+    "spatial relationships of the objects and background:\n\nuser\n\n\nassistant\n"
+)
+_CORPUS = _PROMPT_WORDS + " " + _QWEN_IMAGE_TEMPLATE_TEXT
+_MAX_MERGES = 1000
+_QWEN_SPECIALS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+# Minimal Qwen chat format; Z-Image calls apply_chat_template(..., enable_thinking=True),
+# extra template variables are simply ignored by jinja.
+_QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _learn_bpe_merges(words: list[tuple[str, ...]], n_merges: int) -> list[tuple[str, str]]:
+    """Plain BPE: repeatedly merge the most frequent adjacent pair (ties broken lexically).
+
+    Stops after ``n_merges`` or when every word is a single symbol.
+    """
+    counts: collections.Counter[tuple[str, ...]] = collections.Counter(words)
+    merges: list[tuple[str, str]] = []
+    for _ in range(n_merges):
+        pairs: collections.Counter[tuple[str, str]] = collections.Counter()
+        for word, c in counts.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += c
+        if not pairs:
+            break
+        best = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))[0]
+        merges.append(best)
+        merged: collections.Counter[tuple[str, ...]] = collections.Counter()
+        for word, c in counts.items():
+            out: list[str] = []
+            i = 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    out.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] += c
+        counts = merged
+    return merges
+
+
+def _byte_alphabet() -> list[str]:
+    # The 256 printable stand-ins ByteLevel maps raw bytes to: with all of them in the
+    # vocab no input can hit an unknown token.
+    return sorted(pre_tokenizers.ByteLevel.alphabet())
+
+
+def _tiny_qwen_tokenizer() -> Qwen2Tokenizer:
+    pre = Qwen2Tokenizer().backend_tokenizer.pre_tokenizer
+    pieces = [p for p, _ in pre.pre_tokenize_str(_CORPUS)]
+    merges = _learn_bpe_merges([tuple(p) for p in pieces], _MAX_MERGES)
+    vocab = {ch: i for i, ch in enumerate(_byte_alphabet())}
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    for tok in _QWEN_SPECIALS:
+        vocab[tok] = len(vocab)
+    return Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        chat_template=_QWEN_CHAT_TEMPLATE,
+        model_max_length=32768,
+        additional_special_tokens=list(_QWEN_SPECIALS[1:]),
+    )
+
+
+def _tiny_clip_tokenizer() -> CLIPTokenizer:
+    backend = CLIPTokenizer().backend_tokenizer
+    normalized = backend.normalizer.normalize_str(_CORPUS)
+    pieces = [p for p, _ in backend.pre_tokenizer.pre_tokenize_str(normalized)]
+    # CLIP marks word ends with "</w>" on the last symbol.
+    words = [tuple(p[:-1]) + (p[-1] + "</w>",) for p in pieces]
+    merges = _learn_bpe_merges(words, _MAX_MERGES)
+    alphabet = _byte_alphabet()
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    for ch in alphabet:
+        vocab[ch + "</w>"] = len(vocab)
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    for tok in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[tok] = len(vocab)
+    # model_max_length drives the padded CLIP length in Flux/SD3 (tokenizer_max_length).
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def _tiny_t5_tokenizer() -> T5Tokenizer:
+    words = sorted(set(_CORPUS.replace(",", " ").replace(":", " ").split()))
+    chars = sorted(
+        set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"-()")
+    )
+    # T5 layout: <pad>=0, </s>=1, <unk>=2; unigram scores make whole words win over chars.
+    vocab: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + w, -3.0 - 0.01 * i) for i, w in enumerate(words)]
+    vocab += [("\u2581" + ch, -7.0) for ch in chars]
+    vocab += [(ch, -8.0) for ch in chars]
+    # extra_ids=0: no sentinel tokens, a text encoder never needs them.
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+# ---------------------------------------------------------------------------------------
+# Text encoders
+# ---------------------------------------------------------------------------------------
+
+
+def _clip_config(tok: CLIPTokenizer, hidden: int, projection_dim: int) -> CLIPTextConfig:
+    # eos_token_id must be the tokenizer's: CLIP pools the hidden state at the first EOS.
+    return CLIPTextConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=tok.model_max_length,
+        projection_dim=projection_dim,
+        hidden_act="quick_gelu",
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+
+
+def _t5_kwargs(tok: T5Tokenizer, d_model: int) -> dict[str, Any]:
+    return dict(
+        vocab_size=len(tok),
+        d_model=d_model,
+        d_kv=8,
+        d_ff=2 * d_model,
+        num_layers=2,
+        num_heads=d_model // 8,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        use_cache=False,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        decoder_start_token_id=tok.pad_token_id,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Families
+# ---------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, name: str) -> Iterator[None]:
+    """Seed per component name, without touching the caller's global RNG state.
+
+    Per-name seeds keep each component's weights independent of build order.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+        yield
+
+
+def _autoencoder_kl(latent_channels: int, scaling_factor: float, shift_factor: float | None) -> AutoencoderKL:
+    # Three levels -> spatial factor 4, so a 32x32 image is an 8x8 latent.
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 16, 16),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=32,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def _z_image(seed: int) -> DiffusionPipeline:
+    tok = _tiny_qwen_tokenizer()
+    hidden = 32
+    with _seeded(seed, "text_encoder"):
+        text_encoder = Qwen3Model(
+            Qwen3Config(
+                vocab_size=len(tok),
+                hidden_size=hidden,
+                intermediate_size=64,
+                num_hidden_layers=3,  # the pipeline reads hidden_states[-2]
+                num_attention_heads=2,
+                num_key_value_heads=2,
+                head_dim=16,
+                max_position_embeddings=1024,
+                pad_token_id=tok.pad_token_id,
+            )
+        )
+    with _seeded(seed, "transformer"):
+        transformer = ZImageTransformer2DModel(
+            all_patch_size=(2,),
+            all_f_patch_size=(1,),
+            in_channels=16,
+            dim=32,
+            n_layers=2,
+            n_refiner_layers=1,
+            n_heads=2,
+            n_kv_heads=2,
+            qk_norm=True,
+            cap_feat_dim=hidden,
+            axes_dims=[8, 4, 4],  # sums to head dim 16
+            axes_lens=[256, 64, 64],
+        )
+        # The pad tokens start as zeros; random values make padding observable in outputs.
+        with torch.no_grad():
+            transformer.x_pad_token.normal_()
+            transformer.cap_pad_token.normal_()
+    with _seeded(seed, "vae"):
+        vae = _autoencoder_kl(16, scaling_factor=0.3611, shift_factor=0.1159)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+    return ZImagePipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok, transformer=transformer
+    )
+
+
+def _flux_dev(seed: int) -> DiffusionPipeline:
+    clip_tok, t5_tok = _tiny_clip_tokenizer(), _tiny_t5_tokenizer()
+    with _seeded(seed, "text_encoder"):
+        text_encoder = CLIPTextModel(_clip_config(clip_tok, hidden=32, projection_dim=32))
+    with _seeded(seed, "text_encoder_2"):
+        text_encoder_2 = T5EncoderModel(T5Config(**_t5_kwargs(t5_tok, d_model=32)))
+    with _seeded(seed, "transformer"):
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=64,  # 16 latent channels packed 2x2
+            num_layers=1,
+            num_single_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,  # T5 d_model
+            pooled_projection_dim=32,  # CLIP pooled output
+            guidance_embeds=True,  # FLUX.1-dev is guidance distilled
+            axes_dims_rope=(4, 6, 6),
+        )
+    with _seeded(seed, "vae"):
+        vae = _autoencoder_kl(16, scaling_factor=0.3611, shift_factor=0.1159)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tok,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=t5_tok,
+        transformer=transformer,
+        image_encoder=None,
+        feature_extractor=None,
+    )
+
+
+def _wan22_t2v(seed: int) -> DiffusionPipeline:
+    tok = _tiny_t5_tokenizer()
+    with _seeded(seed, "text_encoder"):
+        text_encoder = UMT5EncoderModel(UMT5Config(**_t5_kwargs(tok, d_model=32)))
+
+    def wan_transformer() -> WanTransformer3DModel:
+        return WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=2,
+            attention_head_dim=12,
+            in_channels=16,
+            out_channels=16,
+            text_dim=32,  # UMT5 d_model
+            freq_dim=32,
+            ffn_dim=48,
+            num_layers=2,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=32,
+        )
+
+    # A14B: high-noise expert (transformer) and low-noise expert (transformer_2).
+    with _seeded(seed, "transformer"):
+        transformer = wan_transformer()
+    with _seeded(seed, "transformer_2"):
+        transformer_2 = wan_transformer()
+    with _seeded(seed, "vae"):
+        vae = AutoencoderKLWan(
+            base_dim=8,
+            z_dim=16,
+            dim_mult=[1, 1, 1, 1],
+            num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+        )
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, num_train_timesteps=1000
+    )
+    # boundary_ratio as in Wan2.2-T2V-A14B; with 2 steps and flow_shift=3 the first step
+    # (t~999) goes to `transformer` and the second (t~750) to `transformer_2`.
+    return WanPipeline(
+        tokenizer=tok,
+        text_encoder=text_encoder,
+        vae=vae,
+        scheduler=scheduler,
+        transformer=transformer,
+        transformer_2=transformer_2,
+        boundary_ratio=0.875,
+    )
+
+
+def _sd35_large(seed: int) -> DiffusionPipeline:
+    tok, tok_2, tok_3 = _tiny_clip_tokenizer(), _tiny_clip_tokenizer(), _tiny_t5_tokenizer()
+    # Two CLIPs (L and bigG in the real model, here 16 and 24 wide) whose hidden states are
+    # concatenated and zero-padded to T5 width; pooled projections are concatenated.
+    with _seeded(seed, "text_encoder"):
+        text_encoder = CLIPTextModelWithProjection(_clip_config(tok, hidden=16, projection_dim=16))
+    with _seeded(seed, "text_encoder_2"):
+        text_encoder_2 = CLIPTextModelWithProjection(_clip_config(tok_2, hidden=24, projection_dim=24))
+    with _seeded(seed, "text_encoder_3"):
+        text_encoder_3 = T5EncoderModel(T5Config(**_t5_kwargs(tok_3, d_model=48)))
+    with _seeded(seed, "transformer"):
+        transformer = SD3Transformer2DModel(
+            sample_size=16,
+            patch_size=2,
+            in_channels=16,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            joint_attention_dim=48,  # T5 d_model
+            caption_projection_dim=32,  # = heads * head_dim
+            pooled_projection_dim=40,  # 16 + 24
+            out_channels=16,
+            pos_embed_max_size=32,
+            qk_norm="rms_norm",  # SD3.5 Large uses RMS qk-norm
+        )
+    with _seeded(seed, "vae"):
+        vae = _autoencoder_kl(16, scaling_factor=1.5305, shift_factor=0.0609)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tok,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tok_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tok_3,
+        image_encoder=None,
+        feature_extractor=None,
+    )
+
+
+def _qwen_image(seed: int) -> DiffusionPipeline:
+    tok = _tiny_qwen_tokenizer()
+    hidden = 32
+    ids = {t: tok.convert_tokens_to_ids(t) for t in _QWEN_SPECIALS}
+    with _seeded(seed, "text_encoder"):
+        text_encoder = Qwen2_5_VLForConditionalGeneration(
+            Qwen2_5_VLConfig(
+                text_config={
+                    "vocab_size": len(tok),
+                    "hidden_size": hidden,
+                    "intermediate_size": 64,
+                    "num_hidden_layers": 2,
+                    "num_attention_heads": 2,
+                    "num_key_value_heads": 2,
+                    "max_position_embeddings": 1024,
+                    # head_dim 16 -> 8 rotary frequencies split over (t, h, w)
+                    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 2, 4]},
+                    "bos_token_id": ids["<|endoftext|>"],
+                    "eos_token_id": ids["<|im_end|>"],
+                    "pad_token_id": ids["<|endoftext|>"],
+                },
+                vision_config={
+                    "depth": 1,
+                    "hidden_size": 16,
+                    "intermediate_size": 32,
+                    "num_heads": 2,
+                    "out_hidden_size": hidden,
+                    "fullatt_block_indexes": [0],
+                },
+                image_token_id=ids["<|image_pad|>"],
+                video_token_id=ids["<|video_pad|>"],
+                vision_start_token_id=ids["<|vision_start|>"],
+                vision_end_token_id=ids["<|vision_end|>"],
+            )
+        )
+    with _seeded(seed, "transformer"):
+        transformer = QwenImageTransformer2DModel(
+            patch_size=2,
+            in_channels=64,  # 16 latent channels packed 2x2
+            out_channels=16,
+            num_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=hidden,
+            guidance_embeds=False,
+            axes_dims_rope=(8, 4, 4),
+        )
+    with _seeded(seed, "vae"):
+        # Two temporal-downsample entries -> spatial factor 4 (vae_scale_factor = 2**len).
+        vae = AutoencoderKLQwenImage(
+            base_dim=8,
+            z_dim=16,
+            dim_mult=[1, 2, 2],
+            num_res_blocks=1,
+            temperal_downsample=[False, True],
+        )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=1.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=0.9,
+        base_image_seq_len=256,
+        max_image_seq_len=8192,
+        shift_terminal=0.02,
+        time_shift_type="exponential",
+    )
+    return QwenImagePipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok, transformer=transformer
+    )
+
+
+_BUILDERS: dict[str, Callable[[int], DiffusionPipeline]] = {
+    "z-image-turbo": _z_image,
+    "flux.1-dev": _flux_dev,
+    "wan2.2-t2v-a14b": _wan22_t2v,
+    "sd3.5-large": _sd35_large,
+    "qwen-image": _qwen_image,
+}
+
+# Call arguments mirroring each model's recommended usage (turbo: no CFG; Flux-dev:
+# embedded guidance; Wan 2.2: per-expert CFG; Qwen-Image: true CFG). Short text lengths
+# keep the tiny text encoders cheap.
+_CALL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ZImagePipeline": {"guidance_scale": 0.0, "max_sequence_length": 32},
+    "FluxPipeline": {"guidance_scale": 3.5, "max_sequence_length": 32},
+    "WanPipeline": {
+        "num_frames": 5,
+        "guidance_scale": 4.0,
+        "guidance_scale_2": 3.0,
+        "negative_prompt": "blurry",
+        "max_sequence_length": 32,
+    },
+    "StableDiffusion3Pipeline": {"guidance_scale": 3.5, "negative_prompt": "blurry", "max_sequence_length": 32},
+    "QwenImagePipeline": {"true_cfg_scale": 4.0, "negative_prompt": " ", "max_sequence_length": 32},
+}
+
+
+def tiny_family_names() -> list[str]:
+    """Names accepted by :func:`build_tiny_pipeline`, in :data:`TINY_FAMILIES` order."""
+    return list(TINY_FAMILIES)
+
+
+def tiny_call_defaults(pipe: DiffusionPipeline) -> dict[str, Any]:
+    """Extra ``__call__`` kwargs :func:`run_tiny` uses for this pipeline's class."""
+    return dict(_CALL_DEFAULTS.get(type(pipe).__name__, {}))
+
+
+def build_tiny_pipeline(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> DiffusionPipeline:
+    """Build the tiny pipeline of ``family`` in memory with seeded random weights.
+
+    Components are in eval mode on CPU in ``dtype``. The global torch RNG is left as found.
+    """
+    try:
+        builder = _BUILDERS[family]
+    except KeyError:
+        raise ValueError(f"unknown tiny family {family!r}; known: {', '.join(TINY_FAMILIES)}") from None
+    pipe = builder(seed)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            _cast(component, dtype)
+            component.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _cast(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast floating weights to ``dtype`` the way diffusers' ``from_pretrained(torch_dtype=)`` does.
+
+    Diffusers models list submodules that must stay float32 (e.g. Wan's norms and rope);
+    ``module.to(dtype)`` would cast those too (and warns about it).
+    """
+    keep = getattr(module, "_keep_in_fp32_modules", None) if isinstance(module, ModelMixin) else None
+    keep = [keep] if isinstance(keep, str) else list(keep or [])
+    with torch.no_grad():
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            if not tensor.is_floating_point():
+                continue
+            target = torch.float32 if any(k in name.split(".") for k in keep) else dtype
+            if tensor.dtype != target:
+                tensor.data = tensor.data.to(target)
+
+
+def save_tiny_pipeline(
+    family: str, path: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> Path:
+    """Build ``family`` and ``save_pretrained`` it (safetensors) into ``path``; returns the path."""
+    path = Path(path)
+    pipe = build_tiny_pipeline(family, seed=seed, dtype=dtype)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def _materialize(module: torch.nn.Module) -> None:
+    # from_pretrained leaves parameters as views into the mmap'ed safetensors file, whose
+    # data is not necessarily 64-byte aligned. CPU kernels (oneDNN/MKL) pick different
+    # vectorised paths for unaligned inputs, which changes float summation order and can
+    # shift results by ~1e-7 versus the same weights in freshly allocated memory. Cloning
+    # gives every weight its own aligned, contiguous storage so that a loaded pipeline and
+    # a pipeline derived from it (moved, offloaded, re-sharded) compute bit-identically.
+    # Replacing .data keeps the Parameter objects, so tied weights stay tied.
+    with torch.no_grad():
+        for param in module.parameters():
+            param.data = param.data.detach().clone(memory_format=torch.contiguous_format)
+        for sub in module.modules():
+            for name, buf in list(sub._buffers.items()):
+                if buf is not None:
+                    sub._buffers[name] = buf.detach().clone(memory_format=torch.contiguous_format)
+
+
+def load_tiny_pipeline(path: str | Path, **from_pretrained_kwargs: Any) -> DiffusionPipeline:
+    """Load a saved tiny pipeline through ``DiffusionPipeline.from_pretrained``.
+
+    Weights are then copied out of the safetensors mmap into ordinary contiguous CPU
+    tensors (see ``_materialize``), so equality tests between loaded pipelines are stable.
+    """
+    pipe = DiffusionPipeline.from_pretrained(str(path), **from_pretrained_kwargs)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            _materialize(component)
+            component.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_tiny(
+    pipe: DiffusionPipeline,
+    *,
+    prompt: str = "a cat",
+    steps: int = 2,
+    height: int = 32,
+    width: int = 32,
+    seed: int = 0,
+    **kw: Any,
+) -> torch.Tensor:
+    """Run ``pipe`` with a seeded CPU generator and return the decoded output tensor.
+
+    Images come back as ``(B, C, H, W)``, Wan video as ``(B, F, C, H, W)``, values in
+    [0, 1]. ``kw`` overrides the per-family defaults (e.g. ``output_type="latent"``).
+    """
+    call_kwargs: dict[str, Any] = {"output_type": "pt"}
+    call_kwargs.update(tiny_call_defaults(pipe))
+    call_kwargs.update(kw)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.inference_mode():
+        out = pipe(
+            prompt=prompt,
+            num_inference_steps=steps,
+            height=height,
+            width=width,
+            generator=generator,
+            return_dict=False,
+            **call_kwargs,
+        )[0]
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{type(pipe).__name__} returned {type(out).__name__}, expected a tensor")
+    return out

@@ -1,0 +1,181 @@
+"""JSON Schema validation of a loaded spec, with jsonschema's messages rewritten for people.
+
+Every error becomes ``FILE:LINE:COL: error: <what is wrong> (<where in the spec>)``; misspelt keys
+get a "did you mean".
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable
+
+from .errors import Diagnostic, SpecError, did_you_mean
+from .load import Document, PathKey, format_path
+
+_SCHEMA_DIRS = (Path(__file__).parent / "schemas", Path(__file__).parent.parent / "schemas")
+
+
+def schema_path(name: str) -> Path:
+    for folder in _SCHEMA_DIRS:
+        candidate = folder / name
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"schema {name} not found in {', '.join(map(str, _SCHEMA_DIRS))}")
+
+
+@lru_cache(maxsize=None)
+def load_schema(name: str = "deployment.schema.json") -> dict[str, Any]:
+    return json.loads(schema_path(name).read_text(encoding="utf-8"))
+
+
+@lru_cache(maxsize=None)
+def _validator(name: str) -> Any:
+    from jsonschema import Draft202012Validator
+
+    return Draft202012Validator(load_schema(name))
+
+
+def validate_document(doc: Document, schema: str = "deployment.schema.json") -> list[Diagnostic]:
+    """Schema errors of ``doc``, one per problem, sorted by position."""
+    errors = list(_validator(schema).iter_errors(doc.data))
+    diags: list[Diagnostic] = []
+    seen: set[tuple[int, int, str]] = set()
+    for err in errors:
+        for diag in _rewrite(doc, err):
+            key = (diag.line, diag.column, diag.message)
+            if key not in seen:
+                seen.add(key)
+                diags.append(diag)
+    diags.sort(key=lambda d: (d.line, d.column))
+    return diags
+
+
+def check_document(doc: Document, schema: str = "deployment.schema.json") -> None:
+    diags = validate_document(doc, schema)
+    if diags:
+        raise SpecError(diags)
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return f"the number {value}"
+    if isinstance(value, str):
+        return f"the string '{value}'"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__
+
+
+_TYPE_WORDS = {"object": "a mapping", "array": "a list", "string": "a string", "integer": "an integer",
+               "number": "a number", "boolean": "true or false", "null": "null"}
+
+
+def _is_size_schema(schema: dict[str, Any]) -> bool:
+    return "oneOf" in schema and "Bytes" in str(schema.get("description", ""))
+
+
+def _is_strategy_or_entry(schema: dict[str, Any]) -> bool:
+    branches = schema.get("oneOf", [])
+    return len(branches) == 2 and "enum" in branches[0] and branches[1].get("type") == "object"
+
+
+def _rewrite(doc: Document, err: Any) -> Iterable[Diagnostic]:
+    path: PathKey = tuple(err.absolute_path)
+    kw = err.validator
+    inst = err.instance
+    schema = err.schema
+
+    if kw == "additionalProperties" and isinstance(inst, dict):
+        allowed = list(schema.get("properties", {}))
+        for key in inst:
+            if key not in allowed:
+                hint = did_you_mean(key, allowed) or (f"; allowed here: {', '.join(allowed)}" if allowed else "")
+                yield doc.diagnostic(path + (key,), f"unknown key '{key}'{hint}", key=True)
+        return
+    if kw == "required":
+        missing = [k for k in schema.get("required", []) if k not in inst]
+        for key in missing:
+            yield doc.diagnostic(path, f"missing required key '{key}'")
+        return
+    if kw == "const":
+        yield doc.diagnostic(path, f"must be {json.dumps(err.validator_value)}, got {_describe(inst)}")
+        return
+    if kw == "enum":
+        options = [str(o) for o in err.validator_value]
+        hint = did_you_mean(str(inst), options) if isinstance(inst, str) else ""
+        yield doc.diagnostic(path, f"{_describe(inst)} is not allowed here; expected one of "
+                                   f"{', '.join(options)}{hint}")
+        return
+    if kw == "type":
+        expected = err.validator_value
+        words = " or ".join(_TYPE_WORDS.get(t, t) for t in (expected if isinstance(expected, list) else [expected]))
+        yield doc.diagnostic(path, f"must be {words}, got {_describe(inst)}")
+        return
+    if kw == "minimum":
+        if path and path[-1] in ("prefetch", "dit_offload_prefetch_size"):
+            yield doc.diagnostic(path, f"prefetch cannot be negative (got {inst})")
+        else:
+            yield doc.diagnostic(path, f"must be at least {err.validator_value}, got {inst}")
+        return
+    if kw == "pattern":
+        if path and path[-1] == "device":
+            yield doc.diagnostic(path, f"device '{inst}' is not valid; expected cuda, cuda:N or cpu")
+        else:
+            yield doc.diagnostic(path, f"'{inst}' is not a valid value here")
+        return
+    if kw == "uniqueItems":
+        yield doc.diagnostic(path, "lists the same item twice")
+        return
+    if kw in ("minItems", "minProperties", "minLength"):
+        yield doc.diagnostic(path, "must not be empty")
+        return
+    if kw == "oneOf":
+        yield from _rewrite_one_of(doc, err, path)
+        return
+    yield doc.diagnostic(path, err.message)
+
+
+def _rewrite_one_of(doc: Document, err: Any, path: PathKey) -> Iterable[Diagnostic]:
+    inst = err.instance
+    schema = err.schema
+    if path == ("pipeline",) and isinstance(inst, dict):
+        given = [k for k in ("model", "path", "components") if k in inst]
+        if not given:
+            yield doc.diagnostic(path, "pipeline needs one of 'model', 'path' or 'components'")
+        else:
+            yield doc.diagnostic(path + (given[1],), f"pipeline gives both '{given[0]}' and '{given[1]}'; "
+                                                    "give exactly one", key=True)
+        return
+    if _is_size_schema(schema):
+        yield doc.diagnostic(path, f"{_describe(inst)} is not a size; use bytes (an integer) or "
+                                   "a number with a unit: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB")
+        return
+    if _is_strategy_or_entry(schema):
+        if isinstance(inst, dict):
+            sub_errors = [e for e in err.context if e.schema_path and e.schema_path[0] == 1]
+        else:
+            sub_errors = [e for e in err.context if e.schema_path and e.schema_path[0] == 0]
+        if sub_errors:
+            for sub in sub_errors:
+                yield from _rewrite(doc, sub)
+            return
+        yield doc.diagnostic(path, f"must be a strategy name or a mapping, got {_describe(inst)}")
+        return
+    if schema.get("oneOf") and all("type" in b for b in schema["oneOf"]):
+        kinds = " or ".join(_TYPE_WORDS.get(b["type"], b["type"]) for b in schema["oneOf"])
+        matching = [e for e in err.context if e.validator != "type"]
+        if matching:
+            for sub in matching:
+                yield from _rewrite(doc, sub)
+            return
+        yield doc.diagnostic(path, f"must be {kinds}, got {_describe(inst)}")
+        return
+    yield doc.diagnostic(path, f"not valid: {err.message}")

@@ -1,0 +1,178 @@
+"""Writes schemas/deployment.schema.json and schemas/plan.schema.json from the tables in planner.rules.
+
+The schema files are committed (editors and check-jsonschema read them); tests check they are up to date.
+Run: python scripts/gen_schemas.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from planner.rules import OFFLOAD_FLAGS, PLACEMENTS, SPEC_STRATEGIES, DTYPES  # noqa: E402
+from planner.plan import STRATEGIES  # noqa: E402
+
+SIZE = {
+    "description": "Bytes: an integer, or a string with a unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB).",
+    "oneOf": [
+        {"type": "integer", "minimum": 0},
+        {"type": "string", "pattern": r"^\s*[0-9]+(\.[0-9]+)?\s*([KMGT]i?B|B)?\s*$"},
+    ],
+}
+PREFETCH = {
+    "description": "Layers loaded ahead of the one running: a count (>= 1, floored) or a fraction in [0, 1) of the layer count.",
+    "type": "number", "minimum": 0,
+}
+STRATEGY = {"enum": list(SPEC_STRATEGIES)}
+DOTTED = {"type": "string", "pattern": r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$"}
+
+
+def deployment_schema() -> dict:
+    component_entry = {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "strategy": STRATEGY,
+            "prefetch": PREFETCH,
+            "resident_layers": {
+                "description": "Layers never streamed: a count placed by 'placement', or explicit indices into the layer sequence.",
+                "oneOf": [
+                    {"type": "integer", "minimum": 0},
+                    {"type": "array", "items": {"type": "integer", "minimum": 0}, "uniqueItems": True},
+                ],
+            },
+            "placement": {"enum": list(PLACEMENTS)},
+            "layers": {"description": "Dotted paths of the layer lists to stream, overriding discovery.",
+                       "type": "array", "items": DOTTED, "minItems": 1},
+        },
+    }
+    offload_props: dict = {}
+    for name, kind, doc in OFFLOAD_FLAGS:
+        if kind == "bool":
+            offload_props[name] = {"type": "boolean", "description": doc}
+        elif kind == "selection":
+            offload_props[name] = {"description": doc, "oneOf": [
+                {"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
+        elif kind == "prefetch":
+            offload_props[name] = dict(PREFETCH, description=doc)
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://residency-planner.dev/schemas/deployment.schema.json",
+        "title": "residency-planner deployment spec",
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["version", "pipeline"],
+        "properties": {
+            "$schema": {"type": "string"},
+            "version": {"const": 1},
+            "pipeline": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "model": {"type": "string", "minLength": 1, "description": "A built-in catalog entry."},
+                    "path": {"type": "string", "minLength": 1, "description": "A diffusers pipeline folder."},
+                    "components": {"type": "object", "minProperties": 1,
+                                   "additionalProperties": {"type": "string", "minLength": 1},
+                                   "description": "Component name to class name."},
+                    "dtype": {"enum": list(DTYPES)},
+                },
+                "oneOf": [{"required": ["model"]}, {"required": ["path"]}, {"required": ["components"]}],
+            },
+            "device": {"type": "string", "pattern": r"^(cuda(:[0-9]+)?|cpu)$"},
+            "memory": {
+                "type": "object", "additionalProperties": False,
+                "properties": {"gpu_budget": SIZE, "host_budget": SIZE, "margin": SIZE},
+            },
+            "defaults": {
+                "type": "object", "additionalProperties": False,
+                "properties": {"strategy": STRATEGY, "prefetch": PREFETCH, "placement": {"enum": list(PLACEMENTS)}},
+            },
+            "components": {
+                "type": "object",
+                "additionalProperties": {"oneOf": [STRATEGY, component_entry]},
+            },
+            "offload": {"type": "object", "additionalProperties": False, "properties": offload_props},
+            "workload": {
+                "type": "object", "additionalProperties": False,
+                "description": "What one generation looks like, for activation and time estimates.",
+                "properties": {
+                    "height": {"type": "integer", "minimum": 8}, "width": {"type": "integer", "minimum": 8},
+                    "frames": {"type": "integer", "minimum": 1}, "batch_size": {"type": "integer", "minimum": 1},
+                    "steps": {"type": "integer", "minimum": 1}, "text_tokens": {"type": "integer", "minimum": 1},
+                },
+            },
+            "profile": {"type": "string", "minLength": 1,
+                        "description": "Hardware profile for time estimates: a built-in name (h100, h200) or a file from 'calibrate'."},
+        },
+    }
+
+
+def plan_schema() -> dict:
+    est = {"type": "object", "additionalProperties": False, "properties": {
+        "gpu_resident_bytes": {"type": "integer", "minimum": 0},
+        "gpu_transient_bytes": {"type": "integer", "minimum": 0},
+        "host_pinned_bytes": {"type": "integer", "minimum": 0},
+        "step_seconds": {"type": "number", "minimum": 0}}}
+    component = {
+        "type": "object", "additionalProperties": False, "required": ["strategy", "family"],
+        "properties": {
+            "strategy": {"enum": list(STRATEGIES)},
+            "family": {"type": "string"},
+            "class": {"type": "string"},
+            "prefetch": {"type": ["integer", "null"], "minimum": 1},
+            "resident_layers": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+            "layers": {"type": "array", "items": {"type": "object", "additionalProperties": False,
+                                                   "required": ["path", "count"],
+                                                   "properties": {"path": {"type": "string"},
+                                                                  "count": {"type": "integer", "minimum": 0}}}},
+            "weight_bytes": {"type": "integer", "minimum": 0},
+            "estimate": est,
+        },
+    }
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://residency-planner.dev/schemas/plan.schema.json",
+        "title": "residency-planner residency plan",
+        "type": "object", "additionalProperties": False,
+        "required": ["version", "device", "components", "decisions", "warnings", "estimate"],
+        "properties": {
+            "version": {"const": 1},
+            "device": {"type": "string", "pattern": r"^(cuda(:[0-9]+)?|cpu)$"},
+            "dtype": {"enum": list(DTYPES)},
+            "pipeline": {"type": "object"},
+            "components": {"type": "object", "additionalProperties": component},
+            "decisions": {"type": "array", "items": {
+                "type": "object", "additionalProperties": False,
+                "required": ["rule", "component", "from", "to", "reason"],
+                "properties": {k: {"type": "string"} for k in ("rule", "component", "from", "to", "reason")}}},
+            "warnings": {"type": "array", "items": {"type": "string"}},
+            "estimate": {"type": "object", "additionalProperties": False,
+                         "required": ["gpu_peak_bytes", "host_pinned_bytes"],
+                         "properties": {
+                             "gpu_peak_bytes": {"type": "integer", "minimum": 0},
+                             "host_pinned_bytes": {"type": "integer", "minimum": 0},
+                             "gpu_budget_bytes": {"type": "integer", "minimum": 0},
+                             "host_budget_bytes": {"type": "integer", "minimum": 0},
+                             "margin_bytes": {"type": "integer", "minimum": 0},
+                             "activation_bytes": {"type": "integer", "minimum": 0},
+                             "seconds_per_step": {"type": "number", "minimum": 0},
+                             "profile": {"type": "string"}}},
+        },
+    }
+
+
+def render(schema: dict) -> str:
+    return json.dumps(schema, indent=2) + "\n"
+
+
+def main() -> None:
+    (ROOT / "schemas" / "deployment.schema.json").write_text(render(deployment_schema()))
+    (ROOT / "schemas" / "plan.schema.json").write_text(render(plan_schema()))
+
+
+if __name__ == "__main__":
+    main()
