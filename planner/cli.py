@@ -159,7 +159,7 @@ def explain_text(plan: Any) -> str:
         lines.append(f"{name} ({cp.family}): {cp.strategy}{extra}")
         decisions = by_comp.get(name, [])
         if not decisions:
-            lines.append("  resident: no rule changed it")
+            lines.append("  no rule changed it: defaults.strategy or the built-in default (resident)")
         for d in decisions:
             lines.append(f"  {d.from_} -> {d.to}  [{d.rule}]")
             lines.append(f"    {d.reason}")
@@ -296,9 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", action="store_true", help="print the plan's schema instead")
     p.set_defaults(func=cmd_schema)
 
-    p = sub.add_parser("from-sglang", help="SGLang server args (or --config FILE) to a deployment spec")
-    p.add_argument("-o", "--output")
-    p.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS")
+    p = sub.add_parser("from-sglang", help="SGLang server args (or --config FILE) to a deployment spec",
+                       allow_abbrev=False)
+    p.add_argument("-o", "--output", help="write the spec here instead of printing it")
+    p.add_argument("args", nargs="*", metavar="ARGS", help="SGLang server arguments, e.g. --dit-cpu-offload true")
     p.set_defaults(func=cmd_from_sglang)
 
     p = sub.add_parser("inventory", help="components, layers and bytes of a pipeline folder (headers only)")
@@ -321,7 +322,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["from-sglang"] and not {"-h", "--help"} & set(argv):
+        # SGLang's flags are not ours to declare: all but our own -o/--output pass through in order
+        rest, output = argv[1:], None
+        for flag in ("-o", "--output"):
+            if flag in rest:
+                i = rest.index(flag)
+                if i + 1 >= len(rest):
+                    parser.error(f"{flag} needs a file name")
+                output = rest[i + 1]
+                rest = rest[:i] + rest[i + 2:]
+        args = argparse.Namespace(func=cmd_from_sglang, args=rest, output=output)
+    else:
+        args = parser.parse_args(argv)
     try:
         return int(args.func(args))
     except BrokenPipeError:  # pragma: no cover - `| head`

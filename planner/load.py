@@ -67,7 +67,7 @@ def _fail(file: str, line: int, col: int, message: str) -> SpecError:
 def load_text(text: Union[str, bytes], file: str = "<string>") -> Document:
     if isinstance(text, bytes):
         if len(text) > MAX_FILE_BYTES:
-            raise _fail(file, 0, 0, f"file is {len(text)} bytes; a deployment spec may be at most {MAX_FILE_BYTES} bytes")
+            raise _fail(file, 1, 1, f"file is {len(text)} bytes; a deployment spec may be at most {MAX_FILE_BYTES} bytes")
         try:
             text = text.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -75,7 +75,7 @@ def load_text(text: Union[str, bytes], file: str = "<string>") -> Document:
             col = exc.start - (text.rfind(b"\n", 0, exc.start) + 1) + 1
             raise _fail(file, line, col, "file is not valid UTF-8") from None
     if len(text) > MAX_FILE_BYTES:
-        raise _fail(file, 0, 0, f"file is larger than {MAX_FILE_BYTES} bytes")
+        raise _fail(file, 1, 1, f"file is larger than {MAX_FILE_BYTES} bytes; a deployment spec may be at most that")
     if text.startswith("\ufeff"):
         text = text[1:]
     if not text.strip() or all(ln.strip() == "" or ln.lstrip().startswith("#") for ln in text.splitlines()):
@@ -116,10 +116,10 @@ def load_file(path: Union[str, Path]) -> Document:
     try:
         size = p.stat().st_size
         if size > MAX_FILE_BYTES:
-            raise _fail(str(path), 0, 0, f"file is {size} bytes; a deployment spec may be at most {MAX_FILE_BYTES} bytes")
+            raise _fail(str(path), 1, 1, f"file is {size} bytes; a deployment spec may be at most {MAX_FILE_BYTES} bytes")
         raw = p.read_bytes()
     except OSError as exc:
-        raise _fail(str(path), 0, 0, f"cannot read file: {exc.strerror or exc}") from None
+        raise _fail(str(path), 1, 1, f"cannot read file: {exc.strerror or exc}") from None
     return load_text(raw, str(path))
 
 

@@ -1,12 +1,26 @@
 """Tiny, randomly initialised diffusers pipelines for CPU tests of the executor.
 
 Each family uses the *real* diffusers pipeline class and the real component classes
-(transformer, VAE, text encoders, tokenizers, scheduler) with configs shrunk to a few
-MB, so a residency plan can be applied to it exactly as to the full-size checkpoint:
-same component names, same module tree shape, same ``from_pretrained`` loading path.
+(transformers, VAEs, text encoders, tokenizers, scheduler) with configs shrunk to a few
+hundred thousand parameters, so a residency plan applies to it exactly as to the
+full-size checkpoint: same component names, same module classes, same
+``DiffusionPipeline.from_pretrained`` loading path.
 
-Nothing is downloaded: tokenizers are built in memory from a small byte-level BPE
-(CLIP, Qwen) or unigram (T5) vocabulary learned from a fixed corpus below.
+=================  ==========================  ==============================================
+family             pipeline                    weight components
+=================  ==========================  ==============================================
+z-image-turbo      ZImagePipeline              transformer, text_encoder (Qwen3), vae
+flux.1-dev         FluxPipeline                transformer, text_encoder (CLIP), text_encoder_2 (T5), vae
+wan2.2-t2v-a14b    WanPipeline                 transformer, transformer_2, text_encoder (UMT5), vae
+sd3.5-large        StableDiffusion3Pipeline    transformer, text_encoder(_2) (CLIP), text_encoder_3 (T5), vae
+qwen-image         QwenImagePipeline           transformer, text_encoder (Qwen2.5-VL), vae
+ltx-2              LTX2Pipeline                transformer, text_encoder (Gemma3), connectors, vae,
+                                               audio_vae, vocoder
+=================  ==========================  ==============================================
+
+Nothing is downloaded: tokenizers are built in memory as small byte-level BPE (CLIP,
+Qwen), byte-fallback BPE (Gemma) or unigram (T5) vocabularies learned from a fixed corpus,
+and they round-trip through ``save_pretrained``/``from_pretrained`` (tokenizer.json).
 """
 
 from __future__ import annotations
@@ -20,12 +34,16 @@ from typing import Any, Callable, Iterator
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLLTX2Audio,
+    AutoencoderKLLTX2Video,
     AutoencoderKLQwenImage,
     AutoencoderKLWan,
     DiffusionPipeline,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
+    LTX2Pipeline,
+    LTX2VideoTransformer3DModel,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
     SD3Transformer2DModel,
@@ -37,12 +55,17 @@ from diffusers import (
     ZImageTransformer2DModel,
 )
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.pipelines.ltx2 import LTX2TextConnectors
+from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
 from tokenizers import pre_tokenizers
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    GemmaTokenizer,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2Tokenizer,
@@ -71,6 +94,7 @@ TINY_FAMILIES: tuple[str, ...] = (
     "wan2.2-t2v-a14b",
     "sd3.5-large",
     "qwen-image",
+    "ltx-2",
 )
 
 # ---------------------------------------------------------------------------------------
@@ -93,6 +117,7 @@ _QWEN_IMAGE_TEMPLATE_TEXT = (
 )
 _CORPUS = _PROMPT_WORDS + " " + _QWEN_IMAGE_TEMPLATE_TEXT
 _MAX_MERGES = 1000
+_ASCII_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"-()"
 _QWEN_SPECIALS = (
     "<|endoftext|>",
     "<|im_start|>",
@@ -187,9 +212,7 @@ def _tiny_clip_tokenizer() -> CLIPTokenizer:
 
 def _tiny_t5_tokenizer() -> T5Tokenizer:
     words = sorted(set(_CORPUS.replace(",", " ").replace(":", " ").split()))
-    chars = sorted(
-        set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"-()")
-    )
+    chars = sorted(set(_ASCII_CHARS))
     # T5 layout: <pad>=0, </s>=1, <unk>=2; unigram scores make whole words win over chars.
     vocab: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     vocab += [("\u2581" + w, -3.0 - 0.01 * i) for i, w in enumerate(words)]
@@ -197,6 +220,41 @@ def _tiny_t5_tokenizer() -> T5Tokenizer:
     vocab += [(ch, -8.0) for ch in chars]
     # extra_ids=0: no sentinel tokens, a text encoder never needs them.
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+_GEMMA_SPECIALS = (
+    "<pad>",
+    "<eos>",
+    "<bos>",
+    "<unk>",
+    "<mask>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<start_of_image>",
+    "<end_of_image>",
+    "<image_soft_token>",
+)
+
+
+def _tiny_gemma_tokenizer() -> GemmaTokenizer:
+    # Gemma's BPE sees the whole text with spaces replaced by "\u2581" (no pre-split), so
+    # merges are learned per word here; byte-fallback tokens cover any other character.
+    words = _CORPUS.split()
+    pieces = [tuple(("\u2581" if i else "") + w) for i, w in enumerate(words)]
+    merges = _learn_bpe_merges(pieces, _MAX_MERGES)
+    vocab = {tok: i for i, tok in enumerate(_GEMMA_SPECIALS)}
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for ch in sorted(set("".join(_CORPUS.split())) | set(_ASCII_CHARS) | {"\u2581"}):
+        vocab.setdefault(ch, len(vocab))
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    return GemmaTokenizer(
+        vocab=vocab,
+        merges=merges,
+        model_max_length=1024,
+        additional_special_tokens=list(_GEMMA_SPECIALS[5:]),
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -329,7 +387,7 @@ def _flux_dev(seed: int) -> DiffusionPipeline:
         transformer = FluxTransformer2DModel(
             patch_size=1,
             in_channels=64,  # 16 latent channels packed 2x2
-            num_layers=1,
+            num_layers=2,  # >= 2 blocks of each kind, so per-block streaming has work
             num_single_layers=2,
             attention_head_dim=16,
             num_attention_heads=2,
@@ -527,17 +585,150 @@ def _qwen_image(seed: int) -> DiffusionPipeline:
     )
 
 
+def _ltx2(seed: int) -> DiffusionPipeline:
+    tok = _tiny_gemma_tokenizer()
+    ids = {t: tok.convert_tokens_to_ids(t) for t in _GEMMA_SPECIALS}
+    hidden, n_layers = 32, 2
+    with _seeded(seed, "text_encoder"):
+        text_encoder = Gemma3ForConditionalGeneration(
+            Gemma3Config(
+                text_config={
+                    "vocab_size": len(tok),
+                    "hidden_size": hidden,
+                    "intermediate_size": 64,
+                    "num_hidden_layers": n_layers,
+                    "num_attention_heads": 2,
+                    "num_key_value_heads": 1,
+                    "head_dim": 16,
+                    "query_pre_attn_scalar": 16,
+                    "max_position_embeddings": 1024,
+                    "sliding_window": 64,
+                    "pad_token_id": ids["<pad>"],
+                    "eos_token_id": ids["<eos>"],
+                    "bos_token_id": ids["<bos>"],
+                },
+                # 28px / 14px patches = 2x2 patches, pooled to mm_tokens_per_image = 4.
+                vision_config={
+                    "hidden_size": 16,
+                    "intermediate_size": 32,
+                    "num_hidden_layers": 1,
+                    "num_attention_heads": 2,
+                    "image_size": 28,
+                    "patch_size": 14,
+                },
+                mm_tokens_per_image=4,
+                boi_token_index=ids["<start_of_image>"],
+                eoi_token_index=ids["<end_of_image>"],
+                image_token_index=ids["<image_soft_token>"],
+            )
+        )
+    with _seeded(seed, "connectors"):
+        # The pipeline stacks all n_layers + 1 hidden states of the text encoder.
+        connectors = LTX2TextConnectors(
+            caption_channels=hidden,
+            text_proj_in_factor=n_layers + 1,
+            video_connector_num_attention_heads=4,
+            video_connector_attention_head_dim=8,
+            video_connector_num_layers=1,
+            video_connector_num_learnable_registers=None,
+            audio_connector_num_attention_heads=4,
+            audio_connector_attention_head_dim=8,
+            audio_connector_num_layers=1,
+            audio_connector_num_learnable_registers=None,
+            connector_rope_base_seq_len=32,
+            rope_double_precision=False,
+            rope_type="split",
+        )
+    with _seeded(seed, "transformer"):
+        transformer = LTX2VideoTransformer3DModel(
+            in_channels=4,
+            out_channels=4,
+            patch_size=1,
+            patch_size_t=1,
+            num_attention_heads=2,
+            attention_head_dim=8,
+            cross_attention_dim=16,
+            audio_in_channels=4,
+            audio_out_channels=4,
+            audio_num_attention_heads=2,
+            audio_attention_head_dim=4,
+            audio_cross_attention_dim=8,
+            num_layers=2,
+            qk_norm="rms_norm_across_heads",
+            caption_channels=hidden,
+            rope_double_precision=False,
+            rope_type="split",
+        )
+    with _seeded(seed, "vae"):
+        vae = AutoencoderKLLTX2Video(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            block_out_channels=(8,),
+            decoder_block_out_channels=(8,),
+            layers_per_block=(1,),
+            decoder_layers_per_block=(1, 1),
+            spatio_temporal_scaling=(True,),
+            decoder_spatio_temporal_scaling=(True,),
+            decoder_inject_noise=(False, False),
+            downsample_type=("spatial",),
+            upsample_residual=(False,),
+            upsample_factor=(1,),
+            timestep_conditioning=False,
+            patch_size=1,
+            patch_size_t=1,
+            encoder_causal=True,
+            decoder_causal=False,
+        )
+    with _seeded(seed, "audio_vae"):
+        audio_vae = AutoencoderKLLTX2Audio(
+            base_channels=4,
+            output_channels=2,
+            ch_mult=(1,),
+            num_res_blocks=1,
+            in_channels=2,
+            resolution=32,
+            latent_channels=2,
+            mel_bins=8,
+            sample_rate=16000,
+            mel_hop_length=160,
+        )
+    with _seeded(seed, "vocoder"):
+        vocoder = LTX2Vocoder(
+            in_channels=2 * 8,  # audio_vae output_channels * mel_bins
+            hidden_channels=32,
+            out_channels=2,
+            upsample_kernel_sizes=[4, 4],
+            upsample_factors=[2, 2],
+            resnet_kernel_sizes=[3],
+            resnet_dilations=[[1, 3, 5]],
+            output_sampling_rate=16000,
+        )
+    return LTX2Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        audio_vae=audio_vae,
+        text_encoder=text_encoder,
+        tokenizer=tok,
+        connectors=connectors,
+        transformer=transformer,
+        vocoder=vocoder,
+    )
+
+
 _BUILDERS: dict[str, Callable[[int], DiffusionPipeline]] = {
     "z-image-turbo": _z_image,
     "flux.1-dev": _flux_dev,
     "wan2.2-t2v-a14b": _wan22_t2v,
     "sd3.5-large": _sd35_large,
     "qwen-image": _qwen_image,
+    "ltx-2": _ltx2,
 }
 
 # Call arguments mirroring each model's recommended usage (turbo: no CFG; Flux-dev:
-# embedded guidance; Wan 2.2: per-expert CFG; Qwen-Image: true CFG). Short text lengths
-# keep the tiny text encoders cheap.
+# embedded guidance; Wan 2.2: per-expert CFG; Qwen-Image: true CFG; LTX-2: CFG + STG +
+# modality guidance), so the number of transformer passes per step is realistic. Short
+# text lengths keep the tiny text encoders cheap.
 _CALL_DEFAULTS: dict[str, dict[str, Any]] = {
     "ZImagePipeline": {"guidance_scale": 0.0, "max_sequence_length": 32},
     "FluxPipeline": {"guidance_scale": 3.5, "max_sequence_length": 32},
@@ -550,6 +741,14 @@ _CALL_DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "StableDiffusion3Pipeline": {"guidance_scale": 3.5, "negative_prompt": "blurry", "max_sequence_length": 32},
     "QwenImagePipeline": {"true_cfg_scale": 4.0, "negative_prompt": " ", "max_sequence_length": 32},
+    # STG must name a block that exists in the 2-layer transformer (real default: 28).
+    "LTX2Pipeline": {
+        "num_frames": 5,
+        "frame_rate": 24.0,
+        "negative_prompt": "blurry",
+        "spatio_temporal_guidance_blocks": [1],
+        "max_sequence_length": 32,
+    },
 }
 
 
@@ -610,9 +809,9 @@ def save_tiny_pipeline(
 
 def _materialize(module: torch.nn.Module) -> None:
     # from_pretrained leaves parameters as views into the mmap'ed safetensors file, whose
-    # data is not necessarily 64-byte aligned. CPU kernels (oneDNN/MKL) pick different
-    # vectorised paths for unaligned inputs, which changes float summation order and can
-    # shift results by ~1e-7 versus the same weights in freshly allocated memory. Cloning
+    # tensor data is only guaranteed 8-byte aligned. CPU kernels can take different
+    # vectorised paths for such inputs, which changes float summation order: the tiny
+    # LTX-2 pipeline, loaded as-is, differs from the in-memory one by ~7e-7. Cloning
     # gives every weight its own aligned, contiguous storage so that a loaded pipeline and
     # a pipeline derived from it (moved, offloaded, re-sharded) compute bit-identically.
     # Replacing .data keeps the Parameter objects, so tied weights stay tied.
@@ -652,23 +851,26 @@ def run_tiny(
 ) -> torch.Tensor:
     """Run ``pipe`` with a seeded CPU generator and return the decoded output tensor.
 
-    Images come back as ``(B, C, H, W)``, Wan video as ``(B, F, C, H, W)``, values in
-    [0, 1]. ``kw`` overrides the per-family defaults (e.g. ``output_type="latent"``).
+    Images come back as ``(B, C, H, W)``, Wan/LTX-2 video as ``(B, F, C, H, W)``, values
+    in [0, 1] (LTX-2's audio output is dropped). ``kw`` overrides the per-family defaults
+    from :func:`tiny_call_defaults` (e.g. ``output_type="latent"``).
     """
     call_kwargs: dict[str, Any] = {"output_type": "pt"}
     call_kwargs.update(tiny_call_defaults(pipe))
     call_kwargs.update(kw)
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    with torch.inference_mode():
-        out = pipe(
-            prompt=prompt,
-            num_inference_steps=steps,
-            height=height,
-            width=width,
-            generator=generator,
-            return_dict=False,
-            **call_kwargs,
-        )[0]
+    # No inference_mode here (the pipelines already run under no_grad): tensors created
+    # in inference mode cannot later be updated in place, which would break executor
+    # hooks that stage weights during the call and reuse them afterwards.
+    out = pipe(
+        prompt=prompt,
+        num_inference_steps=steps,
+        height=height,
+        width=width,
+        generator=generator,
+        return_dict=False,
+        **call_kwargs,
+    )[0]
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{type(pipe).__name__} returned {type(out).__name__}, expected a tensor")
     return out

@@ -303,8 +303,8 @@ class HostPack:
         """Takes the host memory (all-or-nothing: a failure frees what was taken, then re-raises)."""
         try:
             for dtype, numel in self.numels.items():
-                # looked up on the module so tests can replace it
-                self.blocks[dtype] = _this_module().alloc_host(numel, dtype, self.pin)
+                # a global looked up at call time, so tests can replace it
+                self.blocks[dtype] = alloc_host(numel, dtype, self.pin)
         except BaseException:
             self.free()
             raise
@@ -334,11 +334,6 @@ class HostPack:
         for block in self.blocks.values():
             block.free()
         self.blocks = {}
-
-
-def _this_module() -> Any:
-    import sys
-    return sys.modules[__name__]
 
 
 def restore_tensor(pt: PackedTensor, source: torch.Tensor) -> None:

@@ -1,0 +1,498 @@
+"""Layerwise weight streaming: a component's layers live in host memory and are copied into a few
+reusable device slots just before they run.
+
+Shape of the engine (after SGLang's layerwise offload manager, with diffusers-style hooks):
+
+- Host side: every streamed layer's parameters and buffers, grouped by dtype, sit in one flat
+  (pinned, on CUDA) buffer per dtype; the buffer of a dtype is a slice of one block shared by all
+  layers of the component. Offsets are 256-byte aligned, so a layer moves with one copy per dtype.
+- Device side: K+1 slots (K = ``prefetch``), each one flat buffer per dtype sized for the largest
+  streamed layer, allocated once at ``attach``. A layer is loaded by copying its host slices into a
+  slot on a side copy stream and recording the slot's load event; it is bound (each tensor's
+  ``.data`` set to a precomputed view of the slot) by its forward pre-hook, after the compute
+  stream waits on that event, and released by its forward hook (``.data`` set to an empty
+  placeholder) after which the compute stream records the slot's free event, which the copy stream
+  waits on before it overwrites the slot. Nothing is ever copied back to the host.
+- Order: prefetch follows the expected order: the given order for the first call, afterwards the
+  order observed in the previous call, and wraps around, so the last layers of a call start the
+  copies of the first layers of the next (the next denoising step). A layer that arrives while not
+  loaded is loaded on the compute stream (a "sync load": stream-ordered, no host synchronisation).
+- Off CUDA the streams and events are no-op objects and the same code runs, so CI exercises slot
+  reuse, release, prefetch order and order learning for real.
+
+Limits: inference only (autograd graphs would keep views of slots that get overwritten); weights
+are read-only while attached (in-place updates and reassigned buffers in streamed layers are
+lost); ``state_dict()``/``.to()``/LoRA fusing need ``detach`` first; at most ``slots`` streamed
+layers may run nested inside each other; a layer called several times in a call is loaded again
+for each call (prefetched when the order predicts it); one engine per module tree, one thread.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Collection, Sequence
+
+import torch
+
+from . import hooks as _h
+
+_EAGER_VIEW_LIMIT = 50_000   # (layer, slot, tensor) views built at attach; more are built on first use
+
+
+class _Slot:
+    __slots__ = ("index", "bufs", "load_event", "free_event", "layer")
+
+    def __init__(self, index: int, bufs: dict[torch.dtype, torch.Tensor], ops: _h.StreamOps) -> None:
+        self.index = index
+        self.bufs = bufs
+        self.load_event = ops.new_event()    # recorded after the last copy into the slot
+        self.free_event = ops.new_event()    # recorded on the compute stream after its last reader
+        self.layer: _Layer | None = None
+
+
+class _Layer:
+    __slots__ = ("sid", "index", "module", "group", "slot", "depth", "binds", "copies", "releases",
+                 "want_again", "mark")
+
+    def __init__(self, sid: int, index: int, module: torch.nn.Module, group: _h.PackedGroup) -> None:
+        self.sid = sid            # position among streamed layers
+        self.index = index        # position in the engine's ``layers``
+        self.module = module
+        self.group = group
+        self.slot: _Slot | None = None
+        self.depth = 0            # > 0 while its forward runs
+        self.binds: list[list[tuple[torch.Tensor, torch.Tensor]] | None] = []
+        self.copies: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+        self.releases: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.want_again = False   # the window wanted it while it ran: reload after release
+        self.mark = 0
+
+
+class LayerwiseEngine:
+    """Streams ``layers`` of ``module`` through ``prefetch + 1`` device slots; see the module doc."""
+
+    def __init__(self, module: torch.nn.Module, layers: Sequence[torch.nn.Module], *,
+                 device: torch.device | str, prefetch: int = 1, resident: Collection[int] = (),
+                 name: str = "") -> None:
+        if prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0, got {prefetch}")
+        self.module = module
+        self.layers = list(layers)
+        self.device = torch.device(device)
+        self.prefetch = int(prefetch)
+        self.resident = sorted(set(int(i) for i in resident))
+        self.name = name
+        bad = [i for i in self.resident if not 0 <= i < len(self.layers)]
+        if bad:
+            raise ValueError(f"{name or 'layerwise'}: resident layer indices out of range "
+                             f"[0, {len(self.layers)}): {bad}")
+        self._attached = False
+        self._reset_state()
+
+    # ---------------------------------------------------------------------------------------
+    # public API
+
+    def attach(self) -> None:
+        """Moves non-layer weights and resident layers to the device, packs streamed layers into
+        host memory, allocates the slots, registers hooks and starts loading the first layers.
+
+        All or nothing: on any failure the module is put back exactly as it was and the error
+        re-raised.
+        """
+        if self._attached:
+            raise RuntimeError(f"{self.name or 'layerwise'}: already attached")
+        originals: dict[int, tuple[torch.Tensor, torch.Tensor, bool]] = {}
+        try:
+            with torch.inference_mode(False), torch.no_grad():
+                self._attach(originals)
+        except BaseException:
+            self._rollback(originals)
+            raise
+        self._attached = True
+
+    def detach(self) -> None:
+        """Removes the hooks and puts every parameter and buffer back on its original device with
+        its original values, strides and ``requires_grad``; frees slots and host buffers."""
+        if not self._attached:
+            return
+        self._ops.synchronize()   # pending copies read host blocks and write slots about to go
+        self._hooks.remove()
+        with torch.inference_mode(False), torch.no_grad():
+            for layer in self._streamed:
+                for pt in layer.group.tensors:
+                    _h.restore_tensor(pt, self._pack.host_view(layer.group, pt))
+            for t, orig_device, orig_data, requires_grad in self._moved:
+                t.data = orig_data if orig_data is not None else t.data.to(orig_device)
+                if t.requires_grad != requires_grad:
+                    t.requires_grad_(requires_grad)
+        self._pack.free()
+        self._reset_state()
+        self._attached = False
+
+    def report(self) -> dict[str, Any]:
+        """Counts and bytes: what streams, what stays, what the slots and host buffers take."""
+        pack = self._pack
+        return {
+            "name": self.name,
+            "device": str(self.device),
+            "streamed_layers": len(self._streamed),
+            "resident_layers": len(self.layers) - len(self._streamed) if self._attached else len(self.resident),
+            "slots": len(self._slots),
+            "prefetch": self.prefetch,
+            "streamed_bytes": sum(layer.group.nbytes for layer in self._streamed),
+            "gpu_resident_bytes": self._resident_bytes,
+            "gpu_slot_bytes": sum(_h.tensor_bytes(b) for s in self._slots for b in s.bufs.values()),
+            "host_pinned_bytes": pack.pinned_bytes if pack is not None else 0,
+            "host_buffer_bytes": pack.allocated_bytes if pack is not None else 0,
+            "unusual_tensors": self._unusual,
+            "shared_tensors": self._shared,
+            "sync_loads": self.sync_loads,
+            "async_loads": self.async_loads,
+            "calls": self.calls,
+        }
+
+    @property
+    def streamed_layers_holding_weights(self) -> int:
+        """How many streamed layers have real (non-empty) weights bound right now."""
+        return sum(1 for layer in self._streamed if any(pt.tensor.numel() for pt in layer.group.tensors))
+
+    @property
+    def streamed_layers_loaded(self) -> int:
+        """How many streamed layers occupy a slot (running, loaded or in flight); at most K+1."""
+        return sum(1 for s in self._slots if s.layer is not None)
+
+    @property
+    def order(self) -> list[int]:
+        """The expected order (indices into ``layers``) that prefetching follows."""
+        return [self._streamed[sid].index for sid in self._order]
+
+    # ---------------------------------------------------------------------------------------
+    # attach / detach
+
+    def _reset_state(self) -> None:
+        self._ops = _h.StreamOps(self.device)
+        self._copy_stream: Any = None
+        self._hooks = _h.ModuleHooks()
+        self._pack: _h.HostPack | None = None
+        self._streamed: list[_Layer] = []
+        self._slots: list[_Slot] = []
+        self._free: list[_Slot] = []
+        self._placeholders: dict[torch.dtype, torch.Tensor] = {}
+        self._moved: list[tuple[torch.Tensor, torch.device, torch.Tensor | None, bool]] = []
+        self._resident_bytes = 0
+        self._unusual = 0
+        self._shared = 0
+        self._order: list[int] = []
+        self._observed: list[int] = []
+        self._cursor = -1
+        self._root_depth = 0
+        self._stamp = 0
+        self.sync_loads = 0
+        self.async_loads = 0
+        self.calls = 0
+
+    def _attach(self, originals: dict[int, tuple[torch.Tensor, torch.Tensor, bool]]) -> None:
+        self.device = _h.resolve_device(self.device)
+        self._ops = _h.StreamOps(self.device)
+        overlap = _h.modules_overlap(self.layers)
+        if overlap is not None:
+            i, j = overlap
+            raise ValueError(f"{self.name or 'layerwise'}: layers {i} and {j} overlap "
+                             "(the same module twice, or one inside the other)")
+        if any(layer is self.module for layer in self.layers):
+            raise ValueError(f"{self.name or 'layerwise'}: the component itself is listed as a layer")
+
+        # who holds which tensor: a tensor seen in two layers, or in a layer and outside the
+        # layers, cannot live in one layer's slot, so it stays on the device for good
+        layer_tensors = [_h.unique_tensors(layer) for layer in self.layers]
+        holders: dict[int, int] = {}
+        for ts in layer_tensors:
+            for t in ts:
+                holders[id(t)] = holders.get(id(t), 0) + 1
+        outside = self._non_layer_tensors()
+        for t in outside:
+            holders[id(t)] = holders.get(id(t), 0) + 1
+
+        layer_ids = {id(t) for ts in layer_tensors for t in ts}
+        self._shared = sum(1 for k, v in holders.items() if v > 1 and k in layer_ids)
+        resident = set(self.resident)
+        streamed_groups: list[tuple[int, list[torch.Tensor]]] = []
+        stay: dict[int, torch.Tensor] = {id(t): t for t in outside}
+        for i, ts in enumerate(layer_tensors):
+            if i in resident:
+                stay.update((id(t), t) for t in ts)
+                continue
+            packed = []
+            for t in ts:
+                if holders[id(t)] > 1:
+                    stay[id(t)] = t
+                elif not _h.is_packable(t):
+                    self._unusual += 1
+                    stay[id(t)] = t
+                else:
+                    packed.append(t)
+            streamed_groups.append((i, packed))
+        for t in list(stay.values()) + [t for _, ts in streamed_groups for t in ts]:
+            if t.device.type == "meta":
+                raise ValueError(f"{self.name or 'layerwise'}: meta tensors cannot be placed; "
+                                 "load real weights first")
+            originals[id(t)] = (t, t.data, t.requires_grad)
+
+        # host side: one block per dtype, one aligned slice per layer
+        pack = _h.HostPack([ts for _, ts in streamed_groups], pin=self._ops.is_cuda)
+        self._pack = pack
+        pack.allocate()
+        pack.fill()
+
+        # device side: the slots, once
+        streamed = [t for t in streamed_groups if t[1]]   # a layer with nothing to stream runs as is
+        groups = {i: g for (i, _), g in zip(streamed_groups, pack.groups)}
+        n_slots = min(self.prefetch + 1, len(streamed))
+        sizes: dict[torch.dtype, int] = {}
+        for i, _ in streamed:
+            for dtype, (_, numel) in groups[i].spans.items():
+                sizes[dtype] = max(sizes.get(dtype, 0), numel)
+        for s in range(n_slots):
+            bufs = {dtype: _h.alloc_device(numel, dtype, self.device) for dtype, numel in sizes.items()}
+            self._slots.append(_Slot(s, bufs, self._ops))
+        self._free = list(reversed(self._slots))
+
+        # what stays goes to the device now
+        for t in stay.values():
+            unusual = not _h.is_packable(t)
+            orig = t.data
+            if orig.device != self.device:
+                t.data = orig.to(self.device)
+            # unusual tensors may not survive a round trip with their strides: keep the original
+            self._moved.append((t, orig.device, orig if unusual and orig.device != self.device else None,
+                                t.requires_grad))
+            self._resident_bytes += _h.tensor_bytes(t)
+
+        # streamed tensors: empty placeholders from now on; views and copies precomputed
+        self._placeholders = {d: torch.empty(0, dtype=d, device=self.device) for d in sizes}
+        for sid, (i, _) in enumerate(streamed):
+            layer = _Layer(sid, i, self.layers[i], groups[i])
+            layer.releases = [(pt.tensor, self._placeholders[pt.dtype]) for pt in layer.group.tensors]
+            for slot in self._slots:
+                layer.copies.append([(slot.bufs[d].narrow(0, 0, numel), pack.host_span(layer.group, d))
+                                     for d, (_, numel) in layer.group.spans.items()])
+            self._streamed.append(layer)
+        n_views = sum(len(layer.group.tensors) for layer in self._streamed) * len(self._slots)
+        for layer in self._streamed:
+            layer.binds = [self._views(layer, slot) if n_views <= _EAGER_VIEW_LIMIT else None
+                           for slot in self._slots]
+            for t, placeholder in layer.releases:
+                t.data = placeholder
+
+        self._copy_stream = self._ops.new_stream()
+        # slots came from the compute stream's pool; the copy stream must not write them earlier
+        self._copy_stream.wait_stream(self._ops.current())
+
+        self._hooks.pre(self.module, self._root_pre)
+        self._hooks.post(self.module, self._root_post)
+        for layer in self._streamed:
+            self._hooks.pre(layer.module, self._make_pre(layer))
+            self._hooks.post(layer.module, self._make_post(layer))
+
+        self._order = [layer.sid for layer in self._streamed]
+        self._cursor = -1
+        self._issue(self._window())   # the first layers are in flight before the first call
+
+    def _non_layer_tensors(self) -> list[torch.Tensor]:
+        """Tensors of ``module`` registered outside every layer's subtree."""
+        skip = {id(layer) for layer in self.layers}
+        seen_mods: set[int] = set()
+        seen: set[int] = set()
+        out: list[torch.Tensor] = []
+        stack = [self.module]
+        while stack:
+            mod = stack.pop()
+            if id(mod) in skip or id(mod) in seen_mods:
+                continue
+            seen_mods.add(id(mod))
+            for t in list(mod._parameters.values()) + list(mod._buffers.values()):
+                if t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    out.append(t)
+            stack.extend(reversed(list(mod.children())))
+        return out
+
+    def _rollback(self, originals: dict[int, tuple[torch.Tensor, torch.Tensor, bool]]) -> None:
+        try:
+            self._ops.synchronize()
+        except Exception:  # pragma: no cover - a broken device must not hide the original error
+            pass
+        self._hooks.remove()
+        for t, data, requires_grad in originals.values():
+            t.data = data
+            if t.requires_grad != requires_grad:
+                t.requires_grad_(requires_grad)
+        if self._pack is not None:
+            self._pack.free()
+        self._reset_state()
+
+    def _views(self, layer: _Layer, slot: _Slot) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        with torch.inference_mode(False):   # views made inside inference mode would taint the params
+            return [(pt.tensor, _h.view_in(slot.bufs[pt.dtype], pt)) for pt in layer.group.tensors]
+
+    # ---------------------------------------------------------------------------------------
+    # hooks (hot path: keep it to list walks and attribute sets)
+
+    def _make_pre(self, layer: _Layer) -> Any:
+        def pre(module: torch.nn.Module, args: Any) -> None:
+            self._layer_pre(layer)
+        return pre
+
+    def _make_post(self, layer: _Layer) -> Any:
+        def post(module: torch.nn.Module, args: Any, output: Any) -> None:
+            self._layer_post(layer)
+        return post
+
+    def _root_pre(self, module: torch.nn.Module, args: Any) -> None:
+        self._root_depth += 1
+
+    def _root_post(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        self._root_depth -= 1
+        if self._root_depth == 0 and self._observed:
+            self._close_call()
+
+    def _layer_pre(self, layer: _Layer) -> None:
+        if layer.depth:              # re-entrant call: already bound
+            layer.depth += 1
+            return
+        layer.depth = 1
+        self._observed.append(layer.sid)
+        order = self._order
+        nxt = self._cursor + 1
+        if nxt < len(order) and order[nxt] == layer.sid:
+            self._cursor = nxt
+        else:
+            self._cursor = self._seek(layer.sid)
+        want = self._window()
+        stream = self._ops.current()
+        slot = layer.slot
+        if slot is None:
+            slot = self._take_slot()
+            if slot is None:
+                layer.depth = 0
+                raise RuntimeError(f"{self.name or 'layerwise'}: more streamed layers running at once "
+                                   f"than slots ({len(self._slots)}); raise prefetch")
+            # an evicted prefetch may still be writing this slot on the copy stream
+            stream.wait_event(slot.load_event)
+            for dst, src in layer.copies[slot.index]:
+                dst.copy_(src, non_blocking=True)
+            slot.layer = layer
+            layer.slot = slot
+            self.sync_loads += 1
+        else:
+            stream.wait_event(slot.load_event)
+        binds = layer.binds[slot.index]
+        if binds is None:
+            binds = layer.binds[slot.index] = self._views(layer, slot)
+        for t, view in binds:
+            t.data = view
+        self._issue(want)
+
+    def _layer_post(self, layer: _Layer) -> None:
+        layer.depth -= 1
+        if layer.depth:
+            return
+        for t, placeholder in layer.releases:
+            t.data = placeholder
+        slot = layer.slot
+        if slot is not None:
+            # the copy stream waits on this before the slot takes another layer
+            slot.free_event.record(self._ops.current())
+            slot.layer = None
+            layer.slot = None
+            self._free.append(slot)
+        if layer.want_again:
+            layer.want_again = False
+            self._issue(self._window())
+        if self._root_depth == 0 and len(self._observed) >= len(self._order):
+            # layers reached without the component's forward (e.g. ``vae.decode``): a call is
+            # as many layer runs as the expected order holds
+            self._close_call()
+
+    # ---------------------------------------------------------------------------------------
+    # order, window, loads
+
+    def _seek(self, sid: int) -> int:
+        """Position of ``sid``'s next occurrence in the expected order after the cursor (cyclic)."""
+        order = self._order
+        n = len(order)
+        for step in range(1, n + 1):
+            pos = (self._cursor + step) % n
+            if order[pos] == sid:
+                return pos
+        return self._cursor   # not seen last call: keep predicting from where we were
+
+    def _window(self) -> list[_Layer]:
+        """The next (up to) K distinct layers after the cursor, wrapping into the next call."""
+        k = self.prefetch
+        order = self._order
+        n = len(order)
+        if not k or not n:
+            return []
+        self._stamp += 1
+        stamp = self._stamp
+        want: list[_Layer] = []
+        pos = self._cursor
+        for _ in range(n):
+            pos += 1
+            if pos >= n:
+                pos = 0
+            layer = self._streamed[order[pos]]
+            if layer.mark == stamp:
+                continue
+            layer.mark = stamp
+            if layer.depth:
+                layer.want_again = True
+                continue
+            want.append(layer)
+            if len(want) == k:
+                break
+        return want
+
+    def _take_slot(self) -> _Slot | None:
+        """A free slot, else one whose layer is loaded but neither running nor wanted next."""
+        if self._free:
+            return self._free.pop()
+        stamp = self._stamp
+        for slot in self._slots:
+            victim = slot.layer
+            if victim is not None and not victim.depth and victim.mark != stamp:
+                victim.slot = None
+                slot.layer = None
+                return slot
+        return None
+
+    def _issue(self, want: list[_Layer]) -> None:
+        """Starts async copies for the wanted layers that are not loaded yet."""
+        todo: list[tuple[_Layer, _Slot]] = []
+        for layer in want:
+            if layer.slot is None:
+                slot = self._take_slot()
+                if slot is None:
+                    break
+                slot.layer = layer
+                layer.slot = slot
+                todo.append((layer, slot))
+        if not todo:
+            return
+        copy_stream = self._copy_stream
+        with self._ops.use(copy_stream):
+            for layer, slot in todo:
+                copy_stream.wait_event(slot.free_event)
+                for dst, src in layer.copies[slot.index]:
+                    dst.copy_(src, non_blocking=True)
+                slot.load_event.record(copy_stream)
+        self.async_loads += len(todo)
+
+    def _close_call(self) -> None:
+        """End of a call: the observed order becomes the expected one; aim prefetch at its start."""
+        if self._observed:
+            self._order = self._observed
+        self._observed = []
+        self._cursor = -1
+        self.calls += 1
+        self._issue(self._window())

@@ -1,0 +1,44 @@
+"""Shared pytest fixtures.
+
+Tiny-pipeline fixtures import torch/diffusers lazily, so test modules that do not use
+them still collect on machines without the executor extras.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+# Tiny pipelines are built locally; any Hub access from a test is a bug, so fail fast
+# instead of hanging on the network. Must be set before huggingface_hub is imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+# --- tiny pipelines -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """Return ``family -> Path`` of a saved tiny pipeline, built and saved once per session.
+
+    The folders are shared across tests: treat them as read-only.
+    """
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    from planner.tiny import save_tiny_pipeline
+
+    cache: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in cache:
+            base = tmp_path_factory.mktemp("tiny-" + re.sub(r"[^A-Za-z0-9]+", "-", family))
+            cache[family] = save_tiny_pipeline(family, base / "pipeline")
+        return cache[family]
+
+    return get
