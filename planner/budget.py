@@ -16,6 +16,7 @@ from .errors import SpecError
 from .inventory import DTYPE_BYTES, ComponentInfo, Inventory
 from .load import Document
 from .plan import Decision, Estimate, Plan
+from .estimate import memory_estimate
 from .resolve import ComponentResolution, Resolution, place_resident
 from .rules import reason, runs_per_step
 from .sizes import format_size, parse_size
@@ -123,13 +124,17 @@ def _choose(doc: Document, inventory: Inventory, resolution: Resolution, auto: l
         start[comp.name] = ("layerwise", ()) if comp.info.layer_count else ("cpu_offload", ())
     upgrades = _upgrade_sequence(auto, start, workload, profile, steps)
 
+    fixed = build_plan(doc, inventory, resolution)   # auto components are placeholders here
+    layer_bytes = {c.name: c.info.layer_bytes for c in resolution.components.values()}
+    extra = fixed.estimate.activation_bytes + fixed.estimate.margin_bytes
+
     def peak_of(state: dict[str, tuple[str, tuple[int, ...]]]) -> int:
-        trial = Resolution(components={n: replace(c) for n, c in resolution.components.items()},
-                           decisions=[], warnings=[])
+        plans = dict(fixed.components)
         for name, (strategy, resident) in state.items():
-            trial.components[name].strategy = strategy
-            trial.components[name].resident_layers = resident
-        return build_plan(doc, inventory, trial).estimate.gpu_peak_bytes
+            comp = resolution.components[name]
+            plans[name] = replace(plans[name], strategy=strategy, resident_layers=resident,
+                                  prefetch=comp.prefetch or 1)
+        return memory_estimate(plans, layer_bytes, activation_bytes=extra).gpu_peak_bytes
 
     state = dict(start)
     smallest = peak_of(state)

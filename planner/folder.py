@@ -5,22 +5,28 @@ the 8-byte length and the JSON header of each ``*.safetensors`` file are read, n
 a 40 GB pipeline is inventoried in milliseconds.
 
 Layer lists come from tensor names. A candidate list is a prefix ``<path>.<i>.`` whose indices
-are exactly 0..N-1 with N >= 2 and whose entries hold (nearly) the same sub-keys: every entry's
-set of sub-keys overlaps the most common set by at least half (Jaccard >= 0.5). Strict equality
+are exactly 0..N-1 with N >= 2 and whose entries are blocks (some sub-key is nested) holding
+nearly the same sub-keys: every entry's set of sub-keys overlaps the most common set by more than
+half (Jaccard > 0.5). Strict equality
 would miss real block lists: T5's first block alone holds the relative attention bias, SD3's last
 block has no context feed-forward. Of nested candidates the outermost wins.
 
 For a class the built-in catalog knows, the catalog's layer list paths (found by the executor's
 class-based discovery on the real model) are used where the folder has them, in the catalog's
 order, which is the order the forward runs them; further candidates are added only when their
-blocks have the same sub-keys as one of those lists (e.g. Z-Image Omni's ``siglip_refiner``). That
-makes folder and loaded-pipeline inventories agree, VAEs included, whose resnet lists the
-heuristic alone would not find the same way.
+blocks have the same sub-keys as one of those lists (e.g. Z-Image Omni's ``siglip_refiner``), and
+a known class without lists (the Wan VAE, the LTX-2 vocoder) gets none. That makes folder and
+loaded-pipeline inventories agree, VAEs included, whose lists the heuristic alone finds
+differently (AutoencoderKL: the outer ``down_blocks``/``up_blocks`` instead of the declared
+``ResnetBlock2D`` lists). A checkpoint whose keys use another layout than the module tree (older
+transformers checkpoints of VLMs: ``model.layers`` for ``model.language_model.layers``) matches
+no hinted path and falls back to the heuristic.
 
 Order otherwise: safetensors writes headers sorted by dtype then name, so header order says
 nothing about registration order; heuristic lists are sorted by path, numbers compared as numbers.
 Components follow the pipeline class's ``model_cpu_offload_seq`` when the catalog knows the class,
-else families: text encoders, image encoders, the rest (denoisers), then VAEs and vocoders.
+else families: text encoders, image encoders, the rest (denoisers), then VAEs and vocoders, by
+name within a family (``text_encoder`` before ``text_encoder_2``).
 """
 
 from __future__ import annotations
@@ -201,8 +207,10 @@ class _Candidate:
         if self.count() < 2:
             return False
         mode = self.mode()
+        if not any("." in sub for sub in mode):
+            return False  # items are leaf layers (a Sequential of Linear), not blocks
         for subs in self.entries.values():
-            if len(subs & mode) * 2 < len(subs | mode):
+            if len(subs & mode) * 2 <= len(subs | mode):
                 return False
         return True
 
@@ -236,19 +244,23 @@ def _overlaps(a: str, b: str) -> bool:
     return a == b or _inside(a, b) or _inside(b, a)
 
 
-def detect_layer_lists(sizes: Mapping[str, int], hint_paths: Sequence[str] = ()) -> list[LayerList]:
+def detect_layer_lists(sizes: Mapping[str, int], hint_paths: Sequence[str] | None = None) -> list[LayerList]:
     """Layer lists from tensor names and byte sizes (``{tensor name: bytes}``).
 
-    ``hint_paths`` are known list paths (from the catalog) used first, in their order, where the
-    names hold them; further lists are then kept only when shaped like one of those.
+    ``hint_paths`` are the list paths the catalog knows for the component's class (``None``: the
+    class is unknown). Those the names hold come first, in the hint order; further lists are then
+    kept only when their blocks have the same sub-keys as a hinted list's. An empty hint means the
+    class has no repeated blocks. When none of the hinted paths is in the names (a checkpoint
+    saved with another key layout), the name heuristic alone decides.
     """
     cands = _candidates(sizes)
     chosen: list[_Candidate] = []
-    for path in hint_paths:
+    for path in hint_paths or ():
         cand = cands.get(path)
         if cand is not None and cand.count() >= 1 and not any(_overlaps(path, c.path) for c in chosen):
             chosen.append(cand)
-    shapes = {c.mode() for c in chosen}
+    if hint_paths is not None and not hint_paths:
+        return []
     extra: list[_Candidate] = []
     for cand in sorted((c for c in cands.values() if c.repeated()),
                        key=lambda c: (c.path.count("."), _natural_key(c.path))):
@@ -256,6 +268,7 @@ def detect_layer_lists(sizes: Mapping[str, int], hint_paths: Sequence[str] = ())
             continue
         extra.append(cand)
     if chosen:
+        shapes = {c.mode() for c in chosen}
         extra = [c for c in extra if c.mode() in shapes]
     extra.sort(key=lambda c: _natural_key(c.path))
     return [c.layer_list() for c in chosen + extra]
@@ -307,7 +320,7 @@ def _order(names: Sequence[str], seq: Sequence[str] | None) -> list[str]:
     if seq:
         first = [n for n in seq if n in names]
         return first + [n for n in names if n not in first]
-    return sorted(names, key=lambda n: (_family_rank(n), names.index(n)))
+    return sorted(names, key=lambda n: (_family_rank(n), _natural_key(n.replace("_", "."))))
 
 
 # ------------------------------------------------------------------------------------ folders
@@ -353,7 +366,7 @@ def _component(name: str, class_name: str, folder: Path, variant: str | None,
             begin, end = info["data_offsets"]
             sizes[tensor] = end - begin
             by_dtype[info["dtype"]] = by_dtype.get(info["dtype"], 0) + end - begin
-    layer_lists = detect_layer_lists(sizes, hints.get(class_name, ()))
+    layer_lists = detect_layer_lists(sizes, hints.get(class_name))
     return ComponentInfo(name=name, class_name=class_name, weight_bytes=sum(sizes.values()),
                          dtype=_dominant_dtype(by_dtype), layer_lists=tuple(layer_lists), known=True)
 

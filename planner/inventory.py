@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -53,11 +53,11 @@ class ComponentInfo:
     layer_lists: tuple[LayerList, ...] = ()
     known: bool = True
 
-    @property
+    @cached_property
     def layer_count(self) -> int:
         return sum(ll.count for ll in self.layer_lists)
 
-    @property
+    @cached_property
     def layer_bytes(self) -> tuple[int, ...]:
         """Bytes of each layer of the flattened layer sequence (layer lists in order)."""
         return tuple(b for ll in self.layer_lists for b in ll.layer_bytes)

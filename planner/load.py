@@ -21,6 +21,9 @@ MAX_DEPTH = 64
 
 PathKey = tuple[Union[str, int], ...]
 
+# libyaml's parser when PyYAML was built with it (marks are the same), else the pure-Python one
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 _SCALAR_TAGS = {
     "tag:yaml.org,2002:str", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float",
     "tag:yaml.org,2002:bool", "tag:yaml.org,2002:null",
@@ -86,7 +89,7 @@ def load_text(text: Union[str, bytes], file: str = "<string>") -> Document:
             raise _fail(file, lineno, len(line) - len(stripped) + 1,
                         "tab character in indentation; YAML indents with spaces")
     try:
-        nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+        nodes = list(yaml.compose_all(text, Loader=_LOADER))
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)

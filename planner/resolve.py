@@ -233,7 +233,7 @@ def _resolve_layers(doc: Document, comp: ComponentResolution, entry: dict[str, A
     if p < 0:
         errors.append(doc.diagnostic(where or ("defaults",), f"prefetch cannot be negative (got {p})"))
         return
-    if n == 0 and p < 1 and where is not None:
+    if not comp.info.known and p < 1 and where is not None:
         res.warnings.append(doc.diagnostic(where, f"the layer count of {comp.name} is unknown before loading; "
                                                   f"prefetch fraction {p} is taken as 1 layer", severity="warning"))
     comp.prefetch = prefetch_count(float(p), n) if n else max(1, math.floor(p)) if p >= 1 else 1

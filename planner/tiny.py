@@ -810,8 +810,8 @@ def save_tiny_pipeline(
 def _materialize(module: torch.nn.Module) -> None:
     # from_pretrained leaves parameters as views into the mmap'ed safetensors file, whose
     # tensor data is only guaranteed 8-byte aligned. CPU kernels can take different
-    # vectorised paths for such inputs, which changes float summation order: the tiny
-    # LTX-2 pipeline, loaded as-is, differs from the in-memory one by ~7e-7. Cloning
+    # vectorised paths for such inputs, which changes float summation order: loaded
+    # as-is, most tiny pipelines differ from their in-memory twins by 3e-7..1.5e-6. Cloning
     # gives every weight its own aligned, contiguous storage so that a loaded pipeline and
     # a pipeline derived from it (moved, offloaded, re-sharded) compute bit-identically.
     # Replacing .data keeps the Parameter objects, so tied weights stay tied.

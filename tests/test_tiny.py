@@ -211,3 +211,18 @@ def test_bfloat16_keeps_fp32_modules() -> None:
     assert {p.dtype for p in pipe.text_encoder.parameters()} == {torch.bfloat16}
     out = run_tiny(pipe, output_type="latent")
     assert torch.isfinite(out.float()).all()
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_matches_catalog(family: str, tiny_dirs: TinyDirs) -> None:
+    # The executor applies catalog-based plans to these pipelines: names must line up.
+    catalog_path = Path(__file__).resolve().parents[1] / "planner" / "data" / "catalog.json"
+    if not catalog_path.is_file():
+        pytest.skip("no catalog")
+    entry = json.loads(catalog_path.read_text())["models"].get(family)
+    assert entry is not None, f"{family} missing from catalog"
+    index = json.loads((tiny_dirs(family) / "model_index.json").read_text())
+    assert index["_class_name"] == entry["pipeline_class"]
+    for name, spec in entry["components"].items():
+        assert index[name][1] == spec["class"], name
+    assert set(entry["components"]) == set(EXPECTED[family][1])

@@ -1,0 +1,326 @@
+"""Whole-component CPU offload: each component's weights live in (pinned) host memory and the
+whole component is put on the device just before it runs.
+
+Like diffusers' ``enable_model_cpu_offload`` (a chain of components, one on the device at a
+time) with three differences: weights are packed once into one flat host buffer per dtype per
+component (slices of one block per dtype), so an onload is one copy per dtype into a fresh device
+buffer; an offload rebinds the tensors to their host views and drops the device buffer, never
+copying back (weights are read-only); and after a component's forward the next one (the order
+given, then the order observed) is copied ahead on a side stream.
+
+On the device at once: the running component, plus at most one prefetched component.
+
+Hooks: a forward pre-hook on each component and on each of its direct children (pipelines call
+``vae.decode`` rather than ``vae.forward``; the decoder's children still run through ``forward``)
+onloads the component; a forward hook on the component prefetches the next one.
+
+Limits: inference only; weights read-only while attached; tensors that cannot be packed (tensor
+subclasses, gaps, overlaps) and tensors shared between components stay on the device; a method
+that uses a component's weights without calling its or a child's ``forward`` finds them on the
+host.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from . import hooks as _h
+
+_OFF, _LOADING, _ON = 0, 1, 2
+
+
+class _Component:
+    __slots__ = ("index", "name", "module", "group", "state", "bufs", "host_binds", "resident_bytes",
+                 "onloads", "sync_onloads", "prefetches", "event", "waited", "depth")
+
+    def __init__(self, index: int, name: str, module: torch.nn.Module) -> None:
+        self.index = index
+        self.name = name
+        self.module = module
+        self.group: _h.PackedGroup | None = None
+        self.state = _OFF
+        self.bufs: dict[torch.dtype, torch.Tensor] | None = None
+        self.host_binds: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.resident_bytes = 0
+        self.onloads = 0
+        self.sync_onloads = 0
+        self.prefetches = 0
+        self.event: Any = None
+        self.waited = True        # the compute stream has waited on the last async copy
+        self.depth = 0            # > 0 while its forward runs: never offloaded then
+
+
+class CpuOffloadGroup:
+    """Components of one pipeline, in pipeline order, taking turns on the device."""
+
+    def __init__(self, modules: Sequence[tuple[str, torch.nn.Module]], *, device: torch.device | str,
+                 pin_memory: bool | None = None) -> None:
+        self.modules = [(str(n), m) for n, m in modules]
+        names = [n for n, _ in self.modules]
+        if len(set(names)) != len(names):
+            raise ValueError(f"cpu offload group: duplicate component names {names}")
+        self.device = torch.device(device)
+        self.pin_memory = pin_memory
+        self._attached = False
+        self._reset_state()
+
+    # ---------------------------------------------------------------------------------------
+    # public API
+
+    def attach(self) -> None:
+        """Packs every component into host memory, leaves them off the device and registers the
+        hooks. All or nothing: on failure the modules are put back as they were, then re-raise."""
+        if self._attached:
+            raise RuntimeError("cpu offload group: already attached")
+        originals: dict[int, tuple[torch.Tensor, torch.Tensor, bool]] = {}
+        try:
+            with torch.inference_mode(False), torch.no_grad():
+                self._attach(originals)
+        except BaseException:
+            self._rollback(originals)
+            raise
+        self._attached = True
+
+    def detach(self) -> None:
+        """Removes the hooks; every parameter and buffer back on its original device with its
+        original values, strides and ``requires_grad``; device and host buffers freed."""
+        if not self._attached:
+            return
+        self._ops.synchronize()
+        self._hooks.remove()
+        pack = self._pack
+        with torch.inference_mode(False), torch.no_grad():
+            for comp in self._comps:
+                for pt in comp.group.tensors:
+                    _h.restore_tensor(pt, pack.host_view(comp.group, pt))
+                comp.bufs = None
+            for t, orig_device, orig_data, requires_grad in self._moved:
+                t.data = orig_data if orig_data is not None else t.data.to(orig_device)
+                if t.requires_grad != requires_grad:
+                    t.requires_grad_(requires_grad)
+        pack.free()
+        self._reset_state()
+        self._attached = False
+
+    def offload_all(self) -> None:
+        """Takes every component off the device (end of a pipeline call)."""
+        if not self._attached:
+            return
+        stream = self._ops.current()
+        for comp in self._comps:
+            if comp.state != _OFF:
+                self._offload(comp, stream)
+        self._prefetched = None
+        self._last = None      # the next call starts fresh: no successor learned across calls
+
+    def report(self) -> dict[str, Any]:
+        """Per component: host bytes, device bytes while on, state and counters; plus totals."""
+        comps: dict[str, dict[str, Any]] = {}
+        pack = self._pack
+        for comp in self._comps:
+            span = sum(comp.group.span_bytes().values()) if comp.group is not None else 0
+            comps[comp.name] = {
+                "host_pinned_bytes": span if pack is not None and pack.pin else 0,
+                "host_buffer_bytes": span,
+                "weight_bytes": comp.group.nbytes if comp.group is not None else 0,
+                "gpu_bytes": span + comp.resident_bytes,
+                "gpu_resident_bytes": comp.resident_bytes,
+                "on_device": comp.state == _ON,
+                "prefetched": comp.state == _LOADING,
+                "onloads": comp.onloads,
+                "sync_onloads": comp.sync_onloads,
+                "prefetches": comp.prefetches,
+            }
+        gpu = sorted((c["gpu_bytes"] - c["gpu_resident_bytes"] for c in comps.values()), reverse=True)
+        return {
+            "device": str(self.device),
+            "components": comps,
+            "host_pinned_bytes": pack.pinned_bytes if pack is not None else 0,
+            "host_buffer_bytes": pack.allocated_bytes if pack is not None else 0,
+            "gpu_resident_bytes": sum(c["gpu_resident_bytes"] for c in comps.values()),
+            # the running component plus one prefetched
+            "gpu_peak_bytes": sum(gpu[:2]) + sum(c["gpu_resident_bytes"] for c in comps.values()),
+        }
+
+    def on_device(self) -> list[str]:
+        """Names of the components whose weights are on (or being copied to) the device."""
+        return [c.name for c in self._comps if c.state != _OFF]
+
+    # ---------------------------------------------------------------------------------------
+    # attach / detach
+
+    def _reset_state(self) -> None:
+        self._ops = _h.StreamOps(self.device)
+        self._side: Any = None
+        self._hooks = _h.ModuleHooks()
+        self._pack: _h.HostPack | None = None
+        self._comps: list[_Component] = []
+        self._moved: list[tuple[torch.Tensor, torch.device, torch.Tensor | None, bool]] = []
+        self._succ: dict[int, _Component] = {}
+        self._last: _Component | None = None
+        self._prefetched: _Component | None = None
+
+    def _attach(self, originals: dict[int, tuple[torch.Tensor, torch.Tensor, bool]]) -> None:
+        self.device = _h.resolve_device(self.device)
+        self._ops = _h.StreamOps(self.device)
+        pin = self._ops.is_cuda if self.pin_memory is None else bool(self.pin_memory)
+        overlap = _h.modules_overlap(m for _, m in self.modules)
+        if overlap is not None:
+            i, j = overlap
+            raise ValueError(f"cpu offload group: components {self.modules[i][0]!r} and "
+                             f"{self.modules[j][0]!r} overlap")
+        self._comps = [_Component(i, n, m) for i, (n, m) in enumerate(self.modules)]
+        per_comp = [_h.unique_tensors(c.module) for c in self._comps]
+        holders: dict[int, int] = {}
+        for ts in per_comp:
+            for t in ts:
+                holders[id(t)] = holders.get(id(t), 0) + 1
+        packed: list[list[torch.Tensor]] = []
+        stay: list[tuple[_Component, torch.Tensor]] = []
+        stay_ids: set[int] = set()
+        for comp, ts in zip(self._comps, per_comp):
+            mine = []
+            for t in ts:
+                if t.device.type == "meta":
+                    raise ValueError(f"cpu offload group: {comp.name} has meta tensors; load real weights first")
+                originals[id(t)] = (t, t.data, t.requires_grad)
+                if holders[id(t)] > 1 or not _h.is_packable(t):
+                    if id(t) not in stay_ids:
+                        stay_ids.add(id(t))
+                        stay.append((comp, t))
+                else:
+                    mine.append(t)
+            packed.append(mine)
+
+        pack = _h.HostPack(packed, pin=pin)
+        self._pack = pack
+        pack.allocate()
+        pack.fill()
+        for comp, group in zip(self._comps, pack.groups):
+            comp.group = group
+            comp.event = self._ops.new_event()
+            comp.host_binds = [(pt.tensor, pack.host_view(group, pt)) for pt in group.tensors]
+            for t, view in comp.host_binds:
+                t.data = view
+        for comp, t in stay:
+            orig = t.data
+            if orig.device != self.device:
+                t.data = orig.to(self.device)
+            keep = orig if not _h.is_packable(t) and orig.device != self.device else None
+            self._moved.append((t, orig.device, keep, t.requires_grad))
+            comp.resident_bytes += _h.tensor_bytes(t)
+
+        self._side = self._ops.new_stream()
+        for comp in self._comps:
+            self._hooks.pre(comp.module, self._make_root_pre(comp))
+            self._hooks.post(comp.module, self._make_post(comp))
+            for child in comp.module.children():
+                self._hooks.pre(child, self._make_child_pre(comp))
+
+    def _rollback(self, originals: dict[int, tuple[torch.Tensor, torch.Tensor, bool]]) -> None:
+        try:
+            self._ops.synchronize()
+        except Exception:  # pragma: no cover
+            pass
+        self._hooks.remove()
+        for t, data, requires_grad in originals.values():
+            t.data = data
+            if t.requires_grad != requires_grad:
+                t.requires_grad_(requires_grad)
+        if self._pack is not None:
+            self._pack.free()
+        self._reset_state()
+
+    # ---------------------------------------------------------------------------------------
+    # hooks
+
+    def _make_root_pre(self, comp: _Component) -> Any:
+        def pre(module: torch.nn.Module, args: Any) -> None:
+            comp.depth += 1
+            if comp.state != _ON:
+                self._onload(comp)
+        return pre
+
+    def _make_child_pre(self, comp: _Component) -> Any:
+        def pre(module: torch.nn.Module, args: Any) -> None:
+            if comp.state != _ON:
+                self._onload(comp)
+        return pre
+
+    def _make_post(self, comp: _Component) -> Any:
+        def post(module: torch.nn.Module, args: Any, output: Any) -> None:
+            comp.depth -= 1
+            if not comp.depth:
+                self._prefetch_after(comp)
+        return post
+
+    def _alloc(self, comp: _Component) -> dict[torch.dtype, torch.Tensor]:
+        with torch.inference_mode(False):   # buffers made in inference mode would taint the params
+            return {d: _h.alloc_device(n, d, self.device) for d, (_, n) in comp.group.spans.items()}
+
+    def _copy_in(self, comp: _Component) -> None:
+        pack = self._pack
+        for dtype, buf in comp.bufs.items():
+            buf.copy_(pack.host_span(comp.group, dtype), non_blocking=True)
+
+    def _bind_device(self, comp: _Component) -> None:
+        bufs = comp.bufs
+        with torch.inference_mode(False):
+            for pt in comp.group.tensors:
+                pt.tensor.data = _h.view_in(bufs[pt.dtype], pt)
+
+    def _onload(self, comp: _Component) -> None:
+        stream = self._ops.current()
+        if comp.state == _LOADING:
+            stream.wait_event(comp.event)
+            comp.waited = True
+        else:
+            comp.bufs = self._alloc(comp)
+            self._copy_in(comp)          # on the compute stream: ordered before the forward
+            comp.sync_onloads += 1
+        self._bind_device(comp)
+        comp.state = _ON
+        comp.onloads += 1
+        if self._prefetched is comp:
+            self._prefetched = None
+        last = self._last
+        if last is not None and last is not comp:
+            self._succ[last.index] = comp
+        self._last = comp
+        for other in self._comps:
+            if other is not comp and other.state == _ON and not other.depth:
+                self._offload(other, stream)
+
+    def _offload(self, comp: _Component, stream: Any) -> None:
+        if not comp.waited:
+            # a prefetch dropped unused: its copy may still write the buffer we are about to free
+            stream.wait_event(comp.event)
+            comp.waited = True
+        if comp.state == _ON:
+            for t, view in comp.host_binds:
+                t.data = view
+        # freed on the compute stream, which has waited on every write to it: safe to reuse
+        comp.bufs = None
+        comp.state = _OFF
+
+    def _prefetch_after(self, comp: _Component) -> None:
+        nxt = self._succ.get(comp.index)
+        if nxt is None and comp.index + 1 < len(self._comps) and self._last is comp:
+            nxt = self._comps[comp.index + 1]
+        if nxt is None or nxt is comp or nxt.state != _OFF:
+            return
+        stream = self._ops.current()
+        if self._prefetched is not None and self._prefetched is not nxt:
+            self._offload(self._prefetched, stream)
+        nxt.bufs = self._alloc(nxt)
+        side = self._side
+        side.wait_stream(stream)         # the fresh buffer may be memory the compute stream just freed
+        with self._ops.use(side):
+            self._copy_in(nxt)
+            nxt.event.record(side)
+        nxt.waited = False
+        nxt.state = _LOADING
+        nxt.prefetches += 1
+        self._prefetched = nxt
