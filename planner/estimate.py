@@ -1,8 +1,9 @@
 """The memory and time model: what a plan will hold on the GPU and in pinned host memory.
 
-Peak GPU bytes = weights that stay resident (including layerwise slots, allocated once) + the
-largest set of whole components on the GPU at once (a CPU-offloaded component and the next one
-being prefetched) + activations + a margin. Pinned host bytes = every streamed or offloaded
+Peak GPU bytes = the largest phase of one generation (``phase_timeline``): weights that stay
+resident (including layerwise slots, allocated once) + the whole components that phase has on the
+GPU (a CPU-offloaded component, and the one before it while its prefetch lands) + activations + a
+margin. Pinned host bytes = every streamed or offloaded
 weight, packed once.
 """
 
@@ -52,23 +53,45 @@ def component_estimate(cp: ComponentPlan, layer_bytes: Sequence[int], *,
 def memory_estimate(plans: Mapping[str, ComponentPlan], layer_bytes: Mapping[str, Sequence[int]],
                     *, activation_bytes: int = 0, margin_bytes: int = 0) -> MemoryEstimate:
     comps = {name: component_estimate(cp, layer_bytes.get(name, ())) for name, cp in plans.items()}
-    always = 0
-    for name, cp in plans.items():
-        est = comps[name]
-        always += est.gpu_resident_bytes
-        if cp.strategy == "layerwise":
-            always += est.gpu_transient_bytes   # slots are allocated once at attach
-    # Whole-component residency over the pipeline order: a CPU-offloaded component stays on the GPU
-    # until the next one onloads, and the next one is prefetched while it runs.
-    order = list(plans)
-    offloaded = [n for n in order if plans[n].strategy == "cpu_offload"]
-    transient = 0
-    for i, name in enumerate(offloaded):
-        pair = comps[name].gpu_transient_bytes
-        if i + 1 < len(offloaded):
-            pair += comps[offloaded[i + 1]].gpu_transient_bytes
-        transient = max(transient, pair)
-    fsdp_gather = max((comps[n].gpu_transient_bytes for n in order if plans[n].strategy == "fsdp"), default=0)
-    peak = always + max(transient, fsdp_gather) + activation_bytes + margin_bytes
+    timeline = phase_timeline(plans, comps, activation_bytes=activation_bytes, margin_bytes=margin_bytes, steps=1)
     pinned = sum(e.host_pinned_bytes for e in comps.values())
-    return MemoryEstimate(components=comps, gpu_peak_bytes=peak, host_pinned_bytes=pinned)
+    return MemoryEstimate(components=comps, gpu_peak_bytes=max(b for _, b in timeline), host_pinned_bytes=pinned)
+
+
+def phase_timeline(plans: Mapping[str, ComponentPlan], comps: Mapping[str, ComponentEstimate], *,
+                   activation_bytes: int = 0, margin_bytes: int = 0, steps: int = 4) -> list[tuple[str, int]]:
+    """Predicted GPU bytes over one generation, phase by phase in pipeline order.
+
+    Always on the GPU: resident weights and layerwise slots (allocated once). A CPU-offloaded
+    component is on the GPU during its own phase; when the component before it in pipeline order
+    is offloaded too, that one is still there while this one's prefetch lands (the pair). FSDP
+    gathers one block at a time. Denoisers (run per step) add the activations.
+    """
+    from .rules import runs_per_step
+
+    always = sum(e.gpu_resident_bytes + (e.gpu_transient_bytes if plans[n].strategy == "layerwise" else 0)
+                 for n, e in comps.items())
+    order = list(plans)
+    timeline: list[tuple[str, int]] = [("start", always + margin_bytes)]
+    for i, name in enumerate(order):
+        cp = plans[name]
+        held = 0
+        if cp.strategy in ("cpu_offload", "fsdp"):
+            held = comps[name].gpu_transient_bytes
+        if cp.strategy == "cpu_offload" and i > 0 and plans[order[i - 1]].strategy == "cpu_offload":
+            held += comps[order[i - 1]].gpu_transient_bytes
+        if runs_per_step(cp.family):
+            for s in range(steps):
+                timeline.append((f"{name} step {s + 1}" if steps > 1 else name,
+                                 always + held + activation_bytes + margin_bytes))
+        else:
+            timeline.append((name, always + held + margin_bytes))
+    timeline.append(("end", always + margin_bytes))
+    return timeline
+
+
+def memory_timeline(plans: Mapping[str, ComponentPlan], activation_bytes: int = 0, margin_bytes: int = 0,
+                    steps: int = 4) -> list[tuple[str, int]]:
+    """The timeline of a finished plan, from the estimates stored in it."""
+    return phase_timeline(plans, {n: cp.estimate for n, cp in plans.items()}, activation_bytes=activation_bytes,
+                          margin_bytes=margin_bytes, steps=steps)

@@ -391,14 +391,21 @@ def offload_seq(pipeline_class: str) -> str:
     return getattr(getattr(diffusers, pipeline_class), "model_cpu_offload_seq", "") or ""
 
 
-def build_component(builder: Callable[[], tuple[Any, dict[str, int]]], name: str) -> dict[str, Any]:
+def build_module(model: str, name: str) -> tuple[Any, dict[str, int]]:
+    """One component of a catalog model at full size on the meta device, and its facts."""
+    import torch
+
+    with torch.device("meta"):
+        return MODELS[model]["components"][name]()
+
+
+def build_component(model: str, name: str) -> dict[str, Any]:
     """Build one component on the meta device and describe it at bfloat16."""
     import torch
 
     from planner.executor.inventory import component_info
 
-    with torch.device("meta"):
-        module, facts = builder()
+    module, facts = build_module(model, name)
     info = component_info(name, module, dtype=torch.bfloat16).to_dict()
     if facts:
         info["facts"] = dict(sorted(facts.items()))
@@ -414,7 +421,7 @@ def build_model(model: str) -> dict[str, Any]:
     names = pipeline_order(list(spec["components"]), seq)
     return {"description": spec["description"], "pipeline_class": spec["pipeline_class"],
             "offload_seq": [n for n in seq.split("->") if n],
-            "components": {n: build_component(spec["components"][n], n) for n in names}}
+            "components": {n: build_component(model, n) for n in names}}
 
 
 def build_catalog(models: list[str] | None = None) -> dict[str, Any]:

@@ -139,3 +139,33 @@ def test_rebuild_matches_file_for_z_image(catalog):
     pytest.importorskip("transformers")
     build = _build_catalog_module()
     assert build.build_model("z-image-turbo") == catalog["models"]["z-image-turbo"]
+
+
+def test_rebuild_matches_whole_file():
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    build = _build_catalog_module()
+    assert build.dumps(build.build_catalog()) == CATALOG_PATH.read_text(encoding="utf-8")
+
+
+def test_folder_detection_agrees_with_catalog_on_real_key_layouts(catalog):
+    """The names a real-size component saves (its state_dict keys, built on meta) give the catalog's lists."""
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from planner.folder import _hints_by_class, detect_layer_lists
+    from planner.inventory import LayerList
+
+    build = _build_catalog_module()
+    hints = _hints_by_class()
+    for model in ("z-image-turbo", "flux.1-dev", "sd3.5-large", "wan2.2-t2v-a14b"):
+        for name, entry in catalog["models"][model]["components"].items():
+            module, _ = build.build_module(model, name)
+            sizes = {k: v.numel() * (2 if v.is_floating_point() else v.element_size())
+                     for k, v in module.state_dict().items()}
+            expected = [LayerList.from_dict(d) for d in entry["layer_lists"]]
+            assert detect_layer_lists(sizes, hints.get(entry["class"])) == expected, (model, name)
+            if name.startswith(("transformer", "text_encoder")):
+                # DiTs and text encoders: the name heuristic alone finds the same lists.
+                assert set(detect_layer_lists(sizes)) == set(expected), (model, name)

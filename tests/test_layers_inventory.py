@@ -412,3 +412,28 @@ def test_folder_module_imports_no_torch():
             "bad = [m for m in ('torch', 'diffusers', 'transformers', 'safetensors') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_catalog_hints_for_known_classes(tmp_path):
+    # AutoencoderKLWan is in the catalog without layer lists: its resnets are not layers.
+    resnets = {f"decoder.mid_block.resnets.{i}.{k}": ("BF16", [4, 4]) for i in range(2)
+               for k in ("conv1.weight", "conv2.weight")}
+    root = write_folder(tmp_path / "p", {
+        "vae": ("AutoencoderKLWan", resnets),
+        # FluxTransformer2DModel saved under another key layout: no hinted path, heuristic decides.
+        "transformer": ("FluxTransformer2DModel", block_tensors("model.blocks", 3)),
+    }, pipeline="FluxPipeline")
+    inv = folder_inventory(root)
+    assert inv.get("vae").layer_lists == ()
+    assert lists_of(inv.get("transformer")) == [("model.blocks", 3)]
+    assert lists_of(folder_inventory(root, use_catalog=False).get("vae")) == [("decoder.mid_block.resnets", 2)]
+
+
+def test_variant_files(tmp_path):
+    root = write_folder(tmp_path / "p", {"transformer": ("SomeDiT", block_tensors("blocks", 2, dtype="F32"))})
+    write_safetensors(root / "transformer" / "diffusion_pytorch_model.fp16.safetensors",
+                      block_tensors("blocks", 2, dtype="F16"))
+    assert folder_inventory(root).get("transformer").dtype == "float32"
+    half = folder_inventory(root, variant="fp16").get("transformer")
+    assert half.dtype == "float16" and half.layer_bytes == (96, 96)
+    assert folder_inventory(root, variant="bf16").get("transformer").dtype == "float32"  # falls back

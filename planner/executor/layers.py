@@ -11,8 +11,10 @@ Discovery is generic: diffusers models name their repeated block classes in ``_r
 Order: lists come in registration order (``named_modules`` order). That is the order the forward
 runs them for every catalog model we checked: Z-Image registers and runs ``noise_refiner``,
 ``context_refiner`` (``siglip_refiner``), then ``layers``; Flux ``transformer_blocks`` then
-``single_transformer_blocks``; Qwen2.5-VL ``visual.blocks`` (only run when images are given)
-then ``language_model.layers``. No forward is traced to check it.
+``single_transformer_blocks``; Qwen2.5-VL ``visual.blocks`` then ``language_model.layers``.
+No forward is traced to check it. A VLM text encoder's vision tower (Qwen2.5-VL, Gemma 3) is
+listed, first, although a text-only prompt never runs it; an engine that streams layers should
+expect those layers to be skipped.
 """
 
 from __future__ import annotations
