@@ -36,7 +36,7 @@ import re
 import struct
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from planner.inventory import ComponentInfo, Inventory, LayerList, load_catalog
 

@@ -342,8 +342,10 @@ def test_exception_inside_a_layer_releases_it() -> None:
             model(ids_for("cpu"))
         assert engine.streamed_layers_holding_weights == 0
         model.blocks[2].boom = False
+        assert engine.order == list(range(N_BLOCKS))      # the aborted call taught nothing
         with torch.no_grad():
             ref_engine_out = model(ids_for("cpu"))
+        assert engine.report()["sync_loads"] == 0
     finally:
         engine.detach()
     with torch.no_grad():

@@ -353,7 +353,8 @@ class LayerwiseEngine:
     def _root_post(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         self._root_depth -= 1
         if self._root_depth == 0 and self._observed:
-            self._close_call()
+            # a forward that raised reaches here with no output: its partial order teaches nothing
+            self._close_call(learn=output is not None)
 
     def _layer_pre(self, layer: _Layer) -> None:
         if layer.depth:              # re-entrant call: already bound
@@ -488,9 +489,9 @@ class LayerwiseEngine:
                 slot.load_event.record(copy_stream)
         self.async_loads += len(todo)
 
-    def _close_call(self) -> None:
+    def _close_call(self, learn: bool = True) -> None:
         """End of a call: the observed order becomes the expected one; aim prefetch at its start."""
-        if self._observed:
+        if learn and self._observed:
             self._order = self._observed
         self._observed = []
         self._cursor = -1
