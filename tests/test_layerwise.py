@@ -5,6 +5,10 @@ Runs on CPU (the engine's no-op streams); on a CUDA machine every test also runs
 
 from __future__ import annotations
 
+import copy
+import gc
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -35,6 +39,8 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if getattr(self, "boom", False):
             raise RuntimeError("boom")
+        if getattr(self, "delay", 0):                # slow compute: a missing stream wait shows up
+            torch.cuda._sleep(self.delay)
         h = torch.relu(self.fc1(x * self.scale + self.rope))
         h = self.fc2(h.to(torch.bfloat16)).float()
         h = self.out(h) + self.out_alias(h) * 0.5 + h @ self.mix * 0.1
@@ -63,7 +69,8 @@ class Stack(nn.Module):
 
 def make_stack(device: str = "cpu", seed: int = 0) -> Stack:
     torch.manual_seed(seed)
-    return Stack().eval().to(device)
+    with torch.device(device):     # not .to(device): that gives every block its own rope copy
+        return Stack().eval()
 
 
 def snapshot(module: nn.Module) -> list[tuple]:
@@ -156,7 +163,7 @@ def test_non_layer_weights_and_resident_layers_on_device(device: str) -> None:
         assert model.blocks[2].fc2.weight.device.type == dev
         # shared rope buffer and the stride-0 buffer of block 1 stay on the device, whole
         assert model.blocks[3].rope.numel() == 16 and model.blocks[3].rope.device.type == dev
-        assert model.blocks[1].bias_row.stride()[0] == 0
+        assert model.blocks[1].bias_row.shape == (3, 16) and model.blocks[1].bias_row.device.type == dev
         rep = engine.report()
         assert rep["unusual_tensors"] == 1 and rep["shared_tensors"] == 1
     finally:
@@ -232,11 +239,30 @@ def test_detach_restores_bit_identical(device: str) -> None:
     with torch.no_grad():
         assert torch.equal(model(x), ref)
     # and it can be attached again
+    twin = copy.deepcopy(model).to(device)             # resident reference on the same device
+    with torch.no_grad():
+        ref_dev = twin(ids_for(device))
     engine.attach()
     with torch.no_grad():
-        assert torch.equal(model(ids_for(device)).cpu(), ref)
+        assert torch.equal(model(ids_for(device)), ref_dev)
     engine.detach()
     assert_same(before, snapshot(model))
+
+
+def test_detach_frees_slots_and_host_buffers_at_once() -> None:
+    model = make_stack("cpu")
+    engine = LayerwiseEngine(model, list(model.blocks), device="cpu", prefetch=2)
+    engine.attach()
+    with torch.no_grad():
+        model(ids_for("cpu"))                             # leaves prefetched layers in slots
+    slot_buf = weakref.ref(next(iter(engine._slots[0].bufs.values())))
+    host_block = weakref.ref(next(iter(engine._pack.blocks.values())).tensor)
+    gc.disable()                                          # no collector: freed by refcount alone
+    try:
+        engine.detach()
+        assert slot_buf() is None and host_block() is None
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -288,6 +314,57 @@ def test_host_buffer_bytes_close_to_streamed_bytes() -> None:
                 largest[dtype] = max(largest.get(dtype, 0), nbytes)
         assert rep["gpu_slot_bytes"] == 2 * sum(largest.values())
     finally:
+        engine.detach()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pinned_host_memory_is_exact() -> None:
+    # page-locked with cudaHostRegister; torch.Tensor.is_pinned() does not always recognise such
+    # memory (torch 2.11 says False), the copy engine does (bench/engine_check.py measures it)
+    block = hooks.alloc_host(1000, torch.bfloat16, pin=True)
+    assert block.pinned and block.tensor.numel() == 1000
+    assert block.nbytes <= 2000 + 2 * hooks.PAGE_BYTES        # no power-of-two rounding
+    block.free()
+    model = make_stack("cpu")
+    engine = LayerwiseEngine(model, list(model.blocks), device="cuda", prefetch=1)
+    engine.attach()
+    try:
+        rep = engine.report()
+        assert 0 < rep["host_pinned_bytes"] == rep["host_buffer_bytes"]
+        assert rep["host_pinned_bytes"] <= 1.05 * rep["streamed_bytes"] + 64 * 1024
+    finally:
+        engine.detach()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("prefetch", [1, 2])
+def test_stream_ordering_under_delays(prefetch: int) -> None:
+    """Slow compute (a slot must not be overwritten while read) and slow copies (a layer must not
+    run before its copy lands) still give the resident output."""
+    model = make_stack("cuda")
+    model.schedule = [0, 1, 2, 3, 4, 5, 5, 3, 0]
+    x = ids_for("cuda")
+    with torch.no_grad():
+        ref = model(x)
+    engine = LayerwiseEngine(model, list(model.blocks), device="cuda", prefetch=prefetch)
+    engine.attach()
+    issue = engine._issue
+
+    def slow_issue(want):                            # every async copy starts late
+        with torch.cuda.stream(engine._copy_stream):
+            torch.cuda._sleep(200_000)
+        issue(want)
+
+    engine._issue = slow_issue
+    try:
+        with torch.no_grad():
+            for delay in (0, 2_000_000, 0, 2_000_000):
+                for b in model.blocks:
+                    b.delay = delay
+                assert torch.equal(model(x), ref)
+    finally:
+        for b in model.blocks:
+            b.delay = 0
         engine.detach()
 
 
@@ -350,6 +427,34 @@ def test_exception_inside_a_layer_releases_it() -> None:
         engine.detach()
     with torch.no_grad():
         assert torch.equal(model(ids_for("cpu")), ref_engine_out)
+
+
+def test_nested_streamed_layers_need_a_slot_each() -> None:
+    model = make_stack("cpu")
+    # block 4 calls block 5 from inside its forward (a peer, not a submodule)
+    inner = model.blocks[4].forward
+    object.__setattr__(model.blocks[4], "forward", lambda x: model.blocks[5](inner(x)) - x)
+    model.schedule = [0, 1, 2, 3, 4]
+    x = ids_for("cpu")
+    with torch.no_grad():
+        ref = model(x)
+    one_slot = LayerwiseEngine(model, list(model.blocks), device="cpu", prefetch=0)
+    one_slot.attach()
+    try:
+        with torch.no_grad(), pytest.raises(RuntimeError, match="slots"):
+            model(x)
+        assert one_slot.streamed_layers_holding_weights == 0 and one_slot.streamed_layers_loaded == 0
+    finally:
+        one_slot.detach()
+    two_slots = LayerwiseEngine(model, list(model.blocks), device="cpu", prefetch=1)
+    two_slots.attach()
+    try:
+        for _ in range(3):
+            with torch.no_grad():
+                assert torch.equal(model(x), ref)
+            assert two_slots.streamed_layers_holding_weights == 0
+    finally:
+        two_slots.detach()
 
 
 def test_bad_arguments() -> None:

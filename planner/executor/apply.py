@@ -74,7 +74,7 @@ class _GroupMember:
 
     def report(self) -> dict:
         rep = self.group.report()
-        return rep.get(self.name, rep) if isinstance(rep, dict) else {}
+        return dict(rep["components"][self.name])
 
 
 @dataclass

@@ -206,9 +206,10 @@ class CpuOffloadGroup:
                 t.data = view
         for comp, t in stay:
             orig = t.data
+            # unusual tensors may not survive a round trip with their strides: keep the original
+            keep = orig if not _h.is_packable(t) and orig.device != self.device else None
             if orig.device != self.device:
                 t.data = orig.to(self.device)
-            keep = orig if not _h.is_packable(t) and orig.device != self.device else None
             self._moved.append((t, orig.device, keep, t.requires_grad))
             comp.resident_bytes += _h.tensor_bytes(t)
 

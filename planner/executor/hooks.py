@@ -139,8 +139,13 @@ class HostBlock:
         self._raw = None
 
     def __del__(self) -> None:  # an engine dropped without detach must not leak page locks
-        if getattr(self, "_registered_ptr", None) is not None:
-            self.free()
+        ptr = getattr(self, "_registered_ptr", None)
+        if ptr is not None:
+            self._registered_ptr = None
+            try:
+                torch.cuda.cudart().cudaHostUnregister(ptr)
+            except Exception:  # pragma: no cover - interpreter shutdown
+                pass
 
 
 def _pow2_ceil(n: int) -> int:
@@ -356,7 +361,8 @@ class ModuleHooks:
         self._handles: list[Any] = []
 
     def pre(self, module: torch.nn.Module, fn: Callable[[torch.nn.Module, Any], Any]) -> None:
-        self._handles.append(module.register_forward_pre_hook(fn))
+        # prepend: hooks registered earlier by others (LoRA, parametrizations, probes) see the weights
+        self._handles.append(module.register_forward_pre_hook(fn, prepend=True))
 
     def post(self, module: torch.nn.Module, fn: Callable[[torch.nn.Module, Any, Any], Any]) -> None:
         # always_call: a forward that raises still releases what its pre-hook took

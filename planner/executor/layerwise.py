@@ -169,6 +169,15 @@ class LayerwiseEngine:
     # attach / detach
 
     def _reset_state(self) -> None:
+        # break the slot <-> layer links first: as a reference cycle they would keep the slot
+        # memory alive until the next garbage collection
+        for slot in getattr(self, "_slots", ()):
+            slot.layer = None
+            slot.bufs = {}
+        for layer in getattr(self, "_streamed", ()):
+            layer.slot = None
+            layer.binds = []
+            layer.copies = []
         self._ops = _h.StreamOps(self.device)
         self._copy_stream: Any = None
         self._hooks = _h.ModuleHooks()
@@ -394,6 +403,8 @@ class LayerwiseEngine:
         self._issue(want)
 
     def _layer_post(self, layer: _Layer) -> None:
+        if not layer.depth:          # its pre-hook failed: nothing was bound
+            return
         layer.depth -= 1
         if layer.depth:
             return

@@ -1,0 +1,194 @@
+"""apply_plan on real (tiny) diffusers pipelines: every strategy and combination equals the resident
+run exactly, streamed layers hold no weights between calls, remove() restores everything bit for bit,
+and a failed apply changes nothing."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import planner  # noqa: E402
+from planner import PlanApplyError  # noqa: E402
+from planner.executor.layerwise import LayerwiseEngine  # noqa: E402
+from planner.tiny import load_tiny_pipeline, run_tiny  # noqa: E402
+
+
+def snapshot(pipe):
+    """Every tensor of every module component: (object, values, device), and every module's hooks
+    (transformers registers hooks of its own), for bit-for-bit checks."""
+    out = {}
+    for name, module in pipe.components.items():
+        if isinstance(module, torch.nn.Module):
+            for key, t in list(module.named_parameters()) + list(module.named_buffers()):
+                out[(name, key)] = (t, t.detach().clone(), t.device)
+            out[(name, "<hooks>")] = [(dict(sub._forward_pre_hooks), dict(sub._forward_hooks))
+                                      for sub in module.modules()]
+    return out
+
+
+def assert_restored(pipe, snap):
+    now = snapshot(pipe)
+    assert now.keys() == snap.keys()
+    for key, entry in snap.items():
+        if key[1] == "<hooks>":
+            assert now[key] == entry, f"{key[0]}: hooks differ after remove()"
+            continue
+        t, values, device = entry
+        cur = now[key][0]
+        assert cur is t, key                          # the same Parameter objects, not replacements
+        assert cur.device == device, key
+        assert torch.equal(cur.detach(), values), key
+    for name, module in pipe.components.items():
+        if isinstance(module, torch.nn.Module):
+            assert not hasattr(module, "_hf_hook"), name
+
+
+def spec_for(path, **sections):
+    spec = {"version": 1, "pipeline": {"path": str(path), "dtype": "float32"}, "device": "cpu"}
+    spec.update(sections)
+    return spec
+
+
+def engines(handle):
+    return {n: p for n, p in handle.placements.items() if isinstance(p, LayerwiseEngine)}
+
+
+CASES = {
+    "all-resident": {},
+    "all-cpu-offload": {"defaults": {"strategy": "cpu_offload"}},
+    "all-layerwise": {"offload": {"layerwise_offload_components": "all"}},
+    "sglang-mix": {"offload": {"dit_layerwise_offload": True, "text_encoder_cpu_offload": True,
+                               "vae_cpu_offload": True}},
+    "encoders-layerwise-dit-offload": {"offload": {"layerwise_offload_components": "text_encoder",
+                                                   "dit_cpu_offload": True}},
+    "dit-layerwise-resident-layers": {"offload": {"dit_layerwise_offload": True, "dit_offload_prefetch_size": 2},
+                                      "defaults": {"placement": "leading"},
+                                      "components": {"transformer": {"resident_layers": 1}}},
+}
+FAMILIES = ["z-image-turbo", "flux.1-dev", "wan2.2-t2v-a14b", "sd3.5-large"]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_dirs):
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            path = tiny_dirs(family)
+            pipe = load_tiny_pipeline(path)
+            cache[family] = (path, pipe, run_tiny(pipe))
+        return cache[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_strategy_equals_resident_and_remove_restores(loaded, family, case):
+    path, pipe, reference = loaded(family)
+    snap = snapshot(pipe)
+    plan = planner.make_plan(spec_for(path, **CASES[case]), pipeline=pipe)
+    handle = planner.apply_plan(pipe, plan)
+    try:
+        for _ in range(2):   # the second call runs on the prefetch that wrapped around from the first
+            out = run_tiny(pipe)
+            assert torch.equal(out, reference), f"max abs diff {(out - reference).abs().max()}"
+            for name, engine in engines(handle).items():
+                assert engine.streamed_layers_holding_weights == 0, name
+        report = handle.report()
+        assert set(report["components"]) == set(plan.components)
+        for name, cp in plan.components.items():
+            assert report["components"][name]["strategy"] == cp.strategy
+    finally:
+        handle.remove()
+    assert_restored(pipe, snap)
+    assert torch.equal(run_tiny(pipe), reference)
+
+
+@pytest.mark.parametrize("prefetch", [1, 2, 3, 4, 100])
+@pytest.mark.parametrize("resident", [[], [0], [1, 3]])
+def test_prefetch_and_resident_layers_on_flux_two_layer_lists(loaded, prefetch, resident):
+    path, pipe, reference = loaded("flux.1-dev")
+    plan = planner.make_plan(spec_for(path, components={
+        "transformer": {"strategy": "layerwise", "prefetch": prefetch, "resident_layers": resident}}), pipeline=pipe)
+    cp = plan.components["transformer"]
+    assert [ll.path for ll in cp.layers] == ["transformer_blocks", "single_transformer_blocks"]
+    assert cp.prefetch == min(prefetch, cp.layer_count)
+    handle = planner.apply_plan(pipe, plan)
+    try:
+        engine = handle.placements["transformer"]
+        for _ in range(3):
+            assert torch.equal(run_tiny(pipe), reference)
+            assert engine.streamed_layers_holding_weights == 0
+        rep = engine.report()
+        assert rep["resident_layers"] == len(resident)
+        assert rep["streamed_layers"] == cp.layer_count - len(resident)
+    finally:
+        handle.remove()
+
+
+def test_apply_takes_a_spec_and_wan_two_transformers(loaded):
+    path, pipe, reference = loaded("wan2.2-t2v-a14b")
+    snap = snapshot(pipe)
+    handle = planner.apply_plan(pipe, spec_for(path, offload={"layerwise_offload_components": "transformer_2",
+                                                              "dit_cpu_offload": True}))
+    try:
+        assert handle.plan.components["transformer"].strategy == "cpu_offload"
+        assert handle.plan.components["transformer_2"].strategy == "layerwise"
+        assert torch.equal(run_tiny(pipe), reference)
+    finally:
+        handle.remove()
+    assert_restored(pipe, snap)
+
+
+def test_failed_apply_changes_nothing(loaded, monkeypatch):
+    path, pipe, reference = loaded("sd3.5-large")
+    snap = snapshot(pipe)
+    plan = planner.make_plan(spec_for(path, offload={"layerwise_offload_components": "all"}), pipeline=pipe)
+    calls = []
+    real_attach = LayerwiseEngine.attach
+
+    def flaky_attach(self):
+        calls.append(self.name)
+        if self.name == "transformer":     # fails after the text encoders were streamed
+            raise MemoryError("simulated: pinned allocation failed")
+        return real_attach(self)
+
+    monkeypatch.setattr(LayerwiseEngine, "attach", flaky_attach)
+    with pytest.raises(PlanApplyError, match="nothing was changed.*simulated"):
+        planner.apply_plan(pipe, plan)
+    assert calls[-1] == "transformer" and len(calls) >= 2
+    assert_restored(pipe, snap)
+    assert torch.equal(run_tiny(pipe), reference)
+
+
+def test_plan_that_does_not_match_the_pipeline_is_refused(loaded):
+    path, pipe, _ = loaded("z-image-turbo")
+    snap = snapshot(pipe)
+    plan = planner.make_plan(spec_for(path, offload={"dit_layerwise_offload": True}), pipeline=pipe)
+    from dataclasses import replace
+
+    from planner.plan import LayerListPlan
+
+    bad = replace(plan.components["transformer"], layers=(LayerListPlan("layers", 99),))
+    with pytest.raises(PlanApplyError, match="streams 99 layers from 'layers'"):
+        planner.apply_plan(pipe, replace(plan, components={**plan.components, "transformer": bad}))
+    missing = replace(plan, components={**plan.components, "transformer_9": plan.components["vae"]})
+    with pytest.raises(PlanApplyError, match="transformer_9"):
+        planner.apply_plan(pipe, missing)
+    assert_restored(pipe, snap)
+
+
+def test_saved_plan_applies_later(loaded, tmp_path):
+    path, pipe, reference = loaded("z-image-turbo")
+    plan = planner.make_plan(spec_for(path, offload={"dit_layerwise_offload": True, "text_encoder_cpu_offload": True}),
+                             pipeline=pipe)
+    saved = tmp_path / "plan.json"
+    saved.write_text(plan.to_json())
+    again = planner.Plan.from_json(saved.read_text())
+    handle = planner.apply_plan(pipe, again)
+    try:
+        assert torch.equal(run_tiny(pipe), reference)
+    finally:
+        handle.remove()
