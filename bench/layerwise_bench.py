@@ -59,6 +59,13 @@ DIFFUSERS = {
     "diffusers_leaf": dict(offload_type="leaf_level", use_stream=True),
 }
 ALL_VARIANTS = ["resident"] + list(OURS_PREFETCH) + list(OURS_RESIDENT) + ["ours_p1_devpack"] + list(DIFFUSERS)
+# The order variants run in: the most telling first, so a time budget drops the least telling.
+PRIORITY = ["resident", "ours_p1", "diffusers_block", "ours_r50_strided", "ours_r50_leading", "ours_p2", "ours_p4",
+            "ours_r25_strided", "ours_r75_strided", "diffusers_block_rs", "ours_p1_devpack", "diffusers_leaf",
+            "ours_r25_leading", "ours_r75_leading"]
+assert sorted(PRIORITY) == sorted(ALL_VARIANTS)
+FAMILY_WEIGHT = {"zimage": 0.45, "flux": 0.55}      # shares of the time budget (measured on an H100)
+PRIOR_S_PER_GIB = {"ours": 1.3, "diffusers": 2.0}   # a variant's cost before one of its kind has run
 GROUPS = {
     "all": ALL_VARIANTS,
     "ours": [v for v in ALL_VARIANTS if v.startswith("ours")],
@@ -190,7 +197,9 @@ def build_model(family: str, tiny: bool, device: torch.device) -> tuple[torch.nn
             model = cls(**config)
     finally:
         torch.set_default_dtype(old)
-    model = model.to(torch.bfloat16).eval()
+    if any(t.dtype != torch.bfloat16 for t in model.parameters() if t.is_floating_point()):
+        model = model.to(torch.bfloat16)
+    model.eval()
     if family == "zimage":
         with torch.no_grad():   # zero-initialised pad tokens: make padding observable
             model.x_pad_token.normal_()
@@ -261,6 +270,26 @@ def measure_pinned_bandwidth(device: torch.device, tiny: bool) -> dict[str, Any]
     return {"bytes": nbytes, "runs_s": runs, "median_s": med, "gbps": nbytes / med / 1e9,
             "bytes_per_s": nbytes / med,
             "what": "pinned host -> GPU, 1 GiB" if cuda else "CPU memcpy, 64 MiB (tiny run, no GPU)"}
+
+
+def measure_d2d_bandwidth(device: torch.device, tiny: bool) -> dict[str, Any]:
+    """Median of 5 device-to-device copies of 1 GiB (bytes copied per second; HBM moves twice that)."""
+    nbytes = (64 << 20) if tiny else GiB
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    runs = []
+    for _ in range(5):
+        sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        runs.append(time.perf_counter() - t0)
+    del src, dst
+    free_memory(device)
+    med = statistics.median(runs)
+    return {"bytes": nbytes, "runs_s": runs, "median_s": med, "gbps": nbytes / med / 1e9, "bytes_per_s": nbytes / med,
+            "what": "device -> device copy, 1 GiB" if device.type == "cuda" else "CPU memcpy, 64 MiB (tiny run)"}
 
 
 class HookTimer:
@@ -353,10 +382,54 @@ def instrumented_steps(model: torch.nn.Module, inputs: dict[str, Any], device: t
     return statistics.median(hook_s), statistics.median(step_s)
 
 
-def model_on_cpu(model: torch.nn.Module) -> None:
-    """Every parameter and buffer on the CPU (the starting point of every offload variant)."""
-    if any(t.device.type != "cpu" for t in list(model.parameters()) + list(model.buffers())):
-        model.to("cpu")
+class HostCopy:
+    """The family's weights in pageable CPU memory, kept for the whole family.
+
+    Every offload variant starts from these tensors and every teardown points the model back at
+    them, so variants start from the same state and a teardown needs no copy of its own (the
+    engine's ``detach`` still copies, as a user's would; its copies are then dropped). The move
+    from the GPU goes through a pinned staging buffer: a pageable device-to-host copy runs at
+    ~1 GB/s on the benchmark machine, a pinned one at ~50 GB/s plus a host memcpy.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        tensors = unique_tensors(model)
+        on_dev = [t for t in tensors if t.device.type != "cpu"]
+        staging = None
+        if on_dev and device.type == "cuda":
+            biggest = max(tensor_bytes(t) for t in on_dev)
+            staging = torch.empty(biggest, dtype=torch.uint8, pin_memory=True)
+        with torch.no_grad():
+            for t in on_dev:
+                src = t.data
+                if staging is not None and src.is_contiguous():
+                    view = staging[:tensor_bytes(src)].view(src.dtype).view(src.shape)
+                    view.copy_(src)
+                    dst = torch.empty(src.shape, dtype=src.dtype)
+                    dst.copy_(view)
+                else:
+                    dst = src.to("cpu")
+                t.data = dst
+        del staging
+        empty_host_cache()
+        self.items = [(t, t.data) for t in tensors]
+        self.nbytes = sum(tensor_bytes(d) for _, d in self.items)
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for t, data in self.items:
+                if t.data is not data:
+                    t.data = data
+
+
+def unique_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    seen: set[int] = set()
+    out = []
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,6 +441,7 @@ class Setup:
 
     def __init__(self) -> None:
         self.teardown: Callable[[], None] = lambda: None
+        self.discard: Callable[[], None] = lambda: None   # when the model is dropped next anyway
         self.info: dict[str, Any] = {}
         self.engine: Any = None
         self.hook_modules: list[torch.nn.Module] = []
@@ -392,18 +466,20 @@ def setup_ours(model: torch.nn.Module, layers: list[torch.nn.Module], device: to
     s = Setup()
     s.engine = engine
     s.teardown = engine.detach
+    s.discard = lambda: None   # dropping the engine frees its slots and unregisters its host blocks
     resident_set = set(resident)
     s.hook_modules = [model] + [m for i, m in enumerate(layers) if i not in resident_set]
     return s
 
 
-def remove_group_offloading(model: torch.nn.Module) -> None:
-    """Undoes ``apply_group_offloading``: hooks off, weights back in pageable CPU memory.
+def remove_group_offloading(model: torch.nn.Module, host: HostCopy | None) -> None:
+    """Undoes ``apply_group_offloading``: hooks off, weights back on the family's pageable host copy.
 
     diffusers 0.42 has no public removal; this is what its ``_maybe_remove_and_reapply_group_offloading``
-    does (``HookRegistry.remove_hook`` of the three hook names, recursively) without the re-apply. The
-    pinned copies it made are then replaced by pageable ones and the host cache is emptied, so the
-    next variant starts from the same state (and its setup pins afresh).
+    does (``HookRegistry.remove_hook`` of the three hook names, recursively) without the re-apply.
+    Then every tensor points at the host copy again (without one: a pageable copy of its current
+    data), the pinned copies diffusers made are dropped and PyTorch's host cache is emptied, so the
+    next variant starts from the same state and pins afresh.
     """
     from diffusers.hooks import group_offloading as go
     from diffusers.hooks.hooks import HookRegistry
@@ -415,18 +491,22 @@ def remove_group_offloading(model: torch.nn.Module) -> None:
     for m in model.modules():
         if hasattr(m, "_diffusers_hook"):
             del m._diffusers_hook
-    with torch.no_grad():
-        for t in list(model.parameters()) + list(model.buffers()):
-            data = t.data
-            if data.device.type != "cpu" or data.is_pinned():
-                fresh = torch.empty_strided(data.shape, data.stride(), dtype=data.dtype, device="cpu")
-                fresh.copy_(data)
-                t.data = fresh
+    if host is not None:
+        host.restore()
+    else:
+        with torch.no_grad():
+            for t in unique_tensors(model):
+                data = t.data
+                if data.device.type != "cpu" or data.is_pinned():
+                    fresh = torch.empty_strided(data.shape, data.stride(), dtype=data.dtype, device="cpu")
+                    fresh.copy_(data)
+                    t.data = fresh
     gc.collect()
     empty_host_cache()
 
 
-def setup_diffusers(model: torch.nn.Module, device: torch.device, kwargs: dict[str, Any]) -> Setup:
+def setup_diffusers(model: torch.nn.Module, device: torch.device, kwargs: dict[str, Any],
+                    host: HostCopy | None = None) -> Setup:
     from diffusers.hooks import apply_group_offloading
 
     kwargs = dict(kwargs)
@@ -437,7 +517,12 @@ def setup_diffusers(model: torch.nn.Module, device: torch.device, kwargs: dict[s
     apply_group_offloading(model, onload_device=device, offload_device=torch.device("cpu"), **kwargs)
     after = host_pinned_stats()
     s = Setup()
-    s.teardown = lambda: remove_group_offloading(model)
+    s.teardown = lambda: remove_group_offloading(model, host)
+
+    def discard() -> None:   # the model goes next: hooks and pinned copies go with it
+        gc.collect()
+        empty_host_cache()
+    s.discard = discard
     payload = sum(tensor_bytes(t) for t in list(model.parameters()) + list(model.buffers())
                   if t.device.type == "cpu" and t.is_pinned())
     key = "allocated_bytes.current"
@@ -508,7 +593,8 @@ class Bench:
             f"# Layerwise streaming benchmark: {m['gpu']}",
             "",
             f"torch {m['torch']} (CUDA {m['cuda']}), diffusers {m['diffusers']}, Python {m['python']}; "
-            f"{m['host']}. {bw.get('what', 'bandwidth')}: {bw.get('gbps', 0):.1f} GB/s (median of 5). "
+            f"{m['host']}. {bw.get('what', 'bandwidth')}: {bw.get('gbps', 0):.1f} GB/s (median of 5); "
+            f"{m.get('d2d_bandwidth', {}).get('what', 'd2d')}: {m.get('d2d_bandwidth', {}).get('gbps', 0):.0f} GB/s. "
             f"Median of {m['steps']} timed forwards after {m['warmup']} warm-ups; one forward = one denoising step. "
             f"Total run time {self.elapsed():.0f} s.",
             "",
@@ -525,7 +611,10 @@ class Bench:
             "peak GPU steps / setup GiB | pinned host GiB | setup s | equal (max diff) | notes |",
             "|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---|---|",
         ]
-        for r in self.rows:
+        fam_order = {f: i for i, f in enumerate(self.args.families)}
+        rows = sorted(self.rows, key=lambda r: (fam_order.get(r["family"], 9), r.get("size") or 1 << 30,
+                                                ALL_VARIANTS.index(r["variant"])))
+        for r in rows:
             if r.get("skipped") or r.get("error"):
                 lines.append(f"| {r['family']} | {r.get('size', '')} | {r['variant']} | | | | | | | | | | "
                              f"{'skipped: ' + r['skipped'] if r.get('skipped') else 'error: ' + r['error'][:120]} |")
@@ -557,13 +646,21 @@ class Bench:
         self.meta["pinned_bandwidth"] = bw
         self.bw = bw["bytes_per_s"]
         log(f"{bw['what']}: {bw['gbps']:.1f} GB/s")
+        d2d = measure_d2d_bandwidth(self.device, args.tiny)
+        self.meta["d2d_bandwidth"] = d2d
+        log(f"{d2d['what']}: {d2d['gbps']:.1f} GB/s")
         self.write()
-        for family in args.families:
+        for i, family in enumerate(args.families):
             sizes = args.sizes if family == "zimage" else args.flux_sizes
-            self.run_family(family, sizes, args.variants)
+            deadline = 0.0
+            if args.budget_s:
+                rest = args.families[i:]
+                share = FAMILY_WEIGHT[family] / sum(FAMILY_WEIGHT[f] for f in rest)
+                deadline = self.elapsed() + (args.budget_s - self.elapsed()) * share
+            self.run_family(family, sizes, args.variants, deadline)
         self.write()
 
-    def run_family(self, family: str, sizes: list[int], variants: list[str]) -> None:
+    def run_family(self, family: str, sizes: list[int], variants: list[str], deadline: float) -> None:
         from planner.executor.layers import discover_layer_lists
         from planner.resolve import place_resident
 
@@ -579,9 +676,11 @@ class Bench:
         total = module_bytes(model)
         layer_bytes = sum(module_bytes(layer) for layer in layers)
         info.update(param_bytes=total, layers=n, layer_lists=[f"{p} ({len(lst)})" for p, lst in found],
-                    layer_bytes=layer_bytes, non_layer_bytes=total - layer_bytes, build_s=build_s)
+                    layer_bytes=layer_bytes, non_layer_bytes=total - layer_bytes, build_s=build_s,
+                    deadline_s=deadline or None)
         self.families[family] = info
-        log(f"{family}: {info['class']} {gib(total)} GiB, {n} layers, built in {build_s:.1f} s")
+        log(f"{family}: {info['class']} {gib(total)} GiB, {n} layers, built in {build_s:.1f} s"
+            + (f"; variants until {deadline:.0f} s" if deadline else ""))
         inputs = {size: make_inputs(family, size, self.args.tiny, dev) for size in sizes}
 
         # resident: the reference outputs and times
@@ -601,44 +700,74 @@ class Bench:
                 equal=True, max_abs_diff=0.0, deterministic=same, out_shape=list(out.shape),
                 out_abs_mean=float(out.float().abs().nan_to_num().mean()),
                 out_nonfinite=int((~torch.isfinite(out.float())).sum()),
-                note="" if same else "resident output differs between its own steps"))
+                note=f"model built on the device in {build_s:.1f} s"
+                     + ("" if same else "; resident output differs between its own steps")))
             log(f"{family} {size}: resident {med:.4f} s/step, peak {gib(peak)} GiB")
         self.write()
 
         t0 = time.perf_counter()
-        model_on_cpu(model)
+        host = HostCopy(model, dev)
         free_memory(dev)
-        log(f"{family}: model moved to the CPU in {time.perf_counter() - t0:.1f} s")
+        info["to_cpu_s"] = time.perf_counter() - t0
+        log(f"{family}: model moved to the CPU in {info['to_cpu_s']:.1f} s")
 
-        for variant in variants:
-            if variant == "resident":
-                continue
+        pending: tuple[Setup, str] | None = None    # the last variant's teardown, done before the next setup
+        for variant in sorted((v for v in variants if v != "resident"), key=PRIORITY.index):
             kind = "diffusers" if variant in DIFFUSERS else "ours"
-            guess = self.costs.get((family, kind), self.costs.get((family, "ours"), 0.0) * (2.5 if kind ==
-                                                                                             "diffusers" else 1))
-            if self.args.budget_s and self.elapsed() + guess > self.args.budget_s:
-                log(f"{family}: skipping {variant} (time budget: {self.elapsed():.0f} s used, ~{guess:.0f} s needed)")
+            guess = self.costs.get((family, kind))
+            if guess is None:
+                guess = total / GiB * (PRIOR_S_PER_GIB[kind] if not self.args.tiny else 0.0)
+            if deadline and self.elapsed() + guess > deadline:
+                log(f"{family}: skipping {variant} (time budget: {self.elapsed():.0f} s used, "
+                    f"~{guess:.0f} s needed, family deadline {deadline:.0f} s)")
                 self.rows.append(dict(family=family, variant=variant, kind=kind,
-                                      skipped=f"time budget {self.args.budget_s:.0f} s"))
+                                      skipped=f"time budget ({self.args.budget_s:.0f} s in all)"))
                 continue
             v0 = time.perf_counter()
-            self.run_variant(model, layers, family, variant, kind, sizes, inputs, ref, place_resident)
-            self.costs[(family, kind)] = time.perf_counter() - v0
+            if pending is not None:
+                self.teardown(family, *pending, host)
+                pending = None
+            setup = self.run_variant(model, layers, family, variant, kind, sizes, inputs, ref, place_resident,
+                                     host)
+            if setup is not None:
+                pending = (setup, variant)
+            self.costs[(family, kind)] = time.perf_counter() - v0   # with the previous teardown: about its own
             self.write()
-
-        del model, layers, found, inputs, ref
+        if pending is not None:
+            setup, variant = pending
+            setup.discard()
+            for r in self.rows:
+                if r.get("family") == family and r.get("variant") == variant:
+                    r["teardown_s"] = None
+                    r["teardown"] = "not run: the model was dropped next"
+        del model, layers, found, inputs, ref, host, pending
         free_memory(dev)
         empty_host_cache()
+        self.write()
+
+    def teardown(self, family: str, setup: Setup, variant: str, host: HostCopy) -> None:
+        t0 = time.perf_counter()
+        try:
+            setup.teardown()
+        except Exception as exc:
+            log(f"{family}: {variant} teardown failed: {exc}")
+            traceback.print_exc()
+        teardown_s = time.perf_counter() - t0
+        host.restore()
+        free_memory(self.device)
+        for r in self.rows:
+            if r.get("family") == family and r.get("variant") == variant and "teardown_s" not in r:
+                r["teardown_s"] = teardown_s
 
     def run_variant(self, model: torch.nn.Module, layers: list[torch.nn.Module], family: str, variant: str,
                     kind: str, sizes: list[int], inputs: dict[int, Any], ref: dict[int, dict[str, Any]],
-                    place_resident: Callable[..., tuple[int, ...]]) -> None:
+                    place_resident: Callable[..., tuple[int, ...]], host: HostCopy) -> Setup | None:
+        """Sets the variant up and runs every size; returns the setup, whose teardown is the caller's."""
         dev = self.device
         n = len(layers)
         setup = None
         base: dict[str, Any] = dict(family=family, variant=variant, kind=kind)
         try:
-            model_on_cpu(model)
             free_memory(dev)
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
@@ -655,7 +784,7 @@ class Bench:
                 setup = setup_ours(model, layers, dev, prefetch=1, resident=resident, name=f"{family}.{variant}")
                 base.update(placement=placement, resident_fraction=pct / 100)
             elif variant in DIFFUSERS:
-                setup = setup_diffusers(model, dev, DIFFUSERS[variant])
+                setup = setup_diffusers(model, dev, DIFFUSERS[variant], host)
             else:
                 raise ValueError(f"unknown variant {variant}")
             sync(dev)
@@ -664,14 +793,16 @@ class Bench:
             base.update(setup_s=setup_s, peak_gpu_setup_bytes=setup_peak)
             if setup.engine is not None:
                 rep = setup.engine.report()
-                base.update(prefetch=rep.get("prefetch"), resident_layers=len(resident) if resident else 0,
+                base.update(prefetch=rep.get("prefetch"), resident_layers=len(resident),
                             resident_indices=list(resident), streamed_layers=rep.get("streamed_layers"),
                             streamed_bytes=rep.get("streamed_bytes"), host_pinned_bytes=rep.get("host_pinned_bytes"),
                             host_pinned_source="engine report()", host_buffer_bytes=rep.get("host_buffer_bytes"),
                             gpu_resident_bytes=rep.get("gpu_resident_bytes"), gpu_slot_bytes=rep.get("gpu_slot_bytes"),
                             slots=rep.get("slots"))
                 if variant.endswith("devpack"):
+                    d2d = self.meta["d2d_bandwidth"]["bytes_per_s"]
                     base.update(host_pinned_bytes=0, host_pinned_source="none: buffer in GPU memory (probe)",
+                                d2d_copy_s_per_step=(rep.get("streamed_bytes") or 0) / d2d,
                                 note="overhead probe: engine buffer in GPU memory, D2D copies")
             else:
                 base.update(setup.info)
@@ -709,20 +840,13 @@ class Bench:
             self.rows.append(dict(base, error=f"{type(exc).__name__}: {exc}"))
             log(f"{family}: {variant} FAILED in setup: {exc}")
             traceback.print_exc()
-        finally:
-            t0 = time.perf_counter()
             if setup is not None:
-                try:
-                    setup.teardown()
-                except Exception as exc:
-                    log(f"{family}: {variant} teardown failed: {exc}")
-                    traceback.print_exc()
-            teardown_s = time.perf_counter() - t0
-            for r in self.rows:
-                if r.get("family") == family and r.get("variant") == variant and "teardown_s" not in r:
-                    r["teardown_s"] = teardown_s
-            model_on_cpu(model)
-            free_memory(dev)
+                self.teardown(family, setup, variant, host)
+            else:
+                host.restore()
+                free_memory(dev)
+            return None
+        return setup
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -736,8 +860,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"variants: {', '.join(ALL_VARIANTS)}. resident always runs (it is the reference)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--budget-s", type=float, default=540.0,
-                   help="skip variants that would start past this many seconds (0: no limit)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="seconds for the whole run (default 460 on a GPU, none with --tiny; 0: no limit): each "
+                        "family gets a share, and a variant that would end past its family's share is skipped")
     p.add_argument("--tiny", action="store_true", help="tiny configs on the CPU: a smoke test of the same code path")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args(argv)
@@ -763,8 +888,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.variants = [v for v in ALL_VARIANTS if v in chosen]   # a fixed order: ours before diffusers
     if not args.tiny and not torch.cuda.is_available():
         p.error("no CUDA device: run on a GPU, or pass --tiny for the CPU smoke test")
-    if args.tiny:
-        args.budget_s = 0.0
+    if args.budget_s is None:
+        args.budget_s = 0.0 if args.tiny else 460.0
     return args
 
 

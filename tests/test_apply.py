@@ -192,3 +192,26 @@ def test_saved_plan_applies_later(loaded, tmp_path):
         assert torch.equal(run_tiny(pipe), reference)
     finally:
         handle.remove()
+
+
+def test_offloaded_encoders_leave_the_device_while_the_denoiser_runs(loaded):
+    path, pipe, reference = loaded("flux.1-dev")
+    plan = planner.make_plan(spec_for(path, offload={"dit_layerwise_offload": True, "text_encoder_cpu_offload": True,
+                                                      "vae_cpu_offload": True}), pipeline=pipe)
+    handle = planner.apply_plan(pipe, plan)
+    group = handle.placements["vae"].group
+    seen = []
+    probe = pipe.transformer.transformer_blocks[0].register_forward_pre_hook(
+        lambda m, a: seen.append(tuple(group.on_device())))
+    try:
+        for _ in range(2):
+            seen.clear()
+            assert torch.equal(run_tiny(pipe), reference)
+            # while the denoiser runs: neither text encoder, nor the VAE prefetched early
+            assert seen and all(s == () for s in seen), seen
+        rep = handle.report()["components"]
+        assert rep["text_encoder_2"]["prefetches"] >= 1       # T5 follows CLIP directly: prefetched
+        assert rep["vae"]["prefetches"] == 0                  # the denoiser runs between: never early
+    finally:
+        probe.remove()
+        handle.remove()

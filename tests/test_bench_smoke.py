@@ -103,3 +103,15 @@ def test_markdown_written_and_printed(bench_result: tuple[dict, Path, str]) -> N
     assert "| family | size | variant |" in md
     assert md.count("\n| zimage |") == 28 and md.count("\n| flux |") == 28
     assert "| family | size | variant |" in stdout
+
+
+def test_time_budget_skips_and_records(tmp_path: Path) -> None:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--families", "zimage", "--sizes", "32",
+                           "--variants", "ours_p1,diffusers_block", "--budget-s", "0.001", "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    data = json.loads((tmp_path / "layerwise_cpu-tiny.json").read_text())
+    assert [r["variant"] for r in data["rows"] if not r.get("skipped")] == ["resident"]   # the reference always runs
+    assert sorted(r["variant"] for r in data["rows"] if r.get("skipped")) == ["diffusers_block", "ours_p1"]
+    assert "skipped: time budget" in (tmp_path / "layerwise_cpu-tiny.md").read_text()

@@ -77,6 +77,36 @@ class _GroupMember:
         return dict(rep["components"][self.name])
 
 
+class PhaseHooks:
+    """Pre-hooks on the components outside the CPU-offload group: when one of them starts, the
+    members that ran before it leave the device (a text encoder does not sit on the GPU through
+    the denoising loop)."""
+
+    def __init__(self, group: Any, modules: list[torch.nn.Module]) -> None:
+        self.group, self.modules = group, modules
+        self._handles: list[Any] = []
+
+    def attach(self) -> None:
+        group = self.group
+
+        def enter(module: torch.nn.Module, args: Any) -> None:
+            group.other_component_runs()
+
+        for module in self.modules:
+            self._handles.append(module.register_forward_pre_hook(enter))
+            # pipelines call vae.decode, which reaches the children, not forward
+            for child in module.children():
+                self._handles.append(child.register_forward_pre_hook(enter))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def report(self) -> dict:
+        return {}
+
+
 @dataclass
 class ResidencyHandle:
     """What apply_plan returns: the plan, its placements, ``report()`` and ``remove()``."""
@@ -186,11 +216,15 @@ def apply_plan(pipe: Any, plan: Any, *, device: str | torch.device | None = None
         if offload_members:
             from .cpu_offload import CpuOffloadGroup
 
-            group = CpuOffloadGroup(offload_members, device=dev)
+            group = CpuOffloadGroup(offload_members, device=dev, pipeline_order=list(plan.components))
             group.attach()
             handle._attached.append(group)
             for name, _ in offload_members:
                 handle.placements[name] = _GroupMember(group, name)
+            members = {name for name, _ in offload_members}
+            phases = PhaseHooks(group, [modules[n] for n in plan.components if n not in members])
+            phases.attach()
+            handle._attached.append(phases)
         for name, cp in plan.components.items():
             if cp.strategy in ("cpu_offload", "layerwise") and not hasattr(modules[name], "_hf_hook"):
                 modules[name]._hf_hook = ExecutionDeviceHint(dev)

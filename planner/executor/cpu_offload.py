@@ -56,8 +56,12 @@ class CpuOffloadGroup:
     """Components of one pipeline, in pipeline order, taking turns on the device."""
 
     def __init__(self, modules: Sequence[tuple[str, torch.nn.Module]], *, device: torch.device | str,
-                 pin_memory: bool | None = None) -> None:
+                 pin_memory: bool | None = None, pipeline_order: Sequence[str] | None = None) -> None:
         self.modules = [(str(n), m) for n, m in modules]
+        # Every planned component in pipeline order, members or not: a member is prefetched after
+        # another only when nothing else runs between them (the VAE is not copied in while the
+        # denoiser still has 28 steps to go).
+        self.pipeline_order = list(pipeline_order) if pipeline_order is not None else [n for n, _ in self.modules]
         names = [n for n, _ in self.modules]
         if len(set(names)) != len(names):
             raise ValueError(f"cpu offload group: duplicate component names {names}")
@@ -115,6 +119,22 @@ class CpuOffloadGroup:
         self._prefetched = None
         self._last = None      # the next call starts fresh: no successor learned across calls
 
+    def other_component_runs(self) -> None:
+        """A planned component outside the group starts its forward: the phase of the members that
+        ran before it is over, so they leave the device, and no member is learned as their successor."""
+        if not self._attached:
+            return
+        last = self._last
+        if last is not None:
+            self._succ[last.index] = None
+            self._last = None
+        if self._prefetched is not None or any(c.state != _OFF and not c.depth for c in self._comps):
+            stream = self._ops.current()
+            for comp in self._comps:
+                if comp.state != _OFF and not comp.depth:
+                    self._offload(comp, stream)
+            self._prefetched = None
+
     def report(self) -> dict[str, Any]:
         """Per component: host bytes, device bytes while on, state and counters; plus totals."""
         comps: dict[str, dict[str, Any]] = {}
@@ -158,7 +178,7 @@ class CpuOffloadGroup:
         self._pack: _h.HostPack | None = None
         self._comps: list[_Component] = []
         self._moved: list[tuple[torch.Tensor, torch.device, torch.Tensor | None, bool]] = []
-        self._succ: dict[int, _Component] = {}
+        self._succ: dict[int, _Component | None] = {}   # None: another component runs next
         self._last: _Component | None = None
         self._prefetched: _Component | None = None
 
@@ -306,10 +326,18 @@ class CpuOffloadGroup:
         comp.bufs = None
         comp.state = _OFF
 
+    def _next_in_pipeline(self, comp: _Component) -> _Component | None:
+        order = self.pipeline_order
+        if comp.name not in order or order.index(comp.name) + 1 >= len(order):
+            return None
+        following = order[order.index(comp.name) + 1]
+        return next((c for c in self._comps if c.name == following), None)
+
     def _prefetch_after(self, comp: _Component) -> None:
-        nxt = self._succ.get(comp.index)
-        if nxt is None and comp.index + 1 < len(self._comps) and self._last is comp:
-            nxt = self._comps[comp.index + 1]
+        if comp.index in self._succ:
+            nxt = self._succ[comp.index]
+        else:
+            nxt = self._next_in_pipeline(comp) if self._last is comp else None
         if nxt is None or nxt is comp or nxt.state != _OFF:
             return
         stream = self._ops.current()

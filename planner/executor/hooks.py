@@ -117,6 +117,8 @@ class HostBlock:
     ``torch.empty(..., pin_memory=True)`` goes through the caching host allocator, which rounds
     every request up to a power of two (an 11.5 GiB model would take 16 GiB). If registering is
     not possible the caching allocator is used and its rounded size is reported.
+    ``Tensor.is_pinned()`` may answer False for registered memory (torch 2.11 does); copies from
+    it are still asynchronous DMA at pinned bandwidth (bench/engine_check.py checks both).
     """
 
     def __init__(self, tensor: torch.Tensor, nbytes: int, pinned: bool,

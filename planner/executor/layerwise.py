@@ -17,6 +17,13 @@ Shape of the engine (after SGLang's layerwise offload manager, with diffusers-st
   order observed in the previous call, and wraps around, so the last layers of a call start the
   copies of the first layers of the next (the next denoising step). A layer that arrives while not
   loaded is loaded on the compute stream (a "sync load": stream-ordered, no host synchronisation).
+- A call ends when the component's own forward returns, or, for layers reached without it
+  (``vae.decode``), after as many layer runs as the expected order holds. A forward that raises
+  teaches no order.
+- Stay on the device for good (``gpu_resident_bytes``): non-layer weights and buffers, resident
+  layers, tensors shared by two layers or by a layer and the rest (a RoPE table: moved once, every
+  alias sees it, since rebinding works on the tensor object), and tensors that cannot be packed
+  (tensor subclasses, stride-0 or gapped views: ``unusual_tensors``).
 - Off CUDA the streams and events are no-op objects and the same code runs, so CI exercises slot
   reuse, release, prefetch order and order learning for real.
 
@@ -24,7 +31,10 @@ Limits: inference only (autograd graphs would keep views of slots that get overw
 are read-only while attached (in-place updates and reassigned buffers in streamed layers are
 lost); ``state_dict()``/``.to()``/LoRA fusing need ``detach`` first; at most ``slots`` streamed
 layers may run nested inside each other; a layer called several times in a call is loaded again
-for each call (prefetched when the order predicts it); one engine per module tree, one thread.
+for each call (prefetched when the order predicts it); one engine per module tree, one thread;
+anything outside that still references an original weight (a ``state_dict()`` kept around) keeps
+that memory alive after ``attach``; torch.compile and CUDA graphs are not supported (weights are
+rebound every call).
 """
 
 from __future__ import annotations
