@@ -172,7 +172,7 @@ def _upgrade_sequence(auto: list[ComponentResolution], start: Mapping[str, tuple
         n = info.layer_count
         prev_time = step_seconds(start[comp.name][0], info, (), workload, profile, calls=calls) * calls
         if n:
-            for r in range(1, n + 1):
+            for r in range(1, n):   # all n resident is the "resident" step below
                 resident = place_resident(r, n, comp.placement)
                 t = step_seconds("layerwise", info, resident, workload, profile, calls=calls) * calls
                 gain = (prev_time - t) / max(1, max(info.layer_bytes))

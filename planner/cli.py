@@ -253,6 +253,15 @@ def cmd_inventory(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import calibrate
+
+    profile = calibrate(args.output)
+    print(f"{profile['name']}: pinned host-to-device {profile['h2d_bytes_per_s'] / 1e9:.1f} GB/s, "
+          f"DiT block {profile['effective_flops'] / 1e12:.0f} TFLOP/s effective; wrote {args.output}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .run import run_command
 
@@ -306,6 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", metavar="PATH")
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.set_defaults(func=cmd_inventory)
+
+    p = sub.add_parser("calibrate", help="measure this GPU and write a hardware profile for time estimates")
+    p.add_argument("-o", "--output", default="profile.json")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("run", help="load a pipeline with its plan applied and generate")
     p.add_argument("spec", metavar="SPEC")

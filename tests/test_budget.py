@@ -1,0 +1,110 @@
+"""Planning from a GPU budget (strategy auto): monotone, within budget, refusal, determinism."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from planner import SpecError, make_plan
+from planner.estimate import memory_timeline
+from planner.load import load_text
+
+GiB = 1 << 30
+
+
+def auto_plan(budget: str, model: str = "z-image-turbo", extra: str = "", default: str = "auto"):
+    text = (f"version: 1\npipeline: {{model: {model}}}\nmemory: {{gpu_budget: {budget}}}\n"
+            f"defaults: {{strategy: {default}}}\nworkload: {{height: 1024, width: 1024, steps: 8}}\n" + extra)
+    return make_plan(load_text(text, "auto.yaml"))
+
+
+def resident_bytes(plan) -> int:
+    return sum(c.estimate.gpu_resident_bytes for c in plan.components.values())
+
+
+@pytest.mark.parametrize("model", ["z-image-turbo", "flux.1-dev", "wan2.2-t2v-a14b", "sd3.5-large"])
+def test_more_budget_never_keeps_less_resident(model):
+    budgets = [f"{g}GiB" for g in (4, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64, 96, 128)]
+    previous = -1
+    prev_layers: dict[str, int] = {}
+    for b in budgets:
+        try:
+            plan = auto_plan(b, model)
+        except SpecError:
+            assert previous == -1, f"{b} refused after a smaller budget was accepted"
+            continue
+        now = resident_bytes(plan)
+        assert now >= previous, (b, now, previous)
+        for name, cp in plan.components.items():
+            kept = 10**9 if cp.strategy == "resident" else len(cp.resident_layers)
+            assert kept >= prev_layers.get(name, 0), (b, name)
+            prev_layers[name] = kept
+        previous = now
+    assert previous > 0
+
+
+@pytest.mark.parametrize("gib", [5, 8, 11, 14, 30])
+def test_estimate_respects_the_budget(gib):
+    plan = auto_plan(f"{gib}GiB")
+    assert plan.estimate.gpu_peak_bytes <= gib * GiB
+    assert max(b for _, b in memory_timeline(plan.components, plan.estimate.activation_bytes)) == plan.estimate.gpu_peak_bytes
+    assert {d.rule for d in plan.decisions} == {"default-strategy", "auto-budget"}
+    assert {d.component for d in plan.decisions if d.rule == "auto-budget"} == set(plan.components)
+
+
+def test_everything_resident_when_everything_fits():
+    plan = auto_plan("80GiB")
+    assert {c.strategy for c in plan.components.values()} == {"resident"}
+
+
+def test_denoiser_layers_are_kept_before_encoders():
+    plan = auto_plan("10GiB")
+    t = plan.components["transformer"]
+    assert t.strategy in ("layerwise", "resident")
+    # the denoiser runs every step: its copies are worth hiding first
+    assert len(t.resident_layers) > 0 or t.strategy == "resident"
+
+
+def test_too_small_budget_is_refused_with_the_smallest_that_works():
+    with pytest.raises(SpecError) as exc:
+        auto_plan("1GiB")
+    (diag,) = exc.value.diagnostics
+    assert diag.line == 3 and "too small" in diag.message
+    smallest = int(diag.message.split("(")[-1].split(" bytes")[0])
+    ok = auto_plan(str(smallest))            # exactly the smallest budget works
+    assert ok.estimate.gpu_peak_bytes <= smallest
+    with pytest.raises(SpecError):
+        auto_plan(str(smallest - 1))
+
+
+def test_auto_needs_a_budget():
+    with pytest.raises(SpecError, match="needs memory.gpu_budget"):
+        make_plan(load_text("version: 1\npipeline: {model: z-image-turbo}\ndefaults: {strategy: auto}\n", "a.yaml"))
+
+
+def test_auto_per_component_keeps_other_components_fixed():
+    plan = auto_plan("14GiB", default="resident", extra="components:\n  transformer: auto\n  text_encoder: cpu_offload\n")
+    assert plan.components["text_encoder"].strategy == "cpu_offload"
+    assert plan.components["vae"].strategy == "resident"
+    assert plan.components["transformer"].strategy in ("layerwise", "resident")
+    assert plan.estimate.gpu_peak_bytes <= 14 * GiB
+
+
+def test_auto_is_deterministic_and_predicts_time():
+    a, b = auto_plan("9GiB"), auto_plan("9GiB")
+    assert a.to_json() == b.to_json()
+    assert a.estimate.seconds_per_step and a.estimate.profile == "h100"
+    t = a.components["transformer"]
+    assert t.estimate.step_seconds is not None and t.estimate.step_seconds >= 0.1
+
+
+def test_calibrated_profile_file_is_used(tmp_path):
+    profile = tmp_path / "slow.json"
+    profile.write_text(json.dumps({"name": "slow-link", "h2d_bytes_per_s": 5e9, "effective_flops": 3e14}))
+    spec = tmp_path / "s.yaml"
+    spec.write_text("version: 1\npipeline: {model: z-image-turbo}\nmemory: {gpu_budget: 9GiB}\n"
+                    "defaults: {strategy: auto}\nprofile: slow.json\n")
+    slow = make_plan(spec)
+    assert slow.estimate.profile == "slow-link"
+    assert slow.estimate.seconds_per_step > auto_plan("9GiB").estimate.seconds_per_step
