@@ -579,6 +579,11 @@ class Bench:
         return time.perf_counter() - self.t_start
 
     def write(self) -> tuple[Path, Path]:
+        try:
+            import resource
+            self.meta["host_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        except Exception:  # pragma: no cover - not on POSIX
+            pass
         data = dict(self.meta, families=self.families, rows=self.rows, total_s=round(self.elapsed(), 2))
         jpath = self.out_dir / f"layerwise_{self.slug}.json"
         mpath = self.out_dir / f"layerwise_{self.slug}.md"

@@ -56,7 +56,9 @@ layer and the root, is rejected (FSDP needs tied parameters in one group); layer
 disjoint submodules of the component; 1-D meshes only (no HSDP); on CUDA the shards go to the
 current device (call ``torch.cuda.set_device(local_rank)`` first); while attached, weights are
 read-only and ``state_dict()``/``.to()``/``load_state_dict`` are FSDP's (sharded) behaviour;
-every rank must run the same forwards (the all-gathers are collectives).
+every rank must run the same forwards (the all-gathers are collectives). detach relies on FSDP's
+private layout (the contract keys, ``_module_state_mapping``, the states' param groups,
+``FSDPParam._sharded_param_data``); checked against torch 2.11 (CUDA, NCCL and gloo) and 2.13 (CPU).
 """
 
 from __future__ import annotations
@@ -113,6 +115,16 @@ def _is_fsdp_fn(fn: Any) -> bool:
         else:
             return False
     return False
+
+
+def _param_groups(state: Any) -> list[Any]:
+    """An FSDPState's param groups: a list in newer torch (2.13 here; per-parameter meshes), a single
+    optional ``_fsdp_param_group`` attribute before (2.11, the GPU machines' torch)."""
+    groups = state.__dict__.get("_fsdp_param_groups")
+    if groups is not None:
+        return list(groups)
+    group = state.__dict__.get("_fsdp_param_group")
+    return [group] if group is not None else []
 
 
 def _flag_device(mesh: Any) -> torch.device:
@@ -433,7 +445,7 @@ class FsdpShard:
     def _fsdp_params(self) -> list[Any]:
         if not self._attached or self._snap is None:
             return []
-        return [fp for st in self._states(self._snap) for g in st._fsdp_param_groups for fp in g.fsdp_params]
+        return [fp for st in self._states(self._snap) for g in _param_groups(st) for fp in g.fsdp_params]
 
     def _full_bytes(self, rec: _TensorRecord) -> int:
         src = rec.orig_data if rec.orig_data is not None else rec.host_copy
@@ -457,19 +469,23 @@ class FsdpShard:
             # reshard frees the gathered parameters now; cutting the cycles lets the shards go
             # by reference counting instead of at the next gc
             for st in states:
-                for g in list(getattr(st, "_fsdp_param_groups", [])):
+                for g in _param_groups(st):
                     try:
                         g.reshard()
                     except Exception:  # noqa: BLE001 - freeing early is an optimisation only
                         pass
                     g.fsdp_params = []
-                st._fsdp_param_groups = []
+                if "_fsdp_param_groups" in st.__dict__:
+                    st._fsdp_param_groups = []
+                if "_fsdp_param_group" in st.__dict__:
+                    st._fsdp_param_group = None
                 ctx = getattr(st, "_state_ctx", None)
-                if ctx is not None:
+                if ctx is not None and hasattr(ctx, "all_states"):
                     ctx.all_states = []
                     ctx.iter_forward_root = None
-                st._states_to_forward_prefetch = []
-                st._states_to_backward_prefetch = []
+                for attr in ("_states_to_forward_prefetch", "_states_to_backward_prefetch"):
+                    if attr in st.__dict__:
+                        setattr(st, attr, [])
 
         def hooks() -> None:
             for m in snap.modules:
