@@ -34,9 +34,13 @@ def spec_inventory(doc: Document, *, pipeline: Any = None) -> Inventory:
     spec = doc.data
     dtype = spec["pipeline"].get("dtype", "bfloat16")
     if pipeline is not None:
-        from .executor.inventory import inventory_from_pipeline
+        from .executor.inventory import inventory_from_modules, inventory_from_pipeline
 
-        return inventory_from_pipeline(pipeline)
+        overrides = {name: entry["layers"] for name, entry in spec.get("components", {}).items()
+                     if isinstance(entry, dict) and "layers" in entry}
+        if isinstance(pipeline, Mapping):   # a bare {name: module} mapping
+            return inventory_from_modules(pipeline, overrides=overrides or None)
+        return inventory_from_pipeline(pipeline, overrides=overrides or None)
     section = spec["pipeline"]
     if "model" in section:
         inv = catalog_inventory(section["model"])

@@ -83,7 +83,13 @@ def plan_budget(doc: Document, inventory: Inventory, resolution: Resolution, *, 
     spec = doc.data
     workload = dict(spec.get("workload") or {})
     base_dir = Path(doc.file).parent if doc.file and not doc.file.startswith("<") else None
-    profile = load_profile(spec.get("profile"), base_dir)
+    try:
+        profile = load_profile(spec.get("profile"), base_dir)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        # a name that is neither built in nor a readable profile file (found by tests/test_fuzz.py)
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
+        raise SpecError([doc.diagnostic(("profile",), f"profile '{spec.get('profile')}' is neither a built-in "
+                                                      f"profile (h100, h200) nor a readable profile file ({why})")]) from None
     steps = workload.get("steps", DEFAULT_STEPS)
     auto = [c for c in resolution.components.values() if c.strategy == "auto"]
     memory = spec.get("memory", {})

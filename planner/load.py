@@ -176,7 +176,14 @@ class _Builder:
     def _scalar(self, node: yaml.Node) -> Any:
         if node.tag not in _SCALAR_TAGS:
             return self._bad_tag(node)
-        value = self._constructor.construct_object(node, deep=True)
+        try:
+            value = self._constructor.construct_object(node, deep=True)
+        except (ValueError, IndexError, KeyError, TypeError, OverflowError, yaml.YAMLError):
+            # an explicit tag over a value it cannot read: '!!float' alone, '!!int abc', '!!bool maybe'
+            line, col = self._mark(node)
+            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+            shown = node.value if len(node.value) <= 40 else node.value[:40] + "..."
+            raise _fail(self.doc.file, line, col, f"'{shown}' is not a valid {tag} value") from None
         if isinstance(value, float) and value != value:
             line, col = self._mark(node)
             raise _fail(self.doc.file, line, col, "NaN is not a valid value")

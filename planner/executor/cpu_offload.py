@@ -22,7 +22,7 @@ host.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -56,8 +56,12 @@ class CpuOffloadGroup:
     """Components of one pipeline, in pipeline order, taking turns on the device."""
 
     def __init__(self, modules: Sequence[tuple[str, torch.nn.Module]], *, device: torch.device | str,
-                 pin_memory: bool | None = None, pipeline_order: Sequence[str] | None = None) -> None:
+                 pin_memory: bool | None = None, pipeline_order: Sequence[str] | None = None,
+                 weight_sources: Mapping[str, Callable[[str], torch.Tensor]] | None = None) -> None:
         self.modules = [(str(n), m) for n, m in modules]
+        # Per member (by name), where the values of a member built on the meta device come from:
+        # read straight into the host block, never a second copy (see LayerwiseEngine.attach).
+        self.weight_sources = dict(weight_sources or {})
         # Every planned component in pipeline order, members or not: a member is prefetched after
         # another only when nothing else runs between them (the VAE is not copied in while the
         # denoiser still has 28 steps to go).
@@ -192,7 +196,18 @@ class CpuOffloadGroup:
             raise ValueError(f"cpu offload group: components {self.modules[i][0]!r} and "
                              f"{self.modules[j][0]!r} overlap")
         self._comps = [_Component(i, n, m) for i, (n, m) in enumerate(self.modules)]
+        unknown = sorted(set(self.weight_sources) - {c.name for c in self._comps})
+        if unknown:
+            raise ValueError(f"cpu offload group: weight sources for non-members {unknown}")
+        sources = {c.name: _h.SourcedTensors(c.module, self.weight_sources[c.name], what=c.name)
+                   for c in self._comps if c.name in self.weight_sources}
         per_comp = [_h.unique_tensors(c.module) for c in self._comps]
+        for comp, ts in zip(self._comps, per_comp):
+            lacking = sources[comp.name].missing(ts) if comp.name in sources else []
+            if lacking:
+                raise ValueError(f"cpu offload group: the weight source of {comp.name} lacks {len(lacking)} "
+                                 f"tensor(s) of the module built on meta: {', '.join(lacking[:5])}"
+                                 + (" ..." if len(lacking) > 5 else ""))
         holders: dict[int, int] = {}
         for ts in per_comp:
             for t in ts:
@@ -202,11 +217,12 @@ class CpuOffloadGroup:
         stay_ids: set[int] = set()
         for comp, ts in zip(self._comps, per_comp):
             mine = []
+            sourced = sources.get(comp.name)
             for t in ts:
-                if t.device.type == "meta":
+                if t.device.type == "meta" and sourced is None:
                     raise ValueError(f"cpu offload group: {comp.name} has meta tensors; load real weights first")
                 originals[id(t)] = (t, t.data, t.requires_grad)
-                if holders[id(t)] > 1 or not _h.is_packable(t):
+                if holders[id(t)] > 1 or not _h.is_packable(t, allow_meta=sourced is not None):
                     if id(t) not in stay_ids:
                         stay_ids.add(id(t))
                         stay.append((comp, t))
@@ -217,7 +233,10 @@ class CpuOffloadGroup:
         pack = _h.HostPack(packed, pin=pin)
         self._pack = pack
         pack.allocate()
-        pack.fill()
+        fillers = {id(t): sourced for comp, ts in zip(self._comps, packed)
+                   if (sourced := sources.get(comp.name)) is not None for t in ts}
+        pack.fill((lambda pt, dest: fillers[id(pt.tensor)].fill(pt.tensor, dest) if id(pt.tensor) in fillers
+                   else False) if fillers else None)
         for comp, group in zip(self._comps, pack.groups):
             comp.group = group
             comp.event = self._ops.new_event()
@@ -225,6 +244,14 @@ class CpuOffloadGroup:
             for t, view in comp.host_binds:
                 t.data = view
         for comp, t in stay:
+            sourced = sources.get(comp.name)
+            fresh = sourced.materialize(t, self.device) if sourced is not None else None
+            if fresh is not None:
+                home = _h.home_device(t)
+                t.data = fresh
+                self._moved.append((t, home, None, t.requires_grad))
+                comp.resident_bytes += _h.tensor_bytes(t)
+                continue
             orig = t.data
             # unusual tensors may not survive a round trip with their strides: keep the original
             keep = orig if not _h.is_packable(t) and orig.device != self.device else None

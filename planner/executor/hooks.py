@@ -9,6 +9,9 @@
   replace them to simulate allocation failures.
 - ``ModuleHooks``: forward pre/post hooks registered on modules and removed together.
 - tensor discovery: every parameter and buffer object of a module tree, with its owners.
+- ``SourcedTensors``: values for a module built on the meta device, read from a weight source (a
+  callable ``name -> tensor`` keyed by qualified name, e.g. safetensors files) straight into the
+  host block or the device; a meta tensor goes home to the CPU on detach.
 
 Weights are rebound through ``tensor.data = other`` on the registered tensor object itself, so
 every place that holds the same object (tied weights, a RoPE buffer shared by all blocks) sees the
@@ -208,17 +211,18 @@ def unique_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
     return out
 
 
-def is_packable(t: torch.Tensor) -> bool:
+def is_packable(t: torch.Tensor, *, allow_meta: bool = False) -> bool:
     """Plain strided dense tensors without gaps or overlaps (any dimension order).
 
     Such a tensor is stored as ``numel`` consecutive elements and can be re-created as a view of
     a flat buffer with its own strides. Anything else (expanded, sliced with gaps, sparse,
-    quantized, tensor subclasses, meta) stays where it is put, untouched.
+    quantized, tensor subclasses, meta) stays where it is put, untouched. ``allow_meta``: judge a
+    meta tensor by its layout alone (its values will come from a weight source).
     """
     data = t.data
     if type(data) is not torch.Tensor or data.layout != torch.strided or data.is_quantized:
         return False
-    if data.device.type == "meta" or data.numel() == 0:
+    if (data.device.type == "meta" and not allow_meta) or data.numel() == 0:
         return False
     if data.is_contiguous():
         return True
@@ -251,7 +255,7 @@ class PackedTensor:
     offset: int            # elements from the start of the group's span
     numel: int
     requires_grad: bool
-    device: torch.device   # where it lived before packing
+    device: torch.device   # where it lived before packing (the CPU for a meta tensor)
 
 
 @dataclass
@@ -298,7 +302,7 @@ class HostPack:
                     off = _align(off, elsize)
                     group.tensors.append(PackedTensor(
                         tensor=t, dtype=dtype, shape=tuple(t.shape), stride=tuple(t.stride()),
-                        offset=off, numel=t.numel(), requires_grad=t.requires_grad, device=t.device))
+                        offset=off, numel=t.numel(), requires_grad=t.requires_grad, device=home_device(t)))
                     off += t.numel()
                     group.nbytes += t.numel() * elsize
                 group.spans[dtype] = (start, off)
@@ -316,11 +320,17 @@ class HostPack:
             self.free()
             raise
 
-    def fill(self) -> None:
-        """Copies every tensor's current values into its place (device originals: one D2H each)."""
+    def fill(self, source: Callable[[PackedTensor, torch.Tensor], bool] | None = None) -> None:
+        """Copies every tensor's values into its place (device originals: one D2H each).
+
+        ``source(pt, dest)``, when given, is asked first: it fills ``dest`` (the tensor's host view)
+        and answers True, or answers False and the tensor's current values are copied.
+        """
         for group in self.groups:
             for pt in group.tensors:
-                self.host_view(group, pt).copy_(pt.tensor.data)
+                dest = self.host_view(group, pt)
+                if source is None or not source(pt, dest):
+                    dest.copy_(pt.tensor.data)
 
     def host_view(self, group: PackedGroup, pt: PackedTensor) -> torch.Tensor:
         return view_in(self.blocks[pt.dtype].tensor, pt, group.spans[pt.dtype][0])
@@ -341,6 +351,117 @@ class HostPack:
         for block in self.blocks.values():
             block.free()
         self.blocks = {}
+
+
+# --------------------------------------------------------------------------------------------
+# weight sources: modules built on the meta device get their values from files, not from tensors
+
+
+HOME = torch.device("cpu")   # where a tensor built on the meta device lives once detached
+
+
+def home_device(t: torch.Tensor) -> torch.device:
+    """The device a tensor goes back to on detach: its own, or the CPU for a meta tensor."""
+    return HOME if t.device.type == "meta" else t.device
+
+
+def tensor_names(module: torch.nn.Module) -> dict[int, list[str]]:
+    """``id(tensor) -> qualified names`` within ``module``; a tied tensor or a shared submodule
+    gives one object several names (aliases), in registration order."""
+    names: dict[int, list[str]] = {}
+    for mod_name, mod in module.named_modules(remove_duplicate=False):
+        prefix = f"{mod_name}." if mod_name else ""
+        for table in (mod._parameters, mod._buffers):
+            for name, t in table.items():
+                if t is not None:
+                    found = names.setdefault(id(t), [])
+                    if prefix + name not in found:
+                        found.append(prefix + name)
+    return names
+
+
+class SourcedTensors:
+    """The tensors of a module tree and the weight source that holds their values.
+
+    A weight source is a callable ``name -> tensor`` (``KeyError`` for a name it does not hold)
+    keyed by the tensor's qualified name within the module; it may also offer
+    ``read_into(name, out)`` (fill ``out`` in place, casting to its dtype and device: no
+    intermediate copy) and ``__contains__``. A tensor whose name, or one of its aliases, the
+    source holds gets the source's values cast to the tensor's dtype; one it does not hold keeps
+    its own values (a buffer computed at construction); a meta tensor it does not hold is an error.
+    """
+
+    def __init__(self, module: torch.nn.Module, source: Any, *, what: str = "") -> None:
+        self.source = source
+        self.names = tensor_names(module)
+        self.what = what or type(module).__name__
+        self._read_into = getattr(source, "read_into", None)
+        self._has = source.__contains__ if hasattr(source, "__contains__") else None
+
+    def _name_in_source(self, t: torch.Tensor) -> str | None:
+        for name in self.names.get(id(t), ()):
+            if name in self.source:   # only called when the source can answer
+                return name
+        return None
+
+    def missing(self, tensors: Iterable[torch.Tensor]) -> list[str]:
+        """Names of the meta tensors among ``tensors`` the source does not hold (when it can tell)."""
+        if self._has is None:
+            return []
+        return [self.names.get(id(t), ["?"])[0] for t in tensors
+                if t.device.type == "meta" and self._name_in_source(t) is None]
+
+    def _fail(self, t: torch.Tensor) -> None:
+        names = self.names.get(id(t), ["?"])
+        raise ValueError(f"{self.what}: the weight source has no tensor {' / '.join(names)} "
+                         f"(shape {list(t.shape)}), and the module was built without it")
+
+    def _check(self, name: str, t: torch.Tensor, value: torch.Tensor) -> None:
+        if tuple(value.shape) != tuple(t.shape):
+            raise ValueError(f"{self.what}: tensor {name} has shape {list(value.shape)} in the weight "
+                             f"source, the module expects {list(t.shape)}")
+
+    def fill(self, t: torch.Tensor, dest: torch.Tensor) -> bool:
+        """Writes the source's values of ``t`` into ``dest``; False when the source lacks them."""
+        if self._has is not None:
+            name = self._name_in_source(t)
+            if name is None:
+                if t.device.type == "meta":
+                    self._fail(t)
+                return False
+            if self._read_into is not None:
+                self._read_into(name, dest)
+                return True
+            value = self.source(name)
+            self._check(name, t, value)
+            dest.copy_(value)
+            return True
+        for name in self.names.get(id(t), ()):
+            try:
+                value = self.source(name)
+            except KeyError:
+                continue
+            self._check(name, t, value)
+            dest.copy_(value)
+            return True
+        if t.device.type == "meta":
+            self._fail(t)
+        return False
+
+    def materialize(self, t: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+        """A fresh tensor like ``t`` on ``device`` holding the source's values, or None."""
+        if self._has is not None and self._name_in_source(t) is None:
+            if t.device.type == "meta":
+                self._fail(t)
+            return None
+        fresh = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device=device)
+        return fresh if self.fill(t, fresh) else None
+
+    def packed_filler(self) -> Callable[[PackedTensor, torch.Tensor], bool]:
+        """For ``HostPack.fill``: the source's values straight into the host block."""
+        def fill(pt: PackedTensor, dest: torch.Tensor) -> bool:
+            return self.fill(pt.tensor, dest)
+        return fill
 
 
 def restore_tensor(pt: PackedTensor, source: torch.Tensor) -> None:

@@ -39,7 +39,7 @@ rebound every call).
 
 from __future__ import annotations
 
-from typing import Any, Collection, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import torch
 
@@ -82,7 +82,7 @@ class LayerwiseEngine:
 
     def __init__(self, module: torch.nn.Module, layers: Sequence[torch.nn.Module], *,
                  device: torch.device | str, prefetch: int = 1, resident: Collection[int] = (),
-                 name: str = "") -> None:
+                 name: str = "", weight_source: Callable[[str], torch.Tensor] | None = None) -> None:
         if prefetch < 0:
             raise ValueError(f"prefetch must be >= 0, got {prefetch}")
         self.module = module
@@ -91,6 +91,7 @@ class LayerwiseEngine:
         self.prefetch = int(prefetch)
         self.resident = sorted(set(int(i) for i in resident))
         self.name = name
+        self.weight_source = weight_source
         bad = [i for i in self.resident if not 0 <= i < len(self.layers)]
         if bad:
             raise ValueError(f"{name or 'layerwise'}: resident layer indices out of range "
@@ -104,6 +105,12 @@ class LayerwiseEngine:
     def attach(self) -> None:
         """Moves non-layer weights and resident layers to the device, packs streamed layers into
         host memory, allocates the slots, registers hooks and starts loading the first layers.
+
+        With a ``weight_source`` the module may have been built on the meta device: every tensor
+        the source holds (by qualified name within ``module``, any alias of a tied tensor) takes
+        its values from it, cast to the tensor's dtype, read straight into the host block or onto
+        the device, so the component is never whole anywhere; tensors the source does not hold
+        keep their own values (buffers computed at construction).
 
         All or nothing: on any failure the module is put back exactly as it was and the error
         re-raised.
@@ -121,7 +128,8 @@ class LayerwiseEngine:
 
     def detach(self) -> None:
         """Removes the hooks and puts every parameter and buffer back on its original device with
-        its original values, strides and ``requires_grad``; frees slots and host buffers."""
+        its original values, strides and ``requires_grad``; frees slots and host buffers. A
+        tensor that was on the meta device goes to the CPU, with the weight source's values."""
         if not self._attached:
             return
         self._ops.synchronize()   # pending copies read host blocks and write slots about to go
@@ -233,6 +241,15 @@ class LayerwiseEngine:
 
         layer_ids = {id(t) for ts in layer_tensors for t in ts}
         self._shared = sum(1 for k, v in holders.items() if v > 1 and k in layer_ids)
+        sourced = None
+        if self.weight_source is not None:
+            sourced = _h.SourcedTensors(self.module, self.weight_source, what=self.name or "layerwise")
+            lacking = sourced.missing(outside + [t for ts in layer_tensors for t in ts])
+            if lacking:
+                raise ValueError(f"{self.name or 'layerwise'}: the weight source lacks {len(lacking)} tensor(s) "
+                                 f"of the module built on meta: {', '.join(lacking[:5])}"
+                                 + (" ..." if len(lacking) > 5 else ""))
+        meta_ok = sourced is not None
         resident = set(self.resident)
         streamed_groups: list[tuple[int, list[torch.Tensor]]] = []
         stay: dict[int, torch.Tensor] = {id(t): t for t in outside}
@@ -244,23 +261,23 @@ class LayerwiseEngine:
             for t in ts:
                 if holders[id(t)] > 1:
                     stay[id(t)] = t
-                elif not _h.is_packable(t):
+                elif not _h.is_packable(t, allow_meta=meta_ok):
                     self._unusual += 1
                     stay[id(t)] = t
                 else:
                     packed.append(t)
             streamed_groups.append((i, packed))
         for t in list(stay.values()) + [t for _, ts in streamed_groups for t in ts]:
-            if t.device.type == "meta":
+            if t.device.type == "meta" and sourced is None:
                 raise ValueError(f"{self.name or 'layerwise'}: meta tensors cannot be placed; "
-                                 "load real weights first")
+                                 "load real weights first, or give a weight_source")
             originals[id(t)] = (t, t.data, t.requires_grad)
 
         # host side: one block per dtype, one aligned slice per layer
         pack = _h.HostPack([ts for _, ts in streamed_groups], pin=self._ops.is_cuda)
         self._pack = pack
         pack.allocate()
-        pack.fill()
+        pack.fill(sourced.packed_filler() if sourced is not None else None)
 
         # device side: the slots, once
         streamed = [t for t in streamed_groups if t[1]]   # a layer with nothing to stream runs as is
@@ -275,8 +292,15 @@ class LayerwiseEngine:
             self._slots.append(_Slot(s, bufs, self._ops))
         self._free = list(reversed(self._slots))
 
-        # what stays goes to the device now
+        # what stays goes to the device now (from the weight source: read straight onto it)
         for t in stay.values():
+            fresh = sourced.materialize(t, self.device) if sourced is not None else None
+            if fresh is not None:
+                home = _h.home_device(t)
+                t.data = fresh
+                self._moved.append((t, home, None, t.requires_grad))
+                self._resident_bytes += _h.tensor_bytes(t)
+                continue
             unusual = not _h.is_packable(t)
             orig = t.data
             if orig.device != self.device:
