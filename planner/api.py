@@ -38,6 +38,7 @@ def spec_inventory(doc: Document, *, pipeline: Any = None) -> Inventory:
 
         overrides = {name: entry["layers"] for name, entry in spec.get("components", {}).items()
                      if isinstance(entry, dict) and "layers" in entry}
+        _check_layer_overrides(doc, pipeline, overrides)
         if isinstance(pipeline, Mapping):   # a bare {name: module} mapping
             return inventory_from_modules(pipeline, overrides=overrides or None)
         return inventory_from_pipeline(pipeline, overrides=overrides or None)
@@ -60,6 +61,26 @@ def spec_inventory(doc: Document, *, pipeline: Any = None) -> Inventory:
         except FolderError as exc:
             raise SpecError([doc.diagnostic(("pipeline", "path"), str(exc))]) from None
     return rescale_dtype(_classes_with_catalog_facts(section["components"]), dtype)
+
+
+def _check_layer_overrides(doc: Document, pipeline: Any, overrides: Mapping[str, Any]) -> None:
+    """A ``components.X.layers`` path that the loaded pipeline lacks (or that is no ModuleList) is a
+    spec error at that place, not a traceback (found by tests/test_reliability.py)."""
+    from .executor.layers import discover_layer_lists
+
+    comps = pipeline if isinstance(pipeline, Mapping) else getattr(pipeline, "components", {}) or {}
+    errors = []
+    for name, paths in overrides.items():
+        module = comps.get(name)
+        if module is None or not hasattr(module, "get_submodule"):
+            continue                     # the resolver reports components the pipeline does not have
+        for i, path in enumerate(paths):
+            try:
+                discover_layer_lists(module, [path])
+            except ValueError as exc:
+                errors.append(doc.diagnostic(("components", name, "layers", i), f"components.{name}.layers: {exc}"))
+    if errors:
+        raise SpecError(errors)
 
 
 def _classes_with_catalog_facts(components: Mapping[str, str]) -> Inventory:

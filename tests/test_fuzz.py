@@ -252,3 +252,19 @@ def test_a_valid_mutant_plans_to_the_same_bytes_twice():
         if seen == 25:
             break
     assert seen == 25
+
+
+def test_regressions_found_by_the_fuzzer():
+    """Inputs that once escaped as other exceptions: an explicit tag over a value it cannot read
+    (PyYAML's IndexError/ValueError) and a profile that is neither built in nor a file."""
+    base = "version: 1\npipeline: {model: z-image-turbo}\n"
+    for text, where in [(base + "device: !!float\n", (3, 9)), (base + "device: !!int abc\n", (3, 9)),
+                        (base + "workload: {steps: !!bool maybe}\n", (3, 19)),
+                        (base + "profile: cuda\n", (3, 10)), (base + "profile: .\n", (3, 10))]:
+        try:
+            make_plan(load_text(text, "r.yaml"))
+        except SpecError as exc:
+            _check_error(exc, "r.yaml", text.encode())
+            assert (exc.diagnostics[0].line, exc.diagnostics[0].column) == where, exc
+        else:
+            raise AssertionError(f"no SpecError for {text!r}")

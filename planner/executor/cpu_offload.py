@@ -89,7 +89,12 @@ class CpuOffloadGroup:
         except BaseException:
             self._rollback(originals)
             raise
+        self._sourced = []
         self._attached = True
+        for comp in self._comps:
+            # tensors that stay on the device because they cannot be packed (shared ones are expected)
+            kept = [t for t in _h.unique_tensors(comp.module) if not _h.is_packable(t, allow_meta=True)]
+            self._unusual[comp.name] = _h.warn_unpackable(comp.name, kept, self.device)
 
     def detach(self) -> None:
         """Removes the hooks; every parameter and buffer back on its original device with its
@@ -156,6 +161,7 @@ class CpuOffloadGroup:
                 "onloads": comp.onloads,
                 "sync_onloads": comp.sync_onloads,
                 "prefetches": comp.prefetches,
+                "unusual_tensors": self._unusual.get(comp.name, 0),
             }
         gpu = sorted((c["gpu_bytes"] - c["gpu_resident_bytes"] for c in comps.values()), reverse=True)
         return {
@@ -185,6 +191,8 @@ class CpuOffloadGroup:
         self._succ: dict[int, _Component | None] = {}   # None: another component runs next
         self._last: _Component | None = None
         self._prefetched: _Component | None = None
+        self._sourced: list[_h.SourcedTensors] = []     # while attaching from weight sources
+        self._unusual: dict[str, int] = {}             # per member: tensors kept resident, unpackable
 
     def _attach(self, originals: dict[int, tuple[torch.Tensor, torch.Tensor, bool]]) -> None:
         self.device = _h.resolve_device(self.device)
@@ -201,6 +209,7 @@ class CpuOffloadGroup:
             raise ValueError(f"cpu offload group: weight sources for non-members {unknown}")
         sources = {c.name: _h.SourcedTensors(c.module, self.weight_sources[c.name], what=c.name)
                    for c in self._comps if c.name in self.weight_sources}
+        self._sourced = list(sources.values())
         per_comp = [_h.unique_tensors(c.module) for c in self._comps]
         for comp, ts in zip(self._comps, per_comp):
             lacking = sources[comp.name].missing(ts) if comp.name in sources else []
@@ -237,6 +246,10 @@ class CpuOffloadGroup:
                    if (sourced := sources.get(comp.name)) is not None for t in ts}
         pack.fill((lambda pt, dest: fillers[id(pt.tensor)].fill(pt.tensor, dest) if id(pt.tensor) in fillers
                    else False) if fillers else None)
+        for group in pack.groups:
+            for pt in group.tensors:
+                if pt.tensor.device.type == "meta":   # becomes a real object, its values in the block
+                    pt.tensor = fillers[id(pt.tensor)].bind(pt.tensor, pack.host_view(group, pt))
         for comp, group in zip(self._comps, pack.groups):
             comp.group = group
             comp.event = self._ops.new_event()
@@ -248,7 +261,7 @@ class CpuOffloadGroup:
             fresh = sourced.materialize(t, self.device) if sourced is not None else None
             if fresh is not None:
                 home = _h.home_device(t)
-                t.data = fresh
+                t = sourced.bind(t, fresh)
                 self._moved.append((t, home, None, t.requires_grad))
                 comp.resident_bytes += _h.tensor_bytes(t)
                 continue
@@ -277,6 +290,8 @@ class CpuOffloadGroup:
             t.data = data
             if t.requires_grad != requires_grad:
                 t.requires_grad_(requires_grad)
+        for sourced in self._sourced:
+            sourced.undo()
         if self._pack is not None:
             self._pack.free()
         self._reset_state()

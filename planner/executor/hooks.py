@@ -9,6 +9,8 @@
   replace them to simulate allocation failures.
 - ``ModuleHooks``: forward pre/post hooks registered on modules and removed together.
 - tensor discovery: every parameter and buffer object of a module tree, with its owners.
+- ``live_host_blocks`` (host blocks not yet freed, for leak checks) and ``warn_unpackable`` (the
+  ``UnpackableTensorWarning`` for tensors that must stay resident).
 - ``SourcedTensors``: values for a module built on the meta device, read from a weight source (a
   callable ``name -> tensor`` keyed by qualified name, e.g. safetensors files) straight into the
   host block or the device; a meta tensor goes home to the CPU on detach.
@@ -22,6 +24,8 @@ stay intact.
 from __future__ import annotations
 
 import contextlib
+import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -131,9 +135,11 @@ class HostBlock:
         self.pinned = pinned
         self._registered_ptr = registered_ptr
         self._raw = raw
+        _LIVE_BLOCKS.add(self)
 
     def free(self) -> None:
         """Drop the memory; the caller guarantees no copy still reads it."""
+        _LIVE_BLOCKS.discard(self)
         if self._registered_ptr is not None:
             try:
                 torch.cuda.cudart().cudaHostUnregister(self._registered_ptr)
@@ -151,6 +157,19 @@ class HostBlock:
                 torch.cuda.cudart().cudaHostUnregister(ptr)
             except Exception:  # pragma: no cover - interpreter shutdown
                 pass
+
+
+# Every HostBlock not yet freed (weakly: a block nobody references is gone, not leaked).
+_LIVE_BLOCKS: "weakref.WeakSet[HostBlock]" = weakref.WeakSet()
+
+
+def live_host_blocks() -> list[HostBlock]:
+    """Host blocks allocated and not yet ``free()``d that something still references.
+
+    After a ``detach``/``remove()`` or a failed attach, an engine's blocks are not among them;
+    tests compare the count before and after (run ``gc.collect()`` first to drop unreachable cycles).
+    """
+    return list(_LIVE_BLOCKS)
 
 
 def _pow2_ceil(n: int) -> int:
@@ -237,6 +256,26 @@ def is_packable(t: torch.Tensor, *, allow_meta: bool = False) -> bool:
 
 def tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+class UnpackableTensorWarning(UserWarning):
+    """Tensors an engine cannot pack into its host blocks (tensor subclasses such as quantized
+    weights, expanded or gapped views) stay resident on the device instead of being offloaded."""
+
+
+def warn_unpackable(what: str, tensors: Iterable[torch.Tensor], device: torch.device, *,
+                    stacklevel: int = 3) -> int:
+    """Warns, naming the component ``what``, how many non-empty tensors stay resident because they
+    cannot be packed, their kinds and logical bytes; returns that count (0: no warning)."""
+    kept = [t for t in tensors if t.numel()]
+    if not kept:
+        return 0
+    kinds = sorted({type(t.data).__name__ if type(t.data) is not torch.Tensor else
+                    ("quantized" if t.is_quantized else "non-dense view") for t in kept})
+    nbytes = sum(tensor_bytes(t) for t in kept)
+    warnings.warn(f"{what}: {len(kept)} tensor(s) ({nbytes} bytes; {', '.join(kinds)}) cannot be packed for "
+                  f"offloading and stay resident on {device}", UnpackableTensorWarning, stacklevel=stacklevel)
+    return len(kept)
 
 
 def _align(n: int, elsize: int) -> int:
@@ -392,11 +431,46 @@ class SourcedTensors:
     """
 
     def __init__(self, module: torch.nn.Module, source: Any, *, what: str = "") -> None:
+        self.module = module
         self.source = source
         self.names = tensor_names(module)
         self.what = what or type(module).__name__
         self._read_into = getattr(source, "read_into", None)
         self._has = source.__contains__ if hasattr(source, "__contains__") else None
+        self._slots: dict[int, list[tuple[dict, str]]] | None = None
+        self.swapped: list[tuple[torch.Tensor, torch.Tensor]] = []   # (meta object, its replacement)
+
+    def bind(self, t: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+        """Makes ``data`` the values of ``t`` and returns the object that now holds them.
+
+        A real tensor is rebound (``t.data = data``). A meta tensor cannot take real memory that
+        way, so a new Parameter (or buffer) wrapping ``data`` replaces it in every place it is
+        registered: aliases stay one object. ``undo`` puts the meta objects back.
+        """
+        if t.device.type != "meta":
+            t.data = data
+            return t
+        if self._slots is None:
+            self._slots = {}
+            for mod in self.module.modules():
+                for table in (mod._parameters, mod._buffers):
+                    for name, x in table.items():
+                        if x is not None:
+                            self._slots.setdefault(id(x), []).append((table, name))
+        new = torch.nn.Parameter(data, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else data
+        for table, name in self._slots.get(id(t), ()):
+            table[name] = new
+        self.names[id(new)] = self.names.get(id(t), [])
+        self.swapped.append((t, new))
+        return new
+
+    def undo(self) -> None:
+        """Puts every meta object that ``bind`` replaced back in its places."""
+        for old, new in reversed(self.swapped):
+            for table, name in (self._slots or {}).get(id(old), ()):
+                if table.get(name) is new:
+                    table[name] = old
+        self.swapped = []
 
     def _name_in_source(self, t: torch.Tensor) -> str | None:
         for name in self.names.get(id(t), ()):

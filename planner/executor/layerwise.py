@@ -110,7 +110,10 @@ class LayerwiseEngine:
         the source holds (by qualified name within ``module``, any alias of a tied tensor) takes
         its values from it, cast to the tensor's dtype, read straight into the host block or onto
         the device, so the component is never whole anywhere; tensors the source does not hold
-        keep their own values (buffers computed at construction).
+        keep their own values (buffers computed at construction). A meta tensor cannot take real
+        memory through ``.data``, so each is replaced, in every place it is registered, by a new
+        Parameter (or buffer) object: build the module for the engine, hold no references to its
+        meta tensors.
 
         All or nothing: on any failure the module is put back exactly as it was and the error
         re-raised.
@@ -124,7 +127,9 @@ class LayerwiseEngine:
         except BaseException:
             self._rollback(originals)
             raise
+        self._sourced = None
         self._attached = True
+        _h.warn_unpackable(self.name or "layerwise", self._unpackable, self.device)
 
     def detach(self) -> None:
         """Removes the hooks and puts every parameter and buffer back on its original device with
@@ -200,6 +205,7 @@ class LayerwiseEngine:
         self._copy_stream: Any = None
         self._hooks = _h.ModuleHooks()
         self._pack: _h.HostPack | None = None
+        self._sourced: _h.SourcedTensors | None = None   # while attaching from a weight source
         self._streamed: list[_Layer] = []
         self._slots: list[_Slot] = []
         self._free: list[_Slot] = []
@@ -207,6 +213,7 @@ class LayerwiseEngine:
         self._moved: list[tuple[torch.Tensor, torch.device, torch.Tensor | None, bool]] = []
         self._resident_bytes = 0
         self._unusual = 0
+        self._unpackable: list[torch.Tensor] = []   # streamed-layer tensors kept resident (unusual)
         self._shared = 0
         self._order: list[int] = []
         self._observed: list[int] = []
@@ -263,6 +270,7 @@ class LayerwiseEngine:
                     stay[id(t)] = t
                 elif not _h.is_packable(t, allow_meta=meta_ok):
                     self._unusual += 1
+                    self._unpackable.append(t)
                     stay[id(t)] = t
                 else:
                     packed.append(t)
@@ -278,6 +286,12 @@ class LayerwiseEngine:
         self._pack = pack
         pack.allocate()
         pack.fill(sourced.packed_filler() if sourced is not None else None)
+        if sourced is not None:
+            self._sourced = sourced
+            for group in pack.groups:
+                for pt in group.tensors:
+                    if pt.tensor.device.type == "meta":   # becomes a real object, its values in the block
+                        pt.tensor = sourced.bind(pt.tensor, pack.host_view(group, pt))
 
         # device side: the slots, once
         streamed = [t for t in streamed_groups if t[1]]   # a layer with nothing to stream runs as is
@@ -297,7 +311,7 @@ class LayerwiseEngine:
             fresh = sourced.materialize(t, self.device) if sourced is not None else None
             if fresh is not None:
                 home = _h.home_device(t)
-                t.data = fresh
+                t = sourced.bind(t, fresh)
                 self._moved.append((t, home, None, t.requires_grad))
                 self._resident_bytes += _h.tensor_bytes(t)
                 continue
@@ -369,6 +383,8 @@ class LayerwiseEngine:
             t.data = data
             if t.requires_grad != requires_grad:
                 t.requires_grad_(requires_grad)
+        if self._sourced is not None:
+            self._sourced.undo()
         if self._pack is not None:
             self._pack.free()
         self._reset_state()

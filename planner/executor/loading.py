@@ -1,86 +1,690 @@
-"""load_pipeline: a diffusers pipeline folder loaded with its plan applied as it loads.
+"""load_pipeline: a diffusers pipeline folder loaded with its residency plan applied as it loads.
 
-Components are loaded one at a time, each straight to where the plan puts it: resident ones to
-the device, CPU-offloaded ones stay in host memory, and streamed (layerwise) ones are built on the
-meta device and their weights read from the safetensors files directly into the engine's pinned
-per-layer host buffers (no full copy on the GPU, no second full copy in host memory).
+Components are loaded one at a time, in plan order, each straight to where the plan puts it:
+
+- ``layerwise``: the module is built on the meta device from its config (no weight memory), then
+  a ``LayerwiseEngine`` is attached with the component's safetensors files as its weight source:
+  each streamed layer's tensors are read from the files into the engine's packed host blocks
+  (pinned on CUDA), non-layer weights and resident layers straight onto the device. The
+  component is never whole anywhere: peak host memory is its host blocks plus one tensor.
+- ``cpu_offload``: members are built on meta and read straight into the group's host blocks.
+- ``resident``: built on meta, every tensor read from the files onto the device.
+- ``fsdp``, and any component whose checkpoint keys do not match its module (a checkpoint layout
+  transformers converts on load), or whose class is neither a diffusers nor a transformers model:
+  loaded by the library's own ``from_pretrained`` on the CPU (copied out of the file mapping into
+  ordinary memory), then placed as ``apply_plan`` would; the load report says so and why.
+
+Dtypes are those ``from_pretrained(torch_dtype=plan dtype)`` gives: the module is built under the
+plan dtype as default dtype (buffers computed at construction keep what construction gives them);
+a floating tensor read from the files becomes the plan dtype, except diffusers'
+``_keep_in_fp32_modules`` (any dtype) and transformers' ``_keep_in_fp32_modules(_strict)`` (fp16 /
+bf16), which stay float32; transformers keeps a tensor's construction dtype otherwise.
+
+Files are read with plain positioned reads into the destination's memory, not through
+``safetensors.safe_open``: safe_open maps the whole file, and every page it touches stays in the
+process's resident set until the handle closes, a second full copy of the component in RSS. The
+headers are parsed and checked (``planner.folder.read_safetensors_header``) before anything loads.
+
+``memory.host_budget``: a plan whose host (pinned) bytes exceed it is refused before anything is
+read. docs/loading.md has the details and the measurements.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+import re
+import struct
+import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from ..errors import PlanApplyError
+from ..errors import PlanApplyError, SpecError
 from ..plan import Plan
+from . import hooks as _h
+from .apply import ExecutionDeviceHint, PhaseHooks, Resident, ResidencyHandle, _GroupMember, _flat_layers
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
+# safetensors dtype names -> torch dtypes this torch build has
+_ST_DTYPES: dict[str, torch.dtype] = {}
+for _code, _name in {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64",
+                     "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
+                     "I8": "int8", "U8": "uint8", "I16": "int16", "U16": "uint16", "I32": "int32",
+                     "U32": "uint32", "I64": "int64", "U64": "uint64", "BOOL": "bool"}.items():
+    if isinstance(getattr(torch, _name, None), torch.dtype):
+        _ST_DTYPES[_code] = getattr(torch, _name)
 
-def _progress(total: int, desc: str, enabled: bool) -> Any:
+
+# ------------------------------------------------------------------------------------------
+# reading safetensors files
+
+
+@dataclass(frozen=True)
+class _Entry:
+    path: Path
+    code: str                  # safetensors dtype code
+    dtype: torch.dtype | None  # None: a dtype this torch cannot hold
+    shape: tuple[int, ...]
+    start: int                 # absolute file offset of the data
+    nbytes: int
+
+
+class SafetensorsReader:
+    """The tensors of one component's safetensors files, read one at a time.
+
+    ``read_into(name, out)`` reads a tensor straight into ``out``'s memory when ``out`` is a
+    contiguous CPU tensor of the file's dtype (a slice of a host block: no intermediate copy);
+    otherwise through one staging tensor of that tensor's size, then ``out.copy_`` (casting,
+    or to the device). ``reader(name)`` returns a fresh CPU tensor. Headers are read and checked
+    at construction; a missing or corrupt file raises ``PlanApplyError`` naming it.
+    """
+
+    def __init__(self, files: Iterable[str | Path], *, on_read: Callable[[int], Any] | None = None) -> None:
+        from ..folder import FolderError, read_safetensors_header
+
+        self.files = [Path(f) for f in files]
+        self.entries: dict[str, _Entry] = {}
+        self.on_read = on_read
+        self.bytes_read = 0
+        self.reads = 0
+        self.staged_bytes_max = 0     # largest staging tensor (casts, device targets)
+        self._handles: dict[Path, Any] = {}
+        for path in self.files:
+            try:
+                header = read_safetensors_header(path)
+                with open(path, "rb") as fh:
+                    (length,) = struct.unpack("<Q", fh.read(8))
+            except FolderError as exc:
+                raise PlanApplyError(str(exc)) from None
+            except OSError as exc:
+                raise PlanApplyError(f"{path}: cannot read: {exc.strerror or exc}") from None
+            for name, info in header.items():
+                if name in self.entries:
+                    continue   # the same tensor in two shards: the first one counts
+                begin, end = info["data_offsets"]
+                self.entries[name] = _Entry(path, info["dtype"], _ST_DTYPES.get(info["dtype"]),
+                                            tuple(int(d) for d in info["shape"]), 8 + length + begin, end - begin)
+
+    # mapping-like
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.entries.values())
+
+    def _handle(self, path: Path) -> Any:
+        fh = self._handles.get(path)
+        if fh is None:
+            try:
+                fh = self._handles[path] = open(path, "rb", buffering=0)
+            except OSError as exc:
+                raise PlanApplyError(f"{path}: cannot open: {exc.strerror or exc}") from None
+        return fh
+
+    def _read_bytes(self, name: str, entry: _Entry, dest: torch.Tensor) -> None:
+        """``entry``'s bytes into ``dest`` (a contiguous CPU tensor of exactly ``entry.nbytes``)."""
+        if not entry.nbytes:
+            return
+        view = memoryview(dest.reshape(-1).view(torch.uint8).numpy())
+        fh = self._handle(entry.path)
+        try:
+            fh.seek(entry.start)
+            done = 0
+            while done < entry.nbytes:
+                n = fh.readinto(view[done:])
+                if not n:
+                    raise PlanApplyError(f"{entry.path}: file ends inside tensor {name!r} "
+                                         f"({done} of {entry.nbytes} bytes read); the file is truncated")
+                done += n
+        except OSError as exc:
+            raise PlanApplyError(f"{entry.path}: cannot read tensor {name!r}: {exc.strerror or exc}") from None
+
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Fills ``out`` (same shape; any dtype and device) with tensor ``name`` of the files."""
+        entry = self.entries[name]     # KeyError: not in these files
+        if tuple(out.shape) != entry.shape:
+            raise PlanApplyError(f"{entry.path}: tensor {name!r} has shape {list(entry.shape)}, the module "
+                                 f"expects {list(out.shape)}")
+        if entry.dtype is None:
+            raise PlanApplyError(f"{entry.path}: tensor {name!r} has dtype {entry.code}, which this torch "
+                                 "build cannot hold")
+        direct = (out.device.type == "cpu" and out.dtype == entry.dtype and out.is_contiguous()
+                  and type(out) is torch.Tensor)
+        if direct:
+            self._read_bytes(name, entry, out)
+        else:
+            staging = torch.empty(entry.shape, dtype=entry.dtype)
+            self.staged_bytes_max = max(self.staged_bytes_max, entry.nbytes)
+            self._read_bytes(name, entry, staging)
+            out.copy_(staging)
+            del staging
+        self.bytes_read += entry.nbytes
+        self.reads += 1
+        if self.on_read is not None:
+            self.on_read(entry.nbytes)
+
+    def __call__(self, name: str) -> torch.Tensor:
+        entry = self.entries[name]
+        if entry.dtype is None:
+            raise PlanApplyError(f"{entry.path}: tensor {name!r} has dtype {entry.code}, which this torch "
+                                 "build cannot hold")
+        out = torch.empty(entry.shape, dtype=entry.dtype)
+        self.read_into(name, out)
+        return out
+
+    def dtype_of(self, name: str) -> torch.dtype | None:
+        return self.entries[name].dtype
+
+    def close(self) -> None:
+        for fh in self._handles.values():
+            fh.close()
+        self._handles = {}
+
+
+class ComponentSource:
+    """A weight source for one module: the module's qualified tensor names mapped to the files'
+    keys (the same, or with transformers' ``base_model_prefix`` added or dropped)."""
+
+    def __init__(self, reader: SafetensorsReader, keymap: Mapping[str, str]) -> None:
+        self.reader = reader
+        self.keymap = dict(keymap)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.keymap
+
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        self.reader.read_into(self.keymap[name], out)
+
+    def __call__(self, name: str) -> torch.Tensor:
+        return self.reader(self.keymap[name])
+
+
+# ------------------------------------------------------------------------------------------
+# building a component on the meta device
+
+
+def _library_of(cls: type) -> str | None:
     try:
-        from tqdm.auto import tqdm
+        from diffusers.models.modeling_utils import ModelMixin
+
+        if issubclass(cls, ModelMixin):
+            return "diffusers"
     except ImportError:  # pragma: no cover
-        return None
-    return tqdm(total=total, desc=desc, unit="component", disable=not enabled)
+        pass
+    try:
+        from transformers import PreTrainedModel
+
+        if issubclass(cls, PreTrainedModel):
+            return "transformers"
+    except ImportError:  # pragma: no cover
+        pass
+    return None
 
 
-def load_pipeline(spec: Any, *, device: str | None = None, plan: Plan | None = None, progress: bool = True,
-                  pipeline_kwargs: dict[str, Any] | None = None) -> Any:
-    """Load ``pipeline.path`` of ``spec`` and apply its plan; the handle is ``pipe.residency``."""
-    from diffusers import DiffusionPipeline
+def _build_on_meta(cls: type, library: str, folder: Path, dtype: torch.dtype) -> torch.nn.Module:
+    """The module as ``from_pretrained`` builds it before reading weights: parameters on meta,
+    buffers computed at construction, the plan dtype as default dtype."""
+    from accelerate import init_empty_weights
 
-    from ..api import load_spec, make_plan
-    from .apply import apply_plan
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        if library == "diffusers":
+            from diffusers.models.modeling_utils import no_init_weights
 
-    doc = load_spec(spec)
+            config = cls.load_config(str(folder))
+            with no_init_weights(), init_empty_weights():
+                model = cls.from_config(config)
+            model.register_to_config(_name_or_path=str(folder))
+        else:
+            config_class = getattr(cls, "config_class", None)
+            if config_class is None:  # pragma: no cover - every transformers model has one
+                from transformers import AutoConfig
+
+                config = AutoConfig.from_pretrained(str(folder))
+            else:
+                config = config_class.from_pretrained(str(folder))
+            with init_empty_weights():
+                model = cls._from_config(config, dtype=dtype)
+            if hasattr(model, "tie_weights"):   # from_pretrained ties after loading; on meta it is free
+                model.tie_weights()
+            model.config.name_or_path = str(folder)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def _keymap(module: torch.nn.Module, reader: SafetensorsReader,
+            names: Mapping[int, list[str]]) -> tuple[dict[str, str], list[str]]:
+    """Module name -> file key for every name the files hold; plus the state-dict names (params and
+    persistent buffers) that no alias of which the files hold, or whose shape differs."""
+    prefix = getattr(module, "base_model_prefix", "") or ""
+    keymap: dict[str, str] = {}
+    for aliases in names.values():
+        for name in aliases:
+            for key in (name, name[len(prefix) + 1:] if prefix and name.startswith(prefix + ".") else None,
+                        f"{prefix}.{name}" if prefix else None):
+                if key is not None and key in reader:
+                    keymap[name] = key
+                    break
+    problems: list[str] = []
+    by_id = {id(t): t for t in _h.unique_tensors(module)}
+    persistent: set[int] = set()
+    for mod in module.modules():
+        for pname, p in mod._parameters.items():
+            if p is not None:
+                persistent.add(id(p))
+        for bname, b in mod._buffers.items():
+            if b is not None and bname not in mod._non_persistent_buffers_set:
+                persistent.add(id(b))
+    for tid, aliases in names.items():
+        mapped = [n for n in aliases if n in keymap]
+        if not mapped:
+            if tid in persistent:
+                problems.append(f"{aliases[0]} (not in the files)")
+            continue
+        entry = reader.entries[keymap[mapped[0]]]
+        t = by_id[tid]
+        if entry.shape != tuple(t.shape):
+            problems.append(f"{aliases[0]} (shape {list(entry.shape)} in the files, {list(t.shape)} in the module)")
+    return keymap, problems
+
+
+def _fp32_matcher(module: torch.nn.Module, library: str, dtype: torch.dtype) -> Callable[[str], bool]:
+    if library == "diffusers":
+        keep = getattr(type(module), "_keep_in_fp32_modules", None)
+        keep = [keep] if isinstance(keep, str) else list(keep or [])
+        return lambda name: any(k in name.split(".") for k in keep)
+    patterns: list[str] = []
+    if dtype == torch.float16:
+        patterns += list(getattr(module, "_keep_in_fp32_modules", None) or [])
+    if dtype in (torch.float16, torch.bfloat16):
+        patterns += list(getattr(module, "_keep_in_fp32_modules_strict", None) or [])
+    if not patterns:
+        return lambda name: False
+    rx = re.compile("|".join(f"(?:{p.replace('*', '.*')})" for p in patterns))
+    return lambda name: rx.search(name) is not None
+
+
+def _set_dtypes(module: torch.nn.Module, library: str, dtype: torch.dtype, source: ComponentSource,
+                names: Mapping[int, list[str]]) -> None:
+    """Gives every tensor the files hold the dtype ``from_pretrained(torch_dtype=dtype)`` would."""
+    keep_fp32 = _fp32_matcher(module, library, dtype)
+    with torch.no_grad():
+        for t in _h.unique_tensors(module):
+            name = next((n for n in names.get(id(t), ()) if n in source), None)
+            if name is None:
+                continue
+            file_dtype = source.reader.dtype_of(source.keymap[name])
+            if library == "diffusers":
+                if file_dtype is not None and file_dtype.is_floating_point:
+                    target = torch.float32 if keep_fp32(name) else dtype
+                else:
+                    target = file_dtype or t.dtype
+            else:
+                target = torch.float32 if t.is_floating_point() and keep_fp32(name) else t.dtype
+            if t.dtype != target:
+                t.data = t.data.to(target)
+
+
+# ------------------------------------------------------------------------------------------
+# placements for components built on meta
+
+
+class LoadedResident(Resident):
+    """``Resident`` for a component built on meta: each tensor is read from the files straight onto
+    the device; ``detach`` sends them to the CPU, where ``from_pretrained`` would have left them."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device, source: Any, name: str = "") -> None:
+        super().__init__(module, device)
+        self.source = source
+        self.name = name
+
+    def attach(self) -> None:
+        sourced = _h.SourcedTensors(self.module, self.source, what=self.name or type(self.module).__name__)
+        tensors = _h.unique_tensors(self.module)
+        lacking = sourced.missing(tensors)
+        if lacking:
+            raise ValueError(f"{self.name}: the weight source lacks {', '.join(lacking[:5])}")
+        before: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._original = []
+        try:
+            with torch.inference_mode(False), torch.no_grad():
+                for t in tensors:
+                    home = _h.home_device(t)
+                    before.append((t, t.data))
+                    fresh = sourced.materialize(t, self.device)
+                    t = sourced.bind(t, fresh) if fresh is not None else sourced.bind(t, t.data.to(self.device))
+                    self._original.append((t, home))
+        except BaseException:
+            for t, data in before:
+                t.data = data
+            sourced.undo()
+            self._original = []
+            raise
+
+
+# ------------------------------------------------------------------------------------------
+# the loader
+
+
+@dataclass
+class _Loaded:
+    """How one component was loaded (for the load report)."""
+
+    name: str
+    strategy: str
+    class_name: str
+    method: str = ""                 # "files" (built on meta, read from the files) | "from_pretrained"
+    reason: str = ""                 # why from_pretrained, when it was
+    file_bytes: int = 0
+    bytes_read: int = 0
+    reads: int = 0
+    staged_bytes_max: int = 0
+    seconds: float = 0.0
+    built_on_meta: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k not in ("name", "extra")}
+        out.update(self.extra)
+        return out
+
+
+def _component_class(library: str, class_name: str, pipeline_class: str | None) -> type:
+    candidates = [library]
+    if library == "diffusers" and pipeline_class:
+        try:
+            import diffusers
+
+            pipe_cls = getattr(diffusers, pipeline_class, None)
+            if pipe_cls is not None:
+                mod = pipe_cls.__module__
+                candidates += [mod, mod.rsplit(".", 1)[0]]
+        except ImportError:  # pragma: no cover
+            pass
+    for name in candidates:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        cls = getattr(module, class_name, None)
+        if isinstance(cls, type):
+            return cls
+    raise PlanApplyError(f"cannot import component class {library}.{class_name}")
+
+
+def _from_pretrained(cls: type, library: str | None, folder: Path, dtype: torch.dtype) -> torch.nn.Module:
+    """The library's own loader, weights then copied out of the file mapping into ordinary memory
+    (views of a mapped file can shift CPU kernels by 1e-7, and keep the file's pages resident)."""
+    kwargs = {"dtype": dtype} if library == "transformers" else {"torch_dtype": dtype}
+    model = cls.from_pretrained(str(folder), **kwargs)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.detach().clone(memory_format=torch.contiguous_format)
+        for sub in model.modules():
+            for bname, b in list(sub._buffers.items()):
+                if b is not None:
+                    sub._buffers[bname] = b.detach().clone(memory_format=torch.contiguous_format)
+    return model.eval()
+
+
+def _folder_of(doc: Any) -> Path:
     section = doc.data["pipeline"]
     if "path" not in section:
         raise PlanApplyError("loading needs pipeline.path (a diffusers folder); catalog entries and class "
                              "lists carry no weights")
-    base = Path(doc.file).parent if not doc.file.startswith("<") else Path.cwd()
-    folder = Path(section["path"]) if Path(section["path"]).is_absolute() else (base / section["path"])
-    plan = plan or make_plan(doc)
-    dtype = DTYPES[section.get("dtype", "bfloat16")]
+    raw = Path(section["path"])
+    if raw.is_absolute():
+        return raw
+    base = Path(doc.file).parent if doc.file and not doc.file.startswith("<") else Path.cwd()
+    return (base / raw).resolve()
+
+
+def check_host_budget(plan: Plan, doc: Any = None) -> None:
+    """Refuses a plan whose host (pinned) bytes exceed ``memory.host_budget``; nothing is loaded."""
+    from ..sizes import format_size
+
+    budget = plan.estimate.host_budget_bytes
+    need = plan.estimate.host_pinned_bytes
+    if budget is None or need <= budget:
+        return
+    parts = ", ".join(f"{n} {format_size(cp.estimate.host_pinned_bytes)} ({cp.strategy})"
+                      for n, cp in plan.components.items() if cp.estimate.host_pinned_bytes)
+    msg = (f"the plan keeps {format_size(need)} in pinned host memory ({parts}), over memory.host_budget "
+           f"{format_size(budget)}; nothing was loaded. Raise the budget, or keep more on the GPU "
+           "(resident components or resident_layers)")
+    if doc is not None and "host_budget" in doc.data.get("memory", {}):
+        raise SpecError([doc.diagnostic(("memory", "host_budget"), msg)])
+    raise PlanApplyError(msg)
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=total, desc="loading", unit="B", unit_scale=True, unit_divisor=1024,
+                disable=not enabled, file=sys.stderr, leave=False)
+
+
+def load_pipeline(spec: Any, *, device: str | torch.device | None = None, plan: Plan | None = None,
+                  progress: bool = True, pipeline_kwargs: dict[str, Any] | None = None) -> Any:
+    """Load ``pipeline.path`` of ``spec`` with its plan applied as it loads.
+
+    ``spec``: a path, a mapping or a document; ``plan``: a plan made earlier (else made from the
+    spec); ``device`` overrides the plan's. Returns the pipeline; its ``residency`` attribute is
+    the handle (``report()``, ``remove()``, ``load_seconds``, ``load_report``). Errors:
+    ``SpecError`` (the spec, or a plan over ``memory.host_budget``), ``PlanApplyError`` (files
+    missing or corrupt, a component that cannot be placed); on error nothing stays attached.
+    """
+    from ..api import load_spec, make_plan
+    from ..folder import FolderError, component_weight_files
+
     started = time.perf_counter()
-    bar = _progress(len(plan.components), "loading", progress)
+    doc = load_spec(spec)
+    folder = _folder_of(doc)
+    plan = plan or make_plan(doc)
+    if plan.dtype not in DTYPES:
+        raise PlanApplyError(f"pipeline.dtype {plan.dtype!r} cannot be loaded; use one of {', '.join(DTYPES)}")
+    dtype = DTYPES[plan.dtype]
+    dev = torch.device(device or plan.device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    check_host_budget(plan, doc)
+
+    index_file = folder / "model_index.json"
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PlanApplyError(f"{index_file}: not found; pipeline.path must be a diffusers pipeline folder") from None
+    except (OSError, ValueError) as exc:
+        raise PlanApplyError(f"{index_file}: cannot read: {exc}") from None
+
+    # every planned component's files, headers checked, before anything is loaded
+    readers: dict[str, SafetensorsReader] = {}
+    classes: dict[str, tuple[type, str | None]] = {}
+    for name in plan.components:
+        entry = index.get(name)
+        if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)):
+            raise PlanApplyError(f"{index_file}: the plan places {name!r}, which model_index.json does not list")
+        try:
+            files = component_weight_files(folder / name)
+        except FolderError as exc:
+            raise PlanApplyError(str(exc)) from None
+        if not files:
+            raise PlanApplyError(f"{folder / name}: no *.safetensors weights for component {name!r}")
+        readers[name] = SafetensorsReader(files)
+        cls = _component_class(entry[0], entry[1], index.get("_class_name"))
+        classes[name] = (cls, _library_of(cls))
+
+    bar = _progress(sum(r.nbytes for r in readers.values()), progress)
+    for reader in readers.values():
+        reader.on_read = bar.update if bar is not None else None
+    handle = ResidencyHandle(pipeline=None, plan=plan, device=dev)
     modules: dict[str, torch.nn.Module] = {}
-    index = json.loads((folder / "model_index.json").read_text())
+    loaded: dict[str, _Loaded] = {}
+    members = [n for n, cp in plan.components.items() if cp.strategy == "cpu_offload"]
+
+    def prepare(name: str, strategy: str) -> tuple[torch.nn.Module, ComponentSource | None]:
+        """The module on meta with its weight source, or loaded by from_pretrained (and why)."""
+        cls, library = classes[name]
+        info = loaded[name] = _Loaded(name=name, strategy=strategy, class_name=cls.__name__,
+                                      file_bytes=readers[name].nbytes)
+        sub = folder / name
+        reason = ""
+        if strategy == "fsdp":
+            reason = "fsdp shards a loaded module"
+        elif library is None:
+            reason = f"{cls.__name__} is neither a diffusers nor a transformers model"
+        if not reason:
+            module = _build_on_meta(cls, library, sub, dtype)
+            names = _h.tensor_names(module)
+            keymap, problems = _keymap(module, readers[name], names)
+            if not problems:
+                source = ComponentSource(readers[name], keymap)
+                _set_dtypes(module, library, dtype, source, names)
+                info.method, info.built_on_meta = "files", True
+                return module, source
+            reason = (f"checkpoint keys do not match the module ({len(problems)}: "
+                      f"{', '.join(problems[:3])}{' ...' if len(problems) > 3 else ''})")
+            del module
+        info.method, info.reason = "from_pretrained", reason
+        module = _from_pretrained(cls, library, sub, dtype)
+        if bar is not None:
+            bar.update(readers[name].nbytes)
+        return module, None
+
+    def finish(name: str, t0: float) -> None:
+        info, reader = loaded[name], readers[name]
+        info.seconds += time.perf_counter() - t0
+        info.bytes_read, info.reads, info.staged_bytes_max = reader.bytes_read, reader.reads, reader.staged_bytes_max
+        reader.close()
+
+    current = ""
     try:
         for name, cp in plan.components.items():
+            current = name
             if bar is not None:
-                bar.set_postfix_str(f"{name}: {cp.strategy}")
-            modules[name] = _load_component(folder, name, index[name], cp.strategy, dtype)
-            if bar is not None:
-                bar.update(1)
-    finally:
+                bar.set_postfix_str(f"{name} ({cp.strategy})", refresh=False)
+            t0 = time.perf_counter()
+            if cp.strategy == "cpu_offload":
+                if name != members[0]:
+                    continue
+                from .cpu_offload import CpuOffloadGroup
+
+                sources: dict[str, ComponentSource] = {}
+                group_modules: list[tuple[str, torch.nn.Module]] = []
+                for member in members:
+                    current = member
+                    module, source = prepare(member, "cpu_offload")
+                    modules[member] = module
+                    group_modules.append((member, module))
+                    if source is not None:
+                        sources[member] = source
+                current = ", ".join(members)
+                group = CpuOffloadGroup(group_modules, device=dev, pipeline_order=list(plan.components),
+                                        weight_sources=sources)
+                group.attach()
+                handle._attached.append(group)
+                for member in members:
+                    handle.placements[member] = _GroupMember(group, member)
+                    finish(member, t0)
+                    t0 = time.perf_counter()
+                continue
+            module, source = prepare(name, cp.strategy)
+            modules[name] = module
+            placement: Any
+            if cp.strategy == "resident":
+                placement = LoadedResident(module, dev, source, name) if source is not None else Resident(module, dev)
+            elif cp.strategy == "layerwise":
+                from .layerwise import LayerwiseEngine
+
+                placement = LayerwiseEngine(module, _flat_layers(name, module, cp.layers), device=dev,
+                                            prefetch=cp.prefetch or 1, resident=cp.resident_layers, name=name,
+                                            weight_source=source)
+            elif cp.strategy == "fsdp":
+                from .fsdp import FsdpShard
+
+                placement = FsdpShard(module, _flat_layers(name, module, cp.layers), device=dev, name=name)
+            else:
+                raise PlanApplyError(f"{name}: unknown strategy '{cp.strategy}'")
+            placement.attach()
+            handle._attached.append(placement)
+            handle.placements[name] = placement
+            finish(name, t0)
+        current = ""
+        if members:
+            phases = PhaseHooks(_group_of(handle), [modules[n] for n in plan.components if n not in members])
+            phases.attach()
+            handle._attached.append(phases)
+        for name, cp in plan.components.items():
+            if cp.strategy in ("cpu_offload", "layerwise") and not hasattr(modules[name], "_hf_hook"):
+                modules[name]._hf_hook = ExecutionDeviceHint(dev)
+                handle._hints.append(modules[name])
+        handle.placements = {n: handle.placements[n] for n in plan.components}
+
+        t0 = time.perf_counter()
+        pipe = _pipeline_class(index).from_pretrained(str(folder), torch_dtype=dtype, **modules,
+                                                      **(pipeline_kwargs or {}))
+        other_seconds = time.perf_counter() - t0
+        components = getattr(pipe, "components", {})
+        stray = [n for n, m in modules.items() if components.get(n) is not m]
+        if stray:
+            raise PlanApplyError(f"the pipeline class did not take the loaded {', '.join(stray)} (it loaded its own)")
+    except BaseException as exc:
         if bar is not None:
             bar.close()
-    pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=dtype, **modules, **(pipeline_kwargs or {}))
-    handle = apply_plan(pipe, plan, device=device)
+        for reader in readers.values():
+            reader.close()
+        try:
+            handle.remove()
+        except Exception:  # pragma: no cover - the first error is the one to report
+            pass
+        if isinstance(exc, (PlanApplyError, SpecError)) or not isinstance(exc, Exception):
+            raise
+        where = f"loading {current}" if current else "building the pipeline"
+        raise PlanApplyError(f"{where} failed, nothing stays attached: {type(exc).__name__}: {exc}") from exc
+    if bar is not None:
+        bar.close()
+    handle.pipeline = pipe
     handle.load_seconds = time.perf_counter() - started
+    handle.load_report = {
+        "seconds": handle.load_seconds,
+        "other_components_seconds": other_seconds,
+        "file_bytes": sum(r.nbytes for r in readers.values()),
+        "bytes_read": sum(info.bytes_read for info in loaded.values()),
+        "components": {n: loaded[n].to_dict() for n in plan.components},
+    }
     pipe.residency = handle
     return pipe
 
 
-def _component_class(library: str, class_name: str) -> Any:
-    import importlib
+def _pipeline_class(index: Mapping[str, Any]) -> Any:
+    """The pipeline class named in model_index.json. Its own ``from_pretrained``, not
+    ``DiffusionPipeline``'s: only the concrete class knows its ``_optional_components``, and
+    ``DiffusionPipeline.from_pretrained`` loads an optional component from disk even when one is
+    passed (Wan 2.2's ``transformer_2``)."""
+    import diffusers
 
-    module = importlib.import_module(library)
-    return getattr(module, class_name)
+    name = index.get("_class_name")
+    cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+    return cls if isinstance(cls, type) else diffusers.DiffusionPipeline
 
 
-def _load_component(folder: Path, name: str, entry: list[str], strategy: str, dtype: torch.dtype) -> torch.nn.Module:
-    library, class_name = entry
-    cls = _component_class(library, class_name)
-    model = cls.from_pretrained(str(folder / name), torch_dtype=dtype)
-    # Weights from a safetensors mmap are views of the file; cloning them into ordinary memory keeps
-    # results independent of the mapping (alignment can shift CPU kernels by 1e-7).
-    with torch.no_grad():
-        for t in list(model.parameters()) + list(model.buffers()):
-            t.data = t.data.clone()
-    return model.eval()
+def _group_of(handle: ResidencyHandle) -> Any:
+    from .cpu_offload import CpuOffloadGroup
+
+    return next(p for p in handle._attached if isinstance(p, CpuOffloadGroup))
