@@ -118,6 +118,19 @@ def make_plan(spec: SpecLike, pipeline: Any = None, *, strict: bool = False,
     return plan_budget(doc, inv, resolution, strict=strict)
 
 
+DEFAULT_MARGIN_FLOOR = 128 << 20
+DEFAULT_MARGIN_SHARE = 0.02
+
+
+def default_margin(memory: Mapping[str, Any]) -> int:
+    """Headroom kept under a GPU budget when the spec names none: the caching allocator's rounding and
+    the CUDA context's workspace grow with the model (about 1% of peak measured on an H100); 2% of the
+    budget, at least 128 MiB."""
+    if "gpu_budget" not in memory:
+        return 0
+    return max(DEFAULT_MARGIN_FLOOR, int(parse_size(memory["gpu_budget"]) * DEFAULT_MARGIN_SHARE))
+
+
 def build_plan(doc: Document, inventory: Inventory, resolution: Resolution, *,
                extra_warnings: tuple[Diagnostic, ...] = (), estimate: Estimate | None = None) -> Plan:
     """The frozen plan from a finished resolution (every strategy concrete)."""
@@ -142,7 +155,7 @@ def build_plan(doc: Document, inventory: Inventory, resolution: Resolution, *,
             layers=layers, weight_bytes=info.weight_bytes)
         layer_bytes[name] = info.layer_bytes
     memory = spec.get("memory", {})
-    margin = parse_size(memory["margin"]) if "margin" in memory else 0
+    margin = parse_size(memory["margin"]) if "margin" in memory else default_margin(memory)
     from .workload import activation_bytes
 
     activations = activation_bytes(spec.get("workload"), inventory, spec["pipeline"].get("dtype", "bfloat16"))

@@ -63,7 +63,7 @@ def runs_per_step_name(name: str) -> bool:
 
 
 def step_seconds(strategy: str, info: ComponentInfo, resident: tuple[int, ...], workload: Mapping[str, Any],
-                 profile: Profile, *, calls: int = 1) -> float:
+                 profile: Profile, *, calls: int = 1, prefetch: int = 1) -> float:
     """Predicted seconds of one call of a component under a strategy (layerwise: max(compute, stream))."""
     compute = compute_seconds(info, workload, profile)
     if strategy == "resident" or strategy == "fsdp":
@@ -71,10 +71,39 @@ def step_seconds(strategy: str, info: ComponentInfo, resident: tuple[int, ...], 
     if strategy == "cpu_offload":
         # moved in once per generation, then resident for the rest of its calls
         return compute + info.weight_bytes / profile.h2d_bytes_per_s / calls
-    keep = set(resident)
-    streamed = sum(b for i, b in enumerate(info.layer_bytes) if i not in keep)
-    n_streamed = sum(1 for i in range(len(info.layer_bytes)) if i not in keep)
-    return max(compute, streamed / profile.h2d_bytes_per_s) + n_streamed * profile.layer_overhead_s
+    return simulate_layerwise(info.layer_bytes, set(resident), compute, profile, prefetch)
+
+
+def simulate_layerwise(layer_bytes: tuple[int, ...], resident: set[int], compute: float, profile: Profile,
+                       prefetch: int = 1, calls: int = 3) -> float:
+    """One call of a streamed component in steady state, simulated layer by layer.
+
+    The copy engine loads streamed layers one after another; a load needs a free slot (K+1 slots:
+    the layer K+1 loads back must have finished computing); a layer computes when its weights have
+    landed and the layer before it is done. Compute is spread over the layers by their bytes. This
+    sees what max(compute, bytes / bandwidth) does not: a streamed layer that follows too few
+    resident ones waits on its copy even when the totals would hide it.
+    """
+    total = sum(layer_bytes) or 1
+    per_layer = [compute * b / total for b in layer_bytes]
+    slots = prefetch + 1
+    copy_end = 0.0
+    compute_end = 0.0
+    freed: list[float] = []          # compute end of each streamed layer, in load order
+    call_start = 0.0
+    for _ in range(calls):
+        call_start = compute_end
+        for i, nbytes in enumerate(layer_bytes):
+            ready = 0.0
+            if i not in resident:
+                slot_free = freed[-slots] if len(freed) >= slots else 0.0
+                start = max(copy_end, slot_free)
+                copy_end = start + nbytes / profile.h2d_bytes_per_s
+                ready = copy_end
+            compute_end = max(compute_end, ready) + per_layer[i] + (profile.layer_overhead_s if i not in resident else 0.0)
+            if i not in resident:
+                freed.append(compute_end)
+    return compute_end - call_start
 
 
 def plan_budget(doc: Document, inventory: Inventory, resolution: Resolution, *, strict: bool = False) -> Plan:
@@ -112,7 +141,8 @@ def _with_times(plan: Plan, inventory: Inventory, workload: Mapping[str, Any], p
             comps[name] = cp
             continue
         calls = steps if runs_per_step_name(name) else 1
-        t = step_seconds(cp.strategy, info, cp.resident_layers, workload, profile, calls=calls)
+        t = step_seconds(cp.strategy, info, cp.resident_layers, workload, profile, calls=calls,
+                         prefetch=cp.prefetch or 1)
         if runs_per_step_name(name):
             per_step += t
         comps[name] = replace(cp, estimate=replace(cp.estimate, step_seconds=round(t, 6)))
@@ -132,7 +162,7 @@ def _choose(doc: Document, inventory: Inventory, resolution: Resolution, auto: l
 
     fixed = build_plan(doc, inventory, resolution)   # auto components are placeholders here
     layer_bytes = {c.name: c.info.layer_bytes for c in resolution.components.values()}
-    extra = fixed.estimate.activation_bytes + fixed.estimate.margin_bytes
+    activations, margin = fixed.estimate.activation_bytes, fixed.estimate.margin_bytes
 
     def peak_of(state: dict[str, tuple[str, tuple[int, ...]]]) -> int:
         plans = dict(fixed.components)
@@ -140,7 +170,7 @@ def _choose(doc: Document, inventory: Inventory, resolution: Resolution, auto: l
             comp = resolution.components[name]
             plans[name] = replace(plans[name], strategy=strategy, resident_layers=resident,
                                   prefetch=comp.prefetch or 1)
-        return memory_estimate(plans, layer_bytes, activation_bytes=extra).gpu_peak_bytes
+        return memory_estimate(plans, layer_bytes, activation_bytes=activations, margin_bytes=margin).gpu_peak_bytes
 
     state = dict(start)
     smallest = peak_of(state)
