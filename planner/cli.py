@@ -1,4 +1,4 @@
-"""``residency-planner``: validate, plan, explain, diff, schema, from-sglang, inventory, run.
+"""``residency-planner``: validate, plan, explain, diff, schema, from-sglang, inventory, run, tiny.
 
 Exit codes: 0 valid, 1 invalid input (``FILE:LINE:COL: error: ...``), 2 usage error. The spec-side
 commands import no torch.
@@ -268,6 +268,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_command(args)
 
 
+def cmd_tiny(args: argparse.Namespace) -> int:
+    """Save a tiny random-weight pipeline of a model family (for trying plans on the CPU)."""
+    try:
+        import torch
+
+        from .tiny import save_tiny_pipeline, tiny_family_names
+    except ImportError as exc:
+        print(f"error: 'tiny' needs the executor extra: pip install 'residency-planner[executor]' ({exc})",
+              file=sys.stderr)
+        return 1
+    families = tiny_family_names()
+    if args.family not in families:
+        print(f"error: unknown family {args.family!r}; known: {', '.join(families)}", file=sys.stderr)
+        return 2
+    out = Path(args.out_dir)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        print(f"error: {out} exists and is not empty (--force overwrites)", file=sys.stderr)
+        return 1
+    path = save_tiny_pipeline(args.family, out, seed=args.seed, dtype=getattr(torch, args.dtype))
+    print(f"wrote the tiny {args.family} pipeline to {path}")
+    print("a spec to run it on the CPU (pipeline.path is relative to the spec file):")
+    print()
+    print("version: 1")
+    print(f"pipeline: {{path: {path.resolve()}, dtype: {args.dtype}}}")
+    print("device: cpu")
+    print("offload: {dit_layerwise_offload: true, text_encoder_cpu_offload: true}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="residency-planner",
                                      description="Plan where a diffusion pipeline's weights live, and apply it.")
@@ -330,6 +359,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="output.png")
     p.add_argument("--device", default=None, help="override the spec's device")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("tiny", help="save a tiny random-weight pipeline of a model family (CPU experiments)")
+    p.add_argument("family", metavar="FAMILY",
+                   help="z-image-turbo, flux.1-dev, wan2.2-t2v-a14b, sd3.5-large, qwen-image or ltx-2")
+    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--force", action="store_true", help="write into a non-empty OUT_DIR")
+    p.set_defaults(func=cmd_tiny)
     return parser
 
 

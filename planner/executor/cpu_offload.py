@@ -10,6 +10,9 @@ given, then the order observed) is copied ahead on a side stream.
 
 On the device at once: the running component, plus at most one prefetched component.
 
+Members built on the meta device (``load_pipeline``) take ``weight_sources``: their values are read
+straight into the host block at attach, as ``LayerwiseEngine``'s ``weight_source`` (see there).
+
 Hooks: a forward pre-hook on each component and on each of its direct children (pipelines call
 ``vae.decode`` rather than ``vae.forward``; the decoder's children still run through ``forward``)
 onloads the component; a forward hook on the component prefetches the next one.
@@ -90,6 +93,7 @@ class CpuOffloadGroup:
             self._rollback(originals)
             raise
         self._sourced = []
+        self.weight_sources = {}   # members hold real tensors now: a later attach packs those
         self._attached = True
         for comp in self._comps:
             # tensors that stay on the device because they cannot be packed (shared ones are expected)

@@ -271,7 +271,9 @@ def warn_unpackable(what: str, tensors: Iterable[torch.Tensor], device: torch.de
     if not kept:
         return 0
     kinds = sorted({type(t.data).__name__ if type(t.data) is not torch.Tensor else
-                    ("quantized" if t.is_quantized else "non-dense view") for t in kept})
+                    "quantized" if t.is_quantized else
+                    str(t.layout).removeprefix("torch.") if t.layout != torch.strided else "non-dense view"
+                    for t in kept})
     nbytes = sum(tensor_bytes(t) for t in kept)
     warnings.warn(f"{what}: {len(kept)} tensor(s) ({nbytes} bytes; {', '.join(kinds)}) cannot be packed for "
                   f"offloading and stay resident on {device}", UnpackableTensorWarning, stacklevel=stacklevel)

@@ -18,8 +18,9 @@ Shape of the engine (after SGLang's layerwise offload manager, with diffusers-st
   copies of the first layers of the next (the next denoising step). A layer that arrives while not
   loaded is loaded on the compute stream (a "sync load": stream-ordered, no host synchronisation).
 - A call ends when the component's own forward returns, or, for layers reached without it
-  (``vae.decode``), after as many layer runs as the expected order holds. A forward that raises
-  teaches no order.
+  (``vae.decode``), after as many layer runs as the expected order holds or when the call's
+  first layer comes again (a tiled decode runs the decoder once per tile: each pass is a call).
+  A forward that raises teaches no order.
 - Stay on the device for good (``gpu_resident_bytes``): non-layer weights and buffers, resident
   layers, tensors shared by two layers or by a layer and the rest (a RoPE table: moved once, every
   alias sees it, since rebinding works on the tensor object), and tensors that cannot be packed
@@ -113,7 +114,8 @@ class LayerwiseEngine:
         keep their own values (buffers computed at construction). A meta tensor cannot take real
         memory through ``.data``, so each is replaced, in every place it is registered, by a new
         Parameter (or buffer) object: build the module for the engine, hold no references to its
-        meta tensors.
+        meta tensors. The source serves this attach only: after it the module's tensors are real,
+        and a later attach (after ``detach``) packs their current values.
 
         All or nothing: on any failure the module is put back exactly as it was and the error
         re-raised.
@@ -128,6 +130,7 @@ class LayerwiseEngine:
             self._rollback(originals)
             raise
         self._sourced = None
+        self.weight_source = None   # the module holds real tensors now: a later attach packs those
         self._attached = True
         _h.warn_unpackable(self.name or "layerwise", self._unpackable, self.device)
 
@@ -420,6 +423,11 @@ class LayerwiseEngine:
             layer.depth += 1
             return
         layer.depth = 1
+        observed = self._observed
+        if not self._root_depth and len(observed) > 1 and observed[0] == layer.sid:
+            # layers reached without the component's forward, and the call's first layer comes
+            # again: a new pass (the next tile of a tiled VAE decode) starts here
+            self._close_call()
         self._observed.append(layer.sid)
         order = self._order
         nxt = self._cursor + 1

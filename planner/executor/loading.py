@@ -31,15 +31,17 @@ read. docs/loading.md has the details and the measurements.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import re
 import struct
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
@@ -266,14 +268,47 @@ def _build_on_meta(cls: type, library: str, folder: Path, dtype: torch.dtype) ->
     return model.eval()
 
 
-def _keymap(module: torch.nn.Module, reader: SafetensorsReader,
-            names: Mapping[int, list[str]]) -> tuple[dict[str, str], list[str]]:
+def _transformers_renames(module: torch.nn.Module, reader: SafetensorsReader) -> dict[str, str] | None:
+    """Module key -> file key through transformers' own checkpoint renamings (a VLM checkpoint's
+    ``model.layers`` is the module's ``model.language_model.layers``) and base-model prefix
+    handling. None when they are unavailable or a key needs a converter (tensors merged or split
+    on load, e.g. MoE experts): such a checkpoint cannot be read tensor by tensor."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # pragma: no cover - another transformers version: prefix handling only
+        return None
+    try:
+        transforms = get_model_conversion_mapping(module)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        meta_keys = dict.fromkeys(module.state_dict(keep_vars=True))
+        prefix = getattr(module, "base_model_prefix", None)
+        out: dict[str, str] = {}
+        for key in reader.keys():
+            renamed, converter = rename_source_key(key, renamings, converters, prefix, meta_keys)
+            if renamed not in meta_keys and key in meta_keys:
+                renamed, converter = rename_source_key(key, [], [], prefix, meta_keys)
+            if converter is not None:
+                return None
+            out.setdefault(renamed, key)
+        return out
+    except Exception:  # pragma: no cover - private API changed shape: prefix handling only
+        return None
+
+
+def _keymap(module: torch.nn.Module, reader: SafetensorsReader, names: Mapping[int, list[str]],
+            library: str | None = None) -> tuple[dict[str, str], list[str]]:
     """Module name -> file key for every name the files hold; plus the state-dict names (params and
     persistent buffers) that no alias of which the files hold, or whose shape differs."""
     prefix = getattr(module, "base_model_prefix", "") or ""
+    renames = _transformers_renames(module, reader) if library == "transformers" else None
     keymap: dict[str, str] = {}
     for aliases in names.values():
         for name in aliases:
+            if renames is not None and name in renames:
+                keymap[name] = renames[name]
+                continue
             for key in (name, name[len(prefix) + 1:] if prefix and name.startswith(prefix + ".") else None,
                         f"{prefix}.{name}" if prefix else None):
                 if key is not None and key in reader:
@@ -353,6 +388,9 @@ class LoadedResident(Resident):
         self.name = name
 
     def attach(self) -> None:
+        if self.source is None:   # attached before: the module holds real tensors now
+            super().attach()
+            return
         sourced = _h.SourcedTensors(self.module, self.source, what=self.name or type(self.module).__name__)
         tensors = _h.unique_tensors(self.module)
         lacking = sourced.missing(tensors)
@@ -374,6 +412,7 @@ class LoadedResident(Resident):
             sourced.undo()
             self._original = []
             raise
+        self.source = None
 
 
 # ------------------------------------------------------------------------------------------
@@ -403,8 +442,49 @@ class _Loaded:
         return out
 
 
+def _layers(name: str, module: torch.nn.Module, cp: Any, info: _Loaded) -> list[torch.nn.Module]:
+    """The plan's layer sequence in the loaded module.
+
+    A plan made from a folder names layer lists by checkpoint keys; where the module tree differs
+    (a VLM text encoder whose checkpoint says ``model.layers`` and whose module has
+    ``model.language_model.layers``) each list is matched to the module's ``ModuleList`` with the
+    same last name and length, the longest common dotted suffix winning; ambiguity is an error.
+    """
+    lists = {n: m for n, m in module.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) and n}
+    if all(ll.path in lists for ll in cp.layers):
+        return _flat_layers(name, module, cp.layers)
+    out: list[torch.nn.Module] = []
+    mapped: dict[str, str] = {}
+    for ll in cp.layers:
+        chosen = ll.path if ll.path in lists else None
+        if chosen is None:
+            want = ll.path.split(".")
+            scored = []
+            for path, mod in lists.items():
+                have = path.split(".")
+                if have[-1] != want[-1] or (ll.count and len(mod) != ll.count):
+                    continue
+                common = 0
+                while common < min(len(have), len(want)) and have[-1 - common] == want[-1 - common]:
+                    common += 1
+                scored.append((common, path))
+            scored.sort(reverse=True)
+            if not scored or (len(scored) > 1 and scored[0][0] == scored[1][0]):
+                raise PlanApplyError(
+                    f"{name}: the plan streams '{ll.path}' ({ll.count} layers), which {type(module).__name__} does "
+                    f"not have{' unambiguously' if scored else ''} (its layer lists: "
+                    f"{', '.join(f'{p} ({len(m)})' for p, m in lists.items()) or 'none'}); give "
+                    f"components.{name}.layers")
+            chosen = scored[0][1]
+            mapped[ll.path] = chosen
+        out.extend(lists[chosen])
+    if mapped:
+        info.extra["layer_lists"] = mapped
+    return out
+
+
 def _component_class(library: str, class_name: str, pipeline_class: str | None) -> type:
-    candidates = [library]
+    candidates = [library, f"diffusers.pipelines.{library}"]
     if library == "diffusers" and pipeline_class:
         try:
             import diffusers
@@ -429,8 +509,8 @@ def _component_class(library: str, class_name: str, pipeline_class: str | None) 
 def _from_pretrained(cls: type, library: str | None, folder: Path, dtype: torch.dtype) -> torch.nn.Module:
     """The library's own loader, weights then copied out of the file mapping into ordinary memory
     (views of a mapped file can shift CPU kernels by 1e-7, and keep the file's pages resident)."""
-    kwargs = {"dtype": dtype} if library == "transformers" else {"torch_dtype": dtype}
-    model = cls.from_pretrained(str(folder), **kwargs)
+    with _quiet_diffusers():
+        model = cls.from_pretrained(str(folder), **_dtype_kwargs(library, dtype))
     with torch.no_grad():
         for p in model.parameters():
             p.data = p.data.detach().clone(memory_format=torch.contiguous_format)
@@ -477,7 +557,7 @@ def _progress(total: int, enabled: bool) -> Any:
     except ImportError:  # pragma: no cover
         return None
     return tqdm(total=total, desc="loading", unit="B", unit_scale=True, unit_divisor=1024,
-                disable=not enabled, file=sys.stderr, leave=False)
+                disable=not enabled, file=sys.stderr)
 
 
 def load_pipeline(spec: Any, *, device: str | torch.device | None = None, plan: Plan | None = None,
@@ -552,7 +632,7 @@ def load_pipeline(spec: Any, *, device: str | torch.device | None = None, plan: 
         if not reason:
             module = _build_on_meta(cls, library, sub, dtype)
             names = _h.tensor_names(module)
-            keymap, problems = _keymap(module, readers[name], names)
+            keymap, problems = _keymap(module, readers[name], names, library)
             if not problems:
                 source = ComponentSource(readers[name], keymap)
                 _set_dtypes(module, library, dtype, source, names)
@@ -599,10 +679,10 @@ def load_pipeline(spec: Any, *, device: str | torch.device | None = None, plan: 
                                         weight_sources=sources)
                 group.attach()
                 handle._attached.append(group)
-                for member in members:
+                for member in members:   # one pack for the group: each member reports the group's time
                     handle.placements[member] = _GroupMember(group, member)
+                    loaded[member].extra["offload_group"] = list(members)
                     finish(member, t0)
-                    t0 = time.perf_counter()
                 continue
             module, source = prepare(name, cp.strategy)
             modules[name] = module
@@ -612,13 +692,13 @@ def load_pipeline(spec: Any, *, device: str | torch.device | None = None, plan: 
             elif cp.strategy == "layerwise":
                 from .layerwise import LayerwiseEngine
 
-                placement = LayerwiseEngine(module, _flat_layers(name, module, cp.layers), device=dev,
+                placement = LayerwiseEngine(module, _layers(name, module, cp, loaded[name]), device=dev,
                                             prefetch=cp.prefetch or 1, resident=cp.resident_layers, name=name,
                                             weight_source=source)
             elif cp.strategy == "fsdp":
                 from .fsdp import FsdpShard
 
-                placement = FsdpShard(module, _flat_layers(name, module, cp.layers), device=dev, name=name)
+                placement = FsdpShard(module, _layers(name, module, cp, loaded[name]), device=dev, name=name)
             else:
                 raise PlanApplyError(f"{name}: unknown strategy '{cp.strategy}'")
             placement.attach()
@@ -637,8 +717,9 @@ def load_pipeline(spec: Any, *, device: str | torch.device | None = None, plan: 
         handle.placements = {n: handle.placements[n] for n in plan.components}
 
         t0 = time.perf_counter()
-        pipe = _pipeline_class(index).from_pretrained(str(folder), torch_dtype=dtype, **modules,
-                                                      **(pipeline_kwargs or {}))
+        with _quiet_diffusers():   # only tokenizers, schedulers and the like are left to load
+            pipe = _pipeline_class(index).from_pretrained(str(folder), torch_dtype=dtype, **modules,
+                                                          **(pipeline_kwargs or {}))
         other_seconds = time.perf_counter() - t0
         components = getattr(pipe, "components", {})
         stray = [n for n, m in modules.items() if components.get(n) is not m]
@@ -670,6 +751,34 @@ def load_pipeline(spec: Any, *, device: str | torch.device | None = None, plan: 
     }
     pipe.residency = handle
     return pipe
+
+
+@contextlib.contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    """No per-component progress bar, no ``torch_dtype`` deprecation notice (newer diffusers
+    prefer ``dtype``, older ones know only ``torch_dtype``)."""
+    from diffusers.utils import logging as dlogging
+
+    was = dlogging.is_progress_bar_enabled()
+    dlogging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*torch_dtype.*", category=FutureWarning)
+            yield
+    finally:
+        if was:
+            dlogging.enable_progress_bar()
+
+
+def _dtype_kwargs(library: str | None, dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """``dtype=`` for transformers >= 4.56 (which deprecates ``torch_dtype``), else ``torch_dtype=``."""
+    if library == "transformers":
+        import transformers
+
+        major, minor = (int(x) for x in re.findall(r"\d+", transformers.__version__)[:2])
+        if (major, minor) >= (4, 56):
+            return {"dtype": dtype}
+    return {"torch_dtype": dtype}
 
 
 def _pipeline_class(index: Mapping[str, Any]) -> Any:
