@@ -110,3 +110,13 @@ def test_calibrated_profile_file_is_used(tmp_path):
     slow = make_plan(spec)
     assert slow.estimate.profile == "slow-link"
     assert slow.estimate.seconds_per_step > auto_plan("9GiB").estimate.seconds_per_step
+
+
+def test_calibrate_measures_a_real_dit_layer_rate_on_cpu():
+    torch = pytest.importorskip("torch")
+    from planner.calibrate import measure_dit_rate
+
+    dims = {"dim": 64, "n_heads": 2, "n_kv_heads": 2, "cap_feat_dim": 32, "axes_dims": [8, 12, 12],
+            "axes_lens": [64, 64, 64]}
+    rate = measure_dit_rate(torch, device="cpu", dims=dims, size=64, text_tokens=8, repeat=2)
+    assert 1e6 < rate < 1e13    # a CPU: positive, finite, far below a GPU
