@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from .errors import SpecError
 from .inventory import DTYPE_BYTES, ComponentInfo, Inventory
 from .load import Document
-from .plan import Decision, Estimate, Plan
+from .plan import Decision, Plan
 from .estimate import memory_estimate
 from .resolve import ComponentResolution, Resolution, place_resident
 from .rules import reason, runs_per_step

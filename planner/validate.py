@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import Diagnostic, SpecError, did_you_mean
-from .load import Document, PathKey, format_path
+from .load import Document, PathKey
 
 _SCHEMA_DIRS = (Path(__file__).parent / "schemas", Path(__file__).parent.parent / "schemas")
 

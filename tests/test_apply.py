@@ -12,42 +12,7 @@ import planner  # noqa: E402
 from planner import PlanApplyError  # noqa: E402
 from planner.executor.layerwise import LayerwiseEngine  # noqa: E402
 from planner.tiny import load_tiny_pipeline, run_tiny  # noqa: E402
-
-
-def snapshot(pipe):
-    """Every tensor of every module component: (object, values, device), and every module's hooks
-    (transformers registers hooks of its own), for bit-for-bit checks."""
-    out = {}
-    for name, module in pipe.components.items():
-        if isinstance(module, torch.nn.Module):
-            for key, t in list(module.named_parameters()) + list(module.named_buffers()):
-                out[(name, key)] = (t, t.detach().clone(), t.device)
-            out[(name, "<hooks>")] = [(dict(sub._forward_pre_hooks), dict(sub._forward_hooks))
-                                      for sub in module.modules()]
-    return out
-
-
-def assert_restored(pipe, snap):
-    now = snapshot(pipe)
-    assert now.keys() == snap.keys()
-    for key, entry in snap.items():
-        if key[1] == "<hooks>":
-            assert now[key] == entry, f"{key[0]}: hooks differ after remove()"
-            continue
-        t, values, device = entry
-        cur = now[key][0]
-        assert cur is t, key                          # the same Parameter objects, not replacements
-        assert cur.device == device, key
-        assert torch.equal(cur.detach(), values), key
-    for name, module in pipe.components.items():
-        if isinstance(module, torch.nn.Module):
-            assert not hasattr(module, "_hf_hook"), name
-
-
-def spec_for(path, **sections):
-    spec = {"version": 1, "pipeline": {"path": str(path), "dtype": "float32"}, "device": "cpu"}
-    spec.update(sections)
-    return spec
+from pipeline_checks import assert_restored, snapshot, spec_for  # noqa: E402
 
 
 def engines(handle):

@@ -31,44 +31,8 @@ from planner.tiny import load_tiny_pipeline, run_tiny  # noqa: E402
 FLUX = "flux.1-dev"
 
 
-# ----------------------------------------------------------------------------------------------
-# helpers (as in test_apply.py)
+from pipeline_checks import assert_restored, snapshot, spec_for  # noqa: E402
 
-
-def snapshot(pipe):
-    """Every tensor of every module component (object, values, device) and every module's hooks."""
-    out = {}
-    for name, module in pipe.components.items():
-        if isinstance(module, nn.Module):
-            for key, t in list(module.named_parameters()) + list(module.named_buffers()):
-                out[(name, key)] = (t, t.detach().clone(), t.device, type(t.data))
-            out[(name, "<hooks>")] = [(dict(sub._forward_pre_hooks), dict(sub._forward_hooks))
-                                      for sub in module.modules()]
-    return out
-
-
-def assert_restored(pipe, snap):
-    now = snapshot(pipe)
-    assert now.keys() == snap.keys()
-    for key, entry in snap.items():
-        if key[1] == "<hooks>":
-            assert now[key] == entry, f"{key[0]}: hooks differ"
-            continue
-        t, values, device, kind = entry
-        cur = now[key][0]
-        assert cur is t, key                          # the same Parameter objects, not replacements
-        assert cur.device == device, key
-        assert type(cur.data) is kind, key
-        assert torch.equal(cur.detach(), values), key
-    for name, module in pipe.components.items():
-        if isinstance(module, nn.Module):
-            assert not hasattr(module, "_hf_hook"), name
-
-
-def spec_for(path, **sections):
-    spec = {"version": 1, "pipeline": {"path": str(path), "dtype": "float32"}, "device": "cpu"}
-    spec.update(sections)
-    return spec
 
 
 def live_blocks() -> int:

@@ -300,6 +300,22 @@ def _flat_layers(name: str, module: torch.nn.Module, plan_layers: Any) -> list[t
     return layers
 
 
+def finish_apply(handle: ResidencyHandle, modules: Mapping[str, torch.nn.Module], group: Any = None) -> None:
+    """What every apply ends with, once the placements are attached: phase hooks for the CPU-offload
+    group, execution-device hints for diffusers, placements in pipeline order for reports."""
+    plan = handle.plan
+    if group is not None:
+        members = {n for n, cp in plan.components.items() if cp.strategy == "cpu_offload"}
+        phases = PhaseHooks(group, [modules[n] for n in plan.components if n not in members])
+        phases.attach()
+        handle._attached.append(phases)
+    for name, cp in plan.components.items():
+        if cp.strategy in ("cpu_offload", "layerwise") and not hasattr(modules[name], "_hf_hook"):
+            modules[name]._hf_hook = ExecutionDeviceHint(handle.device)
+            handle._hints.append(modules[name])
+    handle.placements = {n: handle.placements[n] for n in plan.components}
+
+
 def apply_plan(pipe: Any, plan: Any, *, device: str | torch.device | None = None) -> ResidencyHandle:
     """Apply ``plan`` (a Plan, a spec path or a spec mapping) to ``pipe``; all or nothing."""
     if not isinstance(plan, Plan):
@@ -347,16 +363,7 @@ def apply_plan(pipe: Any, plan: Any, *, device: str | torch.device | None = None
             handle._attached.append(group)
             for name, _ in offload_members:
                 handle.placements[name] = _GroupMember(group, name)
-            members = {name for name, _ in offload_members}
-            phases = PhaseHooks(group, [modules[n] for n in plan.components if n not in members])
-            phases.attach()
-            handle._attached.append(phases)
-        for name, cp in plan.components.items():
-            if cp.strategy in ("cpu_offload", "layerwise") and not hasattr(modules[name], "_hf_hook"):
-                modules[name]._hf_hook = ExecutionDeviceHint(dev)
-                handle._hints.append(modules[name])
-        # keep the pipeline's own order of placements for reports
-        handle.placements = {n: handle.placements[n] for n in plan.components}
+        finish_apply(handle, modules, group if offload_members else None)
     except BaseException as exc:
         try:
             handle.remove()

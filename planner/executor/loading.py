@@ -48,7 +48,7 @@ import torch
 from ..errors import PlanApplyError, SpecError
 from ..plan import Plan
 from . import hooks as _h
-from .apply import ExecutionDeviceHint, PhaseHooks, Resident, ResidencyHandle, _GroupMember, _flat_layers
+from .apply import Resident, ResidencyHandle, _flat_layers, _GroupMember, finish_apply
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -706,15 +706,7 @@ def load_pipeline(spec: Any, *, device: str | torch.device | None = None, plan: 
             handle.placements[name] = placement
             finish(name, t0)
         current = ""
-        if members:
-            phases = PhaseHooks(_group_of(handle), [modules[n] for n in plan.components if n not in members])
-            phases.attach()
-            handle._attached.append(phases)
-        for name, cp in plan.components.items():
-            if cp.strategy in ("cpu_offload", "layerwise") and not hasattr(modules[name], "_hf_hook"):
-                modules[name]._hf_hook = ExecutionDeviceHint(dev)
-                handle._hints.append(modules[name])
-        handle.placements = {n: handle.placements[n] for n in plan.components}
+        finish_apply(handle, modules, _group_of(handle) if members else None)
 
         t0 = time.perf_counter()
         with _quiet_diffusers():   # only tokenizers, schedulers and the like are left to load

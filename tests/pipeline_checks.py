@@ -1,0 +1,42 @@
+"""Checks shared by the executor tests: a pipeline snapshot and its bit-for-bit restore check."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def snapshot(pipe):
+    """Every tensor of every module component (object, values, device) and every module's hooks."""
+    out = {}
+    for name, module in pipe.components.items():
+        if isinstance(module, nn.Module):
+            for key, t in list(module.named_parameters()) + list(module.named_buffers()):
+                out[(name, key)] = (t, t.detach().clone(), t.device, type(t.data))
+            out[(name, "<hooks>")] = [(dict(sub._forward_pre_hooks), dict(sub._forward_hooks))
+                                      for sub in module.modules()]
+    return out
+
+
+def assert_restored(pipe, snap):
+    now = snapshot(pipe)
+    assert now.keys() == snap.keys()
+    for key, entry in snap.items():
+        if key[1] == "<hooks>":
+            assert now[key] == entry, f"{key[0]}: hooks differ"
+            continue
+        t, values, device, kind = entry
+        cur = now[key][0]
+        assert cur is t, key                          # the same Parameter objects, not replacements
+        assert cur.device == device, key
+        assert type(cur.data) is kind, key
+        assert torch.equal(cur.detach(), values), key
+    for name, module in pipe.components.items():
+        if isinstance(module, nn.Module):
+            assert not hasattr(module, "_hf_hook"), name
+
+
+def spec_for(path, **sections):
+    spec = {"version": 1, "pipeline": {"path": str(path), "dtype": "float32"}, "device": "cpu"}
+    spec.update(sections)
+    return spec
