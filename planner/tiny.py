@@ -55,6 +55,8 @@ from diffusers import (
     ZImageTransformer2DModel,
 )
 from diffusers.models.modeling_utils import ModelMixin
+
+from planner.executor.loading import materialize
 from diffusers.pipelines.ltx2 import LTX2TextConnectors
 from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
 from tokenizers import pre_tokenizers
@@ -807,33 +809,16 @@ def save_tiny_pipeline(
     return path
 
 
-def _materialize(module: torch.nn.Module) -> None:
-    # from_pretrained leaves parameters as views into the mmap'ed safetensors file, whose
-    # tensor data is only guaranteed 8-byte aligned. CPU kernels can take different
-    # vectorised paths for such inputs, which changes float summation order: loaded
-    # as-is, most tiny pipelines differ from their in-memory twins by 3e-7..1.5e-6. Cloning
-    # gives every weight its own aligned, contiguous storage so that a loaded pipeline and
-    # a pipeline derived from it (moved, offloaded, re-sharded) compute bit-identically.
-    # Replacing .data keeps the Parameter objects, so tied weights stay tied.
-    with torch.no_grad():
-        for param in module.parameters():
-            param.data = param.data.detach().clone(memory_format=torch.contiguous_format)
-        for sub in module.modules():
-            for name, buf in list(sub._buffers.items()):
-                if buf is not None:
-                    sub._buffers[name] = buf.detach().clone(memory_format=torch.contiguous_format)
-
-
 def load_tiny_pipeline(path: str | Path, **from_pretrained_kwargs: Any) -> DiffusionPipeline:
     """Load a saved tiny pipeline through ``DiffusionPipeline.from_pretrained``.
 
     Weights are then copied out of the safetensors mmap into ordinary contiguous CPU
-    tensors (see ``_materialize``), so equality tests between loaded pipelines are stable.
+    tensors (see ``planner.executor.loading.materialize``), so equality tests between loaded pipelines are stable.
     """
     pipe = DiffusionPipeline.from_pretrained(str(path), **from_pretrained_kwargs)
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
-            _materialize(component)
+            materialize(component)
             component.eval()
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -365,10 +365,7 @@ def apply_plan(pipe: Any, plan: Any, *, device: str | torch.device | None = None
                 handle.placements[name] = _GroupMember(group, name)
         finish_apply(handle, modules, group if offload_members else None)
     except BaseException as exc:
-        try:
-            handle.remove()
-        finally:
-            pass
+        handle.remove()
         if isinstance(exc, PlanApplyError):
             raise
         raise PlanApplyError(f"applying the plan failed, nothing was changed: {type(exc).__name__}: {exc}") from exc

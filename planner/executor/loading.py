@@ -511,14 +511,25 @@ def _from_pretrained(cls: type, library: str | None, folder: Path, dtype: torch.
     (views of a mapped file can shift CPU kernels by 1e-7, and keep the file's pages resident)."""
     with _quiet_diffusers():
         model = cls.from_pretrained(str(folder), **_dtype_kwargs(library, dtype))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.data = p.data.detach().clone(memory_format=torch.contiguous_format)
-        for sub in model.modules():
-            for bname, b in list(sub._buffers.items()):
-                if b is not None:
-                    sub._buffers[bname] = b.detach().clone(memory_format=torch.contiguous_format)
+    materialize(model)
     return model.eval()
+
+
+def materialize(module: torch.nn.Module) -> None:
+    """Give every weight its own aligned, contiguous storage, out of any safetensors mapping.
+
+    from_pretrained leaves parameters as views into the mapped file, whose tensor data is only
+    8-byte aligned; CPU kernels take different vectorised paths for such inputs, which changes
+    float summation order (1e-7 on tiny pipelines). Replacing ``.data`` keeps the Parameter
+    objects, so tied weights stay tied.
+    """
+    with torch.no_grad():
+        for param in module.parameters():
+            param.data = param.data.detach().clone(memory_format=torch.contiguous_format)
+        for sub in module.modules():
+            for name, buf in list(sub._buffers.items()):
+                if buf is not None:
+                    sub._buffers[name] = buf.detach().clone(memory_format=torch.contiguous_format)
 
 
 def _folder_of(doc: Any) -> Path:
