@@ -392,6 +392,95 @@ def test_slots_allocated_once() -> None:
         engine.detach()
 
 
+class Mlp(nn.Module):
+    def __init__(self, d: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d, hidden)
+        self.fc2 = nn.Linear(hidden, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+class TwoSizes(nn.Module):
+    """Flux-like: large blocks, then blocks a quarter of their size, then large ones again."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([Mlp(d, 8 * d) for _ in range(3)] + [Mlp(d, 2 * d) for _ in range(4)]
+                                    + [Mlp(d, 8 * d) for _ in range(2)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("prefetch", [1, 2])
+def test_slots_follow_layer_sizes(device: str, prefetch: int) -> None:
+    """While small layers run, the slots hold small layers only: the device holds what is in
+    flight, not K+1 copies of the largest layer. Outputs stay bit-identical."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = TwoSizes().eval()
+    x = torch.randn(3, 16, device=device)
+    with torch.no_grad():
+        ref = model(x)
+    sizes = [sum(hooks.tensor_bytes(t) for t in b.parameters()) for b in model.blocks]
+    engine = LayerwiseEngine(model, list(model.blocks), device=device, prefetch=prefetch)
+    engine.attach()
+    # what a layer takes in a slot: its bytes plus the 256-byte alignment of each tensor
+    packed = [sum(numel * dtype.itemsize for dtype, numel in layer.need.items()) for layer in engine._streamed]
+    assert all(b <= p < b + 256 * 4 for b, p in zip(sizes, packed))
+    held: dict[int, list[int]] = {i: [] for i in range(len(sizes))}
+
+    def probe(i: int):
+        def pre(mod: nn.Module, args: object) -> None:   # runs after the engine's (prepended) hook
+            held[i].append(engine.report()["gpu_slot_bytes"])
+        return pre
+
+    handles = [b.register_forward_pre_hook(probe(i)) for i, b in enumerate(model.blocks)]
+    try:
+        with torch.no_grad():
+            for _ in range(4):
+                assert torch.equal(model(x), ref)
+        first_call = engine.report()["slot_allocations"]
+        with torch.no_grad():
+            for _ in range(3):
+                assert torch.equal(model(x), ref)
+        rep = engine.report()
+    finally:
+        for h in handles:
+            h.remove()
+        engine.detach()
+    small, large = packed[3], packed[0]
+    assert small * 3 < large                       # a small layer in a large slot would waste it
+    k1 = prefetch + 1
+    for i in range(3, 7 - prefetch):               # a small layer with only small ones ahead
+        assert set(held[i]) == {k1 * small}, (i, held[i], small)
+    for i in range(len(sizes)):                    # never more than the K+1 largest, whatever runs
+        assert max(held[i]) <= k1 * large
+    assert rep["gpu_slot_peak_bytes"] == k1 * large
+    # the same reallocations every call (two size changes, each slot once), none when sizes repeat
+    per_call = (rep["slot_allocations"] - first_call) / 3
+    assert per_call == 2 * k1, rep
+    assert rep["sync_loads"] == 0
+
+
+def test_uniform_layers_allocate_slots_once() -> None:
+    model = make_stack("cpu")
+    engine = LayerwiseEngine(model, list(model.blocks), device="cpu", prefetch=2)
+    engine.attach()
+    try:
+        with torch.no_grad():
+            for _ in range(3):
+                model(ids_for("cpu"))
+        assert engine.report()["slot_allocations"] == 3
+    finally:
+        engine.detach()
+
+
 def test_inference_mode_and_requires_grad() -> None:
     model = make_stack("cpu")
     x = ids_for("cpu")

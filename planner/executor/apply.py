@@ -14,6 +14,7 @@ import torch
 
 from ..errors import PlanApplyError
 from ..plan import Plan
+from .hooks import ModuleHooks
 from .layers import discover_layer_lists
 
 
@@ -85,7 +86,7 @@ class PhaseHooks:
 
     def __init__(self, group: Any, modules: list[torch.nn.Module]) -> None:
         self.group, self.modules = group, modules
-        self._handles: list[Any] = []
+        self._hooks = ModuleHooks()
 
     def attach(self) -> None:
         group = self.group
@@ -94,15 +95,13 @@ class PhaseHooks:
             group.other_component_runs()
 
         for module in self.modules:
-            self._handles.append(module.register_forward_pre_hook(enter))
+            self._hooks.pre(module, enter)
             # pipelines call vae.decode, which reaches the children, not forward
             for child in module.children():
-                self._handles.append(child.register_forward_pre_hook(enter))
+                self._hooks.pre(child, enter)
 
     def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        self._hooks.remove()
 
     def report(self) -> dict:
         return {}

@@ -554,18 +554,24 @@ def restore_tensor(pt: PackedTensor, source: torch.Tensor) -> None:
 
 
 class ModuleHooks:
-    """Forward hooks registered by one engine; ``remove`` unregisters every one of them."""
+    """Forward hooks registered by one engine; ``remove`` unregisters every one of them.
+
+    Every hook is wrapped in ``torch.compiler.disable``: a module compiled on its own
+    (``module.compile()``, diffusers' ``compile_repeated_blocks``) or inside a compiled model runs
+    its hooks eagerly, outside the graph, so the engines' Python state (order, cursor, slots) never
+    becomes a guard and rebinding weights between calls recompiles nothing (tests/test_compile.py).
+    """
 
     def __init__(self) -> None:
         self._handles: list[Any] = []
 
     def pre(self, module: torch.nn.Module, fn: Callable[[torch.nn.Module, Any], Any]) -> None:
         # prepend: hooks registered earlier by others (LoRA, parametrizations, probes) see the weights
-        self._handles.append(module.register_forward_pre_hook(fn, prepend=True))
+        self._handles.append(module.register_forward_pre_hook(torch.compiler.disable(fn), prepend=True))
 
     def post(self, module: torch.nn.Module, fn: Callable[[torch.nn.Module, Any, Any], Any]) -> None:
         # always_call: a forward that raises still releases what its pre-hook took
-        self._handles.append(module.register_forward_hook(fn, always_call=True))
+        self._handles.append(module.register_forward_hook(torch.compiler.disable(fn), always_call=True))
 
     def remove(self) -> None:
         for handle in reversed(self._handles):

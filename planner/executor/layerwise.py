@@ -6,8 +6,13 @@ Shape of the engine (after SGLang's layerwise offload manager, with diffusers-st
 - Host side: every streamed layer's parameters and buffers, grouped by dtype, sit in one flat
   (pinned, on CUDA) buffer per dtype; the buffer of a dtype is a slice of one block shared by all
   layers of the component. Offsets are 256-byte aligned, so a layer moves with one copy per dtype.
-- Device side: K+1 slots (K = ``prefetch``), each one flat buffer per dtype sized for the largest
-  streamed layer, allocated once at ``attach``. A layer is loaded by copying its host slices into a
+- Device side: K+1 slots (K = ``prefetch``), each one flat buffer per dtype. A slot is sized for
+  the layer it takes and keeps its buffers while the layers it takes fit them with little waste, so
+  uniform layers allocate once; a layer that does not fit, or would leave more than a quarter of
+  the slot idle (Flux: a single block in a slot sized for a double block, twice as large), gets
+  the slot reallocated to its size. Then only what is in flight occupies the device (two single
+  blocks, not two double blocks, while the single blocks run), and the caching allocator hands the
+  freed bytes to activations. A layer is loaded by copying its host slices into a
   slot on a side copy stream and recording the slot's load event; it is bound (each tensor's
   ``.data`` set to a precomputed view of the slot) by its forward pre-hook, after the compute
   stream waits on that event, and released by its forward hook (``.data`` set to an empty
@@ -34,8 +39,10 @@ lost); ``state_dict()``/``.to()``/LoRA fusing need ``detach`` first; at most ``s
 layers may run nested inside each other; a layer called several times in a call is loaded again
 for each call (prefetched when the order predicts it); one engine per module tree, one thread;
 anything outside that still references an original weight (a ``state_dict()`` kept around) keeps
-that memory alive after ``attach``; torch.compile and CUDA graphs are not supported (weights are
-rebound every call).
+that memory alive after ``attach``. torch.compile works (regional or whole-model: the hooks run
+outside the graphs, which take the weights as inputs, so rebinding recompiles nothing); CUDA
+graphs do not (mode="reduce-overhead" replays fixed addresses, and a slot holds another layer
+each call).
 """
 
 from __future__ import annotations
@@ -46,22 +53,31 @@ import torch
 
 from . import hooks as _h
 
-_EAGER_VIEW_LIMIT = 50_000   # (layer, slot, tensor) views built at attach; more are built on first use
+_SLOT_WASTE = 0.25   # a slot more than this fraction larger than its next layer is reallocated
 
 
 class _Slot:
-    __slots__ = ("index", "bufs", "load_event", "free_event", "layer")
+    __slots__ = ("index", "bufs", "sizes", "load_event", "free_event", "layer")
 
-    def __init__(self, index: int, bufs: dict[torch.dtype, torch.Tensor], ops: _h.StreamOps) -> None:
+    def __init__(self, index: int, ops: _h.StreamOps) -> None:
         self.index = index
-        self.bufs = bufs
+        self.bufs: dict[torch.dtype, torch.Tensor] = {}
+        self.sizes: dict[torch.dtype, int] = {}   # numel of each buffer
         self.load_event = ops.new_event()    # recorded after the last copy into the slot
         self.free_event = ops.new_event()    # recorded on the compute stream after its last reader
         self.layer: _Layer | None = None
 
+    def fits(self, need: dict[torch.dtype, int]) -> bool:
+        """Holds ``need`` with at most ``_SLOT_WASTE`` of the slot idle."""
+        sizes = self.sizes
+        if any(sizes.get(d, 0) < n for d, n in need.items()):
+            return False
+        held = sum(sizes.values())
+        return held - sum(need.values()) <= _SLOT_WASTE * held
+
 
 class _Layer:
-    __slots__ = ("sid", "index", "module", "group", "slot", "depth", "binds", "copies", "releases",
+    __slots__ = ("sid", "index", "module", "group", "need", "slot", "depth", "binds", "copies", "releases",
                  "want_again", "mark")
 
     def __init__(self, sid: int, index: int, module: torch.nn.Module, group: _h.PackedGroup) -> None:
@@ -69,10 +85,12 @@ class _Layer:
         self.index = index        # position in the engine's ``layers``
         self.module = module
         self.group = group
+        self.need = {dtype: numel for dtype, (_, numel) in group.spans.items()}
         self.slot: _Slot | None = None
         self.depth = 0            # > 0 while its forward runs
+        # per slot, built on first use and dropped when the slot is reallocated
         self.binds: list[list[tuple[torch.Tensor, torch.Tensor]] | None] = []
-        self.copies: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+        self.copies: list[list[tuple[torch.Tensor, torch.Tensor]] | None] = []
         self.releases: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.want_again = False   # the window wanted it while it ran: reload after release
         self.mark = 0
@@ -166,7 +184,9 @@ class LayerwiseEngine:
             "prefetch": self.prefetch,
             "streamed_bytes": sum(layer.group.nbytes for layer in self._streamed),
             "gpu_resident_bytes": self._resident_bytes,
-            "gpu_slot_bytes": sum(_h.tensor_bytes(b) for s in self._slots for b in s.bufs.values()),
+            "gpu_slot_bytes": self._slot_bytes(),
+            "gpu_slot_peak_bytes": self.peak_slot_bytes,
+            "slot_allocations": self.slot_allocations,
             "host_pinned_bytes": pack.pinned_bytes if pack is not None else 0,
             "host_buffer_bytes": pack.allocated_bytes if pack is not None else 0,
             "unusual_tensors": self._unusual,
@@ -226,6 +246,8 @@ class LayerwiseEngine:
         self.sync_loads = 0
         self.async_loads = 0
         self.calls = 0
+        self.slot_allocations = 0
+        self.peak_slot_bytes = 0
 
     def _attach(self, originals: dict[int, tuple[torch.Tensor, torch.Tensor, bool]]) -> None:
         self.device = _h.resolve_device(self.device)
@@ -296,18 +318,13 @@ class LayerwiseEngine:
                     if pt.tensor.device.type == "meta":   # becomes a real object, its values in the block
                         pt.tensor = sourced.bind(pt.tensor, pack.host_view(group, pt))
 
-        # device side: the slots, once
+        # device side: the slots; their buffers come with the first layers they take
         streamed = [t for t in streamed_groups if t[1]]   # a layer with nothing to stream runs as is
         groups = {i: g for (i, _), g in zip(streamed_groups, pack.groups)}
         n_slots = min(self.prefetch + 1, len(streamed))
-        sizes: dict[torch.dtype, int] = {}
-        for i, _ in streamed:
-            for dtype, (_, numel) in groups[i].spans.items():
-                sizes[dtype] = max(sizes.get(dtype, 0), numel)
-        for s in range(n_slots):
-            bufs = {dtype: _h.alloc_device(numel, dtype, self.device) for dtype, numel in sizes.items()}
-            self._slots.append(_Slot(s, bufs, self._ops))
+        self._slots = [_Slot(s, self._ops) for s in range(n_slots)]
         self._free = list(reversed(self._slots))
+        dtypes = {dtype for i, _ in streamed for dtype in groups[i].spans}
 
         # what stays goes to the device now (from the weight source: read straight onto it)
         for t in stay.values():
@@ -327,19 +344,14 @@ class LayerwiseEngine:
                                 t.requires_grad))
             self._resident_bytes += _h.tensor_bytes(t)
 
-        # streamed tensors: empty placeholders from now on; views and copies precomputed
-        self._placeholders = {d: torch.empty(0, dtype=d, device=self.device) for d in sizes}
+        # streamed tensors: empty placeholders from now on
+        self._placeholders = {d: torch.empty(0, dtype=d, device=self.device) for d in dtypes}
         for sid, (i, _) in enumerate(streamed):
             layer = _Layer(sid, i, self.layers[i], groups[i])
             layer.releases = [(pt.tensor, self._placeholders[pt.dtype]) for pt in layer.group.tensors]
-            for slot in self._slots:
-                layer.copies.append([(slot.bufs[d].narrow(0, 0, numel), pack.host_span(layer.group, d))
-                                     for d, (_, numel) in layer.group.spans.items()])
+            layer.copies = [None] * n_slots
+            layer.binds = [None] * n_slots
             self._streamed.append(layer)
-        n_views = sum(len(layer.group.tensors) for layer in self._streamed) * len(self._slots)
-        for layer in self._streamed:
-            layer.binds = [self._views(layer, slot) if n_views <= _EAGER_VIEW_LIMIT else None
-                           for slot in self._slots]
             for t, placeholder in layer.releases:
                 t.data = placeholder
 
@@ -355,6 +367,10 @@ class LayerwiseEngine:
 
         self._order = [layer.sid for layer in self._streamed]
         self._cursor = -1
+        # every slot allocated now (a device too small fails here, not mid-generation), each
+        # sized for the layer it takes first
+        for slot, layer in zip(self._slots, self._streamed):
+            self._resize(slot, layer.need)
         self._issue(self._window())   # the first layers are in flight before the first call
 
     def _non_layer_tensors(self) -> list[torch.Tensor]:
@@ -446,10 +462,13 @@ class LayerwiseEngine:
                                    f"than slots ({len(self._slots)}); raise prefetch")
             # an evicted prefetch may still be writing this slot on the copy stream
             stream.wait_event(slot.load_event)
-            for dst, src in layer.copies[slot.index]:
+            try:
+                copies = self._place(layer, slot)
+            except BaseException:
+                layer.depth = 0
+                raise
+            for dst, src in copies:
                 dst.copy_(src, non_blocking=True)
-            slot.layer = layer
-            layer.slot = slot
             self.sync_loads += 1
         else:
             stream.wait_event(slot.load_event)
@@ -538,25 +557,61 @@ class LayerwiseEngine:
 
     def _issue(self, want: list[_Layer]) -> None:
         """Starts async copies for the wanted layers that are not loaded yet."""
-        todo: list[tuple[_Layer, _Slot]] = []
+        todo: list[tuple[_Slot, list[tuple[torch.Tensor, torch.Tensor]]]] = []
         for layer in want:
             if layer.slot is None:
                 slot = self._take_slot()
                 if slot is None:
                     break
-                slot.layer = layer
-                layer.slot = slot
-                todo.append((layer, slot))
+                todo.append((slot, self._place(layer, slot)))   # allocates on the compute stream
         if not todo:
             return
         copy_stream = self._copy_stream
         with self._ops.use(copy_stream):
-            for layer, slot in todo:
+            for slot, copies in todo:
                 copy_stream.wait_event(slot.free_event)
-                for dst, src in layer.copies[slot.index]:
+                for dst, src in copies:
                     dst.copy_(src, non_blocking=True)
                 slot.load_event.record(copy_stream)
         self.async_loads += len(todo)
+
+    def _place(self, layer: _Layer, slot: _Slot) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Gives ``slot`` (taken, so free) to ``layer``, reallocated first if the layer does not fit
+        it; returns the (slot span, host span) copies that load the layer."""
+        if not slot.fits(layer.need):
+            try:
+                self._resize(slot, layer.need)
+            except BaseException:
+                self._free.append(slot)    # still usable by the next layer that fits what is left
+                raise
+        slot.layer = layer
+        layer.slot = slot
+        copies = layer.copies[slot.index]
+        if copies is None:
+            pack = self._pack
+            assert pack is not None
+            copies = layer.copies[slot.index] = [
+                (slot.bufs[d].narrow(0, 0, numel), pack.host_span(layer.group, d)) for d, numel in layer.need.items()]
+        return copies
+
+    def _resize(self, slot: _Slot, need: dict[torch.dtype, int]) -> None:
+        """Reallocates ``slot``'s buffers to ``need``, on the compute stream (must be current)."""
+        stream = self._ops.current()
+        stream.wait_event(slot.load_event)   # a copy into the old buffers may still be running
+        for layer in self._streamed:         # cached views would keep the old buffers alive
+            layer.copies[slot.index] = None
+            layer.binds[slot.index] = None
+        slot.bufs, slot.sizes = {}, {}       # freed in compute-stream order: activations may reuse them
+        slot.bufs = {d: _h.alloc_device(numel, d, self.device) for d, numel in need.items()}
+        slot.sizes = dict(need)
+        # the copy stream waits on this event before writing: whatever the compute stream queued
+        # before (readers of the memory the allocator just handed out again) finishes first
+        slot.free_event.record(stream)
+        self.slot_allocations += 1
+        self.peak_slot_bytes = max(self.peak_slot_bytes, self._slot_bytes())
+
+    def _slot_bytes(self) -> int:
+        return sum(_h.tensor_bytes(b) for s in self._slots for b in s.bufs.values())
 
     def _close_call(self, learn: bool = True) -> None:
         """End of a call: the observed order becomes the expected one; aim prefetch at its start."""
