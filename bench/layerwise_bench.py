@@ -452,7 +452,9 @@ def setup_ours(model: torch.nn.Module, layers: list[torch.nn.Module], device: to
     from planner.executor import hooks as _h
     from planner.executor.layerwise import LayerwiseEngine
 
-    engine = LayerwiseEngine(model, layers, device=device, prefetch=prefetch, resident=resident, name=name)
+    # as apply_plan sets it up for a denoiser: the modules outside the layers stream too
+    engine = LayerwiseEngine(model, layers, device=device, prefetch=prefetch, resident=resident, name=name,
+                             stream_non_layer=True)
     saved = _h.alloc_host
     if devpack:
         def alloc_on_device(numel: int, dtype: torch.dtype, pin: bool) -> Any:
@@ -800,10 +802,13 @@ class Bench:
                 rep = setup.engine.report()
                 base.update(prefetch=rep.get("prefetch"), resident_layers=len(resident),
                             resident_indices=list(resident), streamed_layers=rep.get("streamed_layers"),
-                            streamed_bytes=rep.get("streamed_bytes"), host_pinned_bytes=rep.get("host_pinned_bytes"),
+                            # everything copied per step: the layers and the other modules streamed
+                            streamed_bytes=rep.get("streamed_bytes", 0) + rep.get("streamed_other_bytes", 0),
+                            streamed_other_modules=rep.get("streamed_other_modules"),
+                            host_pinned_bytes=rep.get("host_pinned_bytes"),
                             host_pinned_source="engine report()", host_buffer_bytes=rep.get("host_buffer_bytes"),
                             gpu_resident_bytes=rep.get("gpu_resident_bytes"), gpu_slot_bytes=rep.get("gpu_slot_bytes"),
-                            slots=rep.get("slots"))
+                            slots=rep.get("slots"), gpu_slot_peak_bytes=rep.get("gpu_slot_peak_bytes"))
                 if variant.endswith("devpack"):
                     d2d = self.meta["d2d_bandwidth"]["bytes_per_s"]
                     base.update(host_pinned_bytes=0, host_pinned_source="none: buffer in GPU memory (probe)",

@@ -45,6 +45,8 @@ def trace_forward(model: torch.nn.Module, layers: list[torch.nn.Module], inputs:
     def post(i: int):
         def hook(mod: torch.nn.Module, args: Any, out: Any) -> None:
             torch.cuda.synchronize(dev)
+            if not marks:
+                return
             marks[-1]["peak"] = torch.cuda.max_memory_allocated(dev)
             marks[-1]["end"] = torch.cuda.memory_allocated(dev)
             torch.cuda.reset_peak_memory_stats(dev)
@@ -59,6 +61,7 @@ def trace_forward(model: torch.nn.Module, layers: list[torch.nn.Module], inputs:
             for _ in range(2):
                 lb.first_tensor(model(**inputs))
             torch.cuda.synchronize(dev)
+            marks.clear()
             torch.cuda.reset_peak_memory_stats(dev)
             out = lb.first_tensor(model(**inputs))
             torch.cuda.synchronize(dev)
@@ -68,7 +71,7 @@ def trace_forward(model: torch.nn.Module, layers: list[torch.nn.Module], inputs:
         for h in handles:
             h.remove()
     prologue = marks[0]["before_peak"] if marks else 0
-    per_layer = marks[-len(layers):]
+    per_layer = marks[:len(layers)]
     return {"prologue_peak": prologue, "epilogue_peak": tail_peak, "layers": per_layer,
             "peak": max([prologue, tail_peak] + [m["peak"] for m in per_layer])}
 

@@ -41,11 +41,18 @@ def component_estimate(cp: ComponentPlan, layer_bytes: Sequence[int], *,
         # each rank keeps its shard; one block is gathered whole while it runs
         largest = max(layer_bytes, default=0)
         return ComponentEstimate(gpu_resident_bytes=-(-total // world_size), gpu_transient_bytes=largest)
+    from .rules import runs_per_step
+
     streamed = streamed_layers(cp, layer_bytes)
     resident_layer_bytes = sum(layer_bytes) - sum(streamed)
     non_layer = max(0, total - sum(layer_bytes))
     slots = min((cp.prefetch or 1) + 1, len(streamed))
     slot_bytes = slots * max(streamed, default=0)
+    if runs_per_step(cp.family):
+        # a denoiser's embedders and output layers stream too (one at a time, never beside the
+        # layers' activations): host memory, not resident device memory
+        return ComponentEstimate(gpu_resident_bytes=resident_layer_bytes, gpu_transient_bytes=slot_bytes,
+                                 host_pinned_bytes=sum(streamed) + non_layer)
     return ComponentEstimate(gpu_resident_bytes=non_layer + resident_layer_bytes, gpu_transient_bytes=slot_bytes,
                              host_pinned_bytes=sum(streamed))
 

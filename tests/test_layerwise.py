@@ -468,6 +468,52 @@ def test_slots_follow_layer_sizes(device: str, prefetch: int) -> None:
     assert rep["sync_loads"] == 0
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_stream_non_layer_modules(device: str) -> None:
+    """``embed`` and ``head`` (outside the layers) live in the host block too: on the device only
+    while they run, never while a layer runs; outputs bit-identical; detach restores everything."""
+    model = make_stack(device)
+    x = ids_for(device)
+    with torch.no_grad():
+        ref = model(x)
+    before = snapshot(model)
+    plain = LayerwiseEngine(model, list(model.blocks), device=device, prefetch=1)
+    plain.attach()
+    kept_plain = plain.report()["gpu_resident_bytes"]
+    plain.detach()
+    engine = LayerwiseEngine(model, list(model.blocks), device=device, prefetch=1, stream_non_layer=True)
+    engine.attach()
+    seen: list[tuple[int, int]] = []
+    inside: list[int] = []
+
+    def during_layer(mod: nn.Module, args: object) -> None:
+        seen.append((model.embed.weight.numel(), model.head.weight.numel()))
+
+    def during_head(mod: nn.Module, args: object) -> None:
+        inside.append(model.head.weight.numel())
+
+    handles = [b.register_forward_pre_hook(during_layer) for b in model.blocks]
+    handles.append(model.head.register_forward_pre_hook(during_head))
+    try:
+        with torch.no_grad():
+            for _ in range(3):
+                assert torch.equal(model(x), ref)
+        rep = engine.report()
+        assert model.embed.weight.numel() == 0 and model.head.weight.numel() == 0
+    finally:
+        for h in handles:
+            h.remove()
+        engine.detach()
+    assert seen and set(seen) == {(0, 0)}
+    assert inside == [model.head.weight.numel()] * 3
+    assert rep["streamed_other_modules"] == 2 and rep["other_loads"] == 6
+    other = sum(hooks.tensor_bytes(t) for m in (model.embed, model.head) for t in m.parameters())
+    assert rep["streamed_other_bytes"] == other
+    assert rep["gpu_resident_bytes"] == kept_plain - other     # ``pos`` and the shared rope stay
+    assert_same(before, snapshot(model))
+    assert no_hooks(model)
+
+
 def test_uniform_layers_allocate_slots_once() -> None:
     model = make_stack("cpu")
     engine = LayerwiseEngine(model, list(model.blocks), device="cpu", prefetch=2)

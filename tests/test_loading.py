@@ -180,8 +180,10 @@ def test_streamed_component_is_read_tensor_by_tensor_into_the_host_blocks(refere
     block = next(iter(engine._pack.blocks.values())).tensor
     lo, hi = block.data_ptr(), block.data_ptr() + block.numel() * block.element_size()
     inside = [n for _, n, ptr in transformer_reads if lo <= ptr < hi]
-    assert len(inside) == sum(len(layer.group.tensors) for layer in engine._streamed) > 0
-    # the rest (non-layer weights) went straight to the device
+    # (the layers, and the denoiser's other modules: embedders, final layer)
+    assert len(inside) == sum(len(m.group.tensors) for m in engine._streamed + engine._units) > 0
+    assert engine._streamed and engine._units
+    # the rest (the pad tokens, parameters of the transformer itself) went straight to the device
     assert engine.report()["gpu_resident_bytes"] > 0
     assert torch.equal(run_tiny(pipe), expected)
     pipe.residency.remove()

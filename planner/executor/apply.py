@@ -14,6 +14,7 @@ import torch
 
 from ..errors import PlanApplyError
 from ..plan import Plan
+from ..rules import runs_per_step
 from .hooks import ModuleHooks
 from .layers import discover_layer_lists
 
@@ -341,7 +342,8 @@ def apply_plan(pipe: Any, plan: Any, *, device: str | torch.device | None = None
                 from .layerwise import LayerwiseEngine
 
                 placement = LayerwiseEngine(module, _flat_layers(name, module, cp.layers), device=dev,
-                                            prefetch=cp.prefetch or 1, resident=cp.resident_layers, name=name)
+                                            prefetch=cp.prefetch or 1, resident=cp.resident_layers, name=name,
+                                            stream_non_layer=runs_per_step(cp.family))
             elif cp.strategy == "fsdp":
                 from .fsdp import FsdpShard
 

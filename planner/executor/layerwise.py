@@ -26,6 +26,12 @@ Shape of the engine (after SGLang's layerwise offload manager, with diffusers-st
   (``vae.decode``), after as many layer runs as the expected order holds or when the call's
   first layer comes again (a tiled decode runs the decoder once per tile: each pass is a call).
   A forward that raises teaches no order.
+- ``stream_non_layer``: the component's other modules with weights (embedders, output norm and
+  projection: the children outside the layer lists) are packed too, and each is loaded into a
+  fresh buffer on the compute stream when it runs and freed when it returns, so they take no
+  device memory while the layers run (diffusers' block-level offload keeps them on the device for
+  the whole forward). Their weights must be read inside their own forward (a parent reaching into
+  ``self.proj_out.weight`` would find an empty tensor).
 - Stay on the device for good (``gpu_resident_bytes``): non-layer weights and buffers, resident
   layers, tensors shared by two layers or by a layer and the rest (a RoPE table: moved once, every
   alias sees it, since rebinding works on the tensor object), and tensors that cannot be packed
@@ -101,7 +107,8 @@ class LayerwiseEngine:
 
     def __init__(self, module: torch.nn.Module, layers: Sequence[torch.nn.Module], *,
                  device: torch.device | str, prefetch: int = 1, resident: Collection[int] = (),
-                 name: str = "", weight_source: Callable[[str], torch.Tensor] | None = None) -> None:
+                 name: str = "", weight_source: Callable[[str], torch.Tensor] | None = None,
+                 stream_non_layer: bool = False) -> None:
         if prefetch < 0:
             raise ValueError(f"prefetch must be >= 0, got {prefetch}")
         self.module = module
@@ -111,6 +118,7 @@ class LayerwiseEngine:
         self.resident = sorted(set(int(i) for i in resident))
         self.name = name
         self.weight_source = weight_source
+        self.stream_non_layer = stream_non_layer
         bad = [i for i in self.resident if not 0 <= i < len(self.layers)]
         if bad:
             raise ValueError(f"{name or 'layerwise'}: resident layer indices out of range "
@@ -161,7 +169,7 @@ class LayerwiseEngine:
         self._ops.synchronize()   # pending copies read host blocks and write slots about to go
         self._hooks.remove()
         with torch.inference_mode(False), torch.no_grad():
-            for layer in self._streamed:
+            for layer in self._streamed + self._units:
                 for pt in layer.group.tensors:
                     _h.restore_tensor(pt, self._pack.host_view(layer.group, pt))
             for t, orig_device, orig_data, requires_grad in self._moved:
@@ -183,6 +191,10 @@ class LayerwiseEngine:
             "slots": len(self._slots),
             "prefetch": self.prefetch,
             "streamed_bytes": sum(layer.group.nbytes for layer in self._streamed),
+            # stream_non_layer: modules outside the layers, loaded on the compute stream as they run
+            "streamed_other_modules": len(self._units),
+            "streamed_other_bytes": sum(unit.group.nbytes for unit in self._units),
+            "other_loads": self.other_loads,
             "gpu_resident_bytes": self._resident_bytes,
             "gpu_slot_bytes": self._slot_bytes(),
             "gpu_slot_peak_bytes": self.peak_slot_bytes,
@@ -230,6 +242,7 @@ class LayerwiseEngine:
         self._pack: _h.HostPack | None = None
         self._sourced: _h.SourcedTensors | None = None   # while attaching from a weight source
         self._streamed: list[_Layer] = []
+        self._units: list[_Layer] = []     # stream_non_layer modules (sid: position among them)
         self._slots: list[_Slot] = []
         self._free: list[_Slot] = []
         self._placeholders: dict[torch.dtype, torch.Tensor] = {}
@@ -248,6 +261,7 @@ class LayerwiseEngine:
         self.calls = 0
         self.slot_allocations = 0
         self.peak_slot_bytes = 0
+        self.other_loads = 0
 
     def _attach(self, originals: dict[int, tuple[torch.Tensor, torch.Tensor, bool]]) -> None:
         self.device = _h.resolve_device(self.device)
@@ -261,17 +275,20 @@ class LayerwiseEngine:
             raise ValueError(f"{self.name or 'layerwise'}: the component itself is listed as a layer")
 
         # who holds which tensor: a tensor seen in two layers, or in a layer and outside the
-        # layers, cannot live in one layer's slot, so it stays on the device for good
-        layer_tensors = [_h.unique_tensors(layer) for layer in self.layers]
+        # layers, cannot live in one layer's slot, so it stays on the device for good. Other
+        # modules streamed (``stream_non_layer``) count as layers here, and come after them.
+        units = self._non_layer_modules() if self.stream_non_layer else []
+        n_layers = len(self.layers)
+        layer_tensors = [_h.unique_tensors(m) for m in self.layers + units]
         holders: dict[int, int] = {}
         for ts in layer_tensors:
             for t in ts:
                 holders[id(t)] = holders.get(id(t), 0) + 1
-        outside = self._non_layer_tensors()
+        outside = self._non_layer_tensors(also=units)
         for t in outside:
             holders[id(t)] = holders.get(id(t), 0) + 1
 
-        layer_ids = {id(t) for ts in layer_tensors for t in ts}
+        layer_ids = {id(t) for ts in layer_tensors[:n_layers] for t in ts}
         self._shared = sum(1 for k, v in holders.items() if v > 1 and k in layer_ids)
         sourced = None
         if self.weight_source is not None:
@@ -319,8 +336,10 @@ class LayerwiseEngine:
                         pt.tensor = sourced.bind(pt.tensor, pack.host_view(group, pt))
 
         # device side: the slots; their buffers come with the first layers they take
-        streamed = [t for t in streamed_groups if t[1]]   # a layer with nothing to stream runs as is
         groups = {i: g for (i, _), g in zip(streamed_groups, pack.groups)}
+        # a layer with nothing to stream runs as is
+        streamed = [t for t in streamed_groups if t[1] and t[0] < n_layers]
+        streamed_units = [t for t in streamed_groups if t[1] and t[0] >= n_layers]
         n_slots = min(self.prefetch + 1, len(streamed))
         self._slots = [_Slot(s, self._ops) for s in range(n_slots)]
         self._free = list(reversed(self._slots))
@@ -346,12 +365,14 @@ class LayerwiseEngine:
 
         # streamed tensors: empty placeholders from now on
         self._placeholders = {d: torch.empty(0, dtype=d, device=self.device) for d in dtypes}
-        for sid, (i, _) in enumerate(streamed):
-            layer = _Layer(sid, i, self.layers[i], groups[i])
+        self._placeholders.update((d, torch.empty(0, dtype=d, device=self.device))
+                                  for i, _ in streamed_units for d in groups[i].spans if d not in self._placeholders)
+        for sid, (i, _) in enumerate(streamed + streamed_units):
+            layer = _Layer(sid, i, (self.layers + units)[i], groups[i])
             layer.releases = [(pt.tensor, self._placeholders[pt.dtype]) for pt in layer.group.tensors]
             layer.copies = [None] * n_slots
             layer.binds = [None] * n_slots
-            self._streamed.append(layer)
+            (self._streamed if i < n_layers else self._units).append(layer)
             for t, placeholder in layer.releases:
                 t.data = placeholder
 
@@ -364,6 +385,9 @@ class LayerwiseEngine:
         for layer in self._streamed:
             self._hooks.pre(layer.module, self._make_pre(layer))
             self._hooks.post(layer.module, self._make_post(layer))
+        for unit in self._units:
+            self._hooks.pre(unit.module, self._make_unit_pre(unit))
+            self._hooks.post(unit.module, self._make_unit_post(unit))
 
         self._order = [layer.sid for layer in self._streamed]
         self._cursor = -1
@@ -373,9 +397,31 @@ class LayerwiseEngine:
             self._resize(slot, layer.need)
         self._issue(self._window())   # the first layers are in flight before the first call
 
-    def _non_layer_tensors(self) -> list[torch.Tensor]:
-        """Tensors of ``module`` registered outside every layer's subtree."""
-        skip = {id(layer) for layer in self.layers}
+    def _non_layer_modules(self) -> list[torch.nn.Module]:
+        """The modules outside the layers that ``stream_non_layer`` streams: the component's
+        children that hold tensors and contain no layer (embedders, output norms and projections);
+        children containing layers, and containers that are never called themselves (ModuleList,
+        ModuleDict), are searched further. Registration order."""
+        layer_ids = {id(layer) for layer in self.layers}
+        holds_layer: set[int] = set()
+        for mod in self.module.modules():
+            if any(id(sub) in layer_ids for sub in mod.modules()):
+                holds_layer.add(id(mod))
+        found: list[torch.nn.Module] = []
+        stack = list(reversed(list(self.module.children())))
+        while stack:
+            mod = stack.pop()
+            if id(mod) in layer_ids:
+                continue
+            if id(mod) in holds_layer or isinstance(mod, (torch.nn.ModuleList, torch.nn.ModuleDict)):
+                stack.extend(reversed(list(mod.children())))
+            elif _h.unique_tensors(mod):
+                found.append(mod)
+        return found
+
+    def _non_layer_tensors(self, also: Sequence[torch.nn.Module] = ()) -> list[torch.Tensor]:
+        """Tensors of ``module`` registered outside every layer's (and ``also``'s) subtree."""
+        skip = {id(m) for m in list(self.layers) + list(also)}
         seen_mods: set[int] = set()
         seen: set[int] = set()
         out: list[torch.Tensor] = []
@@ -424,6 +470,43 @@ class LayerwiseEngine:
         def post(module: torch.nn.Module, args: Any, output: Any) -> None:
             self._layer_post(layer)
         return post
+
+    def _make_unit_pre(self, unit: _Layer) -> Any:
+        def pre(module: torch.nn.Module, args: Any) -> None:
+            self._unit_pre(unit)
+        return pre
+
+    def _make_unit_post(self, unit: _Layer) -> Any:
+        def post(module: torch.nn.Module, args: Any, output: Any) -> None:
+            self._unit_post(unit)
+        return post
+
+    def _unit_pre(self, unit: _Layer) -> None:
+        """A module outside the layers: a fresh device buffer from the caching allocator, filled on
+        the compute stream (stream-ordered; these are small and run once per call), freed by its
+        post-hook, so it holds no device memory while the layers run."""
+        if unit.depth:
+            unit.depth += 1
+            return
+        pack = self._pack
+        assert pack is not None
+        bufs = {d: _h.alloc_device(numel, d, self.device) for d, numel in unit.need.items()}
+        for d, buf in bufs.items():
+            buf.copy_(pack.host_span(unit.group, d), non_blocking=True)
+        with torch.inference_mode(False):
+            views = [(pt.tensor, _h.view_in(bufs[pt.dtype], pt)) for pt in unit.group.tensors]
+        for t, view in views:
+            t.data = view
+        unit.depth = 1
+        self.other_loads += 1
+
+    def _unit_post(self, unit: _Layer) -> None:
+        if not unit.depth:
+            return
+        unit.depth -= 1
+        if not unit.depth:
+            for t, placeholder in unit.releases:
+                t.data = placeholder
 
     def _root_pre(self, module: torch.nn.Module, args: Any) -> None:
         self._root_depth += 1

@@ -47,6 +47,7 @@ import torch
 
 from ..errors import PlanApplyError, SpecError
 from ..plan import Plan
+from ..rules import runs_per_step
 from . import hooks as _h
 from .apply import Resident, ResidencyHandle, _flat_layers, _GroupMember, finish_apply
 
@@ -705,7 +706,8 @@ def load_pipeline(spec: Any, *, device: str | torch.device | None = None, plan: 
 
                 placement = LayerwiseEngine(module, _layers(name, module, cp, loaded[name]), device=dev,
                                             prefetch=cp.prefetch or 1, resident=cp.resident_layers, name=name,
-                                            weight_source=source)
+                                            weight_source=source,
+                                            stream_non_layer=runs_per_step(cp.family))
             elif cp.strategy == "fsdp":
                 from .fsdp import FsdpShard
 
