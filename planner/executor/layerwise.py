@@ -27,9 +27,10 @@ Shape of the engine (after SGLang's layerwise offload manager, with diffusers-st
   first layer comes again (a tiled decode runs the decoder once per tile: each pass is a call).
   A forward that raises teaches no order.
 - ``stream_non_layer``: the component's other modules with weights (embedders, output norm and
-  projection: the children outside the layer lists) are packed too, and each is loaded into a
-  fresh buffer on the compute stream when it runs and freed when it returns, so they take no
-  device memory while the layers run (diffusers' block-level offload keeps them on the device for
+  projection: the children outside the layer lists) are packed too. They join the expected
+  order and are prefetched with the window (without counting toward K: they are small) into a
+  buffer of their own, freed when they return, so they take no device memory while the layers
+  run (diffusers' block-level offload keeps them on the device for
   the whole forward). Their weights must be read inside their own forward (a parent reaching into
   ``self.proj_out.weight`` would find an empty tensor).
 - Stay on the device for good (``gpu_resident_bytes``): non-layer weights and buffers, resident
@@ -84,7 +85,7 @@ class _Slot:
 
 class _Layer:
     __slots__ = ("sid", "index", "module", "group", "need", "slot", "depth", "binds", "copies", "releases",
-                 "want_again", "mark")
+                 "want_again", "mark", "is_unit", "bufs", "load_event", "ready_event")
 
     def __init__(self, sid: int, index: int, module: torch.nn.Module, group: _h.PackedGroup) -> None:
         self.sid = sid            # position among streamed layers
@@ -100,6 +101,11 @@ class _Layer:
         self.releases: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.want_again = False   # the window wanted it while it ran: reload after release
         self.mark = 0
+        # stream_non_layer modules: no slot; a buffer of their own while loaded or running
+        self.is_unit = False
+        self.bufs: dict[torch.dtype, torch.Tensor] | None = None
+        self.load_event: Any = None
+        self.ready_event: Any = None
 
 
 class LayerwiseEngine:
@@ -194,7 +200,8 @@ class LayerwiseEngine:
             # stream_non_layer: modules outside the layers, loaded on the compute stream as they run
             "streamed_other_modules": len(self._units),
             "streamed_other_bytes": sum(unit.group.nbytes for unit in self._units),
-            "other_loads": self.other_loads,
+            "other_loads": self.other_sync_loads + self.other_async_loads,
+            "other_sync_loads": self.other_sync_loads,
             "gpu_resident_bytes": self._resident_bytes,
             "gpu_slot_bytes": self._slot_bytes(),
             "gpu_slot_peak_bytes": self.peak_slot_bytes,
@@ -232,17 +239,19 @@ class LayerwiseEngine:
         for slot in getattr(self, "_slots", ()):
             slot.layer = None
             slot.bufs = {}
-        for layer in getattr(self, "_streamed", ()):
+        for layer in getattr(self, "_all", ()):
             layer.slot = None
             layer.binds = []
             layer.copies = []
+            layer.bufs = None
         self._ops = _h.StreamOps(self.device)
         self._copy_stream: Any = None
         self._hooks = _h.ModuleHooks()
         self._pack: _h.HostPack | None = None
         self._sourced: _h.SourcedTensors | None = None   # while attaching from a weight source
         self._streamed: list[_Layer] = []
-        self._units: list[_Layer] = []     # stream_non_layer modules (sid: position among them)
+        self._units: list[_Layer] = []     # stream_non_layer modules
+        self._all: list[_Layer] = []       # both, indexed by sid (the units after the layers)
         self._slots: list[_Slot] = []
         self._free: list[_Slot] = []
         self._placeholders: dict[torch.dtype, torch.Tensor] = {}
@@ -261,7 +270,8 @@ class LayerwiseEngine:
         self.calls = 0
         self.slot_allocations = 0
         self.peak_slot_bytes = 0
-        self.other_loads = 0
+        self.other_sync_loads = 0
+        self.other_async_loads = 0
 
     def _attach(self, originals: dict[int, tuple[torch.Tensor, torch.Tensor, bool]]) -> None:
         self.device = _h.resolve_device(self.device)
@@ -372,7 +382,12 @@ class LayerwiseEngine:
             layer.releases = [(pt.tensor, self._placeholders[pt.dtype]) for pt in layer.group.tensors]
             layer.copies = [None] * n_slots
             layer.binds = [None] * n_slots
+            if i >= n_layers:
+                layer.is_unit = True
+                layer.load_event = self._ops.new_event()
+                layer.ready_event = self._ops.new_event()
             (self._streamed if i < n_layers else self._units).append(layer)
+            self._all.append(layer)
             for t, placeholder in layer.releases:
                 t.data = placeholder
 
@@ -389,7 +404,7 @@ class LayerwiseEngine:
             self._hooks.pre(unit.module, self._make_unit_pre(unit))
             self._hooks.post(unit.module, self._make_unit_post(unit))
 
-        self._order = [layer.sid for layer in self._streamed]
+        self._order = [layer.sid for layer in self._all]
         self._cursor = -1
         # every slot allocated now (a device too small fails here, not mid-generation), each
         # sized for the layer it takes first
@@ -482,31 +497,47 @@ class LayerwiseEngine:
         return post
 
     def _unit_pre(self, unit: _Layer) -> None:
-        """A module outside the layers: a fresh device buffer from the caching allocator, filled on
-        the compute stream (stream-ordered; these are small and run once per call), freed by its
-        post-hook, so it holds no device memory while the layers run."""
+        """A module outside the layers: bound to its own buffers, prefetched with the window (or
+        loaded now on the compute stream if the window did not foresee it), freed by its post-hook."""
         if unit.depth:
             unit.depth += 1
             return
-        pack = self._pack
-        assert pack is not None
-        bufs = {d: _h.alloc_device(numel, d, self.device) for d, numel in unit.need.items()}
-        for d, buf in bufs.items():
-            buf.copy_(pack.host_span(unit.group, d), non_blocking=True)
+        unit.depth = 1
+        want = self._advance(unit)
+        stream = self._ops.current()
+        bufs = unit.bufs
+        if bufs is None:             # not prefetched: load it on the compute stream
+            pack = self._pack
+            assert pack is not None
+            try:
+                self._unit_alloc(unit)
+            except BaseException:
+                unit.depth = 0
+                raise
+            bufs = unit.bufs or {}
+            for d, buf in bufs.items():
+                buf.copy_(pack.host_span(unit.group, d), non_blocking=True)
+            self.other_sync_loads += 1
+        else:
+            stream.wait_event(unit.load_event)
         with torch.inference_mode(False):
             views = [(pt.tensor, _h.view_in(bufs[pt.dtype], pt)) for pt in unit.group.tensors]
         for t, view in views:
             t.data = view
-        unit.depth = 1
-        self.other_loads += 1
+        self._issue(want)
 
     def _unit_post(self, unit: _Layer) -> None:
         if not unit.depth:
             return
         unit.depth -= 1
-        if not unit.depth:
-            for t, placeholder in unit.releases:
-                t.data = placeholder
+        if unit.depth:
+            return
+        for t, placeholder in unit.releases:
+            t.data = placeholder
+        unit.bufs = None     # freed in compute-stream order, after the unit's kernels
+        if unit.want_again:
+            unit.want_again = False
+            self._issue(self._window())
 
     def _root_pre(self, module: torch.nn.Module, args: Any) -> None:
         self._root_depth += 1
@@ -522,19 +553,7 @@ class LayerwiseEngine:
             layer.depth += 1
             return
         layer.depth = 1
-        observed = self._observed
-        if not self._root_depth and len(observed) > 1 and observed[0] == layer.sid:
-            # layers reached without the component's forward, and the call's first layer comes
-            # again: a new pass (the next tile of a tiled VAE decode) starts here
-            self._close_call()
-        self._observed.append(layer.sid)
-        order = self._order
-        nxt = self._cursor + 1
-        if nxt < len(order) and order[nxt] == layer.sid:
-            self._cursor = nxt
-        else:
-            self._cursor = self._seek(layer.sid)
-        want = self._window()
+        want = self._advance(layer)
         stream = self._ops.current()
         slot = layer.slot
         if slot is None:
@@ -561,6 +580,22 @@ class LayerwiseEngine:
         for t, view in binds:
             t.data = view
         self._issue(want)
+
+    def _advance(self, layer: _Layer) -> list[_Layer]:
+        """``layer`` (or unit) starts: record it, move the cursor, return what to prefetch now."""
+        observed = self._observed
+        if not self._root_depth and len(observed) > 1 and observed[0] == layer.sid:
+            # layers reached without the component's forward, and the call's first layer comes
+            # again: a new pass (the next tile of a tiled VAE decode) starts here
+            self._close_call()
+        self._observed.append(layer.sid)
+        order = self._order
+        nxt = self._cursor + 1
+        if nxt < len(order) and order[nxt] == layer.sid:
+            self._cursor = nxt
+        else:
+            self._cursor = self._seek(layer.sid)
+        return self._window()
 
     def _layer_post(self, layer: _Layer) -> None:
         if not layer.depth:          # its pre-hook failed: nothing was bound
@@ -599,7 +634,8 @@ class LayerwiseEngine:
         return self._cursor   # not seen last call: keep predicting from where we were
 
     def _window(self) -> list[_Layer]:
-        """The next (up to) K distinct layers after the cursor, wrapping into the next call."""
+        """The next (up to) K distinct layers after the cursor, wrapping into the next call, and the
+        units (``stream_non_layer``) on the way."""
         k = self.prefetch
         order = self._order
         n = len(order)
@@ -608,12 +644,14 @@ class LayerwiseEngine:
         self._stamp += 1
         stamp = self._stamp
         want: list[_Layer] = []
+        everything = self._all
+        found = 0
         pos = self._cursor
         for _ in range(n):
             pos += 1
             if pos >= n:
                 pos = 0
-            layer = self._streamed[order[pos]]
+            layer = everything[order[pos]]
             if layer.mark == stamp:
                 continue
             layer.mark = stamp
@@ -621,8 +659,10 @@ class LayerwiseEngine:
                 layer.want_again = True
                 continue
             want.append(layer)
-            if len(want) == k:
-                break
+            if not layer.is_unit:    # units ride along: small, and no slot of their own
+                found += 1
+                if found == k:
+                    break
         return want
 
     def _take_slot(self) -> _Slot | None:
@@ -641,22 +681,41 @@ class LayerwiseEngine:
     def _issue(self, want: list[_Layer]) -> None:
         """Starts async copies for the wanted layers that are not loaded yet."""
         todo: list[tuple[_Slot, list[tuple[torch.Tensor, torch.Tensor]]]] = []
+        units: list[_Layer] = []
         for layer in want:
-            if layer.slot is None:
+            if layer.is_unit:
+                if layer.bufs is None:
+                    self._unit_alloc(layer)
+                    units.append(layer)
+            elif layer.slot is None:
                 slot = self._take_slot()
                 if slot is None:
                     break
                 todo.append((slot, self._place(layer, slot)))   # allocates on the compute stream
-        if not todo:
+        if not todo and not units:
             return
         copy_stream = self._copy_stream
+        pack = self._pack
+        assert pack is not None
         with self._ops.use(copy_stream):
+            for unit in units:
+                copy_stream.wait_event(unit.ready_event)
+                for d, buf in (unit.bufs or {}).items():
+                    buf.copy_(pack.host_span(unit.group, d), non_blocking=True)
+                unit.load_event.record(copy_stream)
             for slot, copies in todo:
                 copy_stream.wait_event(slot.free_event)
                 for dst, src in copies:
                     dst.copy_(src, non_blocking=True)
                 slot.load_event.record(copy_stream)
         self.async_loads += len(todo)
+        self.other_async_loads += len(units)
+
+    def _unit_alloc(self, unit: _Layer) -> None:
+        """A unit's own buffers, allocated on the compute stream (must be current); the copy stream
+        waits on ``ready_event`` before writing them (earlier readers of reused memory are done)."""
+        unit.bufs = {d: _h.alloc_device(numel, d, self.device) for d, numel in unit.need.items()}
+        unit.ready_event.record(self._ops.current())
 
     def _place(self, layer: _Layer, slot: _Slot) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Gives ``slot`` (taken, so free) to ``layer``, reallocated first if the layer does not fit
