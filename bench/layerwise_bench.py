@@ -447,14 +447,18 @@ class Setup:
         self.hook_modules: list[torch.nn.Module] = []
 
 
+ENGINE_OPTIONS: dict[str, Any] = {}   # --engine-opts; by default as apply_plan sets the engine up for a denoiser
+
+
 def setup_ours(model: torch.nn.Module, layers: list[torch.nn.Module], device: torch.device, *, prefetch: int,
                resident: tuple[int, ...] = (), devpack: bool = False, name: str = "") -> Setup:
     from planner.executor import hooks as _h
     from planner.executor.layerwise import LayerwiseEngine
 
-    # as apply_plan sets it up for a denoiser: the modules outside the layers stream too
+    options = {"stream_non_layer": not resident}    # planner.estimate.streams_non_layer
+    options.update(ENGINE_OPTIONS)
     engine = LayerwiseEngine(model, layers, device=device, prefetch=prefetch, resident=resident, name=name,
-                             stream_non_layer=True)
+                             **options)
     saved = _h.alloc_host
     if devpack:
         def alloc_on_device(numel: int, dtype: torch.dtype, pin: bool) -> Any:
@@ -822,7 +826,8 @@ class Bench:
             for size in sizes:
                 row = dict(base, size=size)
                 try:
-                    loads0 = setup.engine.report().get("sync_loads", 0) if setup.engine is not None else 0
+                    rep0 = setup.engine.report() if setup.engine is not None else {}
+                    loads0 = rep0.get("sync_loads", 0)
                     times, out, peak, _ = run_steps(model, inputs[size], dev, self.args.warmup, self.args.steps)
                     med = statistics.median(times)
                     equal, diff = outputs_compare(ref[size]["out"], out)
@@ -835,6 +840,10 @@ class Bench:
                     if setup.engine is not None:
                         rep = setup.engine.report()
                         row.update(sync_loads_timed=rep.get("sync_loads", 0) - loads0,
+                                   slot_allocations_per_step=(rep.get("slot_allocations", 0)
+                                                              - rep0.get("slot_allocations", 0))
+                                   / (self.args.warmup + self.args.steps),
+                                   other_sync_loads_timed=rep.get("other_sync_loads", 0) - rep0.get("other_sync_loads", 0),
                                    sync_loads_total=rep.get("sync_loads"), async_loads_total=rep.get("async_loads"))
                         if variant in ("ours_p1", "ours_p1_devpack"):
                             hook_s, step_s = instrumented_steps(model, inputs[size], dev, setup.hook_modules)
@@ -875,6 +884,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=None,
                    help="seconds for the whole run (default 450 on a GPU, none with --tiny; 0: no limit): each "
                         "family gets a share, and a variant that would end past its family's share is skipped")
+    p.add_argument("--engine-opts", default="",
+                   help="LayerwiseEngine options, e.g. stream_non_layer=0,slot_waste=1 (a diagnosis: the "
+                        "default is what apply_plan uses)")
     p.add_argument("--tiny", action="store_true", help="tiny configs on the CPU: a smoke test of the same code path")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args(argv)
@@ -900,6 +912,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.variants = [v for v in ALL_VARIANTS if v in chosen]   # a fixed order: ours before diffusers
     if not args.tiny and not torch.cuda.is_available():
         p.error("no CUDA device: run on a GPU, or pass --tiny for the CPU smoke test")
+    for item in filter(None, (x.strip() for x in args.engine_opts.split(","))):
+        key, _, value = item.partition("=")
+        if key == "stream_non_layer":
+            ENGINE_OPTIONS[key] = value not in ("0", "false", "no")
+        elif key == "slot_waste":
+            from planner.executor import layerwise
+            layerwise._SLOT_WASTE = float(value)
+        else:
+            p.error(f"unknown engine option {key!r}")
     if args.budget_s is None:
         args.budget_s = 0.0 if args.tiny else 450.0
     return args

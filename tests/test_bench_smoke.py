@@ -78,9 +78,9 @@ def test_fields_are_sane(bench_result: tuple[dict, Path, str]) -> None:
         if r["kind"] == "ours":
             n_res = r["resident_layers"]
             assert r["streamed_layers"] == info["layers"] - n_res
-            # the streamed layers and the modules outside them (embedders, output layers)
+            # the streamed layers, and with none resident the modules outside them (embedders, output layers)
             assert 0 < r["streamed_bytes"] <= info["param_bytes"]
-            assert r["streamed_other_modules"] > 0
+            assert (r["streamed_other_modules"] > 0) == (n_res == 0)
             assert r["host_buffer_bytes"] >= r["streamed_bytes"]
             assert r["sync_loads_timed"] == 0       # prefetch follows the order: nothing loaded late
             if r["variant"].startswith("ours_r"):

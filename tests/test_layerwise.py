@@ -517,6 +517,60 @@ def test_stream_non_layer_modules(device: str) -> None:
     assert no_hooks(model)
 
 
+@pytest.mark.parametrize("prefetch", [1, 2])
+def test_next_call_does_not_grow_a_slot_while_the_call_runs(prefetch: int) -> None:
+    """Flux's order: large blocks, then small ones to the end. The first large block of the next
+    call is prefetched when the call returns, not beside the last small blocks' activations; it is
+    still loaded before the next call needs it (no load on demand)."""
+    torch.manual_seed(0)
+    model = TwoSizes().eval()
+    del model.blocks[7:]                       # large x3, then small x4 to the end
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        ref = model(x)
+    engine = LayerwiseEngine(model, list(model.blocks), device="cpu", prefetch=prefetch)
+    engine.attach()
+    packed = [sum(numel * dtype.itemsize for dtype, numel in layer.need.items()) for layer in engine._streamed]
+    held: list[int] = []
+
+    def probe(mod: nn.Module, args: object) -> None:
+        held.append(engine.report()["gpu_slot_bytes"])
+
+    h = model.blocks[6].register_forward_pre_hook(probe)
+    try:
+        with torch.no_grad():
+            for _ in range(4):
+                assert torch.equal(model(x), ref)
+        rep = engine.report()
+    finally:
+        h.remove()
+        engine.detach()
+    assert held[1:] == [(prefetch + 1) * packed[6]] * 3    # only small layers in the slots
+    assert rep["sync_loads"] == 0
+
+
+def test_slots_keep_the_largest_size_when_layers_are_resident() -> None:
+    """With a resident layer, slots grow but never shrink: no reallocation after the first call."""
+    torch.manual_seed(0)
+    model = TwoSizes().eval()
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        ref = model(x)
+    engine = LayerwiseEngine(model, list(model.blocks), device="cpu", prefetch=1, resident=(8,))
+    engine.attach()
+    try:
+        with torch.no_grad():
+            assert torch.equal(model(x), ref)
+            after_first = engine.report()["slot_allocations"]
+            for _ in range(3):
+                assert torch.equal(model(x), ref)
+        rep = engine.report()
+    finally:
+        engine.detach()
+    assert rep["slot_allocations"] == after_first == 2
+    assert rep["gpu_slot_bytes"] == rep["gpu_slot_peak_bytes"]
+
+
 def test_uniform_layers_allocate_slots_once() -> None:
     model = make_stack("cpu")
     engine = LayerwiseEngine(model, list(model.blocks), device="cpu", prefetch=2)

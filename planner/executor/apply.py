@@ -13,8 +13,8 @@ from typing import Any, Iterator, Mapping, Protocol
 import torch
 
 from ..errors import PlanApplyError
+from ..estimate import streams_non_layer
 from ..plan import Plan
-from ..rules import runs_per_step
 from .hooks import ModuleHooks
 from .layers import discover_layer_lists
 
@@ -343,7 +343,7 @@ def apply_plan(pipe: Any, plan: Any, *, device: str | torch.device | None = None
 
                 placement = LayerwiseEngine(module, _flat_layers(name, module, cp.layers), device=dev,
                                             prefetch=cp.prefetch or 1, resident=cp.resident_layers, name=name,
-                                            stream_non_layer=runs_per_step(cp.family))
+                                            stream_non_layer=streams_non_layer(cp))
             elif cp.strategy == "fsdp":
                 from .fsdp import FsdpShard
 

@@ -6,13 +6,15 @@ Shape of the engine (after SGLang's layerwise offload manager, with diffusers-st
 - Host side: every streamed layer's parameters and buffers, grouped by dtype, sit in one flat
   (pinned, on CUDA) buffer per dtype; the buffer of a dtype is a slice of one block shared by all
   layers of the component. Offsets are 256-byte aligned, so a layer moves with one copy per dtype.
-- Device side: K+1 slots (K = ``prefetch``), each one flat buffer per dtype. A slot is sized for
-  the layer it takes and keeps its buffers while the layers it takes fit them with little waste, so
-  uniform layers allocate once; a layer that does not fit, or would leave more than a quarter of
-  the slot idle (Flux: a single block in a slot sized for a double block, twice as large), gets
-  the slot reallocated to its size. Then only what is in flight occupies the device (two single
-  blocks, not two double blocks, while the single blocks run), and the caching allocator hands the
-  freed bytes to activations. A layer is loaded by copying its host slices into a
+- Device side: K+1 slots (K = ``prefetch``), each one flat buffer per dtype, sized for the first
+  layer it takes and grown when a larger one comes. With no resident layer (the plan asks for the
+  least device memory) a slot also shrinks when a layer would leave more than a quarter of it idle
+  (Flux: a single block in a slot sized for a double block, twice as large): then only what is in
+  flight occupies the device (two single blocks, not two double blocks, while the single blocks
+  run) and the caching allocator hands the freed bytes to activations. With resident layers the
+  slots are a small share of the device memory and reallocating is not worth its time (measured:
+  bench/README.md), so they stay at the largest size. Uniform layers allocate once either way. A
+  layer is loaded by copying its host slices into a
   slot on a side copy stream and recording the slot's load event; it is bound (each tensor's
   ``.data`` set to a precomputed view of the slot) by its forward pre-hook, after the compute
   stream waits on that event, and released by its forward hook (``.data`` set to an empty
@@ -26,7 +28,8 @@ Shape of the engine (after SGLang's layerwise offload manager, with diffusers-st
   (``vae.decode``), after as many layer runs as the expected order holds or when the call's
   first layer comes again (a tiled decode runs the decoder once per tile: each pass is a call).
   A forward that raises teaches no order.
-- ``stream_non_layer``: the component's other modules with weights (embedders, output norm and
+- ``stream_non_layer`` (``apply_plan`` sets it for a denoiser with no resident layer): the
+  component's other modules with weights (embedders, output norm and
   projection: the children outside the layer lists) are packed too. They join the expected
   order and are prefetched with the window (without counting toward K: they are small) into a
   buffer of their own, freed when they return, so they take no device memory while the layers
@@ -74,11 +77,13 @@ class _Slot:
         self.free_event = ops.new_event()    # recorded on the compute stream after its last reader
         self.layer: _Layer | None = None
 
-    def fits(self, need: dict[torch.dtype, int]) -> bool:
-        """Holds ``need`` with at most ``_SLOT_WASTE`` of the slot idle."""
+    def fits(self, need: dict[torch.dtype, int], shrink: bool) -> bool:
+        """Holds ``need`` (and, with ``shrink``, with at most ``_SLOT_WASTE`` of the slot idle)."""
         sizes = self.sizes
         if any(sizes.get(d, 0) < n for d, n in need.items()):
             return False
+        if not shrink:
+            return True
         held = sum(sizes.values())
         return held - sum(need.values()) <= _SLOT_WASTE * held
 
@@ -261,6 +266,7 @@ class LayerwiseEngine:
         self._unpackable: list[torch.Tensor] = []   # streamed-layer tensors kept resident (unusual)
         self._shared = 0
         self._order: list[int] = []
+        self._wrapped_at: int | None = None   # where the last window wrapped into the next call
         self._observed: list[int] = []
         self._cursor = -1
         self._root_depth = 0
@@ -612,13 +618,13 @@ class LayerwiseEngine:
             slot.layer = None
             layer.slot = None
             self._free.append(slot)
-        if layer.want_again:
-            layer.want_again = False
-            self._issue(self._window())
+        want_again, layer.want_again = layer.want_again, False
         if self._root_depth == 0 and len(self._observed) >= len(self._order):
             # layers reached without the component's forward (e.g. ``vae.decode``): a call is
             # as many layer runs as the expected order holds
             self._close_call()
+        elif want_again:
+            self._issue(self._window())
 
     # ---------------------------------------------------------------------------------------
     # order, window, loads
@@ -647,10 +653,12 @@ class LayerwiseEngine:
         everything = self._all
         found = 0
         pos = self._cursor
+        self._wrapped_at = None
         for _ in range(n):
             pos += 1
             if pos >= n:
                 pos = 0
+                self._wrapped_at = len(want)    # from here on: the next call's layers
             layer = everything[order[pos]]
             if layer.mark == stamp:
                 continue
@@ -682,7 +690,11 @@ class LayerwiseEngine:
         """Starts async copies for the wanted layers that are not loaded yet."""
         todo: list[tuple[_Slot, list[tuple[torch.Tensor, torch.Tensor]]]] = []
         units: list[_Layer] = []
-        for layer in want:
+        # while a call runs (its activations live), the next call's layers may not grow a slot
+        # (shrinking slots only): Flux's first double block waits for the last single block's
+        # activations to go, rather than adding to them
+        next_call = self._wrapped_at if self._root_depth and not self.resident else None
+        for i, layer in enumerate(want):
             if layer.is_unit:
                 if layer.bufs is None:
                     self._unit_alloc(layer)
@@ -690,6 +702,9 @@ class LayerwiseEngine:
             elif layer.slot is None:
                 slot = self._take_slot()
                 if slot is None:
+                    break
+                if next_call is not None and i >= next_call and not slot.fits(layer.need, shrink=False):
+                    self._free.append(slot)
                     break
                 todo.append((slot, self._place(layer, slot)))   # allocates on the compute stream
         if not todo and not units:
@@ -720,7 +735,7 @@ class LayerwiseEngine:
     def _place(self, layer: _Layer, slot: _Slot) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Gives ``slot`` (taken, so free) to ``layer``, reallocated first if the layer does not fit
         it; returns the (slot span, host span) copies that load the layer."""
-        if not slot.fits(layer.need):
+        if not slot.fits(layer.need, shrink=not self.resident):
             try:
                 self._resize(slot, layer.need)
             except BaseException:

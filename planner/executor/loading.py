@@ -46,8 +46,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import torch
 
 from ..errors import PlanApplyError, SpecError
+from ..estimate import streams_non_layer
 from ..plan import Plan
-from ..rules import runs_per_step
 from . import hooks as _h
 from .apply import Resident, ResidencyHandle, _flat_layers, _GroupMember, finish_apply
 
@@ -707,7 +707,7 @@ def load_pipeline(spec: Any, *, device: str | torch.device | None = None, plan: 
                 placement = LayerwiseEngine(module, _layers(name, module, cp, loaded[name]), device=dev,
                                             prefetch=cp.prefetch or 1, resident=cp.resident_layers, name=name,
                                             weight_source=source,
-                                            stream_non_layer=runs_per_step(cp.family))
+                                            stream_non_layer=streams_non_layer(cp))
             elif cp.strategy == "fsdp":
                 from .fsdp import FsdpShard
 
