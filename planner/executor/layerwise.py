@@ -403,12 +403,9 @@ class LayerwiseEngine:
 
         self._hooks.pre(self.module, self._root_pre)
         self._hooks.post(self.module, self._root_post)
-        for layer in self._streamed:
+        for layer in self._all:
             self._hooks.pre(layer.module, self._make_pre(layer))
             self._hooks.post(layer.module, self._make_post(layer))
-        for unit in self._units:
-            self._hooks.pre(unit.module, self._make_unit_pre(unit))
-            self._hooks.post(unit.module, self._make_unit_post(unit))
 
         self._order = [layer.sid for layer in self._all]
         self._cursor = -1
@@ -483,23 +480,17 @@ class LayerwiseEngine:
     # hooks (hot path: keep it to list walks and attribute sets)
 
     def _make_pre(self, layer: _Layer) -> Any:
+        start = self._unit_pre if layer.is_unit else self._layer_pre
+
         def pre(module: torch.nn.Module, args: Any) -> None:
-            self._layer_pre(layer)
+            start(layer)
         return pre
 
     def _make_post(self, layer: _Layer) -> Any:
-        def post(module: torch.nn.Module, args: Any, output: Any) -> None:
-            self._layer_post(layer)
-        return post
+        end = self._unit_post if layer.is_unit else self._layer_post
 
-    def _make_unit_pre(self, unit: _Layer) -> Any:
-        def pre(module: torch.nn.Module, args: Any) -> None:
-            self._unit_pre(unit)
-        return pre
-
-    def _make_unit_post(self, unit: _Layer) -> Any:
         def post(module: torch.nn.Module, args: Any, output: Any) -> None:
-            self._unit_post(unit)
+            end(layer)
         return post
 
     def _unit_pre(self, unit: _Layer) -> None:
