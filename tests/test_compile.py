@@ -131,3 +131,24 @@ def test_regional_compile_whole_pipeline_layerwise_and_cpu_offload(tiny_dirs):
         assert graphs() == after_first
     finally:
         handle.remove()
+
+
+def test_regional_compile_with_the_transformer_cpu_offloaded(tiny_dirs):
+    """Whole-component CPU offload rebinds every weight of the transformer to a device copy at each
+    call (and back to host views after): the compiled blocks see the same inputs, no recompile."""
+    path = tiny_dirs(FLUX)
+    pipe = load_tiny_pipeline(path)
+    refs = [run_tiny(pipe), run_tiny(pipe, prompt="a dog", seed=3)]
+    plan = planner.make_plan(spec_for(path, defaults={"strategy": "cpu_offload"}), pipeline=pipe)
+    assert plan.components["transformer"].strategy == "cpu_offload"
+    handle = planner.apply_plan(pipe, plan)
+    regional(pipe.transformer)
+    try:
+        torch.testing.assert_close(run_tiny(pipe), refs[0])
+        after_first = graphs()
+        assert after_first >= 1
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            torch.testing.assert_close(run_tiny(pipe, prompt="a dog", seed=3), refs[1])
+        assert graphs() == after_first
+    finally:
+        handle.remove()
