@@ -180,7 +180,7 @@ class LayerwiseEngine:
         self._ops.synchronize()   # pending copies read host blocks and write slots about to go
         self._hooks.remove()
         with torch.inference_mode(False), torch.no_grad():
-            for layer in self._streamed + self._units:
+            for layer in self._all:
                 for pt in layer.group.tensors:
                     _h.restore_tensor(pt, self._pack.host_view(layer.group, pt))
             for t, orig_device, orig_data, requires_grad in self._moved:
@@ -202,7 +202,7 @@ class LayerwiseEngine:
             "slots": len(self._slots),
             "prefetch": self.prefetch,
             "streamed_bytes": sum(layer.group.nbytes for layer in self._streamed),
-            # stream_non_layer: modules outside the layers, loaded on the compute stream as they run
+            # stream_non_layer: modules outside the layers, prefetched with the window, freed after use
             "streamed_other_modules": len(self._units),
             "streamed_other_bytes": sum(unit.group.nbytes for unit in self._units),
             "other_loads": self.other_sync_loads + self.other_async_loads,
@@ -231,6 +231,11 @@ class LayerwiseEngine:
         return sum(1 for s in self._slots if s.layer is not None)
 
     @property
+    def _units(self) -> list[_Layer]:
+        """The streamed modules outside the layers (``stream_non_layer``)."""
+        return self._all[len(self._streamed):]
+
+    @property
     def order(self) -> list[int]:
         """The expected order (indices into ``layers``) that prefetching follows."""
         return [self._streamed[sid].index for sid in self._order]
@@ -255,8 +260,7 @@ class LayerwiseEngine:
         self._pack: _h.HostPack | None = None
         self._sourced: _h.SourcedTensors | None = None   # while attaching from a weight source
         self._streamed: list[_Layer] = []
-        self._units: list[_Layer] = []     # stream_non_layer modules
-        self._all: list[_Layer] = []       # both, indexed by sid (the units after the layers)
+        self._all: list[_Layer] = []       # streamed layers, then units (stream_non_layer); by sid
         self._slots: list[_Slot] = []
         self._free: list[_Slot] = []
         self._placeholders: dict[torch.dtype, torch.Tensor] = {}
@@ -266,7 +270,6 @@ class LayerwiseEngine:
         self._unpackable: list[torch.Tensor] = []   # streamed-layer tensors kept resident (unusual)
         self._shared = 0
         self._order: list[int] = []
-        self._wrapped_at: int | None = None   # where the last window wrapped into the next call
         self._observed: list[int] = []
         self._cursor = -1
         self._root_depth = 0
@@ -359,7 +362,7 @@ class LayerwiseEngine:
         n_slots = min(self.prefetch + 1, len(streamed))
         self._slots = [_Slot(s, self._ops) for s in range(n_slots)]
         self._free = list(reversed(self._slots))
-        dtypes = {dtype for i, _ in streamed for dtype in groups[i].spans}
+        dtypes = {dtype for i, _ in streamed + streamed_units for dtype in groups[i].spans}
 
         # what stays goes to the device now (from the weight source: read straight onto it)
         for t in stay.values():
@@ -381,8 +384,6 @@ class LayerwiseEngine:
 
         # streamed tensors: empty placeholders from now on
         self._placeholders = {d: torch.empty(0, dtype=d, device=self.device) for d in dtypes}
-        self._placeholders.update((d, torch.empty(0, dtype=d, device=self.device))
-                                  for i, _ in streamed_units for d in groups[i].spans if d not in self._placeholders)
         for sid, (i, _) in enumerate(streamed + streamed_units):
             layer = _Layer(sid, i, (self.layers + units)[i], groups[i])
             layer.releases = [(pt.tensor, self._placeholders[pt.dtype]) for pt in layer.group.tensors]
@@ -392,7 +393,8 @@ class LayerwiseEngine:
                 layer.is_unit = True
                 layer.load_event = self._ops.new_event()
                 layer.ready_event = self._ops.new_event()
-            (self._streamed if i < n_layers else self._units).append(layer)
+            if i < n_layers:
+                self._streamed.append(layer)
             self._all.append(layer)
             for t, placeholder in layer.releases:
                 t.data = placeholder
@@ -413,7 +415,7 @@ class LayerwiseEngine:
         # sized for the layer it takes first
         for slot, layer in zip(self._slots, self._streamed):
             self._resize(slot, layer.need)
-        self._issue(self._window())   # the first layers are in flight before the first call
+        self._issue(*self._window())   # the first layers are in flight before the first call
 
     def _non_layer_modules(self) -> list[torch.nn.Module]:
         """The modules outside the layers that ``stream_non_layer`` streams: the component's
@@ -472,69 +474,22 @@ class LayerwiseEngine:
             self._pack.free()
         self._reset_state()
 
-    def _views(self, layer: _Layer, slot: _Slot) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _views(self, layer: _Layer, bufs: dict[torch.dtype, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         with torch.inference_mode(False):   # views made inside inference mode would taint the params
-            return [(pt.tensor, _h.view_in(slot.bufs[pt.dtype], pt)) for pt in layer.group.tensors]
+            return [(pt.tensor, _h.view_in(bufs[pt.dtype], pt)) for pt in layer.group.tensors]
 
     # ---------------------------------------------------------------------------------------
     # hooks (hot path: keep it to list walks and attribute sets)
 
     def _make_pre(self, layer: _Layer) -> Any:
-        start = self._unit_pre if layer.is_unit else self._layer_pre
-
         def pre(module: torch.nn.Module, args: Any) -> None:
-            start(layer)
+            self._layer_pre(layer)
         return pre
 
     def _make_post(self, layer: _Layer) -> Any:
-        end = self._unit_post if layer.is_unit else self._layer_post
-
         def post(module: torch.nn.Module, args: Any, output: Any) -> None:
-            end(layer)
+            self._layer_post(layer)
         return post
-
-    def _unit_pre(self, unit: _Layer) -> None:
-        """A module outside the layers: bound to its own buffers, prefetched with the window (or
-        loaded now on the compute stream if the window did not foresee it), freed by its post-hook."""
-        if unit.depth:
-            unit.depth += 1
-            return
-        unit.depth = 1
-        want = self._advance(unit)
-        stream = self._ops.current()
-        bufs = unit.bufs
-        if bufs is None:             # not prefetched: load it on the compute stream
-            pack = self._pack
-            assert pack is not None
-            try:
-                self._unit_alloc(unit)
-            except BaseException:
-                unit.depth = 0
-                raise
-            bufs = unit.bufs or {}
-            for d, buf in bufs.items():
-                buf.copy_(pack.host_span(unit.group, d), non_blocking=True)
-            self.other_sync_loads += 1
-        else:
-            stream.wait_event(unit.load_event)
-        with torch.inference_mode(False):
-            views = [(pt.tensor, _h.view_in(bufs[pt.dtype], pt)) for pt in unit.group.tensors]
-        for t, view in views:
-            t.data = view
-        self._issue(want)
-
-    def _unit_post(self, unit: _Layer) -> None:
-        if not unit.depth:
-            return
-        unit.depth -= 1
-        if unit.depth:
-            return
-        for t, placeholder in unit.releases:
-            t.data = placeholder
-        unit.bufs = None     # freed in compute-stream order, after the unit's kernels
-        if unit.want_again:
-            unit.want_again = False
-            self._issue(self._window())
 
     def _root_pre(self, module: torch.nn.Module, args: Any) -> None:
         self._root_depth += 1
@@ -546,40 +501,57 @@ class LayerwiseEngine:
             self._close_call(learn=output is not None)
 
     def _layer_pre(self, layer: _Layer) -> None:
+        """A streamed layer (or a streamed non-layer module) starts: bind it, prefetch ahead."""
         if layer.depth:              # re-entrant call: already bound
             layer.depth += 1
             return
         layer.depth = 1
-        want = self._advance(layer)
+        want, next_call = self._advance(layer)
+        try:
+            binds = self._unit_arrived(layer) if layer.is_unit else self._slot_arrived(layer)
+        except BaseException:
+            layer.depth = 0
+            raise
+        for t, view in binds:
+            t.data = view
+        self._issue(want, next_call)
+
+    def _slot_arrived(self, layer: _Layer) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The layer's slot views, once the compute stream waits for its copy (loaded now, on the
+        compute stream, if no prefetch started it)."""
         stream = self._ops.current()
         slot = layer.slot
         if slot is None:
             slot = self._take_slot()
             if slot is None:
-                layer.depth = 0
                 raise RuntimeError(f"{self.name or 'layerwise'}: more streamed layers running at once "
                                    f"than slots ({len(self._slots)}); raise prefetch")
             # an evicted prefetch may still be writing this slot on the copy stream
             stream.wait_event(slot.load_event)
-            try:
-                copies = self._place(layer, slot)
-            except BaseException:
-                layer.depth = 0
-                raise
-            for dst, src in copies:
+            for dst, src in self._place(layer, slot):
                 dst.copy_(src, non_blocking=True)
             self.sync_loads += 1
         else:
             stream.wait_event(slot.load_event)
         binds = layer.binds[slot.index]
         if binds is None:
-            binds = layer.binds[slot.index] = self._views(layer, slot)
-        for t, view in binds:
-            t.data = view
-        self._issue(want)
+            binds = layer.binds[slot.index] = self._views(layer, slot.bufs)
+        return binds
 
-    def _advance(self, layer: _Layer) -> list[_Layer]:
-        """``layer`` (or unit) starts: record it, move the cursor, return what to prefetch now."""
+    def _unit_arrived(self, unit: _Layer) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A module outside the layers: views of its own buffers, prefetched with the window (or
+        loaded now on the compute stream if the window did not foresee it)."""
+        if unit.bufs is None:
+            for dst, src in self._unit_alloc(unit):
+                dst.copy_(src, non_blocking=True)
+            self.other_sync_loads += 1
+        else:
+            self._ops.current().wait_event(unit.load_event)
+        assert unit.bufs is not None
+        return self._views(unit, unit.bufs)
+
+    def _advance(self, layer: _Layer) -> tuple[list[_Layer], int]:
+        """``layer`` starts: record it, move the cursor, return what to prefetch now."""
         observed = self._observed
         if not self._root_depth and len(observed) > 1 and observed[0] == layer.sid:
             # layers reached without the component's forward, and the call's first layer comes
@@ -609,13 +581,14 @@ class LayerwiseEngine:
             slot.layer = None
             layer.slot = None
             self._free.append(slot)
+        layer.bufs = None            # a unit's own buffers: freed in compute-stream order
         want_again, layer.want_again = layer.want_again, False
         if self._root_depth == 0 and len(self._observed) >= len(self._order):
             # layers reached without the component's forward (e.g. ``vae.decode``): a call is
             # as many layer runs as the expected order holds
             self._close_call()
         elif want_again:
-            self._issue(self._window())
+            self._issue(*self._window())
 
     # ---------------------------------------------------------------------------------------
     # order, window, loads
@@ -630,26 +603,27 @@ class LayerwiseEngine:
                 return pos
         return self._cursor   # not seen last call: keep predicting from where we were
 
-    def _window(self) -> list[_Layer]:
+    def _window(self) -> tuple[list[_Layer], int]:
         """The next (up to) K distinct layers after the cursor, wrapping into the next call, and the
-        units (``stream_non_layer``) on the way."""
+        units (``stream_non_layer``) on the way; and the position in that list where the next
+        call's layers start (its length if it does not wrap)."""
         k = self.prefetch
         order = self._order
         n = len(order)
         if not k or not n:
-            return []
+            return [], 0
         self._stamp += 1
         stamp = self._stamp
         want: list[_Layer] = []
         everything = self._all
         found = 0
         pos = self._cursor
-        self._wrapped_at = None
+        next_call = -1
         for _ in range(n):
             pos += 1
             if pos >= n:
                 pos = 0
-                self._wrapped_at = len(want)    # from here on: the next call's layers
+                next_call = len(want)
             layer = everything[order[pos]]
             if layer.mark == stamp:
                 continue
@@ -662,7 +636,7 @@ class LayerwiseEngine:
                 found += 1
                 if found == k:
                     break
-        return want
+        return want, len(want) if next_call < 0 else next_call
 
     def _take_slot(self) -> _Slot | None:
         """A free slot, else one whose layer is loaded but neither running nor wanted next."""
@@ -677,51 +651,50 @@ class LayerwiseEngine:
                 return slot
         return None
 
-    def _issue(self, want: list[_Layer]) -> None:
-        """Starts async copies for the wanted layers that are not loaded yet."""
-        todo: list[tuple[_Slot, list[tuple[torch.Tensor, torch.Tensor]]]] = []
-        units: list[_Layer] = []
-        # while a call runs (its activations live), the next call's layers may not grow a slot
-        # (shrinking slots only): Flux's first double block waits for the last single block's
+    def _issue(self, want: list[_Layer], next_call: int) -> None:
+        """Starts async copies, in window order, for the wanted layers (from ``next_call`` on: the
+        next call's) and units that are not loaded yet."""
+        # while a call runs (its activations live) and slots shrink, the next call's layers may
+        # not grow a slot: Flux's first double block waits for the last single block's
         # activations to go, rather than adding to them
-        next_call = self._wrapped_at if self._root_depth and not self.resident else None
+        hold_growth = bool(self._root_depth) and not self.resident
+        todo: list[tuple[Any, list[tuple[torch.Tensor, torch.Tensor]], Any]] = []   # (wait, copies, record)
+        units = 0
         for i, layer in enumerate(want):
             if layer.is_unit:
                 if layer.bufs is None:
-                    self._unit_alloc(layer)
-                    units.append(layer)
+                    todo.append((layer.ready_event, self._unit_alloc(layer), layer.load_event))
+                    units += 1
             elif layer.slot is None:
                 slot = self._take_slot()
                 if slot is None:
                     break
-                if next_call is not None and i >= next_call and not slot.fits(layer.need, shrink=False):
+                if hold_growth and i >= next_call and not slot.fits(layer.need, shrink=False):
                     self._free.append(slot)
                     break
-                todo.append((slot, self._place(layer, slot)))   # allocates on the compute stream
-        if not todo and not units:
+                # allocates on the compute stream, if the slot is resized
+                todo.append((slot.free_event, self._place(layer, slot), slot.load_event))
+        if not todo:
             return
         copy_stream = self._copy_stream
-        pack = self._pack
-        assert pack is not None
         with self._ops.use(copy_stream):
-            for unit in units:
-                copy_stream.wait_event(unit.ready_event)
-                for d, buf in (unit.bufs or {}).items():
-                    buf.copy_(pack.host_span(unit.group, d), non_blocking=True)
-                unit.load_event.record(copy_stream)
-            for slot, copies in todo:
-                copy_stream.wait_event(slot.free_event)
+            for wait, copies, loaded in todo:
+                copy_stream.wait_event(wait)
                 for dst, src in copies:
                     dst.copy_(src, non_blocking=True)
-                slot.load_event.record(copy_stream)
-        self.async_loads += len(todo)
-        self.other_async_loads += len(units)
+                loaded.record(copy_stream)
+        self.async_loads += len(todo) - units
+        self.other_async_loads += units
 
-    def _unit_alloc(self, unit: _Layer) -> None:
-        """A unit's own buffers, allocated on the compute stream (must be current); the copy stream
-        waits on ``ready_event`` before writing them (earlier readers of reused memory are done)."""
+    def _unit_alloc(self, unit: _Layer) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A unit's own buffers, allocated on the compute stream (must be current), and the copies
+        that fill them; a copy on the side stream must wait on ``ready_event`` (earlier readers of
+        the memory the allocator hands out again are done)."""
+        pack = self._pack
+        assert pack is not None
         unit.bufs = {d: _h.alloc_device(numel, d, self.device) for d, numel in unit.need.items()}
         unit.ready_event.record(self._ops.current())
+        return [(buf, pack.host_span(unit.group, d)) for d, buf in unit.bufs.items()]
 
     def _place(self, layer: _Layer, slot: _Slot) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Gives ``slot`` (taken, so free) to ``layer``, reallocated first if the layer does not fit
@@ -768,4 +741,4 @@ class LayerwiseEngine:
         self._observed = []
         self._cursor = -1
         self.calls += 1
-        self._issue(self._window())
+        self._issue(*self._window())
