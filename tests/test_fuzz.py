@@ -3,7 +3,7 @@
 Every mutated input (byte flips, deleted/duplicated lines, keys and values swapped with others from
 the corpus, indentation changes, YAML specials: anchors, aliases, tags, merge keys, huge numbers,
 long strings, deep nesting, alias bombs, several documents) must end in one of two ways, within a
-time and a memory bound:
+memory bound (the time per input is a benchmark: bench/fuzz_speed.py):
 
 - a ``SpecError`` whose every diagnostic is ``FILE:LINE:COL: error: message`` with the line inside
   the file and line, column >= 1, or
@@ -35,8 +35,6 @@ PLAN_VALIDATOR = Draft202012Validator(load_schema("plan.schema.json"))
 
 N_INPUTS = 3000
 SEED = 20240611
-TIME_BOUND_S = 1.0          # CPU seconds per input (load + validate + resolve + plan); CPU time, not
-                            # wall time, so a loaded CI machine does not fail it
 MEMORY_BOUND_MB = 48        # tracemalloc peak per input (the loader caps files at 1 MiB and 100k nodes)
 
 # keyed by the file's path, so that a relative pipeline.path resolves as it does for the real file
@@ -204,7 +202,6 @@ def test_mutated_configs_end_in_a_plan_or_clear_errors():
     counts = {"valid": 0, "invalid": 0}
     kinds: dict[str, int] = {}
     markers = dict.fromkeys(MARKERS, 0)
-    slowest = (0.0, -1)
     biggest = (0, -1)
     started = time.perf_counter()
     tracemalloc.start()
@@ -213,11 +210,9 @@ def test_mutated_configs_end_in_a_plan_or_clear_errors():
             file, data = _mutant(i)
             tracemalloc.reset_peak()
             base = tracemalloc.get_traced_memory()[0]
-            t0 = time.process_time()
             try:
                 plan = make_plan(load_text(data, file))
             except SpecError as exc:
-                elapsed = time.process_time() - t0
                 peak = tracemalloc.get_traced_memory()[1] - base
                 _check_error(exc, file, data)
                 counts["invalid"] += 1
@@ -231,20 +226,16 @@ def test_mutated_configs_end_in_a_plan_or_clear_errors():
                 raise AssertionError(f"input {i} ({file}) raised {type(exc).__name__}: {exc}\n"
                                      f"--- input ---\n{data[:2000]!r}") from exc
             else:
-                elapsed = time.process_time() - t0
                 peak = tracemalloc.get_traced_memory()[1] - base
                 _check_plan(plan)
                 counts["valid"] += 1
-            assert elapsed < TIME_BOUND_S, f"input {i} ({file}) took {elapsed:.2f} s"
             assert peak < MEMORY_BOUND_MB << 20, f"input {i} ({file}) peaked at {peak / 2**20:.1f} MiB"
-            slowest = max(slowest, (elapsed, i))
             biggest = max(biggest, (peak, i))
     finally:
         tracemalloc.stop()
     total = counts["valid"] + counts["invalid"]
     print(f"\nfuzz: {total} inputs, {counts['valid']} valid plans, {counts['invalid']} SpecErrors, "
-          f"{time.perf_counter() - started:.1f} s; slowest input {slowest[1]} ({slowest[0] * 1000:.0f} ms), "
-          f"largest peak input {biggest[1]} ({biggest[0] / 2**20:.1f} MiB)")
+          f"{time.perf_counter() - started:.1f} s; largest peak input {biggest[1]} ({biggest[0] / 2**20:.1f} MiB)")
     for kind, n in sorted(kinds.items(), key=lambda kv: -kv[1])[:12]:
         print(f"  {n:5d}  {kind}")
     assert total == N_INPUTS

