@@ -20,8 +20,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from planner import apply_plan, make_plan  # noqa: E402
-from planner.calibrate import calibrate  # noqa: E402
-from planner.load import load_text  # noqa: E402
+from planner.cli.calibrate import calibrate
+from planner.spec.document import load_text
 
 GiB = 1 << 30
 

@@ -34,11 +34,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import layerwise_bench as lb  # noqa: E402
 import torch  # noqa: E402
 import torch._dynamo  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
-
-import layerwise_bench as lb  # noqa: E402
 
 
 def graphs() -> int:
@@ -69,8 +68,8 @@ def compare(ref: torch.Tensor, out: torch.Tensor) -> dict[str, Any]:
 
 
 def check_family(family: str, size: int, steps: int, dev: torch.device) -> dict[str, Any]:
-    from planner.executor.layers import discover_layer_lists
-    from planner.executor.layerwise import LayerwiseEngine
+    from planner.executor.layerwise_engine import LayerwiseEngine
+    from planner.inventory.module_layers import discover_layer_lists
 
     torch._dynamo.reset()
     counters.clear()

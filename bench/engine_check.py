@@ -32,7 +32,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from planner.executor.cpu_offload import CpuOffloadGroup  # noqa: E402
-from planner.executor.layerwise import LayerwiseEngine  # noqa: E402
+from planner.executor.layerwise_engine import LayerwiseEngine
 
 GiB = 1024 ** 3
 FAILURES: list[str] = []
@@ -121,8 +121,8 @@ def time_steps(model: nn.Module, x: torch.Tensor, warmup: int, steps: int) -> tu
 def pinned_bandwidth(nbytes: int) -> float:
     """Host-to-device GB/s from a page-locked buffer (the engine's own allocation path); also
     checks that issuing such a copy does not block the host (it would if the memory were pageable)."""
-    from planner.executor import hooks
-    block = hooks.alloc_host(nbytes, torch.uint8, pin=True)
+    from planner.executor import host_memory
+    block = host_memory.alloc_host(nbytes, torch.uint8, pin=True)
     dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     dst.copy_(block.tensor, non_blocking=True)
     torch.cuda.synchronize()

@@ -19,9 +19,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from planner import SpecError, make_plan  # noqa: E402
-from planner.load import load_text  # noqa: E402
 from test_fuzz import _mutant  # noqa: E402
+
+from planner import SpecError, make_plan  # noqa: E402
+from planner.spec.document import load_text
 
 
 def main() -> int:

@@ -6,7 +6,7 @@ One run on one GPU measures, for Z-Image's 6B transformer (default config, rando
 - ``resident``: the whole model on the GPU (the reference output and time);
 - ``ours_p1/p2/p4``: ``LayerwiseEngine`` streaming every layer, prefetch 1, 2, 4;
 - ``ours_r{25,50,75}_{strided,leading}``: the same with that share of the layers resident
-  (``planner.resolve.place_resident``), prefetch 1;
+  (``planner.planning.resolve.place_resident``), prefetch 1;
 - ``ours_p1_devpack``: overhead probe, prefetch 1 with the engine's "host" buffer placed in GPU
   memory (copies are device-to-device, no PCIe), plus the host time spent inside the engine's hooks
   (see bench/README.md);
@@ -452,23 +452,23 @@ ENGINE_OPTIONS: dict[str, Any] = {}   # --engine-opts; by default as apply_plan 
 
 def setup_ours(model: torch.nn.Module, layers: list[torch.nn.Module], device: torch.device, *, prefetch: int,
                resident: tuple[int, ...] = (), devpack: bool = False, name: str = "") -> Setup:
-    from planner.executor import hooks as _h
-    from planner.executor.layerwise import LayerwiseEngine
+    from planner.executor import host_memory
+    from planner.executor.layerwise_engine import LayerwiseEngine
 
-    options = {"stream_non_layer": not resident}    # planner.estimate.streams_non_layer
+    options = {"stream_non_layer": not resident}    # planner.planning.estimate.streams_non_layer
     options.update(ENGINE_OPTIONS)
     engine = LayerwiseEngine(model, layers, device=device, prefetch=prefetch, resident=resident, name=name,
                              **options)
-    saved = _h.alloc_host
+    saved = host_memory.alloc_host
     if devpack:
         def alloc_on_device(numel: int, dtype: torch.dtype, pin: bool) -> Any:
             t = torch.empty(numel, dtype=dtype, device=device)
-            return _h.HostBlock(t, tensor_bytes(t), pinned=False)
-        _h.alloc_host = alloc_on_device
+            return host_memory.HostBlock(t, tensor_bytes(t), pinned=False)
+        host_memory.alloc_host = alloc_on_device
     try:
         engine.attach()
     finally:
-        _h.alloc_host = saved
+        host_memory.alloc_host = saved
     s = Setup()
     s.engine = engine
     s.teardown = engine.detach
@@ -672,8 +672,8 @@ class Bench:
         self.write()
 
     def run_family(self, family: str, sizes: list[int], variants: list[str], deadline: float) -> None:
-        from planner.executor.layers import discover_layer_lists
-        from planner.resolve import place_resident
+        from planner.inventory.module_layers import discover_layer_lists
+        from planner.planning.resolve import place_resident
 
         dev = self.device
         free_memory(dev)
@@ -917,7 +917,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if key == "stream_non_layer":
             ENGINE_OPTIONS[key] = value not in ("0", "false", "no")
         elif key == "slot_waste":
-            from planner.executor import layerwise
+            from planner.executor import layerwise_engine as layerwise
             layerwise._SLOT_WASTE = float(value)
         else:
             p.error(f"unknown engine option {key!r}")

@@ -2,7 +2,7 @@
 enable_group_offload(use_stream=True), on the same saved folder.
 
 The folder holds a real-size Z-Image transformer (default config, random bf16 weights, 11.46 GiB) and
-the tiny text encoder, VAE, tokenizer and scheduler of planner.tiny (loading is what is measured, not
+the tiny text encoder, VAE, tokenizer and scheduler of planner.testing.tiny_pipelines (loading is what is measured, not
 generation). Each loader runs in its own process, after the page cache is dropped when possible, and
 reports: seconds until the pipeline is ready, peak GPU memory during load
 (torch.cuda.max_memory_allocated), the process's peak RSS, and pinned host bytes.
@@ -30,7 +30,7 @@ def build_folder(folder: Path, tiny: bool) -> None:
     import torch
     from diffusers import ZImageTransformer2DModel
 
-    from planner.tiny import build_tiny_pipeline
+    from planner.testing.tiny_pipelines import build_tiny_pipeline
 
     pipe = build_tiny_pipeline("z-image-turbo", dtype=torch.bfloat16 if not tiny else torch.float32)
     if not tiny:
@@ -61,7 +61,7 @@ def child(mode: str, folder: str, out: str, tiny: bool) -> None:
     import transformers  # noqa: F401
 
     import planner
-    import planner.executor.loading  # noqa: F401
+    import planner.executor.pipeline_loader
     if dev == "cuda":
         torch.cuda.init()
         torch.cuda.reset_peak_memory_stats()

@@ -23,9 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import torch  # noqa: E402
-
 import layerwise_bench as lb  # noqa: E402
+import torch  # noqa: E402
 
 MiB = 1 << 20
 
@@ -83,7 +82,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
     dev = torch.device("cuda")
-    from planner.executor.layers import discover_layer_lists
+    from planner.inventory.module_layers import discover_layer_lists
 
     result: dict[str, Any] = {"gpu": torch.cuda.get_device_name(dev), "torch": torch.__version__,
                               "size": args.size, "command": "python " + " ".join(sys.argv), "families": {}}

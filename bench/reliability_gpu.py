@@ -24,9 +24,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from planner.executor import hooks  # noqa: E402
-from planner.executor.layers import discover_layer_lists  # noqa: E402
-from planner.executor.layerwise import LayerwiseEngine  # noqa: E402
+from planner.executor import host_memory
+from planner.executor.layerwise_engine import LayerwiseEngine
+from planner.inventory.module_layers import discover_layer_lists
 
 MiB = 1 << 20
 
@@ -67,7 +67,7 @@ def main() -> None:
     torch.cuda.synchronize()
     gc.collect()
     torch.cuda.empty_cache()
-    base_alloc, base_blocks, base_rss = torch.cuda.memory_allocated(), len(hooks.live_host_blocks()), rss()
+    base_alloc, base_blocks, base_rss = torch.cuda.memory_allocated(), len(host_memory.live_host_blocks()), rss()
     results: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": len(layers),
                      "command": "python bench/reliability_gpu.py " + " ".join(sys.argv[1:])}
 
@@ -111,7 +111,7 @@ def main() -> None:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         cycles.append({"cycle": c, "gpu_allocated_delta": torch.cuda.memory_allocated() - base_alloc,
-                       "live_host_blocks_delta": len(hooks.live_host_blocks()) - base_blocks,
+                       "live_host_blocks_delta": len(host_memory.live_host_blocks()) - base_blocks,
                        "rss_delta": rss() - base_rss})
         engine = LayerwiseEngine(model, layers, device=dev, prefetch=2, name="transformer")
         engine.attach()
@@ -121,7 +121,7 @@ def main() -> None:
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     cycles.append({"cycle": "end", "gpu_allocated_delta": torch.cuda.memory_allocated() - base_alloc,
-                   "live_host_blocks_delta": len(hooks.live_host_blocks()) - base_blocks, "rss_delta": rss() - base_rss})
+                   "live_host_blocks_delta": len(host_memory.live_host_blocks()) - base_blocks, "rss_delta": rss() - base_rss})
     results["leaks"] = cycles
     print("leaks", cycles, flush=True)
     out = Path(args.out)

@@ -38,6 +38,10 @@ class SpecError(Exception):
         super().__init__("\n".join(d.format() for d in self.diagnostics))
 
 
+class FolderError(ValueError):
+    """A model folder or file that cannot be read as one; the message names the file."""
+
+
 class PlanApplyError(RuntimeError):
     """Applying a plan to a pipeline failed; the pipeline was left as it was."""
 

@@ -3,7 +3,7 @@
 
 Every component is built at full size on the meta device (no weights, no downloads) from the
 configuration the published model uses, typed in below with the Hugging Face file it comes from.
-Layer lists come from ``planner.executor.layers.discover_layer_lists`` (registration order, which
+Layer lists come from ``planner.inventory.module_layers.discover_layer_lists`` (registration order, which
 is the forward order for these models) and bytes from ``layer_weight_bytes`` with floating tensors
 counted as bfloat16. Components follow the pipeline class's ``model_cpu_offload_seq``.
 
@@ -403,7 +403,7 @@ def build_component(model: str, name: str) -> dict[str, Any]:
     """Build one component on the meta device and describe it at bfloat16."""
     import torch
 
-    from planner.executor.inventory import component_info
+    from planner.inventory.loaded import component_info
 
     module, facts = build_module(model, name)
     info = component_info(name, module, dtype=torch.bfloat16).to_dict()
@@ -414,7 +414,7 @@ def build_component(model: str, name: str) -> dict[str, Any]:
 
 def build_model(model: str) -> dict[str, Any]:
     """The catalog entry of one model, components in pipeline order."""
-    from planner.executor.inventory import pipeline_order
+    from planner.inventory.loaded import pipeline_order
 
     spec = MODELS[model]
     seq = offload_seq(spec["pipeline_class"])

@@ -1,4 +1,4 @@
-"""Writes schemas/deployment.schema.json and schemas/plan.schema.json from the tables in planner.rules.
+"""Writes schemas/deployment.schema.json and schemas/plan.schema.json from the tables in planner.planning.rules.
 
 The schema files are committed (editors and check-jsonschema read them); tests check they are up to date.
 Run: python scripts/gen_schemas.py
@@ -13,8 +13,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from planner.rules import OFFLOAD_FLAGS, PLACEMENTS, SPEC_STRATEGIES, DTYPES  # noqa: E402
 from planner.plan import STRATEGIES  # noqa: E402
+from planner.planning.rules import DTYPES, OFFLOAD_FLAGS, PLACEMENTS, SPEC_STRATEGIES
 
 SIZE = {
     "description": "Bytes: an integer, or a string with a unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB).",

@@ -31,7 +31,7 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]
     """
     pytest.importorskip("torch")
     pytest.importorskip("diffusers")
-    from planner.tiny import save_tiny_pipeline
+    from planner.testing.tiny_pipelines import save_tiny_pipeline
 
     cache: dict[str, Path] = {}
 

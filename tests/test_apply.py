@@ -8,11 +8,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from pipeline_checks import assert_restored, snapshot, spec_for  # noqa: E402
+
 import planner  # noqa: E402
 from planner import PlanApplyError  # noqa: E402
-from planner.executor.layerwise import LayerwiseEngine  # noqa: E402
-from planner.tiny import load_tiny_pipeline, run_tiny  # noqa: E402
-from pipeline_checks import assert_restored, snapshot, spec_for  # noqa: E402
+from planner.executor.layerwise_engine import LayerwiseEngine
+from planner.testing.tiny_pipelines import load_tiny_pipeline, run_tiny
 
 
 def engines(handle):

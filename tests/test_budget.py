@@ -7,8 +7,8 @@ import json
 import pytest
 
 from planner import SpecError, make_plan
-from planner.estimate import memory_timeline
-from planner.load import load_text
+from planner.planning.estimate import memory_timeline
+from planner.spec.document import load_text
 
 GiB = 1 << 30
 
@@ -114,7 +114,7 @@ def test_calibrated_profile_file_is_used(tmp_path):
 
 def test_calibrate_measures_a_real_dit_layer_rate_on_cpu():
     torch = pytest.importorskip("torch")
-    from planner.calibrate import measure_dit_rate
+    from planner.cli.calibrate import measure_dit_rate
 
     dims = {"dim": 64, "n_heads": 2, "n_kv_heads": 2, "cap_feat_dim": 32, "axes_dims": [8, 12, 12],
             "axes_lens": [64, 64, 64]}

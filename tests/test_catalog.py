@@ -8,7 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from planner.inventory import CATALOG_PATH, catalog_inventory, catalog_models, load_catalog
+from planner.inventory.catalog import (
+    CATALOG_PATH,
+    catalog_inventory,
+    catalog_models,
+    load_catalog,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 GIB = 1024 ** 3
@@ -154,8 +159,8 @@ def test_folder_detection_agrees_with_catalog_on_real_key_layouts(catalog):
     pytest.importorskip("torch")
     pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
-    from planner.folder import _hints_by_class, detect_layer_lists
-    from planner.inventory import LayerList
+    from planner.inventory.layer_lists import _hints_by_class, detect_layer_lists
+    from planner.inventory.model import LayerList
 
     build = _build_catalog_module()
     hints = _hints_by_class()

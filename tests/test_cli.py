@@ -13,8 +13,8 @@ from jsonschema import Draft202012Validator
 
 from planner import make_plan
 from planner.cli import main
-from planner.inventory import catalog_inventory
-from planner.validate import load_schema
+from planner.inventory.catalog import catalog_inventory
+from planner.spec.schema import load_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

@@ -17,14 +17,13 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 import torch._dynamo  # noqa: E402
+from pipeline_checks import spec_for  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 from torch.utils._pytree import tree_map  # noqa: E402
 
 import planner  # noqa: E402
-from planner.executor.layerwise import LayerwiseEngine  # noqa: E402
-from planner.tiny import load_tiny_pipeline, run_tiny  # noqa: E402
-
-from pipeline_checks import spec_for  # noqa: E402
+from planner.executor.layerwise_engine import LayerwiseEngine
+from planner.testing.tiny_pipelines import load_tiny_pipeline, run_tiny
 
 FLUX = "flux.1-dev"
 BACKEND = "aot_eager"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from planner.executor import hooks
+from planner.executor import host_memory
 from planner.executor.cpu_offload import CpuOffloadGroup
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -187,7 +187,7 @@ def test_detach_restores_bit_identical(device: str) -> None:
 def test_failing_attach_leaves_modules_unchanged(device: str, monkeypatch) -> None:
     pipe = make_pipe("cpu")
     before = snapshot(pipe)
-    real = hooks.alloc_host
+    real = host_memory.alloc_host
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -196,13 +196,13 @@ def test_failing_attach_leaves_modules_unchanged(device: str, monkeypatch) -> No
             raise MemoryError("simulated allocation failure")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(hooks, "alloc_host", flaky)
+    monkeypatch.setattr(host_memory, "alloc_host", flaky)
     group = CpuOffloadGroup(list(pipe.items()), device=device)
     with pytest.raises(MemoryError):
         group.attach()
     assert_same(before, snapshot(pipe))
     assert no_hooks(pipe)
-    monkeypatch.setattr(hooks, "alloc_host", real)
+    monkeypatch.setattr(host_memory, "alloc_host", real)
     group.attach()
     group.detach()
     assert_same(before, snapshot(pipe))
@@ -216,7 +216,7 @@ def test_report_bytes() -> None:
         rep = group.report()
         weights = sum(c["weight_bytes"] for c in rep["components"].values())
         n_tensors = sum(len(c.group.tensors) + len(c.group.spans) for c in group._comps)
-        assert 0 < rep["host_buffer_bytes"] <= 1.05 * weights + hooks.ALIGN_BYTES * n_tensors
+        assert 0 < rep["host_buffer_bytes"] <= 1.05 * weights + host_memory.ALIGN_BYTES * n_tensors
         assert rep["host_pinned_bytes"] == 0
         tr = rep["components"]["transformer"]
         assert tr["gpu_resident_bytes"] == 2 * 16 * 4     # the stride-0 buffer, materialised

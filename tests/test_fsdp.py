@@ -26,8 +26,8 @@ if not (torch.distributed.is_available() and torch.distributed.is_gloo_available
 
 from torch import nn  # noqa: E402
 
-from planner.executor.dist_testing import DistributedError, run_distributed  # noqa: E402
-from planner.executor.fsdp import NOT_DISTRIBUTED, FsdpShard  # noqa: E402
+from planner.executor.fsdp import FsdpShard  # noqa: E402
+from planner.testing.distributed import DistributedError, run_distributed
 
 # --------------------------------------------------------------------------------------------
 # models (module level: the spawned ranks import them from this module)

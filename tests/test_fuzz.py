@@ -26,8 +26,8 @@ from pathlib import Path
 from jsonschema import Draft202012Validator
 
 from planner import SpecError, make_plan
-from planner.load import load_text
-from planner.validate import load_schema
+from planner.spec.document import load_text
+from planner.spec.schema import load_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from planner.folder import FolderError, detect_layer_lists, folder_inventory, read_safetensors_header
+from planner.errors import FolderError
+from planner.files.safetensors_header import read_safetensors_header
+from planner.inventory.folder import folder_inventory
+from planner.inventory.layer_lists import detect_layer_lists
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,7 +111,7 @@ def lists_of(comp):
 # -------------------------------------------------------------------------- discovery
 
 def test_discover_zimage_runs_refiners_then_layers(tiny):
-    from planner.executor.layers import discover_layer_lists
+    from planner.inventory.module_layers import discover_layer_lists
 
     got = [(p, len(m)) for p, m in discover_layer_lists(tiny["zimage"])]
     # Z-Image's forward runs noise_refiner, context_refiner, then layers: registration order.
@@ -116,14 +119,14 @@ def test_discover_zimage_runs_refiners_then_layers(tiny):
 
 
 def test_discover_flux_double_then_single(tiny):
-    from planner.executor.layers import discover_layer_lists
+    from planner.inventory.module_layers import discover_layer_lists
 
     got = [(p, len(m)) for p, m in discover_layer_lists(tiny["flux"])]
     assert got == [("transformer_blocks", 2), ("single_transformer_blocks", 3)]
 
 
 def test_discover_transformers_models(tiny):
-    from planner.executor.layers import discover_layer_lists
+    from planner.inventory.module_layers import discover_layer_lists
 
     assert [(p, len(m)) for p, m in discover_layer_lists(tiny["t5"])] == [("encoder.block", 3)]
     assert [(p, len(m)) for p, m in discover_layer_lists(tiny["qwen3"])] == [("layers", 2)]
@@ -131,7 +134,7 @@ def test_discover_transformers_models(tiny):
 
 
 def test_overrides(tiny):
-    from planner.executor.layers import discover_layer_lists
+    from planner.inventory.module_layers import discover_layer_lists
 
     model = tiny["zimage"]
     got = discover_layer_lists(model, ["layers", "noise_refiner", "layers"])
@@ -148,7 +151,7 @@ def test_nested_lists_not_double_counted():
     torch = pytest.importorskip("torch")
     from torch import nn
 
-    from planner.executor.layers import discover_layer_lists, layer_weight_bytes
+    from planner.inventory.module_layers import discover_layer_lists, layer_weight_bytes
 
     class Block(nn.Module):
         def __init__(self, inner: int = 0):
@@ -190,7 +193,7 @@ def test_layer_weight_bytes_dtype_and_ties():
     torch = pytest.importorskip("torch")
     from torch import nn
 
-    from planner.executor.layers import dominant_dtype, layer_weight_bytes
+    from planner.inventory.module_layers import dominant_dtype, layer_weight_bytes
 
     mod = nn.Linear(4, 3)
     mod.register_buffer("steps", torch.zeros(5, dtype=torch.int64))
@@ -210,7 +213,7 @@ def test_layer_weight_bytes_dtype_and_ties():
 # ------------------------------------------------------------------------- inventories
 
 def test_inventory_from_modules(tiny):
-    from planner.executor.inventory import inventory_from_modules
+    from planner.inventory.loaded import inventory_from_modules
 
     inv = inventory_from_modules({"vae": tiny["vae"], "tokenizer": object(), "transformer": tiny["flux"]})
     assert inv.names() == ("vae", "transformer")
@@ -223,7 +226,7 @@ def test_inventory_from_modules(tiny):
 
 
 def test_inventory_from_pipeline_order(saved_flux):
-    from planner.executor.inventory import inventory_from_pipeline
+    from planner.inventory.loaded import inventory_from_pipeline
 
     _, pipe = saved_flux
     inv = inventory_from_pipeline(pipe)
@@ -243,7 +246,7 @@ def _non_persistent_bytes(module) -> int:
 
 
 def test_folder_equals_loaded_pipeline(saved_flux):
-    from planner.executor.inventory import inventory_from_pipeline
+    from planner.inventory.loaded import inventory_from_pipeline
 
     root, pipe = saved_flux
     assert (root / "transformer" / "diffusion_pytorch_model.safetensors.index.json").is_file()
@@ -259,7 +262,7 @@ def test_folder_equals_loaded_pipeline(saved_flux):
 
 
 def test_folder_heuristic_without_catalog(saved_flux):
-    from planner.executor.inventory import inventory_from_pipeline
+    from planner.inventory.loaded import inventory_from_pipeline
 
     root, pipe = saved_flux
     loaded = inventory_from_pipeline(pipe)
@@ -274,7 +277,7 @@ def test_folder_heuristic_without_catalog(saved_flux):
 
 
 def test_folder_zimage_uses_catalog_order(tiny, tmp_path):
-    from planner.executor.inventory import inventory_from_modules
+    from planner.inventory.loaded import inventory_from_modules
 
     root = tmp_path / "zimage"
     root.mkdir()
@@ -435,7 +438,7 @@ def test_read_header_skips_metadata(tmp_path):
 
 
 def test_folder_module_imports_no_torch():
-    code = ("import planner.folder, sys; "
+    code = ("import planner.inventory.folder, sys; "
             "bad = [m for m in ('torch', 'diffusers', 'transformers', 'safetensors') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

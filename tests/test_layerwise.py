@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from planner.executor import hooks
-from planner.executor.layerwise import LayerwiseEngine
+from planner.executor import host_memory, packing
+from planner.executor.layerwise_engine import LayerwiseEngine
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 N_BLOCKS = 6
@@ -272,7 +272,7 @@ def test_failing_attach_leaves_module_unchanged(device: str, where: str, monkeyp
     before = snapshot(model)
     ptrs = [t.data_ptr() for t in model.state_dict(keep_vars=True).values()]
     name = "alloc_host" if where == "host" else "alloc_device"
-    real = getattr(hooks, name)
+    real = getattr(host_memory, name)
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -281,7 +281,7 @@ def test_failing_attach_leaves_module_unchanged(device: str, where: str, monkeyp
             raise MemoryError("simulated allocation failure")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(hooks, name, flaky)
+    monkeypatch.setattr(host_memory, name, flaky)
     engine = LayerwiseEngine(model, list(model.blocks), device=device, prefetch=1)
     with pytest.raises(MemoryError):
         engine.attach()
@@ -289,7 +289,7 @@ def test_failing_attach_leaves_module_unchanged(device: str, where: str, monkeyp
     assert_same(before, snapshot(model))
     assert [t.data_ptr() for t in model.state_dict(keep_vars=True).values()] == ptrs
     assert no_hooks(model)
-    monkeypatch.setattr(hooks, name, real)
+    monkeypatch.setattr(host_memory, name, real)
     engine.attach()                              # a later attach works
     engine.detach()
     assert_same(before, snapshot(model))
@@ -303,7 +303,7 @@ def test_host_buffer_bytes_close_to_streamed_bytes() -> None:
         rep = engine.report()
         n_tensors = sum(len(layer.group.tensors) for layer in engine._streamed)
         n_spans = sum(len(layer.group.spans) for layer in engine._streamed)
-        slack = hooks.ALIGN_BYTES * (n_tensors + n_spans)
+        slack = host_memory.ALIGN_BYTES * (n_tensors + n_spans)
         assert rep["streamed_bytes"] > 0
         assert rep["host_buffer_bytes"] <= 1.05 * rep["streamed_bytes"] + slack
         assert rep["host_pinned_bytes"] == 0          # nothing to pin without CUDA
@@ -321,9 +321,9 @@ def test_host_buffer_bytes_close_to_streamed_bytes() -> None:
 def test_pinned_host_memory_is_exact() -> None:
     # page-locked with cudaHostRegister; torch.Tensor.is_pinned() does not always recognise such
     # memory (torch 2.11 says False), the copy engine does (bench/engine_check.py measures it)
-    block = hooks.alloc_host(1000, torch.bfloat16, pin=True)
+    block = host_memory.alloc_host(1000, torch.bfloat16, pin=True)
     assert block.pinned and block.tensor.numel() == 1000
-    assert block.nbytes <= 2000 + 2 * hooks.PAGE_BYTES        # no power-of-two rounding
+    assert block.nbytes <= 2000 + 2 * host_memory.PAGE_BYTES        # no power-of-two rounding
     block.free()
     model = make_stack("cpu")
     engine = LayerwiseEngine(model, list(model.blocks), device="cuda", prefetch=1)
@@ -427,7 +427,7 @@ def test_slots_follow_layer_sizes(device: str, prefetch: int) -> None:
     x = torch.randn(3, 16, device=device)
     with torch.no_grad():
         ref = model(x)
-    sizes = [sum(hooks.tensor_bytes(t) for t in b.parameters()) for b in model.blocks]
+    sizes = [sum(packing.tensor_bytes(t) for t in b.parameters()) for b in model.blocks]
     engine = LayerwiseEngine(model, list(model.blocks), device=device, prefetch=prefetch)
     engine.attach()
     # what a layer takes in a slot: its bytes plus the 256-byte alignment of each tensor
@@ -510,7 +510,7 @@ def test_stream_non_layer_modules(device: str) -> None:
     # first call's ``embed`` came before any order was learned (a load on the compute stream)
     assert rep["streamed_other_modules"] == 2 and rep["other_loads"] == 2 * 3 + 1
     assert rep["other_sync_loads"] == 1 and rep["sync_loads"] == 0
-    other = sum(hooks.tensor_bytes(t) for m in (model.embed, model.head) for t in m.parameters())
+    other = sum(packing.tensor_bytes(t) for m in (model.embed, model.head) for t in m.parameters())
     assert rep["streamed_other_bytes"] == other
     assert rep["gpu_resident_bytes"] == kept_plain - other     # ``pos`` and the shared rope stay
     assert_same(before, snapshot(model))

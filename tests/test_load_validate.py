@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-
 import pytest
 
 from planner import SpecError
-from planner.load import MAX_NODES, load_text
-from planner.validate import validate_document
+from planner.spec.document import MAX_NODES, load_text
+from planner.spec.schema import validate_document
 
 
 def errors_of(text, file="s.yaml"):
@@ -100,7 +99,7 @@ def test_sizes_accepted(size):
 
 
 def test_parse_size():
-    from planner.sizes import parse_size
+    from planner.spec.sizes import parse_size
 
     assert parse_size("16GiB") == 16 << 30
     assert parse_size("1.5 GB") == 1_500_000_000

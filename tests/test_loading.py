@@ -24,10 +24,10 @@ pytest.importorskip("diffusers")
 
 import planner  # noqa: E402
 from planner import PlanApplyError, SpecError  # noqa: E402
-from planner.executor import loading  # noqa: E402
+from planner.executor import checkpoint_keys, safetensors_reader
 from planner.executor.cpu_offload import CpuOffloadGroup  # noqa: E402
-from planner.executor.layerwise import LayerwiseEngine  # noqa: E402
-from planner.tiny import load_tiny_pipeline, run_tiny  # noqa: E402
+from planner.executor.layerwise_engine import LayerwiseEngine
+from planner.testing.tiny_pipelines import load_tiny_pipeline, run_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -162,13 +162,13 @@ def test_streamed_component_is_read_tensor_by_tensor_into_the_host_blocks(refere
 
     monkeypatch.setattr(safetensors, "safe_open", refuse)     # no whole-file mapping either
     reads: list[tuple[str, str, int]] = []
-    real = loading.SafetensorsReader.read_into
+    real = safetensors_reader.SafetensorsReader.read_into
 
     def read_into(self, name, out):
         reads.append((self.files[0].parent.name, name, out.data_ptr()))
         return real(self, name, out)
 
-    monkeypatch.setattr(loading.SafetensorsReader, "read_into", read_into)
+    monkeypatch.setattr(safetensors_reader.SafetensorsReader, "read_into", read_into)
     pipe = load(spec_for(path, offload={"dit_layerwise_offload": True}))
     engine = pipe.residency.placements["transformer"]
     rep = pipe.residency.load_report["components"]["transformer"]
@@ -193,7 +193,7 @@ def test_paused_plan_reattaches_from_the_loaded_tensors(reference, monkeypatch):
     path, ref_pipe, expected = reference("z-image-turbo")
     pipe = load(spec_for(path, offload={"dit_layerwise_offload": True, "text_encoder_cpu_offload": True}))
     handle = pipe.residency
-    monkeypatch.setattr(loading.SafetensorsReader, "read_into",
+    monkeypatch.setattr(safetensors_reader.SafetensorsReader, "read_into",
                         lambda *a: pytest.fail("re-attach must not read the files again"))
     with handle.paused():
         assert_same_weights(pipe, ref_pipe)
@@ -203,13 +203,13 @@ def test_paused_plan_reattaches_from_the_loaded_tensors(reference, monkeypatch):
 
 def test_fallback_to_from_pretrained_when_keys_do_not_match(reference, monkeypatch):
     path, ref_pipe, expected = reference("z-image-turbo")
-    real = loading._keymap
+    real = checkpoint_keys._keymap
 
     def keymap(module, reader, names, library=None):
         km, problems = real(module, reader, names, library)
         return km, problems + (["layers.0.x (simulated)"] if library == "transformers" else [])
 
-    monkeypatch.setattr(loading, "_keymap", keymap)
+    monkeypatch.setattr(checkpoint_keys, "_keymap", keymap)
     pipe = load(spec_for(path, offload={"layerwise_offload_components": "all"}))
     rep = pipe.residency.load_report["components"]
     assert rep["text_encoder"]["method"] == "from_pretrained"
@@ -336,7 +336,7 @@ def test_cpu_offload_group_packs_meta_members_from_their_sources():
 
 def test_host_budget_is_refused_before_anything_is_read(reference, monkeypatch, tmp_path):
     path, _, _ = reference("z-image-turbo")
-    monkeypatch.setattr(loading.SafetensorsReader, "__init__",
+    monkeypatch.setattr(safetensors_reader.SafetensorsReader, "__init__",
                         lambda *a, **k: pytest.fail("nothing may be read over the budget"))
     spec = tmp_path / "over.yaml"
     spec.write_text(textwrap.dedent(f"""\
@@ -451,7 +451,7 @@ CHILD = r"""
 import json, os, resource, sys
 mode, folder = sys.argv[1], sys.argv[2]
 import torch, planner
-import planner.executor.loading, planner.executor.apply, planner.executor.layerwise  # noqa: F401
+import planner.executor.pipeline_loader, planner.executor.apply, planner.executor.layerwise_engine  # noqa: F401
 from diffusers import ZImagePipeline, ZImageTransformer2DModel, AutoencoderKL, FlowMatchEulerDiscreteScheduler  # noqa
 from transformers import Qwen3Model, Qwen2Tokenizer  # noqa: F401
 

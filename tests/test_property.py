@@ -9,11 +9,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
+from test_rules import INV
 
 from planner import Plan, SpecError, make_plan
-from planner.load import load_text
-from planner.validate import load_schema
-from test_rules import INV
+from planner.spec.document import load_text
+from planner.spec.schema import load_schema
 
 NAMES = list(INV.names()) + ["transfomer", "scheduler", "nope"]
 TOKENS = NAMES + ["all", "default", "text_encoder", "vae", "Text-Encoder", " all ", ""]

@@ -23,10 +23,10 @@ from torch.utils._pytree import tree_map  # noqa: E402
 
 import planner  # noqa: E402
 from planner import PlanApplyError, SpecError  # noqa: E402
-from planner.executor import hooks  # noqa: E402
-from planner.executor.layers import discover_layer_lists  # noqa: E402
-from planner.executor.layerwise import LayerwiseEngine  # noqa: E402
-from planner.tiny import load_tiny_pipeline, run_tiny  # noqa: E402
+from planner.executor import host_memory, packing
+from planner.executor.layerwise_engine import LayerwiseEngine
+from planner.inventory.module_layers import discover_layer_lists
+from planner.testing.tiny_pipelines import load_tiny_pipeline, run_tiny
 
 FLUX = "flux.1-dev"
 
@@ -34,10 +34,9 @@ FLUX = "flux.1-dev"
 from pipeline_checks import assert_restored, snapshot, spec_for  # noqa: E402
 
 
-
 def live_blocks() -> int:
     gc.collect()
-    return len(hooks.live_host_blocks())
+    return len(host_memory.live_host_blocks())
 
 
 def engines(handle):
@@ -72,11 +71,11 @@ FLUX_MIX = {"components": {"transformer": {"strategy": "layerwise", "prefetch": 
 
 
 def _caller_file() -> str:
-    """The engine file that asked for host memory (walks up past hooks.py)."""
+    """The engine file that asked for host memory (walks up past host_memory.py and packing.py)."""
     frame = sys._getframe(2)
     while frame is not None:
         name = os.path.basename(frame.f_code.co_filename)
-        if name in ("layerwise.py", "cpu_offload.py"):
+        if name in ("layerwise_engine.py", "cpu_offload.py"):
             return name
         frame = frame.f_back
     return "?"
@@ -90,18 +89,18 @@ def test_host_allocation_failure_at_every_allocation_changes_nothing(fresh, monk
     reference = run_tiny(pipe)
     snap = snapshot(pipe)
     plan = planner.make_plan(spec_for(path, **FLUX_MIX), pipeline=pipe)
-    real = hooks.alloc_host
+    real = host_memory.alloc_host
     callers: list[str] = []
 
     def counting(numel, dtype, pin):
         callers.append(_caller_file())
         return real(numel, dtype, pin)
 
-    monkeypatch.setattr(hooks, "alloc_host", counting)
+    monkeypatch.setattr(host_memory, "alloc_host", counting)
     handle = planner.apply_plan(pipe, plan)
     handle.remove()
     total = len(callers)
-    assert "layerwise.py" in callers and "cpu_offload.py" in callers, callers
+    assert "layerwise_engine.py" in callers and "cpu_offload.py" in callers, callers
     baseline = live_blocks()
 
     failed_in = set()
@@ -115,14 +114,14 @@ def test_host_allocation_failure_at_every_allocation_changes_nothing(fresh, monk
                 raise MemoryError(f"simulated: host allocation {n} failed")
             return real(numel, dtype, pin)
 
-        monkeypatch.setattr(hooks, "alloc_host", flaky)
+        monkeypatch.setattr(host_memory, "alloc_host", flaky)
         with pytest.raises(PlanApplyError, match=f"nothing was changed.*allocation {n} failed"):
             planner.apply_plan(pipe, plan)
         assert_restored(pipe, snap)
         assert live_blocks() == baseline, f"host blocks leaked after a failure at allocation {n}"
-    assert failed_in == {"layerwise.py", "cpu_offload.py"}
+    assert failed_in == {"layerwise_engine.py", "cpu_offload.py"}
 
-    monkeypatch.setattr(hooks, "alloc_host", real)
+    monkeypatch.setattr(host_memory, "alloc_host", real)
     handle = planner.apply_plan(pipe, plan)
     try:
         assert live_blocks() == baseline + total
@@ -140,7 +139,7 @@ def test_cpu_offload_group_allocation_failure_after_other_placements(fresh, monk
     snap = snapshot(pipe)
     plan = planner.make_plan(spec_for(path, **FLUX_MIX), pipeline=pipe)
     baseline = live_blocks()
-    real = hooks.alloc_host
+    real = host_memory.alloc_host
     undone = []
     real_detach = LayerwiseEngine.detach
 
@@ -153,7 +152,7 @@ def test_cpu_offload_group_allocation_failure_after_other_placements(fresh, monk
             raise MemoryError("simulated: pinned host block for the offload group")
         return real(numel, dtype, pin)
 
-    monkeypatch.setattr(hooks, "alloc_host", flaky)
+    monkeypatch.setattr(host_memory, "alloc_host", flaky)
     monkeypatch.setattr(LayerwiseEngine, "detach", spy_detach)
     with pytest.raises(PlanApplyError, match="nothing was changed.*offload group"):
         planner.apply_plan(pipe, plan)
@@ -323,7 +322,7 @@ def test_paused_is_all_or_nothing(fresh, monkeypatch):
     assert torch.equal(run_tiny(pipe), reference)
 
     # applying again fails half way (the group's host block): nothing stays attached, the handle is removed
-    real = hooks.alloc_host
+    real = host_memory.alloc_host
 
     def flaky(numel, dtype, pin):
         if _caller_file() == "cpu_offload.py":
@@ -332,8 +331,8 @@ def test_paused_is_all_or_nothing(fresh, monkeypatch):
 
     with pytest.raises(PlanApplyError, match="applying the plan again after paused.*no host memory"):
         with handle.paused():
-            monkeypatch.setattr(hooks, "alloc_host", flaky)
-    monkeypatch.setattr(hooks, "alloc_host", real)
+            monkeypatch.setattr(host_memory, "alloc_host", flaky)
+    monkeypatch.setattr(host_memory, "alloc_host", real)
     assert_restored(pipe, snap)
     assert live_blocks() == baseline
     assert torch.equal(run_tiny(pipe), reference)
@@ -553,9 +552,9 @@ def test_quantized_subclass_weights_stay_resident_with_a_warning(fresh):
     snap = snapshot(pipe)
     plan = planner.make_plan(spec_for(path, components={"transformer": {"strategy": "layerwise", "prefetch": 1}},
                                       offload={"text_encoder_cpu_offload": True}), pipeline=pipe)
-    with pytest.warns(hooks.UnpackableTensorWarning) as record:
+    with pytest.warns(packing.UnpackableTensorWarning) as record:
         handle = planner.apply_plan(pipe, plan)
-    messages = sorted(str(w.message) for w in record if issubclass(w.category, hooks.UnpackableTensorWarning))
+    messages = sorted(str(w.message) for w in record if issubclass(w.category, packing.UnpackableTensorWarning))
     assert len(messages) == 2, messages
     assert messages[0].startswith("text_encoder: 1 tensor(s)") and "QTensor" in messages[0]
     assert messages[1].startswith("transformer: 2 tensor(s)") and "stay resident on cpu" in messages[1]
@@ -578,7 +577,7 @@ def test_plain_pipelines_raise_no_unpackable_warning(fresh):
 
     path, pipe = fresh(FLUX)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", hooks.UnpackableTensorWarning)
+        warnings.simplefilter("error", packing.UnpackableTensorWarning)
         handle = planner.apply_plan(pipe, planner.make_plan(
             spec_for(path, offload={"layerwise_offload_components": "all"}), pipeline=pipe))
     handle.remove()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from planner import SpecError, make_plan
-from planner.inventory import ComponentInfo, Inventory, LayerList
-from planner.load import load_text
-from planner.resolve import place_resident, prefetch_count
+from planner.inventory.model import ComponentInfo, Inventory, LayerList
+from planner.planning.resolve import place_resident, prefetch_count
+from planner.spec.document import load_text
 
 GiB = 1 << 30
 

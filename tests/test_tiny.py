@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from planner.tiny import (  # noqa: E402
+from planner.testing.tiny_pipelines import (
     TINY_FAMILIES,
     build_tiny_pipeline,
     load_tiny_pipeline,

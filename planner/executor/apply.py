@@ -12,11 +12,11 @@ from typing import Any, Iterator, Mapping, Protocol
 
 import torch
 
-from ..errors import PlanApplyError
-from ..estimate import streams_non_layer
-from ..plan import Plan
-from .hooks import ModuleHooks
-from .layers import discover_layer_lists
+from planner.errors import PlanApplyError
+from planner.executor.module_hooks import ModuleHooks
+from planner.inventory.module_layers import discover_layer_lists
+from planner.plan import Plan
+from planner.planning.estimate import streams_non_layer
 
 
 class Placement(Protocol):
@@ -319,7 +319,7 @@ def finish_apply(handle: ResidencyHandle, modules: Mapping[str, torch.nn.Module]
 def apply_plan(pipe: Any, plan: Any, *, device: str | torch.device | None = None) -> ResidencyHandle:
     """Apply ``plan`` (a Plan, a spec path or a spec mapping) to ``pipe``; all or nothing."""
     if not isinstance(plan, Plan):
-        from ..api import make_plan
+        from planner.planning.make_plan import make_plan
 
         plan = make_plan(plan, pipeline=pipe)
     dev = torch.device(device or plan.device)
@@ -339,13 +339,13 @@ def apply_plan(pipe: Any, plan: Any, *, device: str | torch.device | None = None
             if cp.strategy == "resident":
                 placement = Resident(module, dev)
             elif cp.strategy == "layerwise":
-                from .layerwise import LayerwiseEngine
+                from planner.executor.layerwise_engine import LayerwiseEngine
 
                 placement = LayerwiseEngine(module, _flat_layers(name, module, cp.layers), device=dev,
                                             prefetch=cp.prefetch or 1, resident=cp.resident_layers, name=name,
                                             stream_non_layer=streams_non_layer(cp))
             elif cp.strategy == "fsdp":
-                from .fsdp import FsdpShard
+                from planner.executor.fsdp import FsdpShard
 
                 placement = FsdpShard(module, _flat_layers(name, module, cp.layers), device=dev, name=name)
             elif cp.strategy == "cpu_offload":
@@ -357,7 +357,7 @@ def apply_plan(pipe: Any, plan: Any, *, device: str | torch.device | None = None
             handle._attached.append(placement)
             handle.placements[name] = placement
         if offload_members:
-            from .cpu_offload import CpuOffloadGroup
+            from planner.executor.cpu_offload import CpuOffloadGroup
 
             group = CpuOffloadGroup(offload_members, device=dev, pipeline_order=list(plan.components))
             group.attach()

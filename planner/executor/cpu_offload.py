@@ -29,7 +29,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from . import hooks as _h
+from planner.executor import host_memory, packing, streams, weight_sources
+from planner.executor import module_hooks as _h
 
 _OFF, _LOADING, _ON = 0, 1, 2
 
@@ -42,7 +43,7 @@ class _Component:
         self.index = index
         self.name = name
         self.module = module
-        self.group: _h.PackedGroup | None = None
+        self.group: packing.PackedGroup | None = None
         self.state = _OFF
         self.bufs: dict[torch.dtype, torch.Tensor] | None = None
         self.host_binds: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -97,8 +98,8 @@ class CpuOffloadGroup:
         self._attached = True
         for comp in self._comps:
             # tensors that stay on the device because they cannot be packed (shared ones are expected)
-            kept = [t for t in _h.unique_tensors(comp.module) if not _h.is_packable(t, allow_meta=True)]
-            self._unusual[comp.name] = _h.warn_unpackable(comp.name, kept, self.device)
+            kept = [t for t in packing.unique_tensors(comp.module) if not packing.is_packable(t, allow_meta=True)]
+            self._unusual[comp.name] = packing.warn_unpackable(comp.name, kept, self.device)
 
     def detach(self) -> None:
         """Removes the hooks; every parameter and buffer back on its original device with its
@@ -111,7 +112,7 @@ class CpuOffloadGroup:
         with torch.inference_mode(False), torch.no_grad():
             for comp in self._comps:
                 for pt in comp.group.tensors:
-                    _h.restore_tensor(pt, pack.host_view(comp.group, pt))
+                    packing.restore_tensor(pt, pack.host_view(comp.group, pt))
                 comp.bufs = None
             for t, orig_device, orig_data, requires_grad in self._moved:
                 t.data = orig_data if orig_data is not None else t.data.to(orig_device)
@@ -186,21 +187,21 @@ class CpuOffloadGroup:
     # attach / detach
 
     def _reset_state(self) -> None:
-        self._ops = _h.StreamOps(self.device)
+        self._ops = streams.StreamOps(self.device)
         self._side: Any = None
         self._hooks = _h.ModuleHooks()
-        self._pack: _h.HostPack | None = None
+        self._pack: packing.HostPack | None = None
         self._comps: list[_Component] = []
         self._moved: list[tuple[torch.Tensor, torch.device, torch.Tensor | None, bool]] = []
         self._succ: dict[int, _Component | None] = {}   # None: another component runs next
         self._last: _Component | None = None
         self._prefetched: _Component | None = None
-        self._sourced: list[_h.SourcedTensors] = []     # while attaching from weight sources
+        self._sourced: list[weight_sources.SourcedTensors] = []     # while attaching from weight sources
         self._unusual: dict[str, int] = {}             # per member: tensors kept resident, unpackable
 
     def _attach(self, originals: dict[int, tuple[torch.Tensor, torch.Tensor, bool]]) -> None:
-        self.device = _h.resolve_device(self.device)
-        self._ops = _h.StreamOps(self.device)
+        self.device = streams.resolve_device(self.device)
+        self._ops = streams.StreamOps(self.device)
         pin = self._ops.is_cuda if self.pin_memory is None else bool(self.pin_memory)
         overlap = _h.modules_overlap(m for _, m in self.modules)
         if overlap is not None:
@@ -211,10 +212,10 @@ class CpuOffloadGroup:
         unknown = sorted(set(self.weight_sources) - {c.name for c in self._comps})
         if unknown:
             raise ValueError(f"cpu offload group: weight sources for non-members {unknown}")
-        sources = {c.name: _h.SourcedTensors(c.module, self.weight_sources[c.name], what=c.name)
+        sources = {c.name: weight_sources.SourcedTensors(c.module, self.weight_sources[c.name], what=c.name)
                    for c in self._comps if c.name in self.weight_sources}
         self._sourced = list(sources.values())
-        per_comp = [_h.unique_tensors(c.module) for c in self._comps]
+        per_comp = [packing.unique_tensors(c.module) for c in self._comps]
         for comp, ts in zip(self._comps, per_comp):
             lacking = sources[comp.name].missing(ts) if comp.name in sources else []
             if lacking:
@@ -235,7 +236,7 @@ class CpuOffloadGroup:
                 if t.device.type == "meta" and sourced is None:
                     raise ValueError(f"cpu offload group: {comp.name} has meta tensors; load real weights first")
                 originals[id(t)] = (t, t.data, t.requires_grad)
-                if holders[id(t)] > 1 or not _h.is_packable(t, allow_meta=sourced is not None):
+                if holders[id(t)] > 1 or not packing.is_packable(t, allow_meta=sourced is not None):
                     if id(t) not in stay_ids:
                         stay_ids.add(id(t))
                         stay.append((comp, t))
@@ -243,7 +244,7 @@ class CpuOffloadGroup:
                     mine.append(t)
             packed.append(mine)
 
-        pack = _h.HostPack(packed, pin=pin)
+        pack = packing.HostPack(packed, pin=pin)
         self._pack = pack
         pack.allocate()
         fillers = {id(t): sourced for comp, ts in zip(self._comps, packed)
@@ -264,18 +265,18 @@ class CpuOffloadGroup:
             sourced = sources.get(comp.name)
             fresh = sourced.materialize(t, self.device) if sourced is not None else None
             if fresh is not None:
-                home = _h.home_device(t)
+                home = packing.home_device(t)
                 t = sourced.bind(t, fresh)
                 self._moved.append((t, home, None, t.requires_grad))
-                comp.resident_bytes += _h.tensor_bytes(t)
+                comp.resident_bytes += packing.tensor_bytes(t)
                 continue
             orig = t.data
             # unusual tensors may not survive a round trip with their strides: keep the original
-            keep = orig if not _h.is_packable(t) and orig.device != self.device else None
+            keep = orig if not packing.is_packable(t) and orig.device != self.device else None
             if orig.device != self.device:
                 t.data = orig.to(self.device)
             self._moved.append((t, orig.device, keep, t.requires_grad))
-            comp.resident_bytes += _h.tensor_bytes(t)
+            comp.resident_bytes += packing.tensor_bytes(t)
 
         self._side = self._ops.new_stream()
         for comp in self._comps:
@@ -325,7 +326,7 @@ class CpuOffloadGroup:
 
     def _alloc(self, comp: _Component) -> dict[torch.dtype, torch.Tensor]:
         with torch.inference_mode(False):   # buffers made in inference mode would taint the params
-            return {d: _h.alloc_device(n, d, self.device) for d, (_, n) in comp.group.spans.items()}
+            return {d: host_memory.alloc_device(n, d, self.device) for d, (_, n) in comp.group.spans.items()}
 
     def _copy_in(self, comp: _Component) -> None:
         pack = self._pack
@@ -336,7 +337,7 @@ class CpuOffloadGroup:
         bufs = comp.bufs
         with torch.inference_mode(False):
             for pt in comp.group.tensors:
-                pt.tensor.data = _h.view_in(bufs[pt.dtype], pt)
+                pt.tensor.data = packing.view_in(bufs[pt.dtype], pt)
 
     def _onload(self, comp: _Component) -> None:
         stream = self._ops.current()

@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence, TextIO
 
-from .errors import Diagnostic, SpecError
-from .sizes import format_size
+from planner.errors import Diagnostic, SpecError
+from planner.spec.sizes import format_size
 
 SPEC_SUFFIXES = (".yaml", ".yml")
 
@@ -36,8 +36,8 @@ def _spec_files(paths: Sequence[str]) -> list[Path]:
 
 def validate_file(path: Path, *, strict: bool) -> list[Diagnostic]:
     """Every check that needs no model files: YAML, schema, catalog names, rules against the inventory."""
-    from .api import load_spec, spec_inventory
-    from .resolve import resolve
+    from planner.planning.make_plan import load_spec, spec_inventory
+    from planner.planning.resolve import resolve
 
     try:
         doc = load_spec(path)
@@ -46,7 +46,7 @@ def validate_file(path: Path, *, strict: bool) -> list[Diagnostic]:
             return []   # the folder is not here (CI without model files): schema checks only
         inventory = spec_inventory(doc)
         res = resolve(doc, inventory, strict=strict)
-        from .budget import plan_budget
+        from planner.planning.budget import plan_budget
 
         plan_budget(doc, inventory, res, strict=strict)
         return list(res.warnings)
@@ -80,12 +80,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def _load_plan(source: str, *, strict: bool = False) -> Any:
     """A plan from a spec file, or a saved plan (.json)."""
-    from .api import make_plan
-    from .plan import Plan
+    from planner.plan import Plan
+    from planner.planning.make_plan import make_plan
 
     if source.endswith(".json"):
-        from .load import load_text
-        from .validate import check_document
+        from planner.spec.document import load_text
+        from planner.spec.schema import check_document
 
         doc = load_text(Path(source).read_bytes(), source)
         check_document(doc, "plan.schema.json")
@@ -139,7 +139,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.output:
         Path(args.output).write_text(plan.to_json(), encoding="utf-8")
     if args.chart:
-        from .chart import write_chart
+        from planner.cli.chart import write_chart
 
         write_chart(plan, args.chart)
     sys.stdout.write(text)
@@ -188,7 +188,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     except SpecError as exc:
         _emit(exc.diagnostics, "text", sys.stderr)
         return 1
-    from .plan import _component_to_dict
+    from planner.plan import _component_to_dict
 
     changes = []
     for name in list(old.components) + [n for n in new.components if n not in old.components]:
@@ -211,14 +211,19 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from .validate import schema_path
+    from planner.spec.schema import schema_path
 
     sys.stdout.write(schema_path("plan.schema.json" if args.plan else "deployment.schema.json").read_text())
     return 0
 
 
 def cmd_from_sglang(args: argparse.Namespace) -> int:
-    from .sglang import SGLangArgsError, parse_args, render_yaml, translate
+    from planner.spec.sglang_args import (
+        SGLangArgsError,
+        parse_args,
+        render_yaml,
+        translate,
+    )
 
     try:
         translation = translate(parse_args(args.args))
@@ -234,7 +239,8 @@ def cmd_from_sglang(args: argparse.Namespace) -> int:
 
 
 def cmd_inventory(args: argparse.Namespace) -> int:
-    from .folder import FolderError, folder_inventory
+    from planner.errors import FolderError
+    from planner.inventory.folder import folder_inventory
 
     try:
         inv = folder_inventory(Path(args.path))
@@ -254,7 +260,7 @@ def cmd_inventory(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from .calibrate import calibrate
+    from planner.cli.calibrate import calibrate
 
     profile = calibrate(args.output)
     print(f"{profile['name']}: pinned host-to-device {profile['h2d_bytes_per_s'] / 1e9:.1f} GB/s, "
@@ -263,7 +269,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .run import run_command
+    from planner.cli.run_command import run_command
 
     return run_command(args)
 
@@ -273,7 +279,7 @@ def cmd_tiny(args: argparse.Namespace) -> int:
     try:
         import torch
 
-        from .tiny import save_tiny_pipeline, tiny_family_names
+        from planner.testing.tiny_pipelines import save_tiny_pipeline, tiny_family_names
     except ImportError as exc:
         print(f"error: 'tiny' needs the executor extra: pip install 'residency-planner[executor]' ({exc})",
               file=sys.stderr)

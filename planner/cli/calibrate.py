@@ -1,6 +1,6 @@
 """``residency-planner calibrate``: measure the GPU this runs on and write a hardware profile.
 
-Two numbers drive the time model (planner/budget.py): pinned host-to-device bandwidth, and the
+Two numbers drive the time model (planner/planning/budget.py): pinned host-to-device bandwidth, and the
 effective rate of a DiT's layers, counted the planner's way (2 FLOPs per weight per token; attention,
 modulation and normalisation costs fold into the rate). The rate comes from real Z-Image layers
 (diffusers), since a synthetic attention+MLP block runs about 1.6x faster than a real DiT layer on

@@ -11,11 +11,17 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import Diagnostic, SpecError, did_you_mean
-from .inventory import ComponentInfo, Inventory
-from .load import Document, PathKey
-from .plan import Decision
-from .rules import FAMILY_FLAGS, SELECTION_TOKENS, family_of, normalize_token, reason
+from planner.errors import Diagnostic, SpecError, did_you_mean
+from planner.inventory.model import ComponentInfo, Inventory
+from planner.plan import Decision
+from planner.planning.rules import (
+    FAMILY_FLAGS,
+    SELECTION_TOKENS,
+    normalize_token,
+    reason,
+)
+from planner.spec.document import Document, PathKey
+from planner.spec.families import family_of
 
 DEFAULT_PREFETCH = 1
 DEFAULT_PLACEMENT = "strided"

@@ -2,19 +2,15 @@
 
 An inventory comes from the built-in catalog (``pipeline.model``), from a diffusers folder's
 ``model_index.json`` and safetensors headers (``pipeline.path``), from class names alone
-(``pipeline.components``), or from a loaded pipeline (``planner.executor.inventory``). The
+(``pipeline.components``), or from a loaded pipeline (``planner.inventory.loaded``). The
 spec side reads it as plain data; nothing here imports torch.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from functools import cached_property, lru_cache
-from pathlib import Path
+from functools import cached_property
 from typing import Any, Mapping
-
-CATALOG_PATH = Path(__file__).parent / "data" / "catalog.json"
 
 
 @dataclass(frozen=True)
@@ -123,27 +119,3 @@ def rescale_dtype(inventory: Inventory, dtype: str) -> Inventory:
         comps.append(replace(comp, weight_bytes=scale(comp.weight_bytes, comp.dtype), dtype=dtype,
                              layer_lists=lls))
     return replace(inventory, components=tuple(comps))
-
-
-@lru_cache(maxsize=1)
-def load_catalog() -> dict[str, Any]:
-    with open(CATALOG_PATH, encoding="utf-8") as fh:
-        return json.load(fh)
-
-
-def catalog_models() -> tuple[str, ...]:
-    return tuple(sorted(load_catalog()["models"]))
-
-
-def catalog_inventory(model: str) -> Inventory | None:
-    entry = load_catalog()["models"].get(model)
-    if entry is None:
-        return None
-    return Inventory.from_dict({"source": f"catalog:{model}", "components": entry["components"]})
-
-
-def class_inventory(components: Mapping[str, str]) -> Inventory:
-    """An inventory from class names alone: names and families, no sizes or layers."""
-    return Inventory(source="components",
-                     components=tuple(ComponentInfo(name=n, class_name=c, known=False)
-                                      for n, c in components.items()))

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .estimate import memory_timeline
-from .plan import Plan
+from planner.plan import Plan
+from planner.planning.estimate import memory_timeline
 
 GiB = float(1 << 30)
 

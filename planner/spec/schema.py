@@ -11,10 +11,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import Diagnostic, SpecError, did_you_mean
-from .load import Document, PathKey
+from planner.errors import Diagnostic, SpecError, did_you_mean
+from planner.spec.document import Document, PathKey
 
-_SCHEMA_DIRS = (Path(__file__).parent / "schemas", Path(__file__).parent.parent / "schemas")
+_SCHEMA_DIRS = (Path(__file__).parent.parent / "schemas", Path(__file__).parent.parent.parent / "schemas")
 
 
 def schema_path(name: str) -> Path:

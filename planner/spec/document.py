@@ -13,7 +13,7 @@ from typing import Any, Union
 
 import yaml
 
-from .errors import Diagnostic, SpecError
+from planner.errors import Diagnostic, SpecError
 
 MAX_FILE_BYTES = 1 << 20          # 1 MiB: a deployment spec is a page of YAML
 MAX_NODES = 100_000               # values built, aliases expanded

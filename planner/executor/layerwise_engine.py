@@ -61,7 +61,8 @@ from typing import Any, Callable, Collection, Sequence
 
 import torch
 
-from . import hooks as _h
+from planner.executor import host_memory, packing, streams, weight_sources
+from planner.executor import module_hooks as _h
 
 _SLOT_WASTE = 0.25   # a slot more than this fraction larger than its next layer is reallocated
 
@@ -69,7 +70,7 @@ _SLOT_WASTE = 0.25   # a slot more than this fraction larger than its next layer
 class _Slot:
     __slots__ = ("index", "bufs", "sizes", "load_event", "free_event", "layer")
 
-    def __init__(self, index: int, ops: _h.StreamOps) -> None:
+    def __init__(self, index: int, ops: streams.StreamOps) -> None:
         self.index = index
         self.bufs: dict[torch.dtype, torch.Tensor] = {}
         self.sizes: dict[torch.dtype, int] = {}   # numel of each buffer
@@ -92,7 +93,7 @@ class _Layer:
     __slots__ = ("sid", "index", "module", "group", "need", "slot", "depth", "binds", "copies", "releases",
                  "want_again", "mark", "is_unit", "bufs", "load_event", "ready_event")
 
-    def __init__(self, sid: int, index: int, module: torch.nn.Module, group: _h.PackedGroup) -> None:
+    def __init__(self, sid: int, index: int, module: torch.nn.Module, group: packing.PackedGroup) -> None:
         self.sid = sid            # position among streamed layers
         self.index = index        # position in the engine's ``layers``
         self.module = module
@@ -169,7 +170,7 @@ class LayerwiseEngine:
         self._sourced = None
         self.weight_source = None   # the module holds real tensors now: a later attach packs those
         self._attached = True
-        _h.warn_unpackable(self.name or "layerwise", self._unpackable, self.device)
+        packing.warn_unpackable(self.name or "layerwise", self._unpackable, self.device)
 
     def detach(self) -> None:
         """Removes the hooks and puts every parameter and buffer back on its original device with
@@ -182,7 +183,7 @@ class LayerwiseEngine:
         with torch.inference_mode(False), torch.no_grad():
             for layer in self._all:
                 for pt in layer.group.tensors:
-                    _h.restore_tensor(pt, self._pack.host_view(layer.group, pt))
+                    packing.restore_tensor(pt, self._pack.host_view(layer.group, pt))
             for t, orig_device, orig_data, requires_grad in self._moved:
                 t.data = orig_data if orig_data is not None else t.data.to(orig_device)
                 if t.requires_grad != requires_grad:
@@ -254,11 +255,11 @@ class LayerwiseEngine:
             layer.binds = []
             layer.copies = []
             layer.bufs = None
-        self._ops = _h.StreamOps(self.device)
+        self._ops = streams.StreamOps(self.device)
         self._copy_stream: Any = None
         self._hooks = _h.ModuleHooks()
-        self._pack: _h.HostPack | None = None
-        self._sourced: _h.SourcedTensors | None = None   # while attaching from a weight source
+        self._pack: packing.HostPack | None = None
+        self._sourced: weight_sources.SourcedTensors | None = None   # while attaching from a weight source
         self._streamed: list[_Layer] = []
         self._all: list[_Layer] = []       # streamed layers, then units (stream_non_layer); by sid
         self._slots: list[_Slot] = []
@@ -283,8 +284,8 @@ class LayerwiseEngine:
         self.other_async_loads = 0
 
     def _attach(self, originals: dict[int, tuple[torch.Tensor, torch.Tensor, bool]]) -> None:
-        self.device = _h.resolve_device(self.device)
-        self._ops = _h.StreamOps(self.device)
+        self.device = streams.resolve_device(self.device)
+        self._ops = streams.StreamOps(self.device)
         overlap = _h.modules_overlap(self.layers)
         if overlap is not None:
             i, j = overlap
@@ -298,7 +299,7 @@ class LayerwiseEngine:
         # modules streamed (``stream_non_layer``) count as layers here, and come after them.
         units = self._non_layer_modules() if self.stream_non_layer else []
         n_layers = len(self.layers)
-        layer_tensors = [_h.unique_tensors(m) for m in self.layers + units]
+        layer_tensors = [packing.unique_tensors(m) for m in self.layers + units]
         holders: dict[int, int] = {}
         for ts in layer_tensors:
             for t in ts:
@@ -311,7 +312,7 @@ class LayerwiseEngine:
         self._shared = sum(1 for k, v in holders.items() if v > 1 and k in layer_ids)
         sourced = None
         if self.weight_source is not None:
-            sourced = _h.SourcedTensors(self.module, self.weight_source, what=self.name or "layerwise")
+            sourced = weight_sources.SourcedTensors(self.module, self.weight_source, what=self.name or "layerwise")
             lacking = sourced.missing(outside + [t for ts in layer_tensors for t in ts])
             if lacking:
                 raise ValueError(f"{self.name or 'layerwise'}: the weight source lacks {len(lacking)} tensor(s) "
@@ -329,7 +330,7 @@ class LayerwiseEngine:
             for t in ts:
                 if holders[id(t)] > 1:
                     stay[id(t)] = t
-                elif not _h.is_packable(t, allow_meta=meta_ok):
+                elif not packing.is_packable(t, allow_meta=meta_ok):
                     self._unusual += 1
                     self._unpackable.append(t)
                     stay[id(t)] = t
@@ -343,7 +344,7 @@ class LayerwiseEngine:
             originals[id(t)] = (t, t.data, t.requires_grad)
 
         # host side: one block per dtype, one aligned slice per layer
-        pack = _h.HostPack([ts for _, ts in streamed_groups], pin=self._ops.is_cuda)
+        pack = packing.HostPack([ts for _, ts in streamed_groups], pin=self._ops.is_cuda)
         self._pack = pack
         pack.allocate()
         pack.fill(sourced.packed_filler() if sourced is not None else None)
@@ -368,19 +369,19 @@ class LayerwiseEngine:
         for t in stay.values():
             fresh = sourced.materialize(t, self.device) if sourced is not None else None
             if fresh is not None:
-                home = _h.home_device(t)
+                home = packing.home_device(t)
                 t = sourced.bind(t, fresh)
                 self._moved.append((t, home, None, t.requires_grad))
-                self._resident_bytes += _h.tensor_bytes(t)
+                self._resident_bytes += packing.tensor_bytes(t)
                 continue
-            unusual = not _h.is_packable(t)
+            unusual = not packing.is_packable(t)
             orig = t.data
             if orig.device != self.device:
                 t.data = orig.to(self.device)
             # unusual tensors may not survive a round trip with their strides: keep the original
             self._moved.append((t, orig.device, orig if unusual and orig.device != self.device else None,
                                 t.requires_grad))
-            self._resident_bytes += _h.tensor_bytes(t)
+            self._resident_bytes += packing.tensor_bytes(t)
 
         # streamed tensors: empty placeholders from now on
         self._placeholders = {d: torch.empty(0, dtype=d, device=self.device) for d in dtypes}
@@ -435,7 +436,7 @@ class LayerwiseEngine:
                 continue
             if id(mod) in holds_layer or isinstance(mod, (torch.nn.ModuleList, torch.nn.ModuleDict)):
                 stack.extend(reversed(list(mod.children())))
-            elif _h.unique_tensors(mod):
+            elif packing.unique_tensors(mod):
                 found.append(mod)
         return found
 
@@ -476,7 +477,7 @@ class LayerwiseEngine:
 
     def _views(self, layer: _Layer, bufs: dict[torch.dtype, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         with torch.inference_mode(False):   # views made inside inference mode would taint the params
-            return [(pt.tensor, _h.view_in(bufs[pt.dtype], pt)) for pt in layer.group.tensors]
+            return [(pt.tensor, packing.view_in(bufs[pt.dtype], pt)) for pt in layer.group.tensors]
 
     # ---------------------------------------------------------------------------------------
     # hooks (hot path: keep it to list walks and attribute sets)
@@ -692,7 +693,7 @@ class LayerwiseEngine:
         the memory the allocator hands out again are done)."""
         pack = self._pack
         assert pack is not None
-        unit.bufs = {d: _h.alloc_device(numel, d, self.device) for d, numel in unit.need.items()}
+        unit.bufs = {d: host_memory.alloc_device(numel, d, self.device) for d, numel in unit.need.items()}
         unit.ready_event.record(self._ops.current())
         return [(buf, pack.host_span(unit.group, d)) for d, buf in unit.bufs.items()]
 
@@ -723,7 +724,7 @@ class LayerwiseEngine:
             layer.copies[slot.index] = None
             layer.binds[slot.index] = None
         slot.bufs, slot.sizes = {}, {}       # freed in compute-stream order: activations may reuse them
-        slot.bufs = {d: _h.alloc_device(numel, d, self.device) for d, numel in need.items()}
+        slot.bufs = {d: host_memory.alloc_device(numel, d, self.device) for d, numel in need.items()}
         slot.sizes = dict(need)
         # the copy stream waits on this event before writing: whatever the compute stream queued
         # before (readers of the memory the allocator just handed out again) finishes first
@@ -732,7 +733,7 @@ class LayerwiseEngine:
         self.peak_slot_bytes = max(self.peak_slot_bytes, self._slot_bytes())
 
     def _slot_bytes(self) -> int:
-        return sum(_h.tensor_bytes(b) for s in self._slots for b in s.bufs.values())
+        return sum(packing.tensor_bytes(b) for s in self._slots for b in s.bufs.values())
 
     def _close_call(self, learn: bool = True) -> None:
         """End of a call: the observed order becomes the expected one; aim prefetch at its start."""

@@ -12,17 +12,18 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import SpecError
-from .inventory import DTYPE_BYTES, ComponentInfo, Inventory
-from .load import Document
-from .plan import Decision, Plan
-from .estimate import memory_estimate
-from .resolve import ComponentResolution, Resolution, place_resident
-from .rules import reason, runs_per_step
-from .sizes import format_size, parse_size
-from .workload import denoiser_tokens
+from planner.errors import SpecError
+from planner.inventory.model import DTYPE_BYTES, ComponentInfo, Inventory
+from planner.plan import Decision, Plan
+from planner.planning.estimate import memory_estimate
+from planner.planning.resolve import ComponentResolution, Resolution, place_resident
+from planner.planning.rules import reason
+from planner.planning.workload import denoiser_tokens
+from planner.spec.document import Document
+from planner.spec.families import runs_per_step
+from planner.spec.sizes import format_size, parse_size
 
-PROFILES_PATH = Path(__file__).parent / "data" / "profiles.json"
+PROFILES_PATH = Path(__file__).parent.parent / "data" / "profiles.json"
 DEFAULT_PROFILE = "h100"
 DEFAULT_STEPS = 28
 
@@ -57,7 +58,7 @@ def compute_seconds(info: ComponentInfo, workload: Mapping[str, Any], profile: P
 
 
 def runs_per_step_name(name: str) -> bool:
-    from .rules import family_of
+    from planner.spec.families import family_of
 
     return runs_per_step(family_of(name))
 
@@ -107,7 +108,7 @@ def simulate_layerwise(layer_bytes: tuple[int, ...], resident: set[int], compute
 
 
 def plan_budget(doc: Document, inventory: Inventory, resolution: Resolution, *, strict: bool = False) -> Plan:
-    from .api import build_plan
+    from planner.planning.assemble import build_plan
 
     spec = doc.data
     workload = dict(spec.get("workload") or {})
@@ -152,7 +153,7 @@ def _with_times(plan: Plan, inventory: Inventory, workload: Mapping[str, Any], p
 
 def _choose(doc: Document, inventory: Inventory, resolution: Resolution, auto: list[ComponentResolution],
             budget: int, workload: Mapping[str, Any], profile: Profile, steps: int) -> None:
-    from .api import build_plan
+    from planner.planning.assemble import build_plan
 
     # Least-GPU start: stream every layer of what has layers, offload the rest whole.
     start: dict[str, tuple[str, tuple[int, ...]]] = {}

@@ -7,8 +7,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from planner.executor.layers import discover_layer_lists, dominant_dtype, layer_weight_bytes
-from planner.inventory import ComponentInfo, Inventory, LayerList
+from planner.inventory.model import ComponentInfo, Inventory, LayerList
+from planner.inventory.module_layers import (
+    discover_layer_lists,
+    dominant_dtype,
+    layer_weight_bytes,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

@@ -7,15 +7,15 @@ import sys
 import time
 from typing import Any
 
-from .errors import PlanApplyError, SpecError
-from .sizes import format_size
+from planner.errors import PlanApplyError, SpecError
+from planner.spec.sizes import format_size
 
 
 def run_command(args: argparse.Namespace) -> int:
     try:
         import torch
 
-        from .executor.loading import load_pipeline
+        from planner.executor.pipeline_loader import load_pipeline
     except ImportError as exc:
         print(f"error: 'run' needs the executor extra: pip install 'residency-planner[executor]' ({exc})",
               file=sys.stderr)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .rules import OFFLOAD_FLAGS
+from planner.planning.rules import OFFLOAD_FLAGS
 
 # Hugging Face repository ids of the catalog's models, for --model-path.
 HF_MODEL_IDS = {

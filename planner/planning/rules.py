@@ -10,47 +10,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 DTYPES = ("bfloat16", "float16", "float32")
+
+
 SPEC_STRATEGIES = ("resident", "cpu_offload", "layerwise", "fsdp", "auto")
+
+
 PLACEMENTS = ("leading", "trailing", "strided", "ends")
 
-
-# --- component families (design rule 1) -------------------------------------------------------
-
-@dataclass(frozen=True)
-class Family:
-    name: str
-    description: str
-    matches: Callable[[str], bool]
-    runs_per_generation: str    # "per_step" (denoisers) or "once" (encoders, decoders)
-
-
-DIT_NAMES = ("transformer", "transformer_2", "video_dit", "video_dit_2", "audio_dit", "dual_tower_bridge")
-VAE_NAMES = ("vae", "video_vae", "audio_vae", "vocoder", "spatial_upsampler", "condition_image_encoder")
-
-FAMILIES: tuple[Family, ...] = (
-    Family("dit", "diffusion transformer / denoiser", lambda n: n in DIT_NAMES, "per_step"),
-    Family("vae", "VAE, vocoder, upsampler", lambda n: n in VAE_NAMES, "once"),
-    Family("text_encoder", "text encoder", lambda n: n.startswith("text_encoder") or n.endswith("text_encoder"), "once"),
-    Family("image_encoder", "image encoder", lambda n: n == "image_encoder", "once"),
-)
-OTHER_FAMILY = "other"
-
-# Parts of a pipeline that hold no weights to place; never planned.
-NON_MODULE_HINTS = ("scheduler", "tokenizer", "processor", "feature_extractor", "image_processor")
-
-
-def family_of(name: str) -> str:
-    for fam in FAMILIES:
-        if fam.matches(name):
-            return fam.name
-    return OTHER_FAMILY
-
-
-def runs_per_step(family: str) -> bool:
-    return any(f.name == family and f.runs_per_generation == "per_step" for f in FAMILIES)
-
-
-# --- layerwise selection tokens (design rule 2) -----------------------------------------------
 
 @dataclass(frozen=True)
 class Token:
@@ -72,8 +38,6 @@ def normalize_token(raw: str) -> str:
     return raw.strip().replace("-", "_").lower()
 
 
-# --- SGLang server-arg flags understood in `offload:` (design rules 2, 3, 7) -----------------
-
 # (name, kind, description); kind: bool | selection | prefetch
 OFFLOAD_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("dit_layerwise_offload", "bool", "Legacy: stream the DiT family layer by layer (adds the token 'default')."),
@@ -88,6 +52,7 @@ OFFLOAD_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("use_fsdp_inference", "bool", "Shard the DiT family with FSDP2 across ranks."),
 )
 
+
 # Family flags (design rule 3): flag -> (family, strategy)
 FAMILY_FLAGS: dict[str, tuple[str, str]] = {
     "dit_cpu_offload": ("dit", "cpu_offload"),
@@ -97,8 +62,6 @@ FAMILY_FLAGS: dict[str, tuple[str, str]] = {
     "use_fsdp_inference": ("dit", "fsdp"),
 }
 
-
-# --- the rules that change a strategy, with the words `explain` prints ------------------------
 
 @dataclass(frozen=True)
 class Rule:

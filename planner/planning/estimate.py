@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from .plan import ComponentEstimate, ComponentPlan
+from planner.plan import ComponentEstimate, ComponentPlan
 
 FSDP_DEFAULT_WORLD_SIZE = 2
 
@@ -32,7 +32,7 @@ def streamed_layers(cp: ComponentPlan, layer_bytes: Sequence[int]) -> list[int]:
 def streams_non_layer(cp: ComponentPlan) -> bool:
     """A layerwise denoiser with every layer streamed also streams its other modules (embedders,
     output layers): the plan asks for the least device memory, and they run outside the layers."""
-    from .rules import runs_per_step
+    from planner.spec.families import runs_per_step
 
     return cp.strategy == "layerwise" and runs_per_step(cp.family) and not cp.resident_layers
 
@@ -80,7 +80,7 @@ def phase_timeline(plans: Mapping[str, ComponentPlan], comps: Mapping[str, Compo
     is offloaded too, that one is still there while this one's prefetch lands (the pair). FSDP
     gathers one block at a time. Denoisers (run per step) add the activations.
     """
-    from .rules import runs_per_step
+    from planner.spec.families import runs_per_step
 
     always = sum(e.gpu_resident_bytes + (e.gpu_transient_bytes if plans[n].strategy == "layerwise" else 0)
                  for n, e in comps.items())

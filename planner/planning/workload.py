@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-from .inventory import DTYPE_BYTES, Inventory
-from .rules import family_of
+from planner.inventory.model import DTYPE_BYTES, Inventory
+from planner.spec.families import family_of
 
 ACTIVATION_FACTOR = 16
 VIDEO_HINTS = ("Wan", "LTX", "3D", "Hunyuan", "Video")

@@ -55,8 +55,6 @@ from diffusers import (
     ZImageTransformer2DModel,
 )
 from diffusers.models.modeling_utils import ModelMixin
-
-from planner.executor.loading import materialize
 from diffusers.pipelines.ltx2 import LTX2TextConnectors
 from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
 from tokenizers import pre_tokenizers
@@ -79,6 +77,8 @@ from transformers import (
     UMT5Config,
     UMT5EncoderModel,
 )
+
+from planner.executor.module_build import materialize
 
 __all__ = [
     "TINY_FAMILIES",
@@ -813,7 +813,7 @@ def load_tiny_pipeline(path: str | Path, **from_pretrained_kwargs: Any) -> Diffu
     """Load a saved tiny pipeline through ``DiffusionPipeline.from_pretrained``.
 
     Weights are then copied out of the safetensors mmap into ordinary contiguous CPU
-    tensors (see ``planner.executor.loading.materialize``), so equality tests between loaded pipelines are stable.
+    tensors (see ``planner.executor.module_build.materialize``), so equality tests between loaded pipelines are stable.
     """
     pipe = DiffusionPipeline.from_pretrained(str(path), **from_pretrained_kwargs)
     for component in pipe.components.values():

@@ -1,0 +1,1 @@
+"""Readers of model files (safetensors headers, model folders), shared by inventory and executor."""

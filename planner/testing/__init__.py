@@ -1,0 +1,1 @@
+"""Fixture builders for tests and benchmarks: tiny random-weight pipelines, distributed helpers."""
