@@ -14,6 +14,7 @@ class Diagnostic:
     message: str
     severity: str = "error"   # error | warning
     where: str = ""           # path inside the spec, e.g. "offload.dit_cpu_offload"
+    code: str = ""            # a stable id for warnings a plan carries, e.g. "selection-matches-nothing"
 
     def format(self) -> str:
         where = f" ({self.where})" if self.where else ""
@@ -26,8 +27,18 @@ class Diagnostic:
         return f"::{kind} file={self.file},line={max(self.line, 1)},col={max(self.column, 1)}::{msg}"
 
     def to_dict(self) -> dict[str, object]:
-        return {"file": self.file, "line": self.line, "column": self.column, "severity": self.severity,
-                "message": self.message, "where": self.where}
+        out: dict[str, object] = {"file": self.file, "line": self.line, "column": self.column,
+                                  "severity": self.severity, "message": self.message, "where": self.where}
+        if self.code:
+            out["code"] = self.code
+        return out
+
+    @classmethod
+    def from_dict(cls, data: "dict[str, object]") -> "Diagnostic":
+        return cls(file=str(data.get("file", "")), line=int(data.get("line", 0)),  # type: ignore[arg-type]
+                   column=int(data.get("column", 1)), message=str(data.get("message", "")),  # type: ignore[arg-type]
+                   severity=str(data.get("severity", "warning")), where=str(data.get("where", "")),
+                   code=str(data.get("code", "")))
 
 
 class SpecError(Exception):

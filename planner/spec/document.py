@@ -51,9 +51,10 @@ class Document:
             p = p[:-1]
         return self.positions.get((), (1, 1))
 
-    def diagnostic(self, path: PathKey, message: str, *, key: bool = False, severity: str = "error") -> Diagnostic:
+    def diagnostic(self, path: PathKey, message: str, *, key: bool = False, severity: str = "error",
+                   code: str = "") -> Diagnostic:
         line, col = self.position(path, key=key)
-        return Diagnostic(self.file, line, col, message, severity=severity, where=format_path(path))
+        return Diagnostic(self.file, line, col, message, severity=severity, where=format_path(path), code=code)
 
 
 def format_path(path: PathKey) -> str:
