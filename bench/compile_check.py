@@ -69,7 +69,7 @@ def compare(ref: torch.Tensor, out: torch.Tensor) -> dict[str, Any]:
 
 def check_family(family: str, size: int, steps: int, dev: torch.device) -> dict[str, Any]:
     from planner.executor.layerwise_engine import LayerwiseEngine
-    from planner.inventory.module_layers import discover_layer_lists
+    from planner.inventory.loaded import discover_layer_lists
 
     torch._dynamo.reset()
     counters.clear()

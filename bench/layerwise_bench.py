@@ -455,7 +455,7 @@ def setup_ours(model: torch.nn.Module, layers: list[torch.nn.Module], device: to
     from planner.executor import host_memory
     from planner.executor.layerwise_engine import LayerwiseEngine
 
-    options = {"stream_non_layer": not resident}    # planner.planning.estimate.streams_non_layer
+    options = {"stream_non_layer": not resident}    # planner.planning.assemble.streams_non_layer
     options.update(ENGINE_OPTIONS)
     engine = LayerwiseEngine(model, layers, device=device, prefetch=prefetch, resident=resident, name=name,
                              **options)
@@ -672,7 +672,7 @@ class Bench:
         self.write()
 
     def run_family(self, family: str, sizes: list[int], variants: list[str], deadline: float) -> None:
-        from planner.inventory.module_layers import discover_layer_lists
+        from planner.inventory.loaded import discover_layer_lists
         from planner.planning.resolve import place_resident
 
         dev = self.device

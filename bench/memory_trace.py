@@ -82,7 +82,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
     dev = torch.device("cuda")
-    from planner.inventory.module_layers import discover_layer_lists
+    from planner.inventory.loaded import discover_layer_lists
 
     result: dict[str, Any] = {"gpu": torch.cuda.get_device_name(dev), "torch": torch.__version__,
                               "size": args.size, "command": "python " + " ".join(sys.argv), "families": {}}

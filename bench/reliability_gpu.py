@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from planner.executor import host_memory
 from planner.executor.layerwise_engine import LayerwiseEngine
-from planner.inventory.module_layers import discover_layer_lists
+from planner.inventory.loaded import discover_layer_lists
 
 MiB = 1 << 20
 

@@ -1,21 +1,61 @@
-"""The residency plan: a frozen value that can be printed, saved, diffed and applied later."""
+"""The residency plan: a frozen value that can be printed, saved, diffed and applied later.
+
+The plan is the one contract between planning and execution: it records every decision the
+executor acts on (strategy, layer lists in run order with their module paths and prefetch, resident
+layers, whether modules outside the layers stream, where host bytes wait), so the executor reads the
+plan and the pipeline and nothing of the spec, the resolver or the cost model.
+"""
 
 from __future__ import annotations
 
+import enum
 import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from planner.errors import Diagnostic
+
 PLAN_VERSION = 1
-STRATEGIES = ("resident", "cpu_offload", "layerwise", "fsdp")
+
+
+class Strategy(str, enum.Enum):
+    """Where a component's weights live while it runs."""
+
+    RESIDENT = "resident"
+    CPU_OFFLOAD = "cpu_offload"
+    LAYERWISE = "layerwise"
+    FSDP = "fsdp"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class HostTier(str, enum.Enum):
+    """Where the host copy of streamed or offloaded bytes waits."""
+
+    PINNED = "pinned"        # page-locked host memory, exactly the streamed bytes
+
+    def __str__(self) -> str:
+        return self.value
+
+
+STRATEGIES = tuple(s.value for s in Strategy)
+HOST_TIERS = tuple(t.value for t in HostTier)
+# strategies whose weights live on the host between uses
+HOST_STRATEGIES = (Strategy.CPU_OFFLOAD, Strategy.LAYERWISE)
 
 
 @dataclass(frozen=True)
 class LayerListPlan:
-    """A layer list the plan streams from; ``count`` is checked against the pipeline at apply time."""
+    """A list of repeated blocks the plan streams, in the order the forward runs the lists.
+
+    ``path`` is the dotted module path inside the component; ``count`` is checked against the
+    pipeline at apply time; ``prefetch`` is K for this list (design rule 7: computed per list).
+    """
 
     path: str
     count: int
+    prefetch: int = 1
 
 
 @dataclass(frozen=True)
@@ -34,7 +74,7 @@ class ComponentPlan:
     order (Flux: 19 ``transformer_blocks`` then 38 ``single_transformer_blocks``).
     """
 
-    strategy: str
+    strategy: Strategy
     family: str
     class_name: str = ""
     prefetch: int | None = None
@@ -42,10 +82,21 @@ class ComponentPlan:
     layers: tuple[LayerListPlan, ...] = ()
     weight_bytes: int = 0
     estimate: ComponentEstimate = field(default_factory=ComponentEstimate)
+    stream_non_layer: bool = False          # layerwise: modules outside the layers stream too
+    host_tier: HostTier | None = None       # cpu_offload / layerwise: where the host bytes wait
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "strategy", Strategy(self.strategy))
+        if self.host_tier is not None:
+            object.__setattr__(self, "host_tier", HostTier(self.host_tier))
 
     @property
     def layer_count(self) -> int:
         return sum(ll.count for ll in self.layers)
+
+    def layer_prefetch(self) -> tuple[int, ...]:
+        """K for every layer of the flattened layer sequence (the K of the list it belongs to)."""
+        return tuple(ll.prefetch for ll in self.layers for _ in range(ll.count))
 
 
 @dataclass(frozen=True)
@@ -78,7 +129,7 @@ class Plan:
     pipeline: Mapping[str, Any]
     components: Mapping[str, ComponentPlan]
     decisions: tuple[Decision, ...] = ()
-    warnings: tuple[str, ...] = ()
+    warnings: tuple[Diagnostic, ...] = ()
     estimate: Estimate = field(default_factory=Estimate)
     version: int = PLAN_VERSION
 
@@ -88,10 +139,10 @@ class Plan:
             "device": self.device,
             "dtype": self.dtype,
             "pipeline": dict(self.pipeline),
-            "components": {name: _component_to_dict(cp) for name, cp in self.components.items()},
+            "components": {name: component_to_dict(cp) for name, cp in self.components.items()},
             "decisions": [{"rule": d.rule, "component": d.component, "from": d.from_, "to": d.to,
                            "reason": d.reason} for d in self.decisions],
-            "warnings": list(self.warnings),
+            "warnings": [w.to_dict() for w in self.warnings],
             "estimate": _drop_none({
                 "gpu_peak_bytes": self.estimate.gpu_peak_bytes,
                 "host_pinned_bytes": self.estimate.host_pinned_bytes,
@@ -119,7 +170,7 @@ class Plan:
             components={name: _component_from_dict(cp) for name, cp in data["components"].items()},
             decisions=tuple(Decision(rule=d["rule"], component=d["component"], from_=d["from"], to=d["to"],
                                      reason=d["reason"]) for d in data.get("decisions", ())),
-            warnings=tuple(data.get("warnings", ())),
+            warnings=tuple(_warning_from(w) for w in data.get("warnings", ())),
             estimate=Estimate(
                 gpu_peak_bytes=int(est.get("gpu_peak_bytes", 0)),
                 host_pinned_bytes=int(est.get("host_pinned_bytes", 0)),
@@ -137,18 +188,28 @@ class Plan:
         return cls.from_dict(json.loads(text))
 
 
+def _warning_from(data: Any) -> Diagnostic:
+    if isinstance(data, str):        # a plan saved before warnings were structured
+        return Diagnostic(file="", line=0, column=1, message=data, severity="warning")
+    return Diagnostic.from_dict(data)
+
+
 def _drop_none(data: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if v is not None}
 
 
-def _component_to_dict(cp: ComponentPlan) -> dict[str, Any]:
-    out: dict[str, Any] = {"strategy": cp.strategy, "family": cp.family}
+def component_to_dict(cp: ComponentPlan) -> dict[str, Any]:
+    out: dict[str, Any] = {"strategy": cp.strategy.value, "family": cp.family}
     if cp.class_name:
         out["class"] = cp.class_name
-    if cp.strategy == "layerwise":
+    if cp.strategy == Strategy.LAYERWISE:
         out["prefetch"] = cp.prefetch
         out["resident_layers"] = list(cp.resident_layers)
-        out["layers"] = [{"path": ll.path, "count": ll.count} for ll in cp.layers]
+        out["stream_non_layer"] = cp.stream_non_layer
+    if cp.layers:
+        out["layers"] = [{"path": ll.path, "count": ll.count, "prefetch": ll.prefetch} for ll in cp.layers]
+    if cp.host_tier is not None:
+        out["host_tier"] = cp.host_tier.value
     out["weight_bytes"] = cp.weight_bytes
     out["estimate"] = _drop_none({
         "gpu_resident_bytes": cp.estimate.gpu_resident_bytes,
@@ -167,8 +228,11 @@ def _component_from_dict(data: Mapping[str, Any]) -> ComponentPlan:
         class_name=data.get("class", ""),
         prefetch=data.get("prefetch"),
         resident_layers=tuple(int(i) for i in data.get("resident_layers", ())),
-        layers=tuple(LayerListPlan(path=ll["path"], count=int(ll["count"])) for ll in data.get("layers", ())),
+        layers=tuple(LayerListPlan(path=ll["path"], count=int(ll["count"]), prefetch=int(ll.get("prefetch", 1)))
+                     for ll in data.get("layers", ())),
         weight_bytes=int(data.get("weight_bytes", 0)),
+        stream_non_layer=bool(data.get("stream_non_layer", False)),
+        host_tier=data.get("host_tier"),
         estimate=ComponentEstimate(
             gpu_resident_bytes=int(est.get("gpu_resident_bytes", 0)),
             gpu_transient_bytes=int(est.get("gpu_transient_bytes", 0)),

@@ -3,9 +3,11 @@
 
 Every component is built at full size on the meta device (no weights, no downloads) from the
 configuration the published model uses, typed in below with the Hugging Face file it comes from.
-Layer lists come from ``planner.inventory.module_layers.discover_layer_lists`` (registration order, which
-is the forward order for these models) and bytes from ``layer_weight_bytes`` with floating tensors
-counted as bfloat16. Components follow the pipeline class's ``model_cpu_offload_seq``.
+Layer lists come from the blocks each class declares (``_repeated_blocks`` and ``_no_split_modules``,
+what ``compile_repeated_blocks`` and accelerate's ``device_map`` use; ``declared_layer_lists`` below):
+the catalog holds them as the known layer list paths of each class, which the runtime's one
+discovery (``planner.inventory.layer_lists``) prefers over its name heuristic. Bytes come from
+``layer_weight_bytes`` with floating tensors counted as bfloat16. Components follow the pipeline class's ``model_cpu_offload_seq``.
 
     python scripts/build_catalog.py            # rewrite planner/data/catalog.json
     python scripts/build_catalog.py --check    # exit 1 if the file differs from a fresh build
@@ -18,7 +20,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -385,6 +387,85 @@ MODELS: dict[str, dict[str, Any]] = {
 }
 
 
+# --- the blocks a class declares (build time only: the runtime reads the result from the catalog)
+
+def _names(value: Any) -> list[str]:
+    # ``_no_split_modules`` is None on a bare diffusers ModelMixin and may be a set elsewhere.
+    if not value:
+        return []
+    if isinstance(value, str):
+        return [value]
+    return [str(v) for v in value]
+
+
+def repeated_block_classes(module: Any) -> set[str]:
+    """Class names of the repeated blocks a model declares.
+
+    The model's own ``_repeated_blocks`` and ``_no_split_modules`` when it declares any (read from
+    the instance: transformers fills an instance's ``_no_split_modules`` with those of its
+    sub-models, e.g. a VLM text encoder's vision tower). Only when the model declares nothing are
+    the declarations of nested sub-models used.
+    """
+    own = set(_names(getattr(module, "_repeated_blocks", None)))
+    own |= set(_names(getattr(module, "_no_split_modules", None)))
+    if own:
+        return own
+    found: set[str] = set()
+    for sub in module.modules():
+        if sub is module:
+            continue
+        found |= set(_names(getattr(sub, "_repeated_blocks", None)))
+        found |= set(_names(getattr(sub, "_no_split_modules", None)))
+    return found
+
+
+def declared_layer_lists(module: Any,
+                         overrides: Sequence[str] | None = None) -> list[tuple[str, Any]]:
+    """The lists of repeated blocks of ``module`` as ``(dotted path, ModuleList)``, in run order.
+
+    ``overrides``, when given (even empty), replaces discovery: each entry is a dotted path,
+    relative to ``module``, to an ``nn.ModuleList``; a path that is missing or not a ModuleList
+    raises ``ValueError``. Discovered lists nested inside a block of an earlier list are left out,
+    so no weight is counted twice. A model without declared or found blocks gives ``[]``.
+    """
+    import torch.nn as nn
+
+    if overrides is not None:
+        out: list[tuple[str, nn.ModuleList]] = []
+        seen: set[str] = set()
+        for path in overrides:
+            try:
+                sub = module.get_submodule(path)
+            except AttributeError as exc:
+                raise ValueError(f"layer list override {path!r}: no such submodule in "
+                                 f"{type(module).__name__}") from exc
+            if not isinstance(sub, nn.ModuleList):
+                raise ValueError(f"layer list override {path!r} is a {type(sub).__name__}, "
+                                 f"not a torch.nn.ModuleList")
+            if path in seen:
+                continue
+            seen.add(path)
+            out.append((path, sub))
+        return out
+
+    classes = repeated_block_classes(module)
+    if not classes:
+        return []
+    found: list[tuple[str, nn.ModuleList]] = []
+    taken: list[str] = []
+    # remove_duplicate=True (the default) also keeps a ModuleList shared under two names once.
+    for name, sub in module.named_modules():
+        if not isinstance(sub, nn.ModuleList) or len(sub) == 0 or not name:
+            continue
+        if any(name.startswith(prefix + ".") for prefix in taken):
+            continue  # inside a block already found
+        if all(type(item).__name__ in classes for item in sub):
+            found.append((name, sub))
+            taken.append(name)
+    return found
+
+
+
 def offload_seq(pipeline_class: str) -> str:
     import diffusers
 
@@ -406,7 +487,12 @@ def build_component(model: str, name: str) -> dict[str, Any]:
     from planner.inventory.loaded import component_info
 
     module, facts = build_module(model, name)
-    info = component_info(name, module, dtype=torch.bfloat16).to_dict()
+    from planner.inventory.run_order import run_ordered
+
+    # the declared lists, in the order the class's forward runs them (as every inventory orders them)
+    declared = run_ordered(type(module).__name__, [path for path, _ in declared_layer_lists(module)],
+                           path_of=lambda path: path)
+    info = component_info(name, module, overrides=declared, dtype=torch.bfloat16).to_dict()
     if facts:
         info["facts"] = dict(sorted(facts.items()))
     return info

@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from planner.plan import STRATEGIES  # noqa: E402
+from planner.plan import HOST_TIERS, STRATEGIES  # noqa: E402
 from planner.planning.rules import DTYPES, OFFLOAD_FLAGS, PLACEMENTS, SPEC_STRATEGIES
 
 SIZE = {
@@ -125,10 +125,16 @@ def plan_schema() -> dict:
             "class": {"type": "string"},
             "prefetch": {"type": ["integer", "null"], "minimum": 1},
             "resident_layers": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-            "layers": {"type": "array", "items": {"type": "object", "additionalProperties": False,
-                                                   "required": ["path", "count"],
-                                                   "properties": {"path": {"type": "string"},
-                                                                  "count": {"type": "integer", "minimum": 0}}}},
+            "layers": {"type": "array",
+                       "description": "Layer lists in the order the forward runs them: module path, length, K.",
+                       "items": {"type": "object", "additionalProperties": False,
+                                 "required": ["path", "count"],
+                                 "properties": {"path": {"type": "string"},
+                                                "count": {"type": "integer", "minimum": 0},
+                                                "prefetch": {"type": "integer", "minimum": 1}}}},
+            "stream_non_layer": {"type": "boolean",
+                                 "description": "layerwise: modules outside the layer lists stream too"},
+            "host_tier": {"enum": list(HOST_TIERS), "description": "where the host copy of the weights waits"},
             "weight_bytes": {"type": "integer", "minimum": 0},
             "estimate": est,
         },
@@ -149,7 +155,14 @@ def plan_schema() -> dict:
                 "type": "object", "additionalProperties": False,
                 "required": ["rule", "component", "from", "to", "reason"],
                 "properties": {k: {"type": "string"} for k in ("rule", "component", "from", "to", "reason")}}},
-            "warnings": {"type": "array", "items": {"type": "string"}},
+            "warnings": {"type": "array", "items": {"anyOf": [
+                {"type": "object", "additionalProperties": False, "required": ["message"],
+                 "properties": {"file": {"type": "string"}, "line": {"type": "integer", "minimum": 0},
+                                "column": {"type": "integer", "minimum": 0},
+                                "severity": {"enum": ["warning", "error"]},
+                                "message": {"type": "string"}, "where": {"type": "string"},
+                                "code": {"type": "string"}}},
+                {"type": "string", "description": "a warning of a plan saved before warnings were structured"}]}},
             "estimate": {"type": "object", "additionalProperties": False,
                          "required": ["gpu_peak_bytes", "host_pinned_bytes"],
                          "properties": {

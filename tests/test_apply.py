@@ -80,7 +80,9 @@ def test_prefetch_and_resident_layers_on_flux_two_layer_lists(loaded, prefetch, 
         "transformer": {"strategy": "layerwise", "prefetch": prefetch, "resident_layers": resident}}), pipeline=pipe)
     cp = plan.components["transformer"]
     assert [ll.path for ll in cp.layers] == ["transformer_blocks", "single_transformer_blocks"]
-    assert cp.prefetch == min(prefetch, cp.layer_count)
+    # design rule 7: K per layer list, clamped to the list's length; the slots follow the largest K
+    assert [ll.prefetch for ll in cp.layers] == [min(prefetch, ll.count) for ll in cp.layers]
+    assert cp.prefetch == max(ll.prefetch for ll in cp.layers)
     handle = planner.apply_plan(pipe, plan)
     try:
         engine = handle.placements["transformer"]

@@ -27,7 +27,8 @@ EXPECTED_COMPONENTS = {
     "ltx-2": ("text_encoder", "connectors", "transformer", "vae", "audio_vae", "vocoder"),
 }
 
-# (model, component) -> [(layer list path, count)]
+# (model, component) -> [(layer list path, count)], in the order the forward runs them: a VLM text
+# encoder reaches its language model first (a text-only prompt never runs the vision tower)
 EXPECTED_LISTS = {
     ("z-image-turbo", "transformer"): [("noise_refiner", 2), ("context_refiner", 2), ("layers", 30)],
     ("z-image-turbo", "text_encoder"): [("layers", 36)],
@@ -35,7 +36,7 @@ EXPECTED_LISTS = {
     ("flux.1-dev", "text_encoder"): [("encoder.layers", 12)],
     ("flux.1-dev", "text_encoder_2"): [("encoder.block", 24)],
     ("qwen-image", "transformer"): [("transformer_blocks", 60)],
-    ("qwen-image", "text_encoder"): [("model.visual.blocks", 32), ("model.language_model.layers", 28)],
+    ("qwen-image", "text_encoder"): [("model.language_model.layers", 28), ("model.visual.blocks", 32)],
     ("wan2.2-t2v-a14b", "transformer"): [("blocks", 40)],
     ("wan2.2-t2v-a14b", "transformer_2"): [("blocks", 40)],
     ("wan2.2-t2v-a14b", "text_encoder"): [("encoder.block", 24)],
@@ -44,7 +45,11 @@ EXPECTED_LISTS = {
     ("sd3.5-large", "text_encoder_2"): [("text_model.encoder.layers", 32)],
     ("sd3.5-large", "text_encoder_3"): [("encoder.block", 24)],
     ("ltx-2", "transformer"): [("transformer_blocks", 48)],
-    ("ltx-2", "text_encoder"): [("model.vision_tower.encoder.layers", 27), ("model.language_model.layers", 48)],
+    ("ltx-2", "text_encoder"): [("model.language_model.layers", 48), ("model.vision_tower.encoder.layers", 27)],
+    # an AutoencoderKL decoder runs its mid block before its up blocks
+    ("flux.1-dev", "vae"): [(f"encoder.down_blocks.{i}.resnets", 2) for i in range(4)] + [
+        ("encoder.mid_block.resnets", 2), ("decoder.mid_block.resnets", 2)] + [
+        (f"decoder.up_blocks.{i}.resnets", 3) for i in range(4)],
 }
 
 # Published parameter counts (billions) -> bf16 bytes, checked to a few percent.
@@ -159,18 +164,20 @@ def test_folder_detection_agrees_with_catalog_on_real_key_layouts(catalog):
     pytest.importorskip("torch")
     pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
-    from planner.inventory.layer_lists import _hints_by_class, detect_layer_lists
+    from planner.inventory.catalog import catalog_layer_paths
+    from planner.inventory.layer_lists import detect_layer_lists
     from planner.inventory.model import LayerList
+    from planner.inventory.run_order import run_ordered
 
     build = _build_catalog_module()
-    hints = _hints_by_class()
+    hints = catalog_layer_paths()
     for model in ("z-image-turbo", "flux.1-dev", "sd3.5-large", "wan2.2-t2v-a14b"):
         for name, entry in catalog["models"][model]["components"].items():
             module, _ = build.build_module(model, name)
             sizes = {k: v.numel() * (2 if v.is_floating_point() else v.element_size())
                      for k, v in module.state_dict().items()}
-            expected = [LayerList.from_dict(d) for d in entry["layer_lists"]]
-            assert detect_layer_lists(sizes, hints.get(entry["class"])) == expected, (model, name)
+            expected = run_ordered(entry["class"], [LayerList.from_dict(d) for d in entry["layer_lists"]])
+            assert detect_layer_lists(sizes, hints.get(entry["class"]), entry["class"]) == expected, (model, name)
             if name.startswith(("transformer", "text_encoder")):
                 # DiTs and text encoders: the name heuristic alone finds the same lists.
                 assert set(detect_layer_lists(sizes)) == set(expected), (model, name)

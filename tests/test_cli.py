@@ -62,9 +62,11 @@ def test_prefetch_fraction_against_catalog_layer_counts():
     flux = make_plan(ROOT / "configs" / "flux.1-dev-sglang.yaml")
     n = catalog_inventory("flux.1-dev").get("transformer").layer_count
     assert n == 19 + 38
-    assert flux.components["transformer"].prefetch == 1 + round(0.25 * (n - 1))
+    # design rule 7 as SGLang computes it: K per layer list, 1 + round(p (N - 1)), half to even
+    assert [(ll.count, ll.prefetch) for ll in flux.components["transformer"].layers] == [(19, 5), (38, 10)]
+    assert flux.components["transformer"].prefetch == 10
     t5 = catalog_inventory("flux.1-dev").get("text_encoder_2").layer_count
-    assert flux.components["text_encoder_2"].prefetch == 1 + int(0.25 * (t5 - 1) + 0.5)
+    assert flux.components["text_encoder_2"].prefetch == 1 + round(0.25 * (t5 - 1))
     assert flux.components["vae"].strategy == "cpu_offload"
 
 
@@ -152,7 +154,8 @@ def test_from_sglang_flags_and_config(tmp_path):
     assert plan.pipeline["model"] == "z-image-turbo"
     assert plan.components["transformer"].strategy == "layerwise"
     assert plan.components["text_encoder"].strategy == "layerwise"
-    assert plan.components["transformer"].prefetch == 1 + round(0.25 * 33)
+    # K per layer list (Z-Image: 2 + 2 refiner layers, 30 main layers)
+    assert [ll.prefetch for ll in plan.components["transformer"].layers] == [1, 1, 1 + round(0.25 * 29)]
     cfg = tmp_path / "sglang.yaml"
     cfg.write_text("model-path: /models/wan\nuse-fsdp-inference: true\ndit-cpu-offload: false\nport: 30000\n")
     out = run_cli("from-sglang", "--config", str(cfg), "--vae-cpu-offload", "true")

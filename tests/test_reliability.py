@@ -24,8 +24,8 @@ from torch.utils._pytree import tree_map  # noqa: E402
 import planner  # noqa: E402
 from planner import PlanApplyError, SpecError  # noqa: E402
 from planner.executor import host_memory, packing
+from planner.executor.cpu_offload import CpuOffloadGroup
 from planner.executor.layerwise_engine import LayerwiseEngine
-from planner.inventory.module_layers import discover_layer_lists
 from planner.testing.tiny_pipelines import load_tiny_pipeline, run_tiny
 
 FLUX = "flux.1-dev"
@@ -132,31 +132,36 @@ def test_host_allocation_failure_at_every_allocation_changes_nothing(fresh, monk
     assert_restored(pipe, snap)
 
 
-def test_cpu_offload_group_allocation_failure_after_other_placements(fresh, monkeypatch):
-    """The group attaches last: its failure must also undo the layerwise engine attached before it."""
+def test_allocation_failure_after_the_offload_group_undoes_it(fresh, monkeypatch):
+    """Components attach in plan order, the CPU-offload group where its first member comes (the text
+    encoders, before the transformer): a failure in the layerwise engine attached after it must also
+    undo the group."""
     path, pipe = fresh(FLUX)
     reference = run_tiny(pipe)
     snap = snapshot(pipe)
     plan = planner.make_plan(spec_for(path, **FLUX_MIX), pipeline=pipe)
+    order = list(plan.components)
+    first_member = min(order.index(n) for n, cp in plan.components.items() if cp.strategy == "cpu_offload")
+    assert first_member < order.index("transformer")
     baseline = live_blocks()
     real = host_memory.alloc_host
     undone = []
-    real_detach = LayerwiseEngine.detach
+    real_detach = CpuOffloadGroup.detach
 
     def spy_detach(self):
-        undone.append(self.name)
+        undone.append(sorted(n for n, _ in self.modules))
         return real_detach(self)
 
     def flaky(numel, dtype, pin):
-        if _caller_file() == "cpu_offload.py":
-            raise MemoryError("simulated: pinned host block for the offload group")
+        if _caller_file() == "layerwise_engine.py":
+            raise MemoryError("simulated: pinned host block for the layerwise engine")
         return real(numel, dtype, pin)
 
     monkeypatch.setattr(host_memory, "alloc_host", flaky)
-    monkeypatch.setattr(LayerwiseEngine, "detach", spy_detach)
-    with pytest.raises(PlanApplyError, match="nothing was changed.*offload group"):
+    monkeypatch.setattr(CpuOffloadGroup, "detach", spy_detach)
+    with pytest.raises(PlanApplyError, match="nothing was changed.*layerwise engine"):
         planner.apply_plan(pipe, plan)
-    assert undone == ["transformer"]
+    assert undone == [sorted(n for n, cp in plan.components.items() if cp.strategy == "cpu_offload")]
     assert_restored(pipe, snap)
     assert live_blocks() == baseline
     assert torch.equal(run_tiny(pipe), reference)
@@ -177,7 +182,7 @@ def test_bad_layer_path_in_the_plan_changes_nothing(fresh, bad):
     plan = planner.make_plan(spec)                      # folder inventory: the paths are not checked here
     assert [ll.path for ll in plan.components["vae"].layers] == bad
     assert list(plan.components).index("transformer") < list(plan.components).index("vae")
-    with pytest.raises(PlanApplyError, match="nothing was changed.*(no such submodule|not a torch.nn.ModuleList)"):
+    with pytest.raises(PlanApplyError, match="nothing was changed.*does not have"):
         planner.apply_plan(pipe, plan)
     assert_restored(pipe, snap)
     assert live_blocks() == baseline
@@ -395,7 +400,7 @@ def test_paused_on_a_pipeline_loaded_with_its_plan(tiny_dirs):
 
 def test_tiled_vae_decode_streamed_layerwise(fresh, family=FLUX):
     """The VAE streamed layer by layer (its resnet lists, registered in another order than the decoder
-    runs them) with tiling forced on a 64 px image: dozens of decoder passes per decode. Outputs equal the
+    runs them, planned in run order; a text-to-image run never calls the encoder) with tiling forced on a 64 px image: dozens of decoder passes per decode. Outputs equal the
     resident tiled run, call after call; the engine learns the decoder's order (no sync loads after it)."""
     path, pipe = fresh(family)
     vae = pipe.vae
@@ -423,9 +428,12 @@ def test_tiled_vae_decode_streamed_layerwise(fresh, family=FLUX):
             assert engine.streamed_layers_holding_weights == 0
             sync.append(engine.sync_loads - before)
         assert sync[0] > 0 and sync[-1] == 0, sync
-        # the learned order runs the decoder's mid block before its up blocks (the lists' registration order differs)
-        paths = [p for p, _ in discover_layer_lists(vae)]
-        assert paths.index("decoder.mid_block.resnets") > paths.index("decoder.up_blocks.0.resnets")
+        # the plan lists the decoder's mid block before its up blocks, as the decoder runs them (they are
+        # registered the other way round)
+        paths = [ll.path for ll in plan.components["vae"].layers]
+        assert paths.index("decoder.mid_block.resnets") < paths.index("decoder.up_blocks.0.resnets")
+        registered = [n for n, _ in vae.decoder.named_children()]
+        assert registered.index("up_blocks") < registered.index("mid_block")
         mid = vae.decoder.mid_block.resnets[0]
         up = vae.decoder.up_blocks[0].resnets[0]
         order = [engine.layers[i] for i in engine.order]

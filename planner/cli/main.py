@@ -12,7 +12,16 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence, TextIO
 
-from planner.errors import Diagnostic, SpecError
+from planner.cli.calibrate import calibrate
+from planner.cli.chart import write_chart
+from planner.cli.run_command import run_command
+from planner.errors import Diagnostic, FolderError, SpecError
+from planner.inventory.folder import folder_inventory
+from planner.plan import Plan, component_to_dict
+from planner.planning.make_plan import load_spec, make_plan
+from planner.spec.document import load_json_file
+from planner.spec.schema import check_document, schema_path
+from planner.spec.sglang_args import SGLangArgsError, parse_args, render_yaml, translate
 from planner.spec.sizes import format_size
 
 SPEC_SUFFIXES = (".yaml", ".yml")
@@ -35,21 +44,14 @@ def _spec_files(paths: Sequence[str]) -> list[Path]:
 
 
 def validate_file(path: Path, *, strict: bool) -> list[Diagnostic]:
-    """Every check that needs no model files: YAML, schema, catalog names, rules against the inventory."""
-    from planner.planning.make_plan import load_spec, spec_inventory
-    from planner.planning.resolve import resolve
-
+    """Every check that needs no model files: YAML, schema, catalog names, rules against the inventory;
+    the plan's own warnings are the diagnostics of a valid file."""
     try:
         doc = load_spec(path)
         section = doc.data["pipeline"]
         if "path" in section and not (Path(doc.file).parent / section["path"]).exists():
             return []   # the folder is not here (CI without model files): schema checks only
-        inventory = spec_inventory(doc)
-        res = resolve(doc, inventory, strict=strict)
-        from planner.planning.budget import plan_budget
-
-        plan_budget(doc, inventory, res, strict=strict)
-        return list(res.warnings)
+        return list(make_plan(doc, strict=strict).warnings)
     except SpecError as exc:
         return list(exc.diagnostics)
 
@@ -80,14 +82,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def _load_plan(source: str, *, strict: bool = False) -> Any:
     """A plan from a spec file, or a saved plan (.json)."""
-    from planner.plan import Plan
-    from planner.planning.make_plan import make_plan
 
     if source.endswith(".json"):
-        from planner.spec.document import load_text
-        from planner.spec.schema import check_document
 
-        doc = load_text(Path(source).read_bytes(), source)
+        doc = load_json_file(source)    # a regular file, bounded, nesting checked, read as JSON
         check_document(doc, "plan.schema.json")
         return Plan.from_dict(doc.data)
     return make_plan(source, strict=strict)
@@ -125,7 +123,7 @@ def plan_table(plan: Any, source: str) -> str:
     if plan.decisions:
         lines.append(f"{len(plan.decisions)} decision(s); 'residency-planner explain {source}' says why")
     for w in plan.warnings:
-        lines.append(w)
+        lines.append(w.format())
     return "\n".join(lines) + "\n"
 
 
@@ -139,7 +137,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.output:
         Path(args.output).write_text(plan.to_json(), encoding="utf-8")
     if args.chart:
-        from planner.cli.chart import write_chart
 
         write_chart(plan, args.chart)
     sys.stdout.write(text)
@@ -164,7 +161,7 @@ def explain_text(plan: Any) -> str:
             lines.append(f"  {d.from_} -> {d.to}  [{d.rule}]")
             lines.append(f"    {d.reason}")
     for w in plan.warnings:
-        lines.append(w)
+        lines.append(w.format())
     return "\n".join(lines) + "\n"
 
 
@@ -188,14 +185,13 @@ def cmd_diff(args: argparse.Namespace) -> int:
     except SpecError as exc:
         _emit(exc.diagnostics, "text", sys.stderr)
         return 1
-    from planner.plan import _component_to_dict
 
     changes = []
     for name in list(old.components) + [n for n in new.components if n not in old.components]:
         a = old.components.get(name)
         b = new.components.get(name)
-        da = _component_to_dict(a) if a else None
-        db = _component_to_dict(b) if b else None
+        da = component_to_dict(a) if a else None
+        db = component_to_dict(b) if b else None
         if da != db:
             keys = sorted(set(da or {}) | set(db or {}))
             for k in keys:
@@ -211,19 +207,12 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from planner.spec.schema import schema_path
 
     sys.stdout.write(schema_path("plan.schema.json" if args.plan else "deployment.schema.json").read_text())
     return 0
 
 
 def cmd_from_sglang(args: argparse.Namespace) -> int:
-    from planner.spec.sglang_args import (
-        SGLangArgsError,
-        parse_args,
-        render_yaml,
-        translate,
-    )
 
     try:
         translation = translate(parse_args(args.args))
@@ -239,8 +228,6 @@ def cmd_from_sglang(args: argparse.Namespace) -> int:
 
 
 def cmd_inventory(args: argparse.Namespace) -> int:
-    from planner.errors import FolderError
-    from planner.inventory.folder import folder_inventory
 
     try:
         inv = folder_inventory(Path(args.path))
@@ -260,7 +247,6 @@ def cmd_inventory(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from planner.cli.calibrate import calibrate
 
     profile = calibrate(args.output)
     print(f"{profile['name']}: pinned host-to-device {profile['h2d_bytes_per_s'] / 1e9:.1f} GB/s, "
@@ -269,7 +255,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from planner.cli.run_command import run_command
 
     return run_command(args)
 

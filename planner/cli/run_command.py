@@ -7,6 +7,7 @@ import sys
 import time
 from typing import Any
 
+from planner.api import load_pipeline
 from planner.errors import PlanApplyError, SpecError
 from planner.spec.sizes import format_size
 
@@ -15,7 +16,7 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         import torch
 
-        from planner.executor.pipeline_loader import load_pipeline
+        import planner.executor.pipeline_loader  # noqa: F401 - the executor extra is installed
     except ImportError as exc:
         print(f"error: 'run' needs the executor extra: pip install 'residency-planner[executor]' ({exc})",
               file=sys.stderr)

@@ -1,373 +1,42 @@
-"""apply_plan: turn a residency plan into hooks and placements on a loaded diffusers pipeline.
+"""apply_plan: a residency plan placed on a loaded diffusers pipeline.
 
-Applying is all or nothing: each component's placement is an object with attach/detach; if any
-attach fails, everything attached so far is detached in reverse order and the pipeline is as it was.
+The executor reads the plan and the pipeline, nothing else: the plan names each component's
+strategy, the layer lists to stream (module paths, run order, K per list), resident layers and
+whether modules outside the layers stream. Applying is all or nothing: if any placement fails to
+attach, everything attached so far is detached in reverse order and the pipeline is as it was.
 """
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Protocol
+from typing import Any
 
 import torch
 
 from planner.errors import PlanApplyError
-from planner.executor.module_hooks import ModuleHooks
-from planner.inventory.module_layers import discover_layer_lists
+from planner.executor.handle import ResidencyHandle, module_components
+from planner.executor.placement import attach_components
+from planner.executor.streams import resolve_device
 from planner.plan import Plan
-from planner.planning.estimate import streams_non_layer
 
 
-class Placement(Protocol):
-    def attach(self) -> None: ...
-    def detach(self) -> None: ...
-    def report(self) -> dict: ...
-
-
-class ExecutionDeviceHint:
-    """Tells diffusers' ``_execution_device`` where a component computes while its weights live elsewhere
-    (the same attribute accelerate's hooks expose)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.execution_device = device
-
-
-class Resident:
-    """The whole component on the device; remembers where every tensor was so that remove() puts it back."""
-
-    def __init__(self, module: torch.nn.Module, device: torch.device) -> None:
-        self.module = module
-        self.device = device
-        self._original: list[tuple[torch.Tensor, torch.device]] = []
-
-    def attach(self) -> None:
-        tensors = list(self.module.parameters()) + list(self.module.buffers())
-        self._original = [(t, t.device) for t in tensors]
-        try:
-            for t in tensors:
-                if t.device != self.device:
-                    t.data = t.data.to(self.device)
-        except BaseException:
-            self.detach()
-            raise
-
-    def detach(self) -> None:
-        for t, dev in self._original:
-            if t.device != dev:
-                t.data = t.data.to(dev)
-        self._original = []
-
-    def report(self) -> dict:
-        nbytes = sum(t.numel() * t.element_size() for t in list(self.module.parameters()) + list(self.module.buffers()))
-        return {"gpu_resident_bytes": nbytes, "host_pinned_bytes": 0}
-
-
-class _GroupMember:
-    """One component's view of the shared CPU-offload group, for the per-component report."""
-
-    def __init__(self, group: Any, name: str) -> None:
-        self.group, self.name = group, name
-
-    def attach(self) -> None:  # the group attaches once, as a whole
-        pass
-
-    def detach(self) -> None:
-        pass
-
-    def report(self) -> dict:
-        rep = self.group.report()
-        return dict(rep["components"][self.name])
-
-
-class PhaseHooks:
-    """Pre-hooks on the components outside the CPU-offload group: when one of them starts, the
-    members that ran before it leave the device (a text encoder does not sit on the GPU through
-    the denoising loop)."""
-
-    def __init__(self, group: Any, modules: list[torch.nn.Module]) -> None:
-        self.group, self.modules = group, modules
-        self._hooks = ModuleHooks()
-
-    def attach(self) -> None:
-        group = self.group
-
-        def enter(module: torch.nn.Module, args: Any) -> None:
-            group.other_component_runs()
-
-        for module in self.modules:
-            self._hooks.pre(module, enter)
-            # pipelines call vae.decode, which reaches the children, not forward
-            for child in module.children():
-                self._hooks.pre(child, enter)
-
-    def detach(self) -> None:
-        self._hooks.remove()
-
-    def report(self) -> dict:
-        return {}
-
-
-@dataclass
-class ResidencyHandle:
-    """What apply_plan returns: the plan, its placements, ``report()`` and ``remove()``."""
-
-    pipeline: Any
-    plan: Plan
-    device: torch.device
-    placements: dict[str, Placement] = field(default_factory=dict)
-    _attached: list[Placement] = field(default_factory=list)
-    _hints: list[torch.nn.Module] = field(default_factory=list)
-    # while paused(): what was attached and hinted, to put back on exit (None: nothing to put back)
-    _paused_state: tuple[list[Placement], list[torch.nn.Module]] | None = field(default=None, repr=False)
-    _pausing: bool = field(default=False, repr=False)
-
-    def report(self) -> dict[str, Any]:
-        comps = {}
-        for name, placement in self.placements.items():
-            rep = dict(placement.report())
-            rep["strategy"] = self.plan.components[name].strategy
-            comps[name] = rep
-        return {
-            "device": str(self.device),
-            "components": comps,
-            "gpu_resident_bytes": sum(int(c.get("gpu_resident_bytes", 0)) + int(c.get("gpu_slot_bytes", 0))
-                                      for c in comps.values()),
-            "host_pinned_bytes": sum(int(c.get("host_pinned_bytes", 0)) for c in comps.values()),
-            "planned": {"gpu_peak_bytes": self.plan.estimate.gpu_peak_bytes,
-                        "host_pinned_bytes": self.plan.estimate.host_pinned_bytes},
-        }
-
-    @property
-    def is_paused(self) -> bool:
-        return self._pausing
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[Any]:
-        """Takes the plan off the pipeline for the body of a ``with`` block, then applies it again
-        from the weights as they are at the end of the block.
-
-        Inside, the pipeline is exactly as after ``remove()`` (every weight a plain tensor on its
-        original device, no hooks), so anything that changes weights or modules works as on a
-        pipeline without a plan: ``load_lora_weights``, ``fuse_lora``/``unfuse_lora``,
-        ``set_adapters``, ``unload_lora_weights``, ``load_state_dict``, casting. On exit every
-        placement is attached again from the current weights (new LoRA layers inside a streamed
-        block stream with it; layer lists are discovered again); an engine starts over (order
-        learned anew, counters from zero). Yields the pipeline.
-
-        All or nothing: if pausing fails, the plan stays applied as before; if applying again
-        fails, whatever was re-attached is detached, the handle is left removed (the pipeline
-        plain, as after ``remove()``) and ``PlanApplyError`` is raised. An exception from the body
-        still re-applies the plan, then propagates. ``remove()`` inside the block ends the plan:
-        nothing is applied again on exit.
-        """
-        if self._pausing:
-            raise RuntimeError("ResidencyHandle.paused(): already paused (pauses do not nest)")
-        if not self._attached:
-            raise PlanApplyError("ResidencyHandle.paused(): the plan is not applied (remove() was called)")
-        attached, hinted = list(self._attached), list(self._hints)
-        self._detach_for_pause(attached, hinted)
-        self._paused_state = (attached, hinted)
-        self._pausing = True
-        try:
-            yield self.pipeline
-        finally:
-            self._pausing = False
-            state, self._paused_state = self._paused_state, None
-            if state is not None:
-                self._reapply(*state)
-
-    def _detach_for_pause(self, attached: list[Placement], hinted: list[torch.nn.Module]) -> None:
-        done: list[Placement] = []
-        try:
-            for placement in reversed(attached):
-                placement.detach()
-                done.append(placement)
-        except BaseException as exc:
-            try:                                # put back what was taken off: the plan stays as it was
-                for placement in reversed(done):
-                    placement.attach()
-            except BaseException:
-                self._attached = [p for p in attached if p not in done]
-                self._remove_quietly()
-                raise PlanApplyError(f"pausing failed and the plan could not be put back; it is removed: "
-                                     f"{type(exc).__name__}: {exc}") from exc
-            raise PlanApplyError(f"pausing failed, the plan stays applied: {type(exc).__name__}: {exc}") from exc
-        self._attached = []
-        for module in hinted:
-            if isinstance(getattr(module, "_hf_hook", None), ExecutionDeviceHint):
-                del module._hf_hook
-        self._hints = []
-
-    def _reapply(self, attached: list[Placement], hinted: list[torch.nn.Module]) -> None:
-        try:
-            attached = self._refreshed(attached)
-            done: list[Placement] = []
-            try:
-                for placement in attached:
-                    placement.attach()
-                    done.append(placement)
-            except BaseException:
-                for placement in reversed(done):
-                    try:
-                        placement.detach()
-                    except BaseException:  # noqa: BLE001 - keep undoing; the first error is reported
-                        pass
-                raise
-        except BaseException as exc:
-            raise PlanApplyError(f"applying the plan again after paused() failed; the plan is removed and the "
-                                 f"pipeline left plain: {type(exc).__name__}: {exc}") from exc
-        self._attached = attached
-        for module in hinted:
-            if not hasattr(module, "_hf_hook"):
-                module._hf_hook = ExecutionDeviceHint(self.device)
-                self._hints.append(module)
-
-    def _refreshed(self, attached: list[Placement]) -> list[Placement]:
-        """The placements to attach again: the same objects, layer lists discovered again, weight
-        sources dropped (after a detach every weight is real: the current values are what counts,
-        never the files again). A component replaced on the pipeline while paused is refused."""
-        modules = _module_components(self.pipeline) if self.pipeline is not None else {}
-        for name, placement in self.placements.items():
-            if isinstance(placement, _GroupMember):
-                expected = dict(placement.group.modules).get(name)
-            else:
-                expected = getattr(placement, "module", None)
-            if modules and expected is not None and modules.get(name) is not expected:
-                raise PlanApplyError(f"{name} was replaced on the pipeline while paused; apply the plan to the "
-                                     "new pipeline instead")
-        out: list[Placement] = []
-        for placement in attached:
-            if getattr(placement, "weight_source", None) is not None:
-                placement.weight_source = None
-            if getattr(placement, "weight_sources", None):
-                placement.weight_sources = {}
-            if isinstance(placement, Resident) and type(placement) is not Resident:
-                fresh = Resident(placement.module, placement.device)   # e.g. one that read its files
-                self.placements = {n: (fresh if p is placement else p) for n, p in self.placements.items()}
-                placement = fresh
-            name = getattr(placement, "name", None)
-            cp = self.plan.components.get(name) if name else None
-            if cp is not None and cp.strategy in ("layerwise", "fsdp") and hasattr(placement, "layers"):
-                placement.layers = _flat_layers(name, placement.module, cp.layers)
-            out.append(placement)
-        return out
-
-    def _remove_quietly(self) -> None:
-        try:
-            self.remove()
-        except Exception:  # noqa: BLE001 - a best effort after another error
-            pass
-
-    def remove(self) -> None:
-        """Hooks gone, every weight back where it was, bit for bit."""
-        self._paused_state = None     # removed while paused: nothing to apply again
-        errors: list[BaseException] = []
-        for placement in reversed(self._attached):
-            try:
-                placement.detach()
-            except BaseException as exc:  # keep undoing the others
-                errors.append(exc)
-        self._attached.clear()
-        for module in self._hints:
-            if isinstance(getattr(module, "_hf_hook", None), ExecutionDeviceHint):
-                del module._hf_hook
-        self._hints.clear()
-        if errors:
-            raise PlanApplyError(f"remove() failed for {len(errors)} placement(s): {errors[0]}") from errors[0]
-
-
-def _module_components(pipe: Any) -> dict[str, torch.nn.Module]:
-    comps = getattr(pipe, "components", None)
-    if comps is None and isinstance(pipe, Mapping):
-        comps = pipe
-    return {n: m for n, m in (comps or {}).items() if isinstance(m, torch.nn.Module)}
-
-
-def _flat_layers(name: str, module: torch.nn.Module, plan_layers: Any) -> list[torch.nn.Module]:
-    overrides = [ll.path for ll in plan_layers] or None
-    found = discover_layer_lists(module, overrides=overrides)
-    if plan_layers:
-        counts = {path: len(lst) for path, lst in found}
-        for ll in plan_layers:
-            if ll.count and counts.get(ll.path) != ll.count:
-                raise PlanApplyError(
-                    f"{name}: the plan streams {ll.count} layers from '{ll.path}', but the pipeline has "
-                    f"{counts.get(ll.path, 'no such layer list')}; re-plan against this pipeline")
-    layers = [layer for _, lst in found for layer in lst]
-    if not layers:
-        raise PlanApplyError(f"{name}: no layer lists found to stream; give components.{name}.layers")
-    return layers
-
-
-def finish_apply(handle: ResidencyHandle, modules: Mapping[str, torch.nn.Module], group: Any = None) -> None:
-    """What every apply ends with, once the placements are attached: phase hooks for the CPU-offload
-    group, execution-device hints for diffusers, placements in pipeline order for reports."""
-    plan = handle.plan
-    if group is not None:
-        members = {n for n, cp in plan.components.items() if cp.strategy == "cpu_offload"}
-        phases = PhaseHooks(group, [modules[n] for n in plan.components if n not in members])
-        phases.attach()
-        handle._attached.append(phases)
-    for name, cp in plan.components.items():
-        if cp.strategy in ("cpu_offload", "layerwise") and not hasattr(modules[name], "_hf_hook"):
-            modules[name]._hf_hook = ExecutionDeviceHint(handle.device)
-            handle._hints.append(modules[name])
-    handle.placements = {n: handle.placements[n] for n in plan.components}
-
-
-def apply_plan(pipe: Any, plan: Any, *, device: str | torch.device | None = None) -> ResidencyHandle:
-    """Apply ``plan`` (a Plan, a spec path or a spec mapping) to ``pipe``; all or nothing."""
+def apply_plan(pipe: Any, plan: Plan, *, device: str | torch.device | None = None) -> ResidencyHandle:
+    """Apply ``plan`` to ``pipe`` (a diffusers pipeline or a ``{name: module}`` mapping)."""
     if not isinstance(plan, Plan):
-        from planner.planning.make_plan import make_plan
-
-        plan = make_plan(plan, pipeline=pipe)
-    dev = torch.device(device or plan.device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    modules = _module_components(pipe)
+        raise TypeError(f"apply_plan takes a Plan, not {type(plan).__name__}; planner.apply_plan also "
+                        "takes a spec and plans it against the pipeline")
+    dev = resolve_device(device or plan.device)
+    modules = module_components(pipe)
     missing = [n for n in plan.components if n not in modules]
     if missing:
         raise PlanApplyError(f"the plan places {', '.join(missing)}, which the pipeline does not have "
                              f"(its module components: {', '.join(modules)})")
     handle = ResidencyHandle(pipeline=pipe, plan=plan, device=dev)
     try:
-        offload_members: list[tuple[str, torch.nn.Module]] = []
-        for name, cp in plan.components.items():
-            module = modules[name]
-            placement: Placement
-            if cp.strategy == "resident":
-                placement = Resident(module, dev)
-            elif cp.strategy == "layerwise":
-                from planner.executor.layerwise_engine import LayerwiseEngine
-
-                placement = LayerwiseEngine(module, _flat_layers(name, module, cp.layers), device=dev,
-                                            prefetch=cp.prefetch or 1, resident=cp.resident_layers, name=name,
-                                            stream_non_layer=streams_non_layer(cp))
-            elif cp.strategy == "fsdp":
-                from planner.executor.fsdp import FsdpShard
-
-                placement = FsdpShard(module, _flat_layers(name, module, cp.layers), device=dev, name=name)
-            elif cp.strategy == "cpu_offload":
-                offload_members.append((name, module))
-                continue
-            else:
-                raise PlanApplyError(f"{name}: unknown strategy '{cp.strategy}'")
-            placement.attach()
-            handle._attached.append(placement)
-            handle.placements[name] = placement
-        if offload_members:
-            from planner.executor.cpu_offload import CpuOffloadGroup
-
-            group = CpuOffloadGroup(offload_members, device=dev, pipeline_order=list(plan.components))
-            group.attach()
-            handle._attached.append(group)
-            for name, _ in offload_members:
-                handle.placements[name] = _GroupMember(group, name)
-        finish_apply(handle, modules, group if offload_members else None)
+        attach_components(handle, lambda name, cp: (modules[name], None))
     except BaseException as exc:
         handle.remove()
-        if isinstance(exc, PlanApplyError):
-            raise
-        raise PlanApplyError(f"applying the plan failed, nothing was changed: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(exc, Exception):
+            raise                       # KeyboardInterrupt, SystemExit: undone, then on their way
+        what = str(exc) if isinstance(exc, PlanApplyError) else f"{type(exc).__name__}: {exc}"
+        raise PlanApplyError(f"applying the plan failed, nothing was changed: {what}") from exc
     return handle

@@ -118,15 +118,21 @@ class LayerwiseEngine:
     """Streams ``layers`` of ``module`` through ``prefetch + 1`` device slots; see the module doc."""
 
     def __init__(self, module: torch.nn.Module, layers: Sequence[torch.nn.Module], *,
-                 device: torch.device | str, prefetch: int = 1, resident: Collection[int] = (),
+                 device: torch.device | str, prefetch: int | Sequence[int] = 1, resident: Collection[int] = (),
                  name: str = "", weight_source: Callable[[str], torch.Tensor] | None = None,
                  stream_non_layer: bool = False) -> None:
-        if prefetch < 0:
-            raise ValueError(f"prefetch must be >= 0, got {prefetch}")
         self.module = module
         self.layers = list(layers)
+        # K per layer: a plan gives each layer list its own K (as SGLang runs one manager per list);
+        # the window ahead of a running layer holds that layer's K, the slots the largest K + 1
+        per_layer = [int(prefetch)] * len(self.layers) if isinstance(prefetch, int) else [int(k) for k in prefetch]
+        if len(per_layer) != len(self.layers):
+            raise ValueError(f"{name or 'layerwise'}: {len(per_layer)} prefetch values for {len(self.layers)} layers")
+        if any(k < 0 for k in per_layer):
+            raise ValueError(f"prefetch must be >= 0, got {min(per_layer)}")
+        self.layer_prefetch = per_layer
+        self.prefetch = max(per_layer, default=0)
         self.device = torch.device(device)
-        self.prefetch = int(prefetch)
         self.resident = sorted(set(int(i) for i in resident))
         self.name = name
         self.weight_source = weight_source
@@ -608,10 +614,14 @@ class LayerwiseEngine:
         """The next (up to) K distinct layers after the cursor, wrapping into the next call, and the
         units (``stream_non_layer``) on the way; and the position in that list where the next
         call's layers start (its length if it does not wrap)."""
-        k = self.prefetch
         order = self._order
         n = len(order)
-        if not k or not n:
+        if not n:
+            return [], 0
+        # the K of the running layer's list (before a call: of the list the call starts with)
+        running = self._all[order[max(self._cursor, 0)]]
+        k = self.prefetch if running.is_unit else self.layer_prefetch[running.index]
+        if not k:
             return [], 0
         self._stamp += 1
         stamp = self._stamp

@@ -25,8 +25,10 @@ Files are read with plain positioned reads into the destination's memory, not th
 process's resident set until the handle closes, a second full copy of the component in RSS. The
 headers are parsed and checked (``planner.files.safetensors_header.read_safetensors_header``) before anything loads.
 
-``memory.host_budget``: a plan whose host (pinned) bytes exceed it is refused before anything is
-read. docs/loading.md has the details and the measurements.
+The folder and the plan come from the caller (``planner.load_pipeline`` makes the plan from the
+spec, which refuses a plan over ``memory.host_budget`` before anything is read); placement goes
+through the one path ``apply_plan`` uses (``placement.attach_components``). docs/loading.md has
+the details and the measurements.
 """
 
 from __future__ import annotations
@@ -40,63 +42,15 @@ from typing import Any
 
 import torch
 
-from planner.errors import PlanApplyError, SpecError
-from planner.executor import (
-    checkpoint_keys,
-    load_dtypes,
-    module_build,
-    packing,
-    safetensors_reader,
-    weight_sources,
-)
-from planner.executor.apply import (
-    ResidencyHandle,
-    Resident,
-    _flat_layers,
-    _GroupMember,
-    finish_apply,
-)
-from planner.plan import Plan
-from planner.planning.estimate import streams_non_layer
+from planner.errors import FolderError, PlanApplyError
+from planner.executor import checkpoint_keys, load_dtypes, module_build, safetensors_reader, weight_sources
+from planner.executor.handle import ResidencyHandle
+from planner.executor.placement import attach_components
+from planner.executor.streams import resolve_device
+from planner.files.model_folder import component_weight_files
+from planner.plan import ComponentPlan, Plan, Strategy
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-class LoadedResident(Resident):
-    """``Resident`` for a component built on meta: each tensor is read from the files straight onto
-    the device; ``detach`` sends them to the CPU, where ``from_pretrained`` would have left them."""
-
-    def __init__(self, module: torch.nn.Module, device: torch.device, source: Any, name: str = "") -> None:
-        super().__init__(module, device)
-        self.source = source
-        self.name = name
-
-    def attach(self) -> None:
-        if self.source is None:   # attached before: the module holds real tensors now
-            super().attach()
-            return
-        sourced = weight_sources.SourcedTensors(self.module, self.source, what=self.name or type(self.module).__name__)
-        tensors = packing.unique_tensors(self.module)
-        lacking = sourced.missing(tensors)
-        if lacking:
-            raise ValueError(f"{self.name}: the weight source lacks {', '.join(lacking[:5])}")
-        before: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._original = []
-        try:
-            with torch.inference_mode(False), torch.no_grad():
-                for t in tensors:
-                    home = packing.home_device(t)
-                    before.append((t, t.data))
-                    fresh = sourced.materialize(t, self.device)
-                    t = sourced.bind(t, fresh) if fresh is not None else sourced.bind(t, t.data.to(self.device))
-                    self._original.append((t, home))
-        except BaseException:
-            for t, data in before:
-                t.data = data
-            sourced.undo()
-            self._original = []
-            raise
-        self.source = None
 
 
 @dataclass
@@ -122,77 +76,6 @@ class _Loaded:
         return out
 
 
-def _layers(name: str, module: torch.nn.Module, cp: Any, info: _Loaded) -> list[torch.nn.Module]:
-    """The plan's layer sequence in the loaded module.
-
-    A plan made from a folder names layer lists by checkpoint keys; where the module tree differs
-    (a VLM text encoder whose checkpoint says ``model.layers`` and whose module has
-    ``model.language_model.layers``) each list is matched to the module's ``ModuleList`` with the
-    same last name and length, the longest common dotted suffix winning; ambiguity is an error.
-    """
-    lists = {n: m for n, m in module.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) and n}
-    if all(ll.path in lists for ll in cp.layers):
-        return _flat_layers(name, module, cp.layers)
-    out: list[torch.nn.Module] = []
-    mapped: dict[str, str] = {}
-    for ll in cp.layers:
-        chosen = ll.path if ll.path in lists else None
-        if chosen is None:
-            want = ll.path.split(".")
-            scored = []
-            for path, mod in lists.items():
-                have = path.split(".")
-                if have[-1] != want[-1] or (ll.count and len(mod) != ll.count):
-                    continue
-                common = 0
-                while common < min(len(have), len(want)) and have[-1 - common] == want[-1 - common]:
-                    common += 1
-                scored.append((common, path))
-            scored.sort(reverse=True)
-            if not scored or (len(scored) > 1 and scored[0][0] == scored[1][0]):
-                raise PlanApplyError(
-                    f"{name}: the plan streams '{ll.path}' ({ll.count} layers), which {type(module).__name__} does "
-                    f"not have{' unambiguously' if scored else ''} (its layer lists: "
-                    f"{', '.join(f'{p} ({len(m)})' for p, m in lists.items()) or 'none'}); give "
-                    f"components.{name}.layers")
-            chosen = scored[0][1]
-            mapped[ll.path] = chosen
-        out.extend(lists[chosen])
-    if mapped:
-        info.extra["layer_lists"] = mapped
-    return out
-
-
-def _folder_of(doc: Any) -> Path:
-    section = doc.data["pipeline"]
-    if "path" not in section:
-        raise PlanApplyError("loading needs pipeline.path (a diffusers folder); catalog entries and class "
-                             "lists carry no weights")
-    raw = Path(section["path"])
-    if raw.is_absolute():
-        return raw
-    base = Path(doc.file).parent if doc.file and not doc.file.startswith("<") else Path.cwd()
-    return (base / raw).resolve()
-
-
-def check_host_budget(plan: Plan, doc: Any = None) -> None:
-    """Refuses a plan whose host (pinned) bytes exceed ``memory.host_budget``; nothing is loaded."""
-    from planner.spec.sizes import format_size
-
-    budget = plan.estimate.host_budget_bytes
-    need = plan.estimate.host_pinned_bytes
-    if budget is None or need <= budget:
-        return
-    parts = ", ".join(f"{n} {format_size(cp.estimate.host_pinned_bytes)} ({cp.strategy})"
-                      for n, cp in plan.components.items() if cp.estimate.host_pinned_bytes)
-    msg = (f"the plan keeps {format_size(need)} in pinned host memory ({parts}), over memory.host_budget "
-           f"{format_size(budget)}; nothing was loaded. Raise the budget, or keep more on the GPU "
-           "(resident components or resident_layers)")
-    if doc is not None and "host_budget" in doc.data.get("memory", {}):
-        raise SpecError([doc.diagnostic(("memory", "host_budget"), msg)])
-    raise PlanApplyError(msg)
-
-
 def _progress(total: int, enabled: bool) -> Any:
     try:
         from tqdm.auto import tqdm
@@ -202,32 +85,16 @@ def _progress(total: int, enabled: bool) -> Any:
                 disable=not enabled, file=sys.stderr)
 
 
-def load_pipeline(spec: Any, *, device: str | torch.device | None = None, plan: Plan | None = None,
-                  progress: bool = True, pipeline_kwargs: dict[str, Any] | None = None) -> Any:
-    """Load ``pipeline.path`` of ``spec`` with its plan applied as it loads.
+def check_host_budget(plan: Plan) -> None:
+    """A plan whose host bytes exceed the host budget it records is refused before anything is read
+    (planning refuses such a plan too; this covers a saved plan edited by hand)."""
+    budget, need = plan.estimate.host_budget_bytes, plan.estimate.host_pinned_bytes
+    if budget is not None and need > budget:
+        raise PlanApplyError(f"the plan keeps {need} bytes in pinned host memory, over its host budget of "
+                             f"{budget} bytes; nothing was loaded")
 
-    ``spec``: a path, a mapping or a document; ``plan``: a plan made earlier (else made from the
-    spec); ``device`` overrides the plan's. Returns the pipeline; its ``residency`` attribute is
-    the handle (``report()``, ``remove()``, ``load_seconds``, ``load_report``). Errors:
-    ``SpecError`` (the spec, or a plan over ``memory.host_budget``), ``PlanApplyError`` (files
-    missing or corrupt, a component that cannot be placed); on error nothing stays attached.
-    """
-    from planner.errors import FolderError
-    from planner.files.model_folder import component_weight_files
-    from planner.planning.make_plan import load_spec, make_plan
 
-    started = time.perf_counter()
-    doc = load_spec(spec)
-    folder = _folder_of(doc)
-    plan = plan or make_plan(doc)
-    if plan.dtype not in DTYPES:
-        raise PlanApplyError(f"pipeline.dtype {plan.dtype!r} cannot be loaded; use one of {', '.join(DTYPES)}")
-    dtype = DTYPES[plan.dtype]
-    dev = torch.device(device or plan.device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    check_host_budget(plan, doc)
-
+def _read_index(folder: Path) -> dict[str, Any]:
     index_file = folder / "model_index.json"
     try:
         index = json.loads(index_file.read_text(encoding="utf-8"))
@@ -235,6 +102,29 @@ def load_pipeline(spec: Any, *, device: str | torch.device | None = None, plan: 
         raise PlanApplyError(f"{index_file}: not found; pipeline.path must be a diffusers pipeline folder") from None
     except (OSError, ValueError) as exc:
         raise PlanApplyError(f"{index_file}: cannot read: {exc}") from None
+    if not isinstance(index, dict):
+        raise PlanApplyError(f"{index_file}: model_index.json is not a JSON object")
+    return index
+
+
+def load_planned(folder: str | Path, plan: Plan, *, device: str | torch.device | None = None,
+                 progress: bool = True, pipeline_kwargs: dict[str, Any] | None = None) -> Any:
+    """Load the diffusers pipeline folder ``folder`` with ``plan`` applied as it loads.
+
+    ``device`` overrides the plan's. Returns the pipeline; its ``residency`` attribute is the
+    handle (``report()``, ``remove()``, ``load_seconds``, ``load_report``). Errors:
+    ``PlanApplyError`` (files missing or corrupt, a component that cannot be placed); on error
+    nothing stays attached.
+    """
+    started = time.perf_counter()
+    folder = Path(folder)
+    if plan.dtype not in DTYPES:
+        raise PlanApplyError(f"pipeline.dtype {plan.dtype!r} cannot be loaded; use one of {', '.join(DTYPES)}")
+    dtype = DTYPES[plan.dtype]
+    dev = resolve_device(device or plan.device)
+    check_host_budget(plan)
+    index = _read_index(folder)
+    index_file = folder / "model_index.json"
 
     # every planned component's files, headers checked, before anything is loaded
     readers: dict[str, safetensors_reader.SafetensorsReader] = {}
@@ -257,18 +147,22 @@ def load_pipeline(spec: Any, *, device: str | torch.device | None = None, plan: 
     for reader in readers.values():
         reader.on_read = bar.update if bar is not None else None
     handle = ResidencyHandle(pipeline=None, plan=plan, device=dev)
-    modules: dict[str, torch.nn.Module] = {}
     loaded: dict[str, _Loaded] = {}
-    members = [n for n, cp in plan.components.items() if cp.strategy == "cpu_offload"]
+    renamed: dict[str, dict[str, Any]] = {}
+    current = [""]
+    t0 = [time.perf_counter()]
 
-    def prepare(name: str, strategy: str) -> tuple[torch.nn.Module, safetensors_reader.ComponentSource | None]:
+    def source_of(name: str, cp: ComponentPlan) -> tuple[torch.nn.Module, Any]:
         """The module on meta with its weight source, or loaded by from_pretrained (and why)."""
+        current[0] = name
+        if bar is not None:
+            bar.set_postfix_str(f"{name} ({cp.strategy})", refresh=False)
         cls, library = classes[name]
-        info = loaded[name] = _Loaded(name=name, strategy=strategy, class_name=cls.__name__,
+        info = loaded[name] = _Loaded(name=name, strategy=str(cp.strategy), class_name=cls.__name__,
                                       file_bytes=readers[name].nbytes)
         sub = folder / name
         reason = ""
-        if strategy == "fsdp":
+        if cp.strategy == Strategy.FSDP:
             reason = "fsdp shards a loaded module"
         elif library is None:
             reason = f"{cls.__name__} is neither a diffusers nor a transformers model"
@@ -290,73 +184,28 @@ def load_pipeline(spec: Any, *, device: str | torch.device | None = None, plan: 
             bar.update(readers[name].nbytes)
         return module, None
 
-    def finish(name: str, t0: float) -> None:
-        info, reader = loaded[name], readers[name]
-        info.seconds += time.perf_counter() - t0
-        info.bytes_read, info.reads, info.staged_bytes_max = reader.bytes_read, reader.reads, reader.staged_bytes_max
-        reader.close()
+    def placed(names: list[str]) -> None:
+        """Each step's time goes to the components it placed (an offload group: to each member)."""
+        now = time.perf_counter()
+        for name in names:
+            info, reader = loaded[name], readers[name]
+            info.seconds += now - t0[0]
+            info.bytes_read, info.reads, info.staged_bytes_max = reader.bytes_read, reader.reads, reader.staged_bytes_max
+            if len(names) > 1:
+                info.extra["offload_group"] = list(names)
+            if renamed.get(name):
+                info.extra["layer_lists"] = dict(renamed[name])
+            reader.close()
+        t0[0] = now
 
-    current = ""
     try:
-        for name, cp in plan.components.items():
-            current = name
-            if bar is not None:
-                bar.set_postfix_str(f"{name} ({cp.strategy})", refresh=False)
-            t0 = time.perf_counter()
-            if cp.strategy == "cpu_offload":
-                if name != members[0]:
-                    continue
-                from planner.executor.cpu_offload import CpuOffloadGroup
-
-                sources: dict[str, safetensors_reader.ComponentSource] = {}
-                group_modules: list[tuple[str, torch.nn.Module]] = []
-                for member in members:
-                    current = member
-                    module, source = prepare(member, "cpu_offload")
-                    modules[member] = module
-                    group_modules.append((member, module))
-                    if source is not None:
-                        sources[member] = source
-                current = ", ".join(members)
-                group = CpuOffloadGroup(group_modules, device=dev, pipeline_order=list(plan.components),
-                                        weight_sources=sources)
-                group.attach()
-                handle._attached.append(group)
-                for member in members:   # one pack for the group: each member reports the group's time
-                    handle.placements[member] = _GroupMember(group, member)
-                    loaded[member].extra["offload_group"] = list(members)
-                    finish(member, t0)
-                continue
-            module, source = prepare(name, cp.strategy)
-            modules[name] = module
-            placement: Any
-            if cp.strategy == "resident":
-                placement = LoadedResident(module, dev, source, name) if source is not None else Resident(module, dev)
-            elif cp.strategy == "layerwise":
-                from planner.executor.layerwise_engine import LayerwiseEngine
-
-                placement = LayerwiseEngine(module, _layers(name, module, cp, loaded[name]), device=dev,
-                                            prefetch=cp.prefetch or 1, resident=cp.resident_layers, name=name,
-                                            weight_source=source,
-                                            stream_non_layer=streams_non_layer(cp))
-            elif cp.strategy == "fsdp":
-                from planner.executor.fsdp import FsdpShard
-
-                placement = FsdpShard(module, _layers(name, module, cp, loaded[name]), device=dev, name=name)
-            else:
-                raise PlanApplyError(f"{name}: unknown strategy '{cp.strategy}'")
-            placement.attach()
-            handle._attached.append(placement)
-            handle.placements[name] = placement
-            finish(name, t0)
-        current = ""
-        finish_apply(handle, modules, _group_of(handle) if members else None)
-
-        t0 = time.perf_counter()
+        modules = attach_components(handle, source_of, on_placed=placed, renamed=renamed)
+        current[0] = ""
+        t1 = time.perf_counter()
         with module_build._quiet_diffusers():   # only tokenizers, schedulers and the like are left to load
             pipe = module_build._pipeline_class(index).from_pretrained(str(folder), torch_dtype=dtype, **modules,
-                                                          **(pipeline_kwargs or {}))
-        other_seconds = time.perf_counter() - t0
+                                                                       **(pipeline_kwargs or {}))
+        other_seconds = time.perf_counter() - t1
         components = getattr(pipe, "components", {})
         stray = [n for n, m in modules.items() if components.get(n) is not m]
         if stray:
@@ -370,9 +219,9 @@ def load_pipeline(spec: Any, *, device: str | torch.device | None = None, plan: 
             handle.remove()
         except Exception:  # pragma: no cover - the first error is the one to report
             pass
-        if isinstance(exc, (PlanApplyError, SpecError)) or not isinstance(exc, Exception):
+        if isinstance(exc, PlanApplyError) or not isinstance(exc, Exception):
             raise
-        where = f"loading {current}" if current else "building the pipeline"
+        where = f"loading {current[0]}" if current[0] else "building the pipeline"
         raise PlanApplyError(f"{where} failed, nothing stays attached: {type(exc).__name__}: {exc}") from exc
     if bar is not None:
         bar.close()
@@ -387,9 +236,3 @@ def load_pipeline(spec: Any, *, device: str | torch.device | None = None, plan: 
     }
     pipe.residency = handle
     return pipe
-
-
-def _group_of(handle: ResidencyHandle) -> Any:
-    from planner.executor.cpu_offload import CpuOffloadGroup
-
-    return next(p for p in handle._attached if isinstance(p, CpuOffloadGroup))

@@ -1,18 +1,30 @@
-"""Layer lists from tensor names: one discovery for folders (safetensors headers), the catalog and
-loaded modules (their state-dict names).
+"""Layer lists from tensor names: the one discovery for folders (their safetensors headers) and
+loaded modules (their parameter and persistent buffer names), so both give the same lists.
+
+A candidate list is a prefix ``<path>.<i>.`` whose indices are exactly 0..N-1 with N >= 2 and whose
+entries are blocks (some sub-key is nested) holding nearly the same sub-keys: every entry's set of
+sub-keys overlaps the most common set by more than half (Jaccard > 0.5). Strict equality would miss
+real block lists: T5's first block alone holds the relative attention bias, SD3's last block has no
+context feed-forward. Of nested candidates the outermost wins.
+
+For a class the catalog knows, its list paths (the class's declared repeated blocks) are used where
+the names have them; further candidates are added only when their blocks have the same sub-keys as
+one of those lists (e.g. Z-Image Omni's ``siglip_refiner``), and a known class without lists (the
+Wan VAE, the LTX-2 vocoder) gets none. A checkpoint whose keys use another layout than the module
+tree (older transformers checkpoints of VLMs: ``model.layers`` for ``model.language_model.layers``)
+matches no known path and falls back to the heuristic.
+
+Lists come in the order the class's forward runs them (``run_order``).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
-from planner.inventory.catalog import load_catalog
+from planner.inventory.catalog import catalog_layer_paths
 from planner.inventory.model import LayerList
-
-
-def _natural_key(path: str) -> tuple[Any, ...]:
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in path.split("."))
+from planner.inventory.run_order import natural_key, run_ordered
 
 
 class _Candidate:
@@ -77,14 +89,14 @@ def _overlaps(a: str, b: str) -> bool:
     return a == b or _inside(a, b) or _inside(b, a)
 
 
-def detect_layer_lists(sizes: Mapping[str, int], hint_paths: Sequence[str] | None = None) -> list[LayerList]:
-    """Layer lists from tensor names and byte sizes (``{tensor name: bytes}``).
+def detect_layer_lists(sizes: Mapping[str, int], hint_paths: Sequence[str] | None = None,
+                       class_name: str = "") -> list[LayerList]:
+    """Layer lists from tensor names and byte sizes (``{tensor name: bytes}``), in run order.
 
-    ``hint_paths`` are the list paths the catalog knows for the component's class (``None``: the
-    class is unknown). Those the names hold come first, in the hint order; further lists are then
-    kept only when their blocks have the same sub-keys as a hinted list's. An empty hint means the
-    class has no repeated blocks. When none of the hinted paths is in the names (a checkpoint
-    saved with another key layout), the name heuristic alone decides.
+    ``hint_paths`` are the list paths the catalog knows for the class (``None``: the class is
+    unknown). Those the names hold are kept; further lists only when their blocks have the same
+    sub-keys as a hinted list's. An empty hint means the class has no repeated blocks. When none of
+    the hinted paths is in the names, the name heuristic alone decides.
     """
     cands = _candidates(sizes)
     chosen: list[_Candidate] = []
@@ -96,31 +108,18 @@ def detect_layer_lists(sizes: Mapping[str, int], hint_paths: Sequence[str] | Non
         return []
     extra: list[_Candidate] = []
     for cand in sorted((c for c in cands.values() if c.repeated()),
-                       key=lambda c: (c.path.count("."), _natural_key(c.path))):
+                       key=lambda c: (c.path.count("."), natural_key(c.path))):
         if any(_overlaps(cand.path, c.path) for c in chosen + extra):
             continue
         extra.append(cand)
     if chosen:
         shapes = {c.mode() for c in chosen}
         extra = [c for c in extra if c.mode() in shapes]
-    extra.sort(key=lambda c: _natural_key(c.path))
-    return [c.layer_list() for c in chosen + extra]
+    extra.sort(key=lambda c: natural_key(c.path))
+    return run_ordered(class_name, [c.layer_list() for c in chosen + extra])
 
 
-def _catalog() -> dict[str, Any]:
-    try:
-        return load_catalog()
-    except (OSError, ValueError):
-        return {"models": {}}  # a missing catalog only costs the hints
-
-
-def _hints_by_class() -> dict[str, list[str]]:
-    hints: dict[str, list[str]] = {}
-    models = _catalog().get("models", {})
-    for model in sorted(models):
-        for comp in models[model].get("components", {}).values():
-            paths = hints.setdefault(comp.get("class", ""), [])
-            for ll in comp.get("layer_lists", ()):
-                if ll["path"] not in paths:
-                    paths.append(ll["path"])
-    return hints
+def layer_lists_of(class_name: str, sizes: Mapping[str, int], *, use_catalog: bool = True) -> list[LayerList]:
+    """The layer lists of a component of class ``class_name`` whose tensors are ``sizes``."""
+    hints = catalog_layer_paths().get(class_name) if use_catalog else None
+    return detect_layer_lists(sizes, hints, class_name)

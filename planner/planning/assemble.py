@@ -1,20 +1,28 @@
-"""The frozen plan from a finished resolution: layer lists, estimates, margins, warnings.
+"""The frozen plan from a finished resolution: every decision the executor acts on, and estimates.
+
+``component_plan`` is where a component's strategy becomes what the executor reads: its layer lists
+(run order, module paths, K per list), resident layers, whether its other modules stream, and the
+host tier. The budget search builds its trial plans through it too, so what is estimated is what is
+applied.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
 from typing import Any, Mapping
 
 from planner.errors import Diagnostic
 from planner.inventory.model import Inventory
-from planner.plan import ComponentPlan, Estimate, LayerListPlan, Plan
-from planner.planning.resolve import Resolution
+from planner.plan import HOST_STRATEGIES, ComponentPlan, Estimate, HostTier, LayerListPlan, Plan, Strategy
+from planner.planning.estimate import memory_estimate
+from planner.planning.resolve import ComponentResolution, Resolution, prefetch_count
+from planner.planning.workload import activation_bytes
 from planner.spec.document import Document
+from planner.spec.families import runs_per_step
 from planner.spec.sizes import parse_size
 
 DEFAULT_MARGIN_FLOOR = 128 << 20
-
-
 DEFAULT_MARGIN_SHARE = 0.02
 
 
@@ -27,44 +35,65 @@ def default_margin(memory: Mapping[str, Any]) -> int:
     return max(DEFAULT_MARGIN_FLOOR, int(parse_size(memory["gpu_budget"]) * DEFAULT_MARGIN_SHARE))
 
 
+def _list_prefetch(p: float, count: int) -> int:
+    if count:
+        return prefetch_count(p, count)
+    return max(1, math.floor(p)) if p >= 1 else 1     # the list's length is unknown before loading
+
+
+def layer_list_plans(comp: ComponentResolution) -> tuple[LayerListPlan, ...]:
+    """The component's layer lists in run order, each with its K (design rule 7: per list)."""
+    info, p = comp.info, comp.prefetch_request
+    if comp.layer_paths:
+        known = {ll.path: ll.count for ll in info.layer_lists}
+        pairs = [(path, known.get(path, 0)) for path in comp.layer_paths]
+    else:
+        pairs = [(ll.path, ll.count) for ll in info.layer_lists]
+    return tuple(LayerListPlan(path, count, _list_prefetch(p, count)) for path, count in pairs)
+
+
+def streams_non_layer(strategy: str, family: str, resident_layers: tuple[int, ...]) -> bool:
+    """A layerwise denoiser with every layer streamed also streams its other modules (embedders,
+    output layers): the plan asks for the least device memory, and they run outside the layers.
+    With resident layers they stay resident (streaming them cost 6-8 % on Flux at 75 % resident)."""
+    return strategy == Strategy.LAYERWISE and runs_per_step(family) and not resident_layers
+
+
+def component_plan(comp: ComponentResolution, strategy: str | None = None,
+                   resident_layers: tuple[int, ...] | None = None) -> ComponentPlan:
+    """What the executor reads for one component; ``strategy``/``resident_layers`` override the
+    resolution's (the budget search tries several)."""
+    chosen = strategy or comp.strategy
+    # 'auto' before the budget search has chosen: a placeholder the search replaces
+    strategy = Strategy.RESIDENT if chosen == "auto" else Strategy(chosen)
+    resident = comp.resident_layers if resident_layers is None else resident_layers
+    layerwise = strategy == Strategy.LAYERWISE
+    layers = layer_list_plans(comp) if strategy in (Strategy.LAYERWISE, Strategy.FSDP) else ()
+    prefetch = max((ll.prefetch for ll in layers), default=comp.prefetch or 1) if layerwise else None
+    return ComponentPlan(
+        strategy=strategy, family=comp.family, class_name=comp.info.class_name, prefetch=prefetch,
+        resident_layers=resident if layerwise else (), layers=layers, weight_bytes=comp.info.weight_bytes,
+        stream_non_layer=streams_non_layer(strategy, comp.family, resident if layerwise else ()),
+        host_tier=HostTier.PINNED if strategy in HOST_STRATEGIES else None)
+
+
 def build_plan(doc: Document, inventory: Inventory, resolution: Resolution, *,
                extra_warnings: tuple[Diagnostic, ...] = (), estimate: Estimate | None = None) -> Plan:
     """The frozen plan from a finished resolution (every strategy concrete)."""
-    from planner.planning.estimate import memory_estimate
-
     spec = doc.data
-    comps: dict[str, ComponentPlan] = {}
-    layer_bytes: dict[str, tuple[int, ...]] = {}
-    for name, comp in resolution.components.items():
-        info = comp.info
-        layers: tuple[LayerListPlan, ...] = ()
-        if comp.strategy == "layerwise":
-            if comp.layer_paths:
-                known = {ll.path: ll.count for ll in info.layer_lists}
-                layers = tuple(LayerListPlan(p, known.get(p, 0)) for p in comp.layer_paths)
-            else:
-                layers = tuple(LayerListPlan(ll.path, ll.count) for ll in info.layer_lists)
-        comps[name] = ComponentPlan(
-            strategy=comp.strategy, family=comp.family, class_name=info.class_name,
-            prefetch=comp.prefetch if comp.strategy == "layerwise" else None,
-            resident_layers=comp.resident_layers if comp.strategy == "layerwise" else (),
-            layers=layers, weight_bytes=info.weight_bytes)
-        layer_bytes[name] = info.layer_bytes
+    comps = {name: component_plan(comp) for name, comp in resolution.components.items()}
+    layer_bytes = {name: comp.info.layer_bytes for name, comp in resolution.components.items()}
     memory = spec.get("memory", {})
     margin = parse_size(memory["margin"]) if "margin" in memory else default_margin(memory)
-    from planner.planning.workload import activation_bytes
-
     activations = activation_bytes(spec.get("workload"), inventory, spec["pipeline"].get("dtype", "bfloat16"))
     mem = memory_estimate(comps, layer_bytes, activation_bytes=activations, margin_bytes=margin)
-    from dataclasses import replace
-
     comps = {name: replace(cp, estimate=mem.components[name]) for name, cp in comps.items()}
     est = estimate or Estimate(
         gpu_peak_bytes=mem.gpu_peak_bytes, host_pinned_bytes=mem.host_pinned_bytes,
         gpu_budget_bytes=parse_size(memory["gpu_budget"]) if "gpu_budget" in memory else None,
         host_budget_bytes=parse_size(memory["host_budget"]) if "host_budget" in memory else None,
         margin_bytes=margin, activation_bytes=activations)
-    warnings = tuple(w.format() for w in list(resolution.warnings) + list(extra_warnings))
+    warnings = tuple(list(resolution.warnings) + list(extra_warnings))
     section = spec["pipeline"]
     pipeline_ref: dict[str, Any] = {k: section[k] for k in ("model", "path", "components") if k in section}
     pipeline_ref["source"] = inventory.source

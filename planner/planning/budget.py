@@ -15,6 +15,7 @@ from typing import Any, Mapping
 from planner.errors import SpecError
 from planner.inventory.model import DTYPE_BYTES, ComponentInfo, Inventory
 from planner.plan import Decision, Plan
+from planner.planning.assemble import build_plan, component_plan
 from planner.planning.estimate import memory_estimate
 from planner.planning.resolve import ComponentResolution, Resolution, place_resident
 from planner.planning.rules import reason
@@ -108,8 +109,6 @@ def simulate_layerwise(layer_bytes: tuple[int, ...], resident: set[int], compute
 
 
 def plan_budget(doc: Document, inventory: Inventory, resolution: Resolution, *, strict: bool = False) -> Plan:
-    from planner.planning.assemble import build_plan
-
     spec = doc.data
     workload = dict(spec.get("workload") or {})
     base_dir = Path(doc.file).parent if doc.file and not doc.file.startswith("<") else None
@@ -130,7 +129,22 @@ def plan_budget(doc: Document, inventory: Inventory, resolution: Resolution, *, 
         budget = parse_size(memory["gpu_budget"])
         _choose(doc, inventory, resolution, auto, budget, workload, profile, steps)
     plan = build_plan(doc, inventory, resolution)
+    _check_host_budget(doc, plan)
     return _with_times(plan, inventory, workload, profile, steps)
+
+
+def _check_host_budget(doc: Document, plan: Plan) -> None:
+    """``memory.host_budget`` caps the pinned host memory a plan keeps: a plan over it is refused
+    here, where ``plan``, ``validate`` and the loader all see it, before anything is read."""
+    budget, need = plan.estimate.host_budget_bytes, plan.estimate.host_pinned_bytes
+    if budget is None or need <= budget:
+        return
+    parts = ", ".join(f"{n} {format_size(cp.estimate.host_pinned_bytes)} ({cp.strategy})"
+                      for n, cp in plan.components.items() if cp.estimate.host_pinned_bytes)
+    raise SpecError([doc.diagnostic(("memory", "host_budget"),
+                                    f"the plan keeps {format_size(need)} in pinned host memory ({parts}), over "
+                                    f"memory.host_budget {format_size(budget)}. Raise the budget, or keep more on "
+                                    "the GPU (resident components or resident_layers)")])
 
 
 def _with_times(plan: Plan, inventory: Inventory, workload: Mapping[str, Any], profile: Profile, steps: int) -> Plan:
@@ -153,8 +167,6 @@ def _with_times(plan: Plan, inventory: Inventory, workload: Mapping[str, Any], p
 
 def _choose(doc: Document, inventory: Inventory, resolution: Resolution, auto: list[ComponentResolution],
             budget: int, workload: Mapping[str, Any], profile: Profile, steps: int) -> None:
-    from planner.planning.assemble import build_plan
-
     # Least-GPU start: stream every layer of what has layers, offload the rest whole.
     start: dict[str, tuple[str, tuple[int, ...]]] = {}
     for comp in auto:
@@ -168,9 +180,7 @@ def _choose(doc: Document, inventory: Inventory, resolution: Resolution, auto: l
     def peak_of(state: dict[str, tuple[str, tuple[int, ...]]]) -> int:
         plans = dict(fixed.components)
         for name, (strategy, resident) in state.items():
-            comp = resolution.components[name]
-            plans[name] = replace(plans[name], strategy=strategy, resident_layers=resident,
-                                  prefetch=comp.prefetch or 1)
+            plans[name] = component_plan(resolution.components[name], strategy, resident)
         return memory_estimate(plans, layer_bytes, activation_bytes=activations, margin_bytes=margin).gpu_peak_bytes
 
     state = dict(start)

@@ -29,14 +29,6 @@ def streamed_layers(cp: ComponentPlan, layer_bytes: Sequence[int]) -> list[int]:
     return [b for i, b in enumerate(layer_bytes) if i not in resident]
 
 
-def streams_non_layer(cp: ComponentPlan) -> bool:
-    """A layerwise denoiser with every layer streamed also streams its other modules (embedders,
-    output layers): the plan asks for the least device memory, and they run outside the layers."""
-    from planner.spec.families import runs_per_step
-
-    return cp.strategy == "layerwise" and runs_per_step(cp.family) and not cp.resident_layers
-
-
 def component_estimate(cp: ComponentPlan, layer_bytes: Sequence[int], *,
                        world_size: int = FSDP_DEFAULT_WORLD_SIZE) -> ComponentEstimate:
     """GPU and host bytes of one component under its strategy."""
@@ -54,7 +46,7 @@ def component_estimate(cp: ComponentPlan, layer_bytes: Sequence[int], *,
     non_layer = max(0, total - sum(layer_bytes))
     slots = min((cp.prefetch or 1) + 1, len(streamed))
     slot_bytes = slots * max(streamed, default=0)
-    if streams_non_layer(cp):
+    if cp.stream_non_layer:
         # a denoiser's embedders and output layers stream too (one at a time, never beside the
         # layers' activations): host memory, not resident device memory
         return ComponentEstimate(gpu_resident_bytes=resident_layer_bytes, gpu_transient_bytes=slot_bytes,

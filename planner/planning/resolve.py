@@ -36,7 +36,8 @@ class ComponentResolution:
     flag: str = ""                 # what set the current strategy, in the words of the spec
     selected_by: str = ""          # the token that selected it for layerwise, if any
     explicit_selection: PathKey | None = None  # where an exact-name token selected it
-    prefetch: int | None = None
+    prefetch: int | None = None         # K over the whole layer sequence (what the time model reads)
+    prefetch_request: float = 1.0        # the p the spec gave; K is computed from it per layer list
     resident_layers: tuple[int, ...] = ()
     resident_count: int | None = None   # a count still to be placed (auto may choose it)
     placement: str = DEFAULT_PLACEMENT
@@ -131,7 +132,7 @@ def resolve(doc: Document, inventory: Inventory, *, strict: bool = False) -> Res
         _resolve_layers(doc, comp, entry, defaults, offload, errors, res)
 
     if strict:
-        errors.extend(Diagnostic(w.file, w.line, w.column, w.message, "error", w.where) for w in res.warnings)
+        errors.extend(Diagnostic(w.file, w.line, w.column, w.message, "error", w.where, w.code) for w in res.warnings)
         res.warnings = []
     if errors:
         errors.sort(key=lambda d: (d.line, d.column))
@@ -177,7 +178,7 @@ def _layerwise_selection(doc: Document, res: Resolution, errors: list[Diagnostic
             where_path = where if where is not None else ("offload", "dit_layerwise_offload")
             res.warnings.append(doc.diagnostic(
                 where_path, f"layerwise selection token '{token}' matches no component{did_you_mean(token, names)}",
-                severity="warning"))
+                severity="warning", code="selection-matches-nothing"))
             continue
         for comp in matched:
             if comp.name not in chosen or (token == comp.name and where is not None):
@@ -187,11 +188,12 @@ def _layerwise_selection(doc: Document, res: Resolution, errors: list[Diagnostic
 
 
 def prefetch_count(p: float, layer_count: int) -> int:
-    """Design rule 7: a fraction p in [0, 1) of N layers is K = 1 + round(p·(N−1)); p ≥ 1 is a count."""
+    """Design rule 7: a fraction p in [0, 1) of N layers is K = 1 + round(p·(N−1)) with Python's round
+    (half to even, as SGLang computes it); p ≥ 1 is a count, floored; K is clamped to [1, N]."""
     if p < 0:
         raise ValueError("prefetch cannot be negative")
     n = max(layer_count, 1)
-    k = 1 + math.floor(p * (n - 1) + 0.5) if p < 1 else math.floor(p)
+    k = 1 + int(round(p * (n - 1))) if p < 1 else math.floor(p)
     return min(max(k, 1), n)
 
 
@@ -221,7 +223,8 @@ def _resolve_layers(doc: Document, comp: ComponentResolution, entry: dict[str, A
             if key in entry:
                 res.warnings.append(doc.diagnostic(("components", comp.name, key),
                                                    f"{key} is ignored: {comp.name} is planned '{comp.strategy}', not "
-                                                   "layerwise", key=True, severity="warning"))
+                                                   "layerwise", key=True, severity="warning",
+                                                   code="ignored-for-strategy"))
         return
     if comp.info.known and n == 0 and comp.strategy == "layerwise" and not comp.layer_paths:
         res.decisions.append(Decision(rule="layerwise-no-layers", component=comp.name, from_="layerwise",
@@ -241,7 +244,9 @@ def _resolve_layers(doc: Document, comp: ComponentResolution, entry: dict[str, A
         return
     if not comp.info.known and p < 1 and where is not None:
         res.warnings.append(doc.diagnostic(where, f"the layer count of {comp.name} is unknown before loading; "
-                                                  f"prefetch fraction {p} is taken as 1 layer", severity="warning"))
+                                                  f"prefetch fraction {p} is taken as 1 layer", severity="warning",
+                                                  code="layer-count-unknown"))
+    comp.prefetch_request = float(p)
     comp.prefetch = prefetch_count(float(p), n) if n else max(1, math.floor(p)) if p >= 1 else 1
 
     resident = entry.get("resident_layers")

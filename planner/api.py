@@ -1,0 +1,69 @@
+"""The Python API: the one place where planning and execution meet.
+
+``make_plan`` plans a spec (against its ``pipeline:`` section, a loaded pipeline or an inventory);
+``apply_plan`` places a plan (or a spec, planned against the pipeline first) on a loaded pipeline;
+``load_pipeline`` loads a spec's folder with its plan applied as it loads. The executor is imported
+when one of the last two runs, so planning never loads torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from planner.errors import PlanApplyError
+from planner.inventory.model import Inventory
+from planner.plan import Plan
+from planner.planning import make_plan as _planning
+from planner.planning.make_plan import SpecLike, load_spec
+
+
+def make_plan(spec: SpecLike, pipeline: Any = None, *, strict: bool = False,
+              inventory: Inventory | None = None) -> Plan:
+    """Load, validate and resolve a deployment spec into a residency plan.
+
+    ``pipeline`` (a loaded diffusers pipeline, or a ``{name: module}`` mapping) or ``inventory``
+    replace the facts the spec's ``pipeline:`` section would give.
+    """
+    return _planning.make_plan(spec, pipeline, strict=strict, inventory=inventory)
+
+
+def apply_plan(pipe: Any, plan: Plan | SpecLike, *, device: str | None = None, strict: bool = False) -> Any:
+    """Apply a plan, or a spec planned against ``pipe``, to a loaded pipeline; all or nothing.
+
+    Returns a handle with ``report()``, ``remove()`` and ``paused()``.
+    """
+    from planner.executor.apply import apply_plan as _apply
+
+    if not isinstance(plan, Plan):
+        plan = make_plan(plan, pipeline=pipe, strict=strict)
+    return _apply(pipe, plan, device=device)
+
+
+def spec_folder(spec: SpecLike) -> Path:
+    """The diffusers folder a spec's ``pipeline.path`` names, relative to the spec's file."""
+    doc = load_spec(spec)
+    section = doc.data["pipeline"]
+    if "path" not in section:
+        raise PlanApplyError("loading needs pipeline.path (a diffusers folder); catalog entries and class "
+                             "lists carry no weights")
+    raw = Path(section["path"])
+    if raw.is_absolute():
+        return raw
+    base = Path(doc.file).parent if doc.file and not doc.file.startswith("<") else Path.cwd()
+    return (base / raw).resolve()
+
+
+def load_pipeline(spec: SpecLike, *, device: str | None = None, plan: Plan | None = None,
+                  progress: bool = True, pipeline_kwargs: dict[str, Any] | None = None) -> Any:
+    """Load ``pipeline.path`` of ``spec`` with its plan (``plan``, else planned from the spec) applied
+    as it loads. Returns the pipeline; ``pipe.residency`` is the handle (``report()``, ``remove()``,
+    ``load_seconds``, ``load_report``). Errors: ``SpecError`` (the spec, a plan over
+    ``memory.host_budget``), ``PlanApplyError`` (files missing or corrupt, a component that cannot
+    be placed); on error nothing stays attached."""
+    from planner.executor.pipeline_loader import load_planned
+
+    doc = load_spec(spec)
+    folder = spec_folder(doc)
+    plan = plan or make_plan(doc)
+    return load_planned(folder, plan, device=device, progress=progress, pipeline_kwargs=pipeline_kwargs)

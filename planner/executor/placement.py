@@ -1,0 +1,115 @@
+"""The one placement path: a plan's components, in plan order, each given its placement.
+
+``apply_plan`` (modules already loaded) and the loader (modules built on the meta device, values
+read from the files as they are placed) both come through ``attach_components``; they differ only
+in where a component's module and its weight source come from, which ``ModuleSource`` gives.
+
+All or nothing: the caller removes the handle when this raises (every placement attached so far is
+on ``handle._attached``, detached in reverse).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Tuple
+
+import torch
+
+from planner.errors import PlanApplyError
+from planner.executor.cpu_offload import CpuOffloadGroup
+from planner.executor.fsdp import FsdpShard
+from planner.executor.handle import ExecutionDeviceHint, PhaseHooks, Placement, ResidencyHandle, _GroupMember
+from planner.executor.layer_binding import bind_layers
+from planner.executor.layerwise_engine import LayerwiseEngine
+from planner.executor.resident import Resident
+from planner.plan import ComponentPlan, Strategy
+
+# (component name, its plan) -> (the module, where its values come from: None when it holds them)
+ModuleSource = Callable[[str, ComponentPlan], Tuple[torch.nn.Module, Optional[Any]]]
+
+
+def _resident(name: str, module: torch.nn.Module, cp: ComponentPlan, device: torch.device, source: Any,
+              renamed: dict[str, Any]) -> Placement:
+    return Resident(module, device, source, name)
+
+
+def _layerwise(name: str, module: torch.nn.Module, cp: ComponentPlan, device: torch.device, source: Any,
+               renamed: dict[str, Any]) -> Placement:
+    return LayerwiseEngine(module, bind_layers(name, module, cp, renamed), device=device,
+                           prefetch=cp.layer_prefetch(), resident=cp.resident_layers, name=name,
+                           weight_source=source, stream_non_layer=cp.stream_non_layer)
+
+
+def _fsdp(name: str, module: torch.nn.Module, cp: ComponentPlan, device: torch.device, source: Any,
+          renamed: dict[str, Any]) -> Placement:
+    if source is not None:
+        raise PlanApplyError(f"{name}: fsdp shards a loaded module, not one built on meta")
+    return FsdpShard(module, bind_layers(name, module, cp, renamed), device=device, name=name)
+
+
+# one placement per component, by strategy; cpu_offload components share one group instead
+PLACEMENTS: dict[Strategy, Callable[..., Placement]] = {
+    Strategy.RESIDENT: _resident,
+    Strategy.LAYERWISE: _layerwise,
+    Strategy.FSDP: _fsdp,
+}
+
+
+def attach_components(handle: ResidencyHandle, source_of: ModuleSource,
+                      on_placed: Callable[[list[str]], None] | None = None,
+                      renamed: dict[str, dict[str, Any]] | None = None) -> dict[str, torch.nn.Module]:
+    """Attaches every component of ``handle.plan`` in plan order; returns the modules by name.
+
+    The CPU-offload members are gathered when the first of them comes (one group packs them all);
+    ``on_placed`` is called with the names each step placed (for the loader's report);
+    ``renamed`` collects, per component, layer lists found under another path than the plan's.
+    """
+    plan, device = handle.plan, handle.device
+    members = [n for n, cp in plan.components.items() if cp.strategy == Strategy.CPU_OFFLOAD]
+    modules: dict[str, torch.nn.Module] = {}
+    group: CpuOffloadGroup | None = None
+    for name, cp in plan.components.items():
+        if cp.strategy == Strategy.CPU_OFFLOAD:
+            if name != members[0]:
+                continue
+            sources = {}
+            for member in members:
+                modules[member], src = source_of(member, plan.components[member])
+                if src is not None:
+                    sources[member] = src
+            group = CpuOffloadGroup([(m, modules[m]) for m in members], device=device,
+                                    pipeline_order=list(plan.components), weight_sources=sources)
+            group.attach()
+            handle._attached.append(group)
+            for member in members:
+                handle.placements[member] = _GroupMember(group, member)
+            if on_placed is not None:
+                on_placed(list(members))
+            continue
+        make = PLACEMENTS.get(cp.strategy)
+        if make is None:
+            raise PlanApplyError(f"{name}: unknown strategy '{cp.strategy}'")
+        modules[name], src = source_of(name, cp)
+        placement = make(name, modules[name], cp, device, src, (renamed or {}).setdefault(name, {}))
+        placement.attach()
+        handle._attached.append(placement)
+        handle.placements[name] = placement
+        if on_placed is not None:
+            on_placed([name])
+    _finish(handle, modules, group)
+    return modules
+
+
+def _finish(handle: ResidencyHandle, modules: dict[str, torch.nn.Module], group: CpuOffloadGroup | None) -> None:
+    """Phase hooks for the CPU-offload group, execution-device hints for diffusers, placements in
+    plan order for reports."""
+    plan = handle.plan
+    if group is not None:
+        members = {n for n, cp in plan.components.items() if cp.strategy == Strategy.CPU_OFFLOAD}
+        phases = PhaseHooks(group, [modules[n] for n in plan.components if n not in members])
+        phases.attach()
+        handle._attached.append(phases)
+    for name, cp in plan.components.items():
+        if cp.strategy in (Strategy.CPU_OFFLOAD, Strategy.LAYERWISE) and not hasattr(modules[name], "_hf_hook"):
+            modules[name]._hf_hook = ExecutionDeviceHint(handle.device)
+            handle._hints.append(modules[name])
+    handle.placements = {n: handle.placements[n] for n in plan.components}
