@@ -1,37 +1,47 @@
 """Files of a diffusers model folder: which safetensors files hold a component's weights (single,
 sharded through an index, or variants), and JSON read with clear errors.
+
+Every file is read through ``planner.files.bounded_read`` (regular files only, size bounded,
+nesting checked before parsing), and every file found stays inside the component's folder:
+a shard index's ``weight_map`` names plain relative paths (no ``..``, no absolute path), and no
+file resolves through a symbolic link to somewhere outside the folder (a hub cache's links into
+its ``blobs`` folder excepted).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from planner.errors import FolderError
+from planner.files.bounded_read import inside, load_json_file, plain_relative
 
 
 def _load_json(path: Path, what: str) -> Any:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except FileNotFoundError:
-        raise FolderError(f"{path}: {what} not found") from None
-    except json.JSONDecodeError as exc:
-        raise FolderError(f"{path}:{exc.lineno}:{exc.colno}: corrupt {what}: {exc.msg}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise FolderError(f"{path}: cannot read {what}: {exc}") from None
+    """The JSON value of ``path``; ``FolderError`` naming the file (and the place) otherwise."""
+    return load_json_file(path, what)
+
+
+def _contained(path: Path, folder: Path, what: str) -> Path:
+    if not inside(path, folder):
+        raise FolderError(f"{path}: {what} resolves outside {folder} (a symbolic link?); refused")
+    return path
 
 
 def _shards_of_index(index: Path) -> list[Path]:
-    data = _load_json(index, "safetensors index")
+    data = _load_json(_contained(index, index.parent, "safetensors index"), "safetensors index")
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise FolderError(f"{index}: safetensors index has no weight_map of tensor -> file")
+    for tensor, name in weight_map.items():
+        if not plain_relative(name):
+            raise FolderError(f"{index}: weight_map entry {tensor!r} names {name!r}, which is not a file "
+                              f"inside the component folder; refused")
     shards = [index.parent / name for name in sorted(set(weight_map.values()))]
     for shard in shards:
         if not shard.is_file():
             raise FolderError(f"{shard}: shard listed in {index.name} is missing")
+        _contained(shard, index.parent, f"shard listed in {index.name}")
     return shards
 
 
@@ -51,7 +61,7 @@ def component_weight_files(folder: str | Path, variant: str | None = None) -> li
                 return _shards_of_index(index)
             single = folder / f"{base}{suffix}"
             if single.is_file():
-                return [single]
+                return [_contained(single, folder, "weight file")]
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     if indexes:
         seen: dict[Path, None] = {}
@@ -59,4 +69,4 @@ def component_weight_files(folder: str | Path, variant: str | None = None) -> li
             for shard in _shards_of_index(index):
                 seen.setdefault(shard, None)
         return list(seen)
-    return sorted(p for p in folder.glob("*.safetensors") if p.is_file())
+    return [_contained(p, folder, "weight file") for p in sorted(folder.glob("*.safetensors")) if p.is_file()]

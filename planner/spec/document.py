@@ -3,10 +3,20 @@
 PyYAML's composer gives a node tree with marks; we build plain Python values from it ourselves so
 that no object is ever constructed from a tag, duplicate keys are caught, and alias expansion is
 bounded (a "billion laughs" file is refused after a fixed number of nodes, not after the memory is gone).
+
+Before YAML sees the text, its nesting is measured on the text itself (``_scan``): libyaml's
+composer recurses once per level in C and overflows the stack on a flow sequence some 100,000
+deep (PyYAML 6.0.1, libyaml 0.2.5; later libyaml stops at 1,000, with its own message), and
+libyaml's scanner takes quadratic time on deep flow nesting. Files are read through
+``planner.files.bounded_read``: regular files only, at most ``MAX_FILE_BYTES``.
+
+Saved plans are JSON and read as JSON (``load_json_text``), with the same positions kept.
 """
 
 from __future__ import annotations
 
+import bisect
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -14,6 +24,13 @@ from typing import Any, Union
 import yaml
 
 from planner.errors import Diagnostic, SpecError
+from planner.files import json_positions
+from planner.files.bounded_read import (
+    UnreadableFile,
+    json_too_deep,
+    line_col,
+    read_bounded,
+)
 
 MAX_FILE_BYTES = 1 << 20          # 1 MiB: a deployment spec is a page of YAML
 MAX_NODES = 100_000               # values built, aliases expanded
@@ -68,10 +85,10 @@ def _fail(file: str, line: int, col: int, message: str) -> SpecError:
     return SpecError([Diagnostic(file, line, col, message)])
 
 
-def load_text(text: Union[str, bytes], file: str = "<string>") -> Document:
+def _decode(text: Union[str, bytes], file: str, what: str) -> str:
     if isinstance(text, bytes):
         if len(text) > MAX_FILE_BYTES:
-            raise _fail(file, 1, 1, f"file is {len(text)} bytes; a deployment spec may be at most {MAX_FILE_BYTES} bytes")
+            raise _fail(file, 1, 1, f"file is {len(text)} bytes; {what} may be at most {MAX_FILE_BYTES} bytes")
         try:
             text = text.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -79,16 +96,23 @@ def load_text(text: Union[str, bytes], file: str = "<string>") -> Document:
             col = exc.start - (text.rfind(b"\n", 0, exc.start) + 1) + 1
             raise _fail(file, line, col, "file is not valid UTF-8") from None
     if len(text) > MAX_FILE_BYTES:
-        raise _fail(file, 1, 1, f"file is larger than {MAX_FILE_BYTES} bytes; a deployment spec may be at most that")
+        raise _fail(file, 1, 1, f"file is larger than {MAX_FILE_BYTES} bytes; {what} may be at most that")
     if text.startswith("\ufeff"):
         text = text[1:]
+    return text
+
+
+def load_text(text: Union[str, bytes], file: str = "<string>", *, what: str = "a deployment spec") -> Document:
+    """The document of YAML ``text``; ``what`` names the kind of file in messages."""
+    text = _decode(text, file, what)
     if not text.strip() or all(ln.strip() == "" or ln.lstrip().startswith("#") for ln in text.splitlines()):
-        raise _fail(file, 1, 1, "file is empty; a deployment spec needs at least 'version' and 'pipeline'")
-    for lineno, line in enumerate(text.splitlines(), 1):
-        stripped = line.lstrip(" ")
-        if stripped.startswith("\t"):
-            raise _fail(file, lineno, len(line) - len(stripped) + 1,
-                        "tab character in indentation; YAML indents with spaces")
+        needs = "; a deployment spec needs at least 'version' and 'pipeline'" if what == "a deployment spec" else ""
+        raise _fail(file, 1, 1, f"file is empty{needs}")
+    problem = _scan(text, MAX_DEPTH + 2)
+    if problem is not None:
+        kind, line, col = problem
+        raise _fail(file, line, col, "tab character in indentation; YAML indents with spaces" if kind == "tab"
+                    else f"document nested deeper than {MAX_DEPTH} levels")
     try:
         nodes = list(yaml.compose_all(text, Loader=_LOADER))
     except yaml.MarkedYAMLError as exc:
@@ -108,23 +132,166 @@ def load_text(text: Union[str, bytes], file: str = "<string>") -> Document:
     if not isinstance(root, yaml.MappingNode):
         m = root.start_mark
         raise _fail(file, m.line + 1, m.column + 1,
-                    "a deployment spec must be a mapping (key: value pairs) at the top level")
+                    f"{what} must be a mapping (key: value pairs) at the top level")
     doc = Document(file=file, data=None)
     builder = _Builder(doc)
     doc.data = builder.build(root, (), 0)
     return doc
 
 
-def load_file(path: Union[str, Path]) -> Document:
-    p = Path(path)
+def read_file(path: Union[str, Path], what: str = "a deployment spec") -> bytes:
+    """The bytes of ``path``: a regular file of at most ``MAX_FILE_BYTES``, else a ``SpecError``."""
     try:
-        size = p.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise _fail(str(path), 1, 1, f"file is {size} bytes; a deployment spec may be at most {MAX_FILE_BYTES} bytes")
-        raw = p.read_bytes()
-    except OSError as exc:
-        raise _fail(str(path), 1, 1, f"cannot read file: {exc.strerror or exc}") from None
-    return load_text(raw, str(path))
+        return read_bounded(path, MAX_FILE_BYTES, "file")
+    except UnreadableFile as exc:
+        reason = exc.reason
+        if reason == "file not found":
+            reason = "cannot read file: No such file or directory"
+        elif reason.startswith("file is ") and "bytes;" in reason:
+            reason = reason.split(";")[0] + f"; {what} may be at most {MAX_FILE_BYTES} bytes"
+        raise _fail(str(path), 1, 1, reason) from None
+
+
+def load_file(path: Union[str, Path]) -> Document:
+    return load_text(read_file(path), str(path))
+
+
+def load_json_text(text: Union[str, bytes], file: str = "<string>", *, what: str = "a saved plan") -> Document:
+    """The document of JSON ``text`` (strict JSON: no NaN, no duplicate keys), positions kept."""
+    text = _decode(text, file, what)
+    if not text.strip():
+        raise _fail(file, 1, 1, "file is empty")
+    deep = json_too_deep(text, MAX_DEPTH)
+    if deep is not None:
+        line, col = line_col(text, deep)
+        raise _fail(file, line, col, f"document nested deeper than {MAX_DEPTH} levels")
+    try:
+        data, positions, key_positions = json_positions.parse(text)
+    except json_positions.JSONSyntaxError as exc:
+        line, col = line_col(text, exc.index)
+        raise _fail(file, line, col, f"invalid JSON: {exc.message}") from None
+    if not isinstance(data, dict):
+        raise _fail(file, 1, 1, f"{what} must be a JSON object at the top level")
+    starts = [0] + [m.end() for m in re.finditer("\n", text)]
+
+    def place(i: int) -> tuple[int, int]:
+        line = bisect.bisect_right(starts, i)
+        return line, i - starts[line - 1] + 1
+
+    return Document(file=file, data=data, positions={p: place(i) for p, i in positions.items()},
+                    key_positions={p: place(i) for p, i in key_positions.items()})
+
+
+def load_json_file(path: Union[str, Path], what: str = "a saved plan") -> Document:
+    return load_json_text(read_file(path, what), str(path), what=what)
+
+
+# ----------------------------------------------------------------------------- nesting, on the text
+
+_BLOCK_INDICATOR = re.compile(r"[-?:](?=[ ]|$)[ ]*")
+_TOKEN = re.compile(r"""(?P<space>[ \t]+)|(?P<block>[|>][-+0-9]*[ \t]*(?:\#.*)?$)|(?P<mark>[&!][^ \t\[\]{},]*)"""
+                    r"""|(?P<alias>\*[^ \t\[\]{},]*)|(?P<one>[#'":\[\]{},])|(?P<plain>[^ \t\[\]{},#'":]+)""")
+_SPECIAL = re.compile(r"""[\[\]{}'"|>]""")
+_SINGLE_END = re.compile(r"(?:[^']|'')*'")
+_DOUBLE_END = re.compile(r'(?:[^"\\]|\\.)*"')
+
+
+def _scan(text: str, limit: int) -> tuple[str, int, int] | None:
+    """The first problem of YAML ``text`` found without parsing it, as (kind, line, column):
+    ``"tab"``, a tab in the indentation of a block line (inside brackets, quotes and block
+    scalars tabs are allowed), or ``"deep"``, nesting deeper than ``limit``. Nesting is
+    estimated: block levels are the indentation levels open plus the compact indicators
+    (``- - x``) on a line; flow levels are the brackets open, outside quotes, comments and block
+    scalars. The estimate is at most two above the real depth (the indicators and a plain
+    scalar's continuation lines count) and at least half of it (a sequence under a key at the
+    key's indentation does not count). ``None`` when there is neither.
+    """
+    indents: list[int] = []
+    flow = block = 0
+    quote = ""                        # a quoted scalar open across lines: "'" or '"'
+    scalar_parent: int | None = None  # a block scalar (| or >) is open: its parent's indentation,
+    scalar_indent: int | None = None  # and its content's, once the first content line set it
+    for lineno, line in enumerate(text.splitlines(), 1):
+        body = line.lstrip(" ")
+        ind = len(line) - len(body)
+        if scalar_parent is not None:
+            if not body.strip():
+                continue
+            if scalar_indent is None and ind > scalar_parent:
+                scalar_indent = ind
+            if scalar_indent is not None and ind >= scalar_indent:
+                continue
+            scalar_parent = scalar_indent = None
+        i, parent, value_start = 0, ind, True
+        if flow == 0 and not quote:
+            if body[:1] == "\t" and body.strip():
+                return "tab", lineno, ind + 1
+            if not body or body.startswith("#") or (ind == 0 and body.startswith("%")):
+                continue
+            if ind == 0 and body[:3] in ("---", "...") and body[3:4] in ("", " "):
+                indents, block, i, parent = [], 0, 3, 0
+            else:
+                while indents and indents[-1] > ind:
+                    indents.pop()
+                if not indents or indents[-1] < ind:
+                    indents.append(ind)
+                block, i = len(indents), ind
+                if block > limit:
+                    return "deep", lineno, ind + 1
+                while True:
+                    m = _BLOCK_INDICATOR.match(line, i)
+                    if m is None:
+                        break
+                    block, parent, i = block + 1, i, m.end()
+                    if block > limit:
+                        return "deep", lineno, i + 1
+                if i > parent:
+                    parent = i        # "- key: |": the mapping after the indicators is the parent
+        if not quote and _SPECIAL.search(line, i) is None:
+            continue                  # nothing on the line opens or closes a level
+        n = len(line)
+        while i < n:
+            if quote:
+                end = (_SINGLE_END if quote == "'" else _DOUBLE_END).match(line, i)
+                if end is None:
+                    break             # the quoted scalar goes on on the next line
+                quote, i, value_start = "", end.end(), False
+                continue
+            m = _TOKEN.match(line, i)
+            assert m is not None
+            kind, tok, start, i = m.lastgroup, m.group(), i, m.end()
+            if kind == "space" or kind == "mark":
+                continue              # an anchor or a tag: the value comes after it
+            if kind == "block":
+                if not flow and value_start:
+                    scalar_parent, scalar_indent = parent, None
+                    break
+                value_start = False
+            elif kind != "one":
+                value_start = False   # a plain scalar or an alias
+            elif tok == "#":
+                if start == 0 or line[start - 1] in " \t":
+                    break             # a comment
+                value_start = False
+            elif tok in "'\"":
+                if value_start:
+                    quote = tok
+            elif tok in "[{":
+                if flow or value_start:
+                    flow += 1
+                    value_start = True
+                    if block + flow > limit:
+                        return "deep", lineno, start + 1
+                else:
+                    value_start = False
+            elif tok in "]}":
+                flow = max(flow - 1, 0)
+                value_start = False
+            elif tok == ",":
+                value_start = bool(flow)
+            else:                     # ':'
+                value_start = bool(flow) or i == n or line[i] in " \t"
+    return None
 
 
 class _Builder:

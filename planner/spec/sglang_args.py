@@ -6,7 +6,6 @@ SGLang drops arguments it does not know; here every argument is either translate
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 from planner.planning.rules import OFFLOAD_FLAGS
@@ -71,18 +70,16 @@ def parse_args(argv: Sequence[str]) -> dict[str, Any]:
 
 
 def _read_config(path: str) -> dict[str, Any]:
-    import yaml
+    """A ``--config`` file, read as a deployment spec is: a regular file of at most 1 MiB, safe
+    YAML with nesting and alias expansion bounded, errors at their place."""
+    from planner.errors import SpecError
+    from planner.spec.document import load_text, read_file
 
+    what = "an SGLang config"
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SGLangArgsError(f"{path}: cannot read SGLang config: {exc.strerror or exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise SGLangArgsError(f"{path}: invalid SGLang config: {exc}") from None
-    if not isinstance(data, dict):
-        raise SGLangArgsError(f"{path}: an SGLang config must be a mapping of server arguments")
+        data = load_text(read_file(path, what), path, what=what).data
+    except SpecError as exc:
+        raise SGLangArgsError("; ".join(d.format() for d in exc.diagnostics)) from None
     return {_key(str(k)): v for k, v in data.items()}
 
 
