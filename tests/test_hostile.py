@@ -421,3 +421,31 @@ def test_safetensors_headers_are_checked_as_safetensors_checks_them(tmp_path):
                 theirs = False
             assert theirs == accepted, f"{case}: the safetensors library disagrees with the expectation"
     assert not wrong, wrong
+
+
+# ----------------------------------------------------------------------------- imports
+
+def test_model_index_entries_import_only_diffusers_and_transformers():
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    code = (
+        "import sys\n"
+        "from planner.errors import PlanApplyError\n"
+        "from planner.executor.module_build import _component_class\n"
+        "for entry in (['this', 'Qwen3Model'], ['os', 'PathLike'], ['subprocess', 'Popen'],\n"
+        "              ['../x', 'Y'], ['diffusers', 'os.path']):\n"
+        "    try:\n"
+        "        _component_class(entry[0], entry[1], 'ZImagePipeline')\n"
+        "        print('ACCEPTED', entry)\n"
+        "    except PlanApplyError as exc:\n"
+        "        assert repr(entry[0]) in str(exc), exc\n"
+        "print('this' in sys.modules)\n"
+        "print(_component_class('stable_diffusion', 'StableDiffusionSafetyChecker', None).__module__)\n"
+        "print(_component_class('diffusers', 'AutoencoderKL', None).__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "ACCEPTED" not in out.stdout and "Zen of Python" not in out.stdout, out.stdout
+    assert out.stdout.splitlines()[-3:] == [
+        "False", "diffusers.pipelines.stable_diffusion.safety_checker", "AutoencoderKL"], out.stdout

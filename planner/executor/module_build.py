@@ -67,14 +67,38 @@ def _build_on_meta(cls: type, library: str, folder: Path, dtype: torch.dtype) ->
     return model.eval()
 
 
+# the libraries whose classes a model_index.json entry may name; a diffusers pipeline module
+# named alone ("stable_diffusion") means diffusers.pipelines.stable_diffusion, as diffusers reads it
+_COMPONENT_LIBRARIES = ("diffusers", "transformers")
+_DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
 def _component_class(library: str, class_name: str, pipeline_class: str | None) -> type:
-    candidates = [library, f"diffusers.pipelines.{library}"]
-    if library == "diffusers" and pipeline_class:
+    """The class a ``model_index.json`` entry ``[library, class_name]`` names, imported only from
+    diffusers or transformers (or their submodules); anything else is refused before any import."""
+    entry = f"model_index.json entry [{library!r}, {class_name!r}]"
+    if not (isinstance(library, str) and _DOTTED.match(library) and isinstance(class_name, str)
+            and _DOTTED.match(class_name) and "." not in class_name):
+        raise PlanApplyError(f"{entry}: not a library and a class name; refused")
+    if library.split(".")[0] in _COMPONENT_LIBRARIES:
+        candidates = [library]
+    else:
+        from importlib.util import find_spec
+
+        try:
+            in_diffusers = find_spec(f"diffusers.pipelines.{library}") is not None
+        except (ImportError, ValueError):
+            in_diffusers = False
+        if not in_diffusers:
+            raise PlanApplyError(f"{entry}: components are imported only from "
+                                 f"{' and '.join(_COMPONENT_LIBRARIES)}, not from {library!r}; refused")
+        candidates = [f"diffusers.pipelines.{library}"]
+    if library == "diffusers" and isinstance(pipeline_class, str) and pipeline_class:
         try:
             import diffusers
 
             pipe_cls = getattr(diffusers, pipeline_class, None)
-            if pipe_cls is not None:
+            if isinstance(pipe_cls, type) and pipe_cls.__module__.startswith("diffusers."):
                 mod = pipe_cls.__module__
                 candidates += [mod, mod.rsplit(".", 1)[0]]
         except ImportError:  # pragma: no cover
@@ -87,7 +111,7 @@ def _component_class(library: str, class_name: str, pipeline_class: str | None) 
         cls = getattr(module, class_name, None)
         if isinstance(cls, type):
             return cls
-    raise PlanApplyError(f"cannot import component class {library}.{class_name}")
+    raise PlanApplyError(f"{entry}: cannot import component class {library}.{class_name}")
 
 
 def _from_pretrained(cls: type, library: str | None, folder: Path, dtype: torch.dtype) -> torch.nn.Module:
