@@ -67,17 +67,43 @@ def qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def _is_container(module: Any) -> bool:
+    """A list of modules (ModuleList, Sequential): its items run by index; no order of its own."""
+    names = [n for n, _ in module.named_children()]
+    return bool(names) and all(n.isdigit() for n in names)
+
+
+def _merge(order: list[str], more: list[str]) -> None:
+    """Adds the attributes of ``more`` missing from ``order``, each after its predecessor in ``more``."""
+    last = -1
+    for attr in more:
+        if attr in order:
+            last = order.index(attr)
+        else:
+            order.insert(last + 1, attr)
+            last += 1
+
+
+def _describe(module: Any, key: str, table: dict[str, Any]) -> None:
+    """The entry ``key`` gets ``module``'s forward order and its children (their classes, or for a
+    list of modules an entry of its own whose items merge the orders of every item class)."""
+    entry = table.setdefault(key, {"order": [], "children": {}})
+    _merge(entry["order"], forward_order(type(module)))
+    for name, child in module.named_children():
+        if _is_container(child):
+            items = entry["children"].setdefault(name, f"{key}:{name}")
+            holder = table.setdefault(items, {"order": [], "children": {"*": f"{items}:*"}})
+            for item in child.children():
+                _describe(item, holder["children"]["*"], table)
+        else:
+            entry["children"].setdefault(name, qualname(type(child)))
+            if qualname(type(child)) not in table:
+                _describe(child, qualname(type(child)), table)
+
+
 def collect(root: Any, table: dict[str, Any]) -> None:
-    """Every module class inside ``root``: its forward order, and (merged over every instance seen)
-    the class of each child attribute."""
-    for module in root.modules():
-        cls = type(module)
-        entry = table.setdefault(qualname(cls), {"order": forward_order(cls), "children": {}})
-        for name, child in module.named_children():
-            if not name.isdigit():
-                entry["children"].setdefault(name, qualname(type(child)))
-            else:   # items of a layer list: their class, once
-                entry["children"].setdefault("*", qualname(type(child)))
+    """Every module class inside ``root`` (merged over every instance seen)."""
+    _describe(root, qualname(type(root)), table)
 
 
 def build() -> dict[str, Any]:
@@ -115,12 +141,13 @@ def build() -> dict[str, Any]:
     # qualified name in sorted order answers for it
     names: dict[str, str] = {}
     for q in sorted(table):
-        names.setdefault(q.rsplit(".", 1)[-1], q)
+        if ":" not in q:
+            names.setdefault(q.rsplit(".", 1)[-1], q)
     classes = {}
     for q in sorted(table):
         entry = table[q]
         named = {k: v for k, v in entry["children"].items() if k != "*"}
-        if not entry["children"]:
+        if not entry["children"] or q.startswith("torch.nn."):
             continue      # a leaf module: nothing inside it to order
         # only module attributes matter for ranking; those the forward never names go last
         order = [a for a in entry["order"] if a in named]

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from planner.plan import HOST_TIERS, STRATEGIES  # noqa: E402
-from planner.planning.rules import DTYPES, OFFLOAD_FLAGS, PLACEMENTS, SPEC_STRATEGIES
+from planner.planning.rules import DTYPES, PLACEMENTS, SPEC_STRATEGIES
+from planner.spec.offload_flags import OFFLOAD_FLAGS
 
 SIZE = {
     "description": "Bytes: an integer, or a string with a unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB).",

@@ -43,7 +43,13 @@ from typing import Any
 import torch
 
 from planner.errors import FolderError, PlanApplyError
-from planner.executor import checkpoint_keys, load_dtypes, module_build, safetensors_reader, weight_sources
+from planner.executor import (
+    checkpoint_keys,
+    load_dtypes,
+    module_build,
+    safetensors_reader,
+    weight_sources,
+)
 from planner.executor.handle import ResidencyHandle
 from planner.executor.placement import attach_components
 from planner.executor.streams import resolve_device

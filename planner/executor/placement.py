@@ -17,7 +17,13 @@ import torch
 from planner.errors import PlanApplyError
 from planner.executor.cpu_offload import CpuOffloadGroup
 from planner.executor.fsdp import FsdpShard
-from planner.executor.handle import ExecutionDeviceHint, PhaseHooks, Placement, ResidencyHandle, _GroupMember
+from planner.executor.handle import (
+    ExecutionDeviceHint,
+    PhaseHooks,
+    Placement,
+    ResidencyHandle,
+    _GroupMember,
+)
 from planner.executor.layer_binding import bind_layers
 from planner.executor.layerwise_engine import LayerwiseEngine
 from planner.executor.resident import Resident

@@ -11,18 +11,13 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from planner.errors import PlanApplyError
+from planner.errors import FolderError, PlanApplyError
+from planner.files.safetensors_header import SAFETENSORS_DTYPES, read_safetensors_header
 
-# safetensors dtype names -> torch dtypes this torch build has
-_ST_DTYPES: dict[str, torch.dtype] = {}
-
-
-for _code, _name in {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64",
-                     "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
-                     "I8": "int8", "U8": "uint8", "I16": "int16", "U16": "uint16", "I32": "int32",
-                     "U32": "uint32", "I64": "int64", "U64": "uint64", "BOOL": "bool"}.items():
-    if isinstance(getattr(torch, _name, None), torch.dtype):
-        _ST_DTYPES[_code] = getattr(torch, _name)
+# safetensors dtype codes -> the torch dtypes this torch build has (the table is the header reader's)
+_ST_DTYPES: dict[str, torch.dtype] = {
+    code: getattr(torch, name) for code, (name, _) in SAFETENSORS_DTYPES.items()
+    if isinstance(getattr(torch, name, None), torch.dtype)}
 
 
 @dataclass(frozen=True)
@@ -46,9 +41,6 @@ class SafetensorsReader:
     """
 
     def __init__(self, files: Iterable[str | Path], *, on_read: Callable[[int], Any] | None = None) -> None:
-        from planner.errors import FolderError
-        from planner.files.safetensors_header import read_safetensors_header
-
         self.files = [Path(f) for f in files]
         self.entries: dict[str, _Entry] = {}
         self.on_read = on_read

@@ -11,7 +11,6 @@ import torch
 from planner.executor.packing import PackedTensor
 
 
-
 def tensor_names(module: torch.nn.Module) -> dict[int, list[str]]:
     """``id(tensor) -> qualified names`` within ``module``; a tied tensor or a shared submodule
     gives one object several names (aliases), in registration order."""

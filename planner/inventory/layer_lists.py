@@ -28,10 +28,11 @@ from planner.inventory.run_order import natural_key, run_ordered
 
 
 class _Candidate:
-    __slots__ = ("path", "entries", "bytes")
+    __slots__ = ("path", "entries", "bytes", "source")
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self.source = ""             # the checkpoint path, when the list was renamed to a module path
         self.entries: dict[int, set[str]] = {}
         self.bytes: dict[int, int] = {}
 
@@ -89,6 +90,31 @@ def _overlaps(a: str, b: str) -> bool:
     return a == b or _inside(a, b) or _inside(b, a)
 
 
+def _under_another_name(path: str, cands: Mapping[str, _Candidate]) -> _Candidate | None:
+    """The candidate a checkpoint holds a known list under, when its keys use another layout than
+    the module tree (transformers saves a VLM's ``model.language_model.layers`` as ``model.layers``
+    or ``language_model.model.layers``): the same last name, the most path components shared, then
+    the longest common suffix; a tie is no match. The candidate is renamed to the module path, so a
+    plan from the folder names what the loaded module has."""
+    want = path.split(".")
+    scored = []
+    for cand in cands.values():
+        have = cand.path.split(".")
+        if have[-1] != want[-1] or cand.count() < 1:
+            continue
+        suffix = 0
+        while suffix < min(len(have), len(want)) and have[-1 - suffix] == want[-1 - suffix]:
+            suffix += 1
+        scored.append((len(set(have) & set(want)), suffix, cand.path))
+    scored.sort(reverse=True)
+    if not scored or (len(scored) > 1 and scored[0][:2] == scored[1][:2]):
+        return None
+    found = cands[scored[0][2]]
+    renamed = _Candidate(path)
+    renamed.entries, renamed.bytes, renamed.source = found.entries, found.bytes, found.path
+    return renamed
+
+
 def detect_layer_lists(sizes: Mapping[str, int], hint_paths: Sequence[str] | None = None,
                        class_name: str = "") -> list[LayerList]:
     """Layer lists from tensor names and byte sizes (``{tensor name: bytes}``), in run order.
@@ -100,16 +126,21 @@ def detect_layer_lists(sizes: Mapping[str, int], hint_paths: Sequence[str] | Non
     """
     cands = _candidates(sizes)
     chosen: list[_Candidate] = []
+    taken: list[str] = []            # checkpoint paths of the chosen lists (a renamed one's original)
     for path in hint_paths or ():
-        cand = cands.get(path)
-        if cand is not None and cand.count() >= 1 and not any(_overlaps(path, c.path) for c in chosen):
+        cand = cands.get(path) or _under_another_name(path, cands)
+        if cand is None or cand.count() < 1:
+            continue
+        source = cand.source or cand.path
+        if not any(_overlaps(source, t) for t in taken):
             chosen.append(cand)
+            taken.append(source)
     if hint_paths is not None and not hint_paths:
         return []
     extra: list[_Candidate] = []
     for cand in sorted((c for c in cands.values() if c.repeated()),
                        key=lambda c: (c.path.count("."), natural_key(c.path))):
-        if any(_overlaps(cand.path, c.path) for c in chosen + extra):
+        if any(_overlaps(cand.path, t) for t in taken) or any(_overlaps(cand.path, c.path) for c in extra):
             continue
         extra.append(cand)
     if chosen:

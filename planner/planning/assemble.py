@@ -14,7 +14,15 @@ from typing import Any, Mapping
 
 from planner.errors import Diagnostic
 from planner.inventory.model import Inventory
-from planner.plan import HOST_STRATEGIES, ComponentPlan, Estimate, HostTier, LayerListPlan, Plan, Strategy
+from planner.plan import (
+    HOST_STRATEGIES,
+    ComponentPlan,
+    Estimate,
+    HostTier,
+    LayerListPlan,
+    Plan,
+    Strategy,
+)
 from planner.planning.estimate import memory_estimate
 from planner.planning.resolve import ComponentResolution, Resolution, prefetch_count
 from planner.planning.workload import activation_bytes

@@ -21,7 +21,7 @@ from planner.planning.resolve import ComponentResolution, Resolution, place_resi
 from planner.planning.rules import reason
 from planner.planning.workload import denoiser_tokens
 from planner.spec.document import Document
-from planner.spec.families import runs_per_step
+from planner.spec.families import family_of, runs_per_step
 from planner.spec.sizes import format_size, parse_size
 
 PROFILES_PATH = Path(__file__).parent.parent / "data" / "profiles.json"
@@ -59,8 +59,6 @@ def compute_seconds(info: ComponentInfo, workload: Mapping[str, Any], profile: P
 
 
 def runs_per_step_name(name: str) -> bool:
-    from planner.spec.families import family_of
-
     return runs_per_step(family_of(name))
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from planner.plan import ComponentEstimate, ComponentPlan
+from planner.spec.families import runs_per_step
 
 FSDP_DEFAULT_WORLD_SIZE = 2
 
@@ -72,8 +73,6 @@ def phase_timeline(plans: Mapping[str, ComponentPlan], comps: Mapping[str, Compo
     is offloaded too, that one is still there while this one's prefetch lands (the pair). FSDP
     gathers one block at a time. Denoisers (run per step) add the activations.
     """
-    from planner.spec.families import runs_per_step
-
     always = sum(e.gpu_resident_bytes + (e.gpu_transient_bytes if plans[n].strategy == "layerwise" else 0)
                  for n, e in comps.items())
     order = list(plans)

@@ -10,7 +10,11 @@ from typing import Any, Mapping, Union
 from planner.errors import FolderError, SpecError, did_you_mean
 from planner.inventory.catalog import catalog_inventory, catalog_models, class_inventory
 from planner.inventory.folder import folder_inventory
-from planner.inventory.loaded import LayerOverrideError, discover_layer_lists, inventory_from_pipeline
+from planner.inventory.loaded import (
+    LayerOverrideError,
+    discover_layer_lists,
+    inventory_from_pipeline,
+)
 from planner.inventory.model import Inventory, rescale_dtype
 from planner.plan import Plan
 from planner.planning.budget import plan_budget

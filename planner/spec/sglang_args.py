@@ -8,7 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from planner.planning.rules import OFFLOAD_FLAGS
+from planner.errors import SpecError
+from planner.spec.document import load_text, read_file
+from planner.spec.offload_flags import OFFLOAD_FLAGS
 
 # Hugging Face repository ids of the catalog's models, for --model-path.
 HF_MODEL_IDS = {
@@ -72,9 +74,6 @@ def parse_args(argv: Sequence[str]) -> dict[str, Any]:
 def _read_config(path: str) -> dict[str, Any]:
     """A ``--config`` file, read as a deployment spec is: a regular file of at most 1 MiB, safe
     YAML with nesting and alias expansion bounded, errors at their place."""
-    from planner.errors import SpecError
-    from planner.spec.document import load_text, read_file
-
     what = "an SGLang config"
     try:
         data = load_text(read_file(path, what), path, what=what).data
