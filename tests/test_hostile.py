@@ -449,3 +449,55 @@ def test_model_index_entries_import_only_diffusers_and_transformers():
     assert "ACCEPTED" not in out.stdout and "Zen of Python" not in out.stdout, out.stdout
     assert out.stdout.splitlines()[-3:] == [
         "False", "diffusers.pipelines.stable_diffusion.safety_checker", "AutoencoderKL"], out.stdout
+
+
+# ----------------------------------------------------------------------------- output escaping
+
+def _runner_parse(line: str) -> tuple[str, dict[str, str], str]:
+    """A workflow command as the Actions runner reads it (ActionCommand.TryParseV2)."""
+    assert line.startswith("::")
+    end = line.index("::", 2)
+    info, data = line[2:end], line[end + 2:]
+    name, _, props = info.partition(" ")
+
+    def unescape(s: str, extra: tuple[tuple[str, str], ...] = ()) -> str:
+        for token, rep in (("\r", "%0D"), ("\n", "%0A"), *extra, ("%", "%25")):
+            s = s.replace(rep, token)
+        return s
+
+    properties = {}
+    for part in filter(None, props.split(",")):
+        key, _, value = part.partition("=")
+        properties[key] = unescape(value, ((":", "%3A"), (",", "%2C")))
+    return name, properties, unescape(data)
+
+
+def test_diagnostics_cannot_inject_lines_or_workflow_commands():
+    file = "evil\n::error file=forged.yaml,line=1::pwned,x:y%.yaml"
+    d = Diagnostic(file, 3, 4, "bad value\nspec.yaml:1:1: error: forged", where="a\nb")
+    text = d.format()
+    assert "\n" not in text and "\r" not in text and len(text.splitlines()) == 1
+    assert text.startswith("evil\\n::error") and "bad value\\nspec.yaml:1:1" in text
+    for sep in ("\r", "\u2028", "\x85", "\x0b"):
+        assert len(Diagnostic(f"a{sep}b", 1, 1, f"m{sep}n").format().splitlines()) == 1
+    gh = d.format_github()
+    assert len(gh.splitlines()) == 1
+    name, props, message = _runner_parse(gh)
+    assert name == "error"
+    assert props == {"file": file, "line": "3", "col": "4"}
+    assert message == "bad value\nspec.yaml:1:1: error: forged (a\nb)"
+
+
+def test_cli_output_of_hostile_names_and_keys(tmp_path):
+    bad = tmp_path / "a,b:c\n::error file=x::forged.yaml"
+    bad.write_text('version: 1\npipeline: {model: z-image-turbo}\n"x\\nspec.yaml:1:1: error: forged": 1\n')
+    gh = run_cli("validate", "--format", "github", str(bad))
+    assert gh.returncode == 1 and "Traceback" not in gh.stderr
+    (line,) = [ln for ln in gh.stdout.splitlines() if ln.startswith("::")]
+    assert not any(ln.startswith("::") for ln in gh.stdout.splitlines()[1:])
+    _, props, _ = _runner_parse(line)
+    assert props["file"] == str(bad) and props["line"] == "3"
+    text = run_cli("validate", str(bad))
+    lines = [ln for ln in text.stdout.splitlines() if ": error: " in ln]
+    assert len(lines) == 1, text.stdout
+    assert not any(ln.startswith("spec.yaml:1:1") for ln in text.stdout.splitlines())
