@@ -31,6 +31,7 @@ import torch
 
 from planner.executor import host_memory, packing, streams, weight_sources
 from planner.executor import module_hooks as _h
+from planner.executor.packed_lifecycle import PackedPlacement
 
 _OFF, _LOADING, _ON = 0, 1, 2
 
@@ -56,7 +57,7 @@ class _Component:
         self.depth = 0            # > 0 while its forward runs: never offloaded then
 
 
-class CpuOffloadGroup:
+class CpuOffloadGroup(PackedPlacement):
     """Components of one pipeline, in pipeline order, taking turns on the device."""
 
     def __init__(self, modules: Sequence[tuple[str, torch.nn.Module]], *, device: torch.device | str,
@@ -83,44 +84,26 @@ class CpuOffloadGroup:
 
     def attach(self) -> None:
         """Packs every component into host memory, leaves them off the device and registers the
-        hooks. All or nothing: on failure the modules are put back as they were, then re-raise."""
-        if self._attached:
-            raise RuntimeError("cpu offload group: already attached")
-        originals: dict[int, tuple[torch.Tensor, torch.Tensor, bool]] = {}
-        try:
-            with torch.inference_mode(False), torch.no_grad():
-                self._attach(originals)
-        except BaseException:
-            self._rollback(originals)
-            raise
-        self._sourced = []
-        self.weight_sources = {}   # members hold real tensors now: a later attach packs those
-        self._attached = True
+        hooks. All or nothing (``packed_lifecycle``): on failure the modules are put back as they
+        were, then the error is re-raised."""
+        super().attach()
+
+    def _label(self) -> str:
+        return "cpu offload group"
+
+    def _drop_sources(self) -> None:
+        self.weight_sources = {}
+
+    def _after_attach(self) -> None:
         for comp in self._comps:
             # tensors that stay on the device because they cannot be packed (shared ones are expected)
             kept = [t for t in packing.unique_tensors(comp.module) if not packing.is_packable(t, allow_meta=True)]
             self._unusual[comp.name] = packing.warn_unpackable(comp.name, kept, self.device)
 
-    def detach(self) -> None:
-        """Removes the hooks; every parameter and buffer back on its original device with its
-        original values, strides and ``requires_grad``; device and host buffers freed."""
-        if not self._attached:
-            return
-        self._ops.synchronize()
-        self._hooks.remove()
-        pack = self._pack
-        with torch.inference_mode(False), torch.no_grad():
-            for comp in self._comps:
-                for pt in comp.group.tensors:
-                    packing.restore_tensor(pt, pack.host_view(comp.group, pt))
-                comp.bufs = None
-            for t, orig_device, orig_data, requires_grad in self._moved:
-                t.data = orig_data if orig_data is not None else t.data.to(orig_device)
-                if t.requires_grad != requires_grad:
-                    t.requires_grad_(requires_grad)
-        pack.free()
-        self._reset_state()
-        self._attached = False
+    def _packed_groups(self) -> list[packing.PackedGroup]:
+        for comp in self._comps:
+            comp.bufs = None
+        return [comp.group for comp in self._comps]
 
     def offload_all(self) -> None:
         """Takes every component off the device (end of a pipeline call)."""
@@ -284,22 +267,6 @@ class CpuOffloadGroup:
             self._hooks.post(comp.module, self._make_post(comp))
             for child in comp.module.children():
                 self._hooks.pre(child, self._make_child_pre(comp))
-
-    def _rollback(self, originals: dict[int, tuple[torch.Tensor, torch.Tensor, bool]]) -> None:
-        try:
-            self._ops.synchronize()
-        except Exception:  # pragma: no cover
-            pass
-        self._hooks.remove()
-        for t, data, requires_grad in originals.values():
-            t.data = data
-            if t.requires_grad != requires_grad:
-                t.requires_grad_(requires_grad)
-        for sourced in self._sourced:
-            sourced.undo()
-        if self._pack is not None:
-            self._pack.free()
-        self._reset_state()
 
     # ---------------------------------------------------------------------------------------
     # hooks

@@ -63,6 +63,7 @@ import torch
 
 from planner.executor import host_memory, packing, streams, weight_sources
 from planner.executor import module_hooks as _h
+from planner.executor.packed_lifecycle import PackedPlacement
 
 _SLOT_WASTE = 0.25   # a slot more than this fraction larger than its next layer is reallocated
 
@@ -114,7 +115,7 @@ class _Layer:
         self.ready_event: Any = None
 
 
-class LayerwiseEngine:
+class LayerwiseEngine(PackedPlacement):
     """Streams ``layers`` of ``module`` through ``prefetch + 1`` device slots; see the module doc."""
 
     def __init__(self, module: torch.nn.Module, layers: Sequence[torch.nn.Module], *,
@@ -164,39 +165,19 @@ class LayerwiseEngine:
         All or nothing: on any failure the module is put back exactly as it was and the error
         re-raised.
         """
-        if self._attached:
-            raise RuntimeError(f"{self.name or 'layerwise'}: already attached")
-        originals: dict[int, tuple[torch.Tensor, torch.Tensor, bool]] = {}
-        try:
-            with torch.inference_mode(False), torch.no_grad():
-                self._attach(originals)
-        except BaseException:
-            self._rollback(originals)
-            raise
-        self._sourced = None
-        self.weight_source = None   # the module holds real tensors now: a later attach packs those
-        self._attached = True
+        super().attach()
+
+    def _label(self) -> str:
+        return self.name or "layerwise"
+
+    def _drop_sources(self) -> None:
+        self.weight_source = None
+
+    def _after_attach(self) -> None:
         packing.warn_unpackable(self.name or "layerwise", self._unpackable, self.device)
 
-    def detach(self) -> None:
-        """Removes the hooks and puts every parameter and buffer back on its original device with
-        its original values, strides and ``requires_grad``; frees slots and host buffers. A
-        tensor that was on the meta device goes to the CPU, with the weight source's values."""
-        if not self._attached:
-            return
-        self._ops.synchronize()   # pending copies read host blocks and write slots about to go
-        self._hooks.remove()
-        with torch.inference_mode(False), torch.no_grad():
-            for layer in self._all:
-                for pt in layer.group.tensors:
-                    packing.restore_tensor(pt, self._pack.host_view(layer.group, pt))
-            for t, orig_device, orig_data, requires_grad in self._moved:
-                t.data = orig_data if orig_data is not None else t.data.to(orig_device)
-                if t.requires_grad != requires_grad:
-                    t.requires_grad_(requires_grad)
-        self._pack.free()
-        self._reset_state()
-        self._attached = False
+    def _packed_groups(self) -> list[packing.PackedGroup]:
+        return [layer.group for layer in self._all]
 
     def report(self) -> dict[str, Any]:
         """Counts and bytes: what streams, what stays, what the slots and host buffers take."""
@@ -265,7 +246,7 @@ class LayerwiseEngine:
         self._copy_stream: Any = None
         self._hooks = _h.ModuleHooks()
         self._pack: packing.HostPack | None = None
-        self._sourced: weight_sources.SourcedTensors | None = None   # while attaching from a weight source
+        self._sourced: list[weight_sources.SourcedTensors] = []   # while attaching from a weight source
         self._streamed: list[_Layer] = []
         self._all: list[_Layer] = []       # streamed layers, then units (stream_non_layer); by sid
         self._slots: list[_Slot] = []
@@ -355,7 +336,7 @@ class LayerwiseEngine:
         pack.allocate()
         pack.fill(sourced.packed_filler() if sourced is not None else None)
         if sourced is not None:
-            self._sourced = sourced
+            self._sourced = [sourced]
             for group in pack.groups:
                 for pt in group.tensors:
                     if pt.tensor.device.type == "meta":   # becomes a real object, its values in the block
@@ -464,22 +445,6 @@ class LayerwiseEngine:
                     out.append(t)
             stack.extend(reversed(list(mod.children())))
         return out
-
-    def _rollback(self, originals: dict[int, tuple[torch.Tensor, torch.Tensor, bool]]) -> None:
-        try:
-            self._ops.synchronize()
-        except Exception:  # pragma: no cover - a broken device must not hide the original error
-            pass
-        self._hooks.remove()
-        for t, data, requires_grad in originals.values():
-            t.data = data
-            if t.requires_grad != requires_grad:
-                t.requires_grad_(requires_grad)
-        if self._sourced is not None:
-            self._sourced.undo()
-        if self._pack is not None:
-            self._pack.free()
-        self._reset_state()
 
     def _views(self, layer: _Layer, bufs: dict[torch.dtype, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         with torch.inference_mode(False):   # views made inside inference mode would taint the params
