@@ -228,11 +228,11 @@ def cmd_from_sglang(args: argparse.Namespace) -> int:
 
 
 def cmd_inventory(args: argparse.Namespace) -> int:
-
     try:
         inv = folder_inventory(Path(args.path))
     except FolderError as exc:
-        print(f"{args.path}:0:0: error: {exc}", file=sys.stderr)
+        _emit([Diagnostic(str(args.path), 1, 1, str(exc))], args.format if args.format == "github" else "text",
+              sys.stderr)
         return 1
     if args.format == "json":
         print(json.dumps(inv.to_dict(), indent=2))
@@ -247,7 +247,6 @@ def cmd_inventory(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-
     profile = calibrate(args.output)
     print(f"{profile['name']}: pinned host-to-device {profile['h2d_bytes_per_s'] / 1e9:.1f} GB/s, "
           f"DiT block {profile['effective_flops'] / 1e12:.0f} TFLOP/s effective; wrote {args.output}")

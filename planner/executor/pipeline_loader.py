@@ -33,7 +33,6 @@ the details and the measurements.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -53,6 +52,7 @@ from planner.executor import (
 from planner.executor.handle import ResidencyHandle
 from planner.executor.placement import attach_components
 from planner.executor.streams import resolve_device
+from planner.files.bounded_read import load_json_file, plain_relative
 from planner.files.model_folder import component_weight_files
 from planner.plan import ComponentPlan, Plan, Strategy
 
@@ -102,12 +102,12 @@ def check_host_budget(plan: Plan) -> None:
 
 def _read_index(folder: Path) -> dict[str, Any]:
     index_file = folder / "model_index.json"
+    if not index_file.exists():
+        raise PlanApplyError(f"{index_file}: not found; pipeline.path must be a diffusers pipeline folder")
     try:
-        index = json.loads(index_file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PlanApplyError(f"{index_file}: not found; pipeline.path must be a diffusers pipeline folder") from None
-    except (OSError, ValueError) as exc:
-        raise PlanApplyError(f"{index_file}: cannot read: {exc}") from None
+        index = load_json_file(index_file, "model_index.json")
+    except FolderError as exc:
+        raise PlanApplyError(str(exc)) from None
     if not isinstance(index, dict):
         raise PlanApplyError(f"{index_file}: model_index.json is not a JSON object")
     return index
@@ -136,6 +136,8 @@ def load_planned(folder: str | Path, plan: Plan, *, device: str | torch.device |
     readers: dict[str, safetensors_reader.SafetensorsReader] = {}
     classes: dict[str, tuple[type, str | None]] = {}
     for name in plan.components:
+        if not plain_relative(name) or "/" in name:   # a saved plan's names become paths in the folder
+            raise PlanApplyError(f"the plan places {name!r}, which is not a component name")
         entry = index.get(name)
         if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)):
             raise PlanApplyError(f"{index_file}: the plan places {name!r}, which model_index.json does not list")

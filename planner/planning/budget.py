@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from planner.errors import SpecError
+from planner.files.bounded_read import load_json_file
 from planner.inventory.model import DTYPE_BYTES, ComponentInfo, Inventory
 from planner.plan import Decision, Plan
 from planner.planning.assemble import build_plan, component_plan
@@ -44,7 +45,7 @@ def load_profile(name_or_path: str | None, base: Path | None = None) -> Profile:
         data = builtin[name]
     else:
         path = Path(name) if base is None or Path(name).is_absolute() else base / name
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = load_json_file(path, "profile", limit=1 << 20)   # a FIFO or /dev/zero is refused, not read
     return Profile(name=data.get("name", name), h2d_bytes_per_s=float(data["h2d_bytes_per_s"]),
                    effective_flops=float(data["effective_flops"]),
                    layer_overhead_s=float(data.get("layer_overhead_s", 2e-5)))
