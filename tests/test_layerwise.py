@@ -350,10 +350,10 @@ def test_stream_ordering_under_delays(prefetch: int) -> None:
     engine.attach()
     issue = engine._issue
 
-    def slow_issue(want):                            # every async copy starts late
+    def slow_issue(*args):                           # every async copy starts late
         with torch.cuda.stream(engine._copy_stream):
             torch.cuda._sleep(200_000)
-        issue(want)
+        issue(*args)
 
     engine._issue = slow_issue
     try:

@@ -716,3 +716,74 @@ def test_two_pipelines_in_one_process_interleaved(fresh):
     for name, pipe in (("flux", flux), ("flux2", flux2), ("zimg", zimg)):
         assert_restored(pipe, snaps[name])
     assert live_blocks() == baseline
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. interrupted generations, plans for another pipeline, a second plan
+
+
+def test_a_generation_interrupted_inside_a_streamed_layer_leaves_nothing_bound(fresh):
+    """KeyboardInterrupt inside a streamed block: torch runs no always_call hook for it, so the block
+    stays bound to its slot. The next generation releases it first and streams as any other: same
+    output, no layer left holding weights, no extra sync loads; remove() restores the pipeline."""
+    path, pipe = fresh(FLUX)
+    reference = run_tiny(pipe)
+    snap = snapshot(pipe)
+    handle = planner.apply_plan(pipe, spec_for(path, components={"transformer": {"strategy": "layerwise"}}))
+    engine = handle.placements["transformer"]
+    assert torch.equal(run_tiny(pipe), reference)
+    steady = engine.sync_loads
+    assert torch.equal(run_tiny(pipe), reference)
+    per_run = engine.sync_loads - steady
+    block = pipe.transformer.transformer_blocks[1]
+    fired = []
+
+    def interrupt(module, args):
+        if not fired:
+            fired.append(1)
+            raise KeyboardInterrupt
+
+    probe = block.register_forward_pre_hook(interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_tiny(pipe)
+    finally:
+        probe.remove()
+    assert engine.streamed_layers_holding_weights > 0          # the interrupted block is still bound
+    for _ in range(3):
+        before = engine.sync_loads
+        assert torch.equal(run_tiny(pipe), reference)
+        assert engine.streamed_layers_holding_weights == 0
+    assert engine.interrupted_calls == 1
+    assert engine.sync_loads - before == per_run
+    handle.remove()
+    assert_restored(pipe, snap)
+
+
+def test_a_plan_for_another_pipeline_is_refused(fresh, tiny_dirs):
+    path, pipe = fresh(FLUX)
+    other = planner.make_plan(spec_for(tiny_dirs("z-image-turbo"), components={"vae": {"strategy": "cpu_offload"}}))
+    snap = snapshot(pipe)
+    with pytest.raises(PlanApplyError, match="made for another pipeline"):
+        planner.apply_plan(pipe, _only(other, "vae", "transformer"))
+    assert_restored(pipe, snap)
+
+
+def _only(plan, *names):
+    """The plan restricted to components the other pipeline also has."""
+    from dataclasses import replace
+    return replace(plan, components={n: cp for n, cp in plan.components.items() if n in names})
+
+
+def test_a_second_plan_on_the_same_pipeline_is_refused_until_the_first_is_removed(fresh):
+    path, pipe = fresh(FLUX)
+    reference = run_tiny(pipe)
+    plan = planner.make_plan(spec_for(path, **FLUX_MIX), pipeline=pipe)
+    first = planner.apply_plan(pipe, plan)
+    with pytest.raises(PlanApplyError, match="already applied"):
+        planner.apply_plan(pipe, plan)
+    assert torch.equal(run_tiny(pipe), reference)                # the first plan still works
+    first.remove()
+    second = planner.apply_plan(pipe, plan)
+    assert torch.equal(run_tiny(pipe), reference)
+    second.remove()

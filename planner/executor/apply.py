@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from planner.errors import PlanApplyError
-from planner.executor.handle import ResidencyHandle, module_components
+from planner.executor.handle import APPLIED_MARK, ResidencyHandle, module_components
 from planner.executor.placement import attach_components
 from planner.executor.streams import resolve_device
 from planner.plan import Plan
@@ -30,6 +30,13 @@ def apply_plan(pipe: Any, plan: Plan, *, device: str | torch.device | None = Non
     if missing:
         raise PlanApplyError(f"the plan places {', '.join(missing)}, which the pipeline does not have "
                              f"(its module components: {', '.join(modules)})")
+    wrong = [f"{n} is a {type(modules[n]).__name__}, the plan was made for a {cp.class_name}"
+             for n, cp in plan.components.items() if cp.class_name and type(modules[n]).__name__ != cp.class_name]
+    if wrong:
+        raise PlanApplyError(f"the plan was made for another pipeline: {'; '.join(wrong)}; re-plan against this one")
+    taken = [n for n in plan.components if getattr(modules[n], APPLIED_MARK, None) is not None]
+    if taken:
+        raise PlanApplyError(f"a plan is already applied to {', '.join(taken)}; remove() it before applying another")
     handle = ResidencyHandle(pipeline=pipe, plan=plan, device=dev)
     try:
         attach_components(handle, lambda name, cp: (modules[name], None))

@@ -6,7 +6,9 @@ Changes, and how ``remove()`` undoes each:
   reverse order, each placement undoing its own changes (documented in its module);
 - phase hooks on the components outside a CPU-offload group: removed;
 - ``_hf_hook`` set to an ``ExecutionDeviceHint`` on offloaded and streamed components (where
-  diffusers' ``_execution_device`` looks): deleted, only where this handle set it.
+  diffusers' ``_execution_device`` looks): deleted, only where this handle set it;
+- ``_residency_handle`` (``APPLIED_MARK``) set on every placed component, so a second plan is refused
+  while this one is applied: deleted.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from planner.executor.layer_binding import bind_layers
 from planner.executor.module_hooks import ModuleHooks
 from planner.executor.resident import Resident
 from planner.plan import Plan
+
+
+APPLIED_MARK = "_residency_handle"
 
 
 class Placement(Protocol):
@@ -93,6 +98,7 @@ class ResidencyHandle:
     placements: dict[str, Placement] = field(default_factory=dict)
     _attached: list[Placement] = field(default_factory=list)
     _hints: list[torch.nn.Module] = field(default_factory=list)
+    _marked: list[torch.nn.Module] = field(default_factory=list)
     # while paused(): what was attached and hinted, to put back on exit (None: nothing to put back)
     _paused_state: tuple[list[Placement], list[torch.nn.Module]] | None = field(default=None, repr=False)
     _pausing: bool = field(default=False, repr=False)
@@ -246,6 +252,10 @@ class ResidencyHandle:
             if isinstance(getattr(module, "_hf_hook", None), ExecutionDeviceHint):
                 del module._hf_hook
         self._hints.clear()
+        for module in self._marked:
+            if getattr(module, APPLIED_MARK, None) is self:
+                delattr(module, APPLIED_MARK)
+        self._marked.clear()
         if errors:
             raise PlanApplyError(f"remove() failed for {len(errors)} placement(s): {errors[0]}") from errors[0]
 

@@ -265,6 +265,7 @@ class LayerwiseEngine(PackedPlacement):
         self.sync_loads = 0
         self.async_loads = 0
         self.calls = 0
+        self.interrupted_calls = 0
         self.slot_allocations = 0
         self.peak_slot_bytes = 0
         self.other_sync_loads = 0
@@ -464,7 +465,22 @@ class LayerwiseEngine(PackedPlacement):
         return post
 
     def _root_pre(self, module: torch.nn.Module, args: Any) -> None:
+        if self._root_depth:
+            # A component's forward does not call itself: a depth left over means the last call
+            # was cut short by a KeyboardInterrupt or SystemExit, for which torch runs no
+            # always_call hook. Release what it held, so this call streams as any other.
+            self._release_interrupted()
         self._root_depth += 1
+
+    def _release_interrupted(self) -> None:
+        for layer in self._all:
+            if layer.depth:
+                layer.depth = 1
+                self._layer_post(layer)
+        self._root_depth = 0
+        self._observed = []
+        self._cursor = -1
+        self.interrupted_calls += 1
 
     def _root_post(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         self._root_depth -= 1

@@ -18,6 +18,7 @@ from planner.errors import PlanApplyError
 from planner.executor.cpu_offload import CpuOffloadGroup
 from planner.executor.fsdp import FsdpShard
 from planner.executor.handle import (
+    APPLIED_MARK,
     ExecutionDeviceHint,
     PhaseHooks,
     Placement,
@@ -119,3 +120,6 @@ def _finish(handle: ResidencyHandle, modules: dict[str, torch.nn.Module], group:
             modules[name]._hf_hook = ExecutionDeviceHint(handle.device)
             handle._hints.append(modules[name])
     handle.placements = {n: handle.placements[n] for n in plan.components}
+    for name in plan.components:
+        object.__setattr__(modules[name], APPLIED_MARK, handle)   # not a submodule: a plain attribute
+        handle._marked.append(modules[name])
