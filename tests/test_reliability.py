@@ -787,3 +787,57 @@ def test_a_second_plan_on_the_same_pipeline_is_refused_until_the_first_is_remove
     second = planner.apply_plan(pipe, plan)
     assert torch.equal(run_tiny(pipe), reference)
     second.remove()
+
+
+def test_a_second_thread_is_refused_while_a_generation_streams(fresh):
+    """Two threads calling one pipeline under a plan: the second is refused with a clear error while
+    the first streams; the first finishes with the resident output; later calls work."""
+    import threading
+
+    path, pipe = fresh(FLUX)
+    reference = run_tiny(pipe)
+    handle = planner.apply_plan(pipe, spec_for(path, components={"transformer": {"strategy": "layerwise"}}))
+    inside, go_on = threading.Event(), threading.Event()
+    block = pipe.transformer.transformer_blocks[0]
+
+    def hold(module, args):
+        if threading.current_thread().name == "first" and not inside.is_set():
+            inside.set()
+            go_on.wait(60)
+
+    probe = block.register_forward_pre_hook(hold)
+    result = {}
+    first = threading.Thread(target=lambda: result.setdefault("out", run_tiny(pipe)), name="first")
+    try:
+        first.start()
+        assert inside.wait(60)
+        with pytest.raises(RuntimeError, match="another thread"):
+            run_tiny(pipe)
+        go_on.set()
+        first.join(60)
+    finally:
+        go_on.set()
+        probe.remove()
+    assert torch.equal(result["out"], reference)
+    assert torch.equal(run_tiny(pipe), reference)
+    handle.remove()
+
+
+def test_state_dict_and_save_pretrained_under_a_plan_hold_the_real_weights(fresh, tmp_path):
+    """Streamed layers hold empty placeholders between their runs: state_dict() reads their values
+    from the host block instead, so save_pretrained under a plan writes the real weights."""
+    path, pipe = fresh(FLUX)
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    handle = planner.apply_plan(pipe, spec_for(path, components={"transformer": {"strategy": "layerwise"}}))
+    try:
+        run_tiny(pipe)
+        now = pipe.transformer.state_dict()
+        assert now.keys() == before.keys()
+        for key, value in before.items():
+            assert torch.equal(now[key].cpu(), value), key
+        pipe.transformer.save_pretrained(tmp_path / "saved")
+    finally:
+        handle.remove()
+    reloaded = type(pipe.transformer).from_pretrained(tmp_path / "saved").state_dict()
+    for key, value in before.items():
+        assert torch.equal(reloaded[key], value), key

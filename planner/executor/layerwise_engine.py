@@ -57,6 +57,7 @@ each call).
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable, Collection, Sequence
 
 import torch
@@ -261,6 +262,7 @@ class LayerwiseEngine(PackedPlacement):
         self._observed: list[int] = []
         self._cursor = -1
         self._root_depth = 0
+        self._root_thread: int | None = None
         self._stamp = 0
         self.sync_loads = 0
         self.async_loads = 0
@@ -397,6 +399,7 @@ class LayerwiseEngine(PackedPlacement):
         for layer in self._all:
             self._hooks.pre(layer.module, self._make_pre(layer))
             self._hooks.post(layer.module, self._make_post(layer))
+            self._hooks.state_dict_post(layer.module, self._make_state_dict_post(layer))
 
         self._order = [layer.sid for layer in self._all]
         self._cursor = -1
@@ -464,12 +467,36 @@ class LayerwiseEngine(PackedPlacement):
             self._layer_post(layer)
         return post
 
+    def _make_state_dict_post(self, layer: _Layer) -> Any:
+        """Between its runs a streamed layer's tensors are empty placeholders; ``state_dict()`` (and
+        so ``save_pretrained``) gets their values from the host block instead, never an empty
+        tensor."""
+        by_id = {id(pt.tensor): pt for pt in layer.group.tensors}
+        local = [(name, by_id[id(t)]) for name, t in
+                 list(layer.module.named_parameters(remove_duplicate=False))
+                 + list(layer.module.named_buffers(remove_duplicate=False)) if id(t) in by_id]
+
+        def post(module: torch.nn.Module, state_dict: Any, prefix: str, local_metadata: Any) -> None:
+            pack = self._pack
+            if pack is None:
+                return
+            for name, pt in local:
+                key = prefix + name
+                if key in state_dict and state_dict[key].numel() != pt.numel:
+                    state_dict[key] = pack.host_view(layer.group, pt).detach()
+        return post
+
     def _root_pre(self, module: torch.nn.Module, args: Any) -> None:
+        me = threading.get_ident()
         if self._root_depth:
+            if self._root_thread != me:
+                raise RuntimeError(f"{self._label()}: a generation is running in another thread; a pipeline "
+                                   "under a plan runs one generation at a time (its slots hold that one's layers)")
             # A component's forward does not call itself: a depth left over means the last call
             # was cut short by a KeyboardInterrupt or SystemExit, for which torch runs no
             # always_call hook. Release what it held, so this call streams as any other.
             self._release_interrupted()
+        self._root_thread = me
         self._root_depth += 1
 
     def _release_interrupted(self) -> None:
@@ -483,6 +510,8 @@ class LayerwiseEngine(PackedPlacement):
         self.interrupted_calls += 1
 
     def _root_post(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if not self._root_depth or self._root_thread != threading.get_ident():
+            return                   # the pre-hook refused this call (another thread's generation runs)
         self._root_depth -= 1
         if self._root_depth == 0 and self._observed:
             # a forward that raised reaches here with no output: its partial order teaches nothing

@@ -29,6 +29,9 @@ class ModuleHooks:
         # always_call: a forward that raises still releases what its pre-hook took
         self._handles.append(module.register_forward_hook(torch.compiler.disable(fn), always_call=True))
 
+    def state_dict_post(self, module: torch.nn.Module, fn: Callable[[torch.nn.Module, Any, str, Any], Any]) -> None:
+        self._handles.append(module.register_state_dict_post_hook(fn))
+
     def remove(self) -> None:
         for handle in reversed(self._handles):
             handle.remove()
