@@ -245,21 +245,7 @@ class CpuOffloadGroup(PackedPlacement):
             for t, view in comp.host_binds:
                 t.data = view
         for comp, t in stay:
-            sourced = sources.get(comp.name)
-            fresh = sourced.materialize(t, self.device) if sourced is not None else None
-            if fresh is not None:
-                home = packing.home_device(t)
-                t = sourced.bind(t, fresh)
-                self._moved.append((t, home, None, t.requires_grad))
-                comp.resident_bytes += packing.tensor_bytes(t)
-                continue
-            orig = t.data
-            # unusual tensors may not survive a round trip with their strides: keep the original
-            keep = orig if not packing.is_packable(t) and orig.device != self.device else None
-            if orig.device != self.device:
-                t.data = orig.to(self.device)
-            self._moved.append((t, orig.device, keep, t.requires_grad))
-            comp.resident_bytes += packing.tensor_bytes(t)
+            comp.resident_bytes += self._place_for_good(t, sources.get(comp.name))
 
         self._side = self._ops.new_stream()
         for comp in self._comps:

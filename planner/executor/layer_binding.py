@@ -49,11 +49,18 @@ def bind_layers(name: str, module: torch.nn.Module, cp: ComponentPlan,
                 renamed: dict[str, Any] | None = None) -> list[torch.nn.Module]:
     """The flattened layer sequence of ``cp.layers`` in ``module``; ``renamed`` collects the lists
     found under another path (checkpoint path -> module path)."""
+    return [item for _, items in bind_layer_lists(name, module, cp, renamed) for item in items]
+
+
+def bind_layer_lists(name: str, module: torch.nn.Module, cp: ComponentPlan,
+                     renamed: dict[str, Any] | None = None) -> list[tuple[Any, list[torch.nn.Module]]]:
+    """Each of ``cp.layers`` with the modules it names in ``module`` (a list the plan gave no
+    length, a ``components.X.layers`` path planned from a folder, takes the module's)."""
     if not cp.layers:
         raise PlanApplyError(f"{name}: the plan records no layer lists to stream; re-plan against this "
                              f"pipeline or give components.{name}.layers")
     lists = _indexed_lists(module)
-    out: list[torch.nn.Module] = []
+    out: list[tuple[Any, list[torch.nn.Module]]] = []
     for ll in cp.layers:
         path = ll.path if ll.path in lists else _by_suffix(name, module, ll.path, ll.count, lists)
         found = lists[path]
@@ -63,5 +70,5 @@ def bind_layers(name: str, module: torch.nn.Module, cp: ComponentPlan,
                 f"{len(found)}; re-plan against this pipeline")
         if path != ll.path and renamed is not None:
             renamed[ll.path] = path
-        out.extend(found)
+        out.append((ll, list(found)))
     return out

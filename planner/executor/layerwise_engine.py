@@ -357,21 +357,7 @@ class LayerwiseEngine(PackedPlacement):
 
         # what stays goes to the device now (from the weight source: read straight onto it)
         for t in stay.values():
-            fresh = sourced.materialize(t, self.device) if sourced is not None else None
-            if fresh is not None:
-                home = packing.home_device(t)
-                t = sourced.bind(t, fresh)
-                self._moved.append((t, home, None, t.requires_grad))
-                self._resident_bytes += packing.tensor_bytes(t)
-                continue
-            unusual = not packing.is_packable(t)
-            orig = t.data
-            if orig.device != self.device:
-                t.data = orig.to(self.device)
-            # unusual tensors may not survive a round trip with their strides: keep the original
-            self._moved.append((t, orig.device, orig if unusual and orig.device != self.device else None,
-                                t.requires_grad))
-            self._resident_bytes += packing.tensor_bytes(t)
+            self._resident_bytes += self._place_for_good(t, sourced)
 
         # streamed tensors: empty placeholders from now on
         self._placeholders = {d: torch.empty(0, dtype=d, device=self.device) for d in dtypes}

@@ -96,6 +96,25 @@ class PackedPlacement:
             self._pack.free()
         self._reset_state()
 
+    def _place_for_good(self, t: torch.Tensor, sourced: Any) -> int:
+        """A tensor that stays on the device for the whole attach (non-layer weights, resident layers,
+        shared or unpackable tensors): read from its weight source straight onto the device, else
+        moved there; recorded in ``_moved`` for detach. Returns its bytes."""
+        device = self.device  # type: ignore[attr-defined]
+        fresh = sourced.materialize(t, device) if sourced is not None else None
+        if fresh is not None:
+            home = packing.home_device(t)
+            t = sourced.bind(t, fresh)
+            self._moved.append((t, home, None, t.requires_grad))
+            return packing.tensor_bytes(t)
+        orig = t.data
+        # unusual tensors may not survive a round trip with their strides: keep the original
+        keep = orig if not packing.is_packable(t) and orig.device != device else None
+        if orig.device != device:
+            t.data = orig.to(device)
+        self._moved.append((t, orig.device, keep, t.requires_grad))
+        return packing.tensor_bytes(t)
+
     # what each strategy provides
     def _attach(self, originals: dict[int, tuple[torch.Tensor, torch.Tensor, bool]]) -> None:
         raise NotImplementedError

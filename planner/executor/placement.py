@@ -25,7 +25,7 @@ from planner.executor.handle import (
     ResidencyHandle,
     _GroupMember,
 )
-from planner.executor.layer_binding import bind_layers
+from planner.executor.layer_binding import bind_layer_lists, bind_layers
 from planner.executor.layerwise_engine import LayerwiseEngine
 from planner.executor.resident import Resident
 from planner.plan import ComponentPlan, Strategy
@@ -41,9 +41,11 @@ def _resident(name: str, module: torch.nn.Module, cp: ComponentPlan, device: tor
 
 def _layerwise(name: str, module: torch.nn.Module, cp: ComponentPlan, device: torch.device, source: Any,
                renamed: dict[str, Any]) -> Placement:
-    return LayerwiseEngine(module, bind_layers(name, module, cp, renamed), device=device,
-                           prefetch=cp.layer_prefetch(), resident=cp.resident_layers, name=name,
-                           weight_source=source, stream_non_layer=cp.stream_non_layer)
+    lists = bind_layer_lists(name, module, cp, renamed)
+    return LayerwiseEngine(module, [item for _, items in lists for item in items], device=device,
+                           prefetch=[ll.prefetch for ll, items in lists for _ in items],
+                           resident=cp.resident_layers, name=name, weight_source=source,
+                           stream_non_layer=cp.stream_non_layer)
 
 
 def _fsdp(name: str, module: torch.nn.Module, cp: ComponentPlan, device: torch.device, source: Any,
