@@ -841,3 +841,36 @@ def test_state_dict_and_save_pretrained_under_a_plan_hold_the_real_weights(fresh
     reloaded = type(pipe.transformer).from_pretrained(tmp_path / "saved").state_dict()
     for key, value in before.items():
         assert torch.equal(reloaded[key], value), key
+
+
+def test_a_placed_component_converted_while_placed_is_packed_again(fresh):
+    """``.to(dtype)`` on a streamed or offloaded component while the plan is applied (what an fp16
+    pipeline's VAE does before decoding when ``force_upcast`` is set): the placement is taken off,
+    the real weights converted, the placement put back from them. Decoding in float64 under the plan
+    equals decoding with a float64 copy of the VAE; back in float32 the pipeline's output equals the
+    resident output, and remove() leaves every tensor float32 and equal."""
+    import copy
+
+    path, pipe = fresh(FLUX)
+    reference = run_tiny(pipe)
+    snap = snapshot(pipe)
+    vae64 = copy.deepcopy(pipe.vae).to(torch.float64)
+    z = torch.randn(1, pipe.vae.config.latent_channels, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = vae64.decode(z.double()).sample
+    handle = planner.apply_plan(pipe, spec_for(path, components={"vae": {"strategy": "layerwise"},
+                                                                 "transformer": {"strategy": "layerwise"}},
+                                               offload={"text_encoder_cpu_offload": True}))
+    try:
+        pipe.vae.to(torch.float64)                            # a VAE upcasting itself before decode
+        with torch.no_grad():
+            assert torch.equal(pipe.vae.decode(z.double()).sample, expected)
+        pipe.vae.to(torch.float32)
+        for name in ("text_encoder", "transformer"):
+            getattr(pipe, name).to(torch.float64).to(torch.float32)
+        assert torch.equal(run_tiny(pipe), reference)
+        assert handle.placements["vae"].streamed_layers_holding_weights == 0
+    finally:
+        handle.remove()
+    assert_restored(pipe, snap)
+    assert "_apply" not in pipe.vae.__dict__

@@ -60,6 +60,42 @@ class _GroupMember:
         return dict(rep["components"][self.name])
 
 
+class ConversionGuard:
+    """A placed component converted while placed (``.to(dtype)``, ``.half()``, ``.float()``: the VAE
+    of an fp16 SDXL or AuraFlow pipeline upcasts itself before decoding): its placement is
+    detached, the conversion runs on the real tensors, and the placement attaches again from the
+    converted weights. Without it the conversion would rewrite placeholders and host views and the
+    next run would read the wrong bytes.
+
+    Change and undo: ``_apply`` set as an attribute of the module instance (``nn.Module.to`` and
+    its kin call ``self._apply``); ``detach`` deletes it."""
+
+    def __init__(self, handle: "ResidencyHandle", name: str, module: torch.nn.Module) -> None:
+        self.handle, self.name, self.module = handle, name, module
+
+    def attach(self) -> None:
+        self.module.__dict__["_apply"] = self._apply
+
+    def detach(self) -> None:
+        if self.module.__dict__.get("_apply") == self._apply:
+            del self.module.__dict__["_apply"]
+
+    def report(self) -> dict:
+        return {}
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        original = type(self.module)._apply
+        placement = self.handle.placements.get(self.name)
+        target = placement.group if isinstance(placement, _GroupMember) else placement
+        if self.handle.is_paused or target is None or not getattr(target, "_attached", False):
+            return original(self.module, fn, *args, **kwargs)
+        target.detach()
+        try:
+            return original(self.module, fn, *args, **kwargs)
+        finally:
+            target.attach()
+
+
 class PhaseHooks:
     """Pre-hooks on the components outside the CPU-offload group: when one of them starts, the
     members that ran before it leave the device (a text encoder does not sit on the GPU through

@@ -19,6 +19,7 @@ from planner.executor.cpu_offload import CpuOffloadGroup
 from planner.executor.fsdp import FsdpShard
 from planner.executor.handle import (
     APPLIED_MARK,
+    ConversionGuard,
     ExecutionDeviceHint,
     PhaseHooks,
     Placement,
@@ -118,7 +119,12 @@ def _finish(handle: ResidencyHandle, modules: dict[str, torch.nn.Module], group:
         phases.attach()
         handle._attached.append(phases)
     for name, cp in plan.components.items():
-        if cp.strategy in (Strategy.CPU_OFFLOAD, Strategy.LAYERWISE) and not hasattr(modules[name], "_hf_hook"):
+        if cp.strategy not in (Strategy.CPU_OFFLOAD, Strategy.LAYERWISE):
+            continue
+        guard = ConversionGuard(handle, name, modules[name])
+        guard.attach()
+        handle._attached.append(guard)
+        if not hasattr(modules[name], "_hf_hook"):
             modules[name]._hf_hook = ExecutionDeviceHint(handle.device)
             handle._hints.append(modules[name])
     handle.placements = {n: handle.placements[n] for n in plan.components}
