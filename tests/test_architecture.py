@@ -23,7 +23,7 @@ LAYERS = [
     {"planner.spec"},
     {"planner.inventory"},
     {"planner.planning"},
-    {"planner.executor"},
+    {"planner.executor", "planner.costs"},
     {"planner.api"},
     {"planner.cli", "planner.testing", "planner", "planner.__main__"},
 ]

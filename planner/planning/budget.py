@@ -20,7 +20,15 @@ from planner.planning.assemble import build_plan, component_plan
 from planner.planning.estimate import memory_estimate
 from planner.planning.resolve import ComponentResolution, Resolution, place_resident
 from planner.planning.rules import reason
-from planner.planning.workload import denoiser_tokens
+from planner.planning.workload import (
+    counted_flops,
+    counted_layer_flops,
+    denoiser_batch,
+    denoiser_calls,
+    effective,
+    image_tokens,
+    text_tokens,
+)
 from planner.spec.document import Document
 from planner.spec.families import family_of, runs_per_step
 from planner.spec.sizes import format_size, parse_size
@@ -51,12 +59,45 @@ def load_profile(name_or_path: str | None, base: Path | None = None) -> Profile:
                    layer_overhead_s=float(data.get("layer_overhead_s", 2e-5)))
 
 
-def compute_seconds(info: ComponentInfo, workload: Mapping[str, Any], profile: Profile) -> float:
-    """One forward of a component: 2 FLOPs per weight per token at the profile's effective rate."""
+def call_flops(info: ComponentInfo, workload: Mapping[str, Any]) -> float:
+    """FLOPs of one call of a component at the workload's effective batch.
+
+    A denoiser whose class was counted (``planner/data/costs.json``) takes the count of its real
+    module code, interpolated in tokens; anything else 2 FLOPs per weight per token, every token
+    through every weight."""
     params = info.weight_bytes / DTYPE_BYTES.get(info.dtype, 2)
-    tokens = denoiser_tokens(workload, info.class_name) if runs_per_step_name(info.name) else \
-        workload.get("text_tokens", 512)
-    return 2.0 * params * tokens * workload.get("batch_size", 1) / profile.effective_flops
+    if runs_per_step_name(info.name):
+        img, txt = image_tokens(workload, info.class_name), text_tokens(workload, info.class_name)
+        batch = denoiser_batch(workload, info.class_name)
+        counted = counted_flops(info.class_name, img, txt)
+        if counted is not None:
+            return counted * batch
+        return 2.0 * params * (img + txt) * batch
+    batch = int(workload.get("batch_size", 1)) * int(workload.get("num_images", 1))
+    return 2.0 * params * int(workload.get("text_tokens", 512)) * batch
+
+
+def compute_seconds(info: ComponentInfo, workload: Mapping[str, Any], profile: Profile) -> float:
+    """One forward of a component at the profile's effective rate."""
+    return call_flops(info, workload) / profile.effective_flops
+
+
+def calls_per_step(info: ComponentInfo, workload: Mapping[str, Any]) -> int:
+    """Denoiser calls per step (two under sequential guidance); other components 1."""
+    return denoiser_calls(workload, info.class_name) if runs_per_step_name(info.name) else 1
+
+
+def layer_shares(info: ComponentInfo, workload: Mapping[str, Any]) -> list[float] | None:
+    """Each layer's share of a call's compute from the counted per-layer FLOPs, where the inventory's
+    layers are the counted ones (same number); None: spread by bytes."""
+    if not runs_per_step_name(info.name):
+        return None
+    flops = counted_layer_flops(info.class_name, image_tokens(workload, info.class_name),
+                                text_tokens(workload, info.class_name))
+    if not flops or len(flops) != len(info.layer_bytes) or sum(flops) <= 0:
+        return None
+    total = sum(flops)
+    return [f / total for f in flops]
 
 
 def runs_per_step_name(name: str) -> bool:
@@ -65,28 +106,32 @@ def runs_per_step_name(name: str) -> bool:
 
 def step_seconds(strategy: str, info: ComponentInfo, resident: tuple[int, ...], workload: Mapping[str, Any],
                  profile: Profile, *, calls: int = 1, prefetch: int = 1) -> float:
-    """Predicted seconds of one call of a component under a strategy (layerwise: max(compute, stream))."""
+    """Predicted seconds of one step's calls of a component under a strategy (layerwise: every call
+    streams its layers; sequential guidance calls a denoiser twice a step)."""
     compute = compute_seconds(info, workload, profile)
+    per_step = calls_per_step(info, workload)
     if strategy == "resident" or strategy == "fsdp":
-        return compute
+        return compute * per_step
     if strategy == "cpu_offload":
         # moved in once per generation, then resident for the rest of its calls
-        return compute + info.weight_bytes / profile.h2d_bytes_per_s / calls
-    return simulate_layerwise(info.layer_bytes, set(resident), compute, profile, prefetch)
+        return compute * per_step + info.weight_bytes / profile.h2d_bytes_per_s / calls
+    return per_step * simulate_layerwise(info.layer_bytes, set(resident), compute, profile, prefetch,
+                                         shares=layer_shares(info, workload))
 
 
 def simulate_layerwise(layer_bytes: tuple[int, ...], resident: set[int], compute: float, profile: Profile,
-                       prefetch: int = 1, calls: int = 3) -> float:
+                       prefetch: int = 1, calls: int = 3, shares: list[float] | None = None) -> float:
     """One call of a streamed component in steady state, simulated layer by layer.
 
     The copy engine loads streamed layers one after another; a load needs a free slot (K+1 slots:
     the layer K+1 loads back must have finished computing); a layer computes when its weights have
-    landed and the layer before it is done. Compute is spread over the layers by their bytes. This
+    landed and the layer before it is done. Compute is spread over the layers by ``shares`` (counted
+    FLOPs) where given, else by their bytes. This
     sees what max(compute, bytes / bandwidth) does not: a streamed layer that follows too few
     resident ones waits on its copy even when the totals would hide it.
     """
     total = sum(layer_bytes) or 1
-    per_layer = [compute * b / total for b in layer_bytes]
+    per_layer = [compute * s for s in shares] if shares else [compute * b / total for b in layer_bytes]
     slots = prefetch + 1
     copy_end = 0.0
     compute_end = 0.0
@@ -109,7 +154,7 @@ def simulate_layerwise(layer_bytes: tuple[int, ...], resident: set[int], compute
 
 def plan_budget(doc: Document, inventory: Inventory, resolution: Resolution, *, strict: bool = False) -> Plan:
     spec = doc.data
-    workload = dict(spec.get("workload") or {})
+    workload = effective(spec.get("workload"), inventory)
     base_dir = Path(doc.file).parent if doc.file and not doc.file.startswith("<") else None
     try:
         profile = load_profile(spec.get("profile"), base_dir)
@@ -118,7 +163,7 @@ def plan_budget(doc: Document, inventory: Inventory, resolution: Resolution, *, 
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
         raise SpecError([doc.diagnostic(("profile",), f"profile '{spec.get('profile')}' is neither a built-in "
                                                       f"profile (h100, h200) nor a readable profile file ({why})")]) from None
-    steps = workload.get("steps", DEFAULT_STEPS)
+    steps = int(workload.get("steps", DEFAULT_STEPS))
     auto = [c for c in resolution.components.values() if c.strategy == "auto"]
     memory = spec.get("memory", {})
     if auto and "gpu_budget" not in memory:

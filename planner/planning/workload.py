@@ -1,12 +1,21 @@
-"""Activation estimates from the spec's optional ``workload:`` section.
+"""The workload of one generation (the spec's optional ``workload:`` section) and its activations.
 
-A DiT step holds about ``ACTIVATION_FACTOR`` hidden-state-sized tensors at its peak (measured on
-an H100: Z-Image at 1024² and 2048² both peaked at ~15 × tokens × hidden × 2 bytes above weights).
+Where the spec is silent, a key takes the pipeline class's own ``__call__`` default, looked up by
+the denoiser's class (``planner/data/workload_defaults.json``, each entry citing its source).
+Guidance follows the pipeline: ``batched`` classifier-free guidance doubles the denoiser's batch,
+``sequential`` runs the denoiser twice per step, ``embedded`` (guidance-distilled, Flux.1-dev) feeds
+the scale as an embedding and changes nothing. Activation peaks and FLOPs come from counts of the
+real module code where ``planner/data/costs.json`` has the class (``counted_cost`` below);
+elsewhere a DiT step holds about ``ACTIVATION_FACTOR`` hidden-state-sized tensors at its peak
+(measured on an H100: Z-Image at 1024² and 2048² both peaked at ~15 × tokens × hidden × 2 bytes).
 """
 
 from __future__ import annotations
 
+import json
 import math
+from functools import lru_cache
+from pathlib import Path
 from typing import Any, Mapping
 
 from planner.inventory.model import DTYPE_BYTES, Inventory
@@ -14,16 +23,143 @@ from planner.spec.families import family_of
 
 ACTIVATION_FACTOR = 16
 VIDEO_HINTS = ("Wan", "LTX", "3D", "Hunyuan", "Video")
+DEFAULTS_PATH = Path(__file__).parent.parent / "data" / "workload_defaults.json"
+COSTS_PATH = Path(__file__).parent.parent / "data" / "costs.json"
+# what a workload without a known denoiser class assumes (the planner's defaults before class defaults)
+GENERIC_DEFAULTS: Mapping[str, Any] = {"height": 1024, "width": 1024, "frames": 81, "text_tokens": 512,
+                                       "guidance_scale": 1.0, "num_images": 1, "batch_size": 1, "cfg": "batched"}
 
 
-def denoiser_tokens(workload: Mapping[str, Any], class_name: str) -> int:
-    """Sequence length of one denoiser call: latent patches (VAE /8, patch 2) plus text tokens."""
-    height, width = workload.get("height", 1024), workload.get("width", 1024)
-    patches = max(1, height // 16) * max(1, width // 16)
-    if any(h in class_name for h in VIDEO_HINTS):
-        frames = workload.get("frames", 81)
-        patches *= (frames - 1) // 4 + 1
-    return patches + workload.get("text_tokens", 512)
+@lru_cache(maxsize=1)
+def _class_defaults() -> dict[str, dict[str, Any]]:
+    return json.loads(DEFAULTS_PATH.read_text(encoding="utf-8"))["denoisers"]
+
+
+def class_defaults(class_name: str) -> Mapping[str, Any]:
+    """The call defaults of the pipeline a denoiser class belongs to ({} for an unknown class)."""
+    return _class_defaults().get(class_name, {})
+
+
+def resolved(workload: Mapping[str, Any] | None, class_name: str) -> dict[str, Any]:
+    """The spec's workload with every key it leaves out taken from the class's pipeline defaults."""
+    out = dict(GENERIC_DEFAULTS)
+    out.update({k: v for k, v in class_defaults(class_name).items()
+                if k not in ("pipeline_class", "file", "note")})
+    out.update(dict(workload or {}))
+    return out
+
+
+def guidance_on(workload: Mapping[str, Any] | None, class_name: str) -> bool:
+    w = resolved(workload, class_name)
+    if w.get("cfg") == "embedded":
+        return False
+    return float(w["guidance_scale"]) > float(w.get("cfg_above", 1.0))
+
+
+def denoiser_batch(workload: Mapping[str, Any] | None, class_name: str) -> int:
+    """The batch of one denoiser call: batch_size × num_images, doubled by batched guidance."""
+    w = resolved(workload, class_name)
+    batch = int(w["batch_size"]) * int(w["num_images"])
+    if guidance_on(workload, class_name) and w.get("cfg") == "batched":
+        batch *= 2
+    return batch
+
+
+def denoiser_calls(workload: Mapping[str, Any] | None, class_name: str) -> int:
+    """Denoiser calls per step: two under sequential guidance, else one."""
+    w = resolved(workload, class_name)
+    return 2 if guidance_on(workload, class_name) and w.get("cfg") == "sequential" else 1
+
+
+def is_video(class_name: str) -> bool:
+    return any(h in class_name for h in VIDEO_HINTS)
+
+
+def image_tokens(workload: Mapping[str, Any] | None, class_name: str) -> int:
+    """Latent patches of one sample: VAE /8, patch 2 (video: frames compressed 4×, plus one)."""
+    w = resolved(workload, class_name)
+    patches = max(1, int(w["height"]) // 16) * max(1, int(w["width"]) // 16)
+    if is_video(class_name):
+        patches *= (int(w["frames"]) - 1) // 4 + 1
+    return patches
+
+
+def text_tokens(workload: Mapping[str, Any] | None, class_name: str) -> int:
+    return int(resolved(workload, class_name)["text_tokens"])
+
+
+def denoiser_tokens(workload: Mapping[str, Any] | None, class_name: str) -> int:
+    """Sequence length of one denoiser call (one sample): latent patches plus text tokens."""
+    return image_tokens(workload, class_name) + text_tokens(workload, class_name)
+
+
+def effective(workload: Mapping[str, Any] | None, inventory: Inventory) -> dict[str, Any]:
+    """The workload resolved against the pipeline's first denoiser (its class picks the defaults)."""
+    dits = [c.class_name for c in inventory.components if family_of(c.name) == "dit"]
+    return resolved(workload, dits[0] if dits else "")
+
+
+# --- counted costs (planner/data/costs.json, written by scripts/build_costs.py) ----------------
+
+@lru_cache(maxsize=1)
+def _costs() -> dict[str, Any]:
+    if not COSTS_PATH.exists():
+        return {}
+    return json.loads(COSTS_PATH.read_text(encoding="utf-8")).get("classes", {})
+
+
+def counted_cost(class_name: str) -> Mapping[str, Any] | None:
+    """The counted grid of a denoiser class (batch 1, bf16), or None where none was counted."""
+    return _costs().get(class_name)
+
+
+def _interp(x: float, xs: list[float], ys: list[float], *, log: bool) -> float:
+    """Piecewise interpolation through (xs, ys), extended by the nearest segment; on log-log axes for
+    counts that grow as a power of tokens (attention is quadratic, the rest linear)."""
+    if len(xs) == 1:
+        return ys[0] * (x / xs[0] if log else 1.0)
+    i = 1
+    while i < len(xs) - 1 and x > xs[i]:
+        i += 1
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    if log and min(x0, x1, y0, y1, x) > 0:
+        slope = (math.log(y1) - math.log(y0)) / (math.log(x1) - math.log(x0))
+        return math.exp(math.log(y0) + slope * (math.log(x) - math.log(x0)))
+    return max(0.0, y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+
+
+def _grid_value(entry: Mapping[str, Any], value: Any, img: int, txt: int) -> float:
+    """``value(point)`` at (img, txt): log-log in image tokens at each counted text length, then
+    linear in text tokens."""
+    by_txt: dict[int, list[tuple[int, float]]] = {}
+    for p in entry["points"]:
+        by_txt.setdefault(int(p["text_tokens"]), []).append((int(p["image_tokens"]), float(value(p))))
+    txts = sorted(by_txt)
+    at_img = []
+    for t in txts:
+        pts = sorted(by_txt[t])
+        at_img.append(_interp(img, [a for a, _ in pts], [b for _, b in pts], log=True))
+    return _interp(txt, [float(t) for t in txts], at_img, log=False)
+
+
+def counted_flops(class_name: str, img: int, txt: int) -> float | None:
+    """FLOPs of one denoiser call at batch 1, from the counted grid (None where not counted)."""
+    entry = counted_cost(class_name)
+    return None if entry is None else _grid_value(entry, lambda p: p["flops"], img, txt)
+
+
+def counted_layer_flops(class_name: str, img: int, txt: int) -> list[float] | None:
+    """FLOPs of each layer (the catalog's layer lists, in run order) of one call at batch 1."""
+    entry = counted_cost(class_name)
+    if entry is None:
+        return None
+    return [_grid_value(entry, lambda p, i=i: p["layer_flops"][i], img, txt) for i in range(len(entry["layers"]))]
+
+
+def activation_peak(class_name: str, img: int, txt: int) -> float | None:
+    """Peak live activation bytes of one denoiser call at batch 1 in bf16 (None where not counted)."""
+    entry = counted_cost(class_name)
+    return None if entry is None else _grid_value(entry, lambda p: p["activation_peak_bytes"], img, txt)
 
 
 def hidden_size(layer_bytes: int, dtype_bytes: int) -> int:
@@ -31,16 +167,24 @@ def hidden_size(layer_bytes: int, dtype_bytes: int) -> int:
     return int(math.sqrt(max(layer_bytes, 1) / dtype_bytes / 12))
 
 
+def denoiser_activation_bytes(workload: Mapping[str, Any] | None, class_name: str, layer_bytes: int,
+                              dtype: str) -> int:
+    """Peak activation bytes of one denoiser call: counted (costs data) where known, else the factor rule."""
+    nbytes = DTYPE_BYTES.get(dtype, 2)
+    batch = denoiser_batch(workload, class_name)
+    counted = activation_peak(class_name, image_tokens(workload, class_name), text_tokens(workload, class_name))
+    if counted is not None:
+        return int(counted * batch * nbytes / 2)       # counted in bf16
+    d = hidden_size(layer_bytes, nbytes)
+    return ACTIVATION_FACTOR * batch * denoiser_tokens(workload, class_name) * d * nbytes
+
+
 def activation_bytes(workload: Mapping[str, Any] | None, inventory: Inventory, dtype: str) -> int:
     if not workload:
         return 0
-    nbytes = DTYPE_BYTES.get(dtype, 2)
-    batch = workload.get("batch_size", 1)
     peak = 0
     for comp in inventory.components:
         if family_of(comp.name) != "dit" or not comp.layer_bytes:
             continue
-        d = hidden_size(max(comp.layer_bytes), nbytes)
-        tokens = denoiser_tokens(workload, comp.class_name)
-        peak = max(peak, ACTIVATION_FACTOR * batch * tokens * d * nbytes)
+        peak = max(peak, denoiser_activation_bytes(workload, comp.class_name, max(comp.layer_bytes), dtype))
     return peak

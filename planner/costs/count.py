@@ -1,0 +1,136 @@
+"""Abstract counting of one forward: FLOPs (``torch.utils.flop_counter.FlopCounterMode``) and the peak
+of live activation bytes (``LiveBytes``, a dispatch mode that adds each new output storage when an op
+makes it and subtracts it when the last tensor viewing it is freed).
+
+Run on the meta device: shapes, dtypes and the module's real code, no data. Attention is counted as
+the fused kernels a GPU runs (``scaled_dot_product_attention`` is replaced by the flash or the
+memory-efficient attention op, both with meta kernels), so no sequence × sequence score matrix is
+counted live, and its FLOPs are PyTorch's own formula for those ops.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode
+
+ALLOC_ROUND = 512          # the CUDA caching allocator rounds every block up to 512 bytes
+
+
+def _rounded(nbytes: int) -> int:
+    return -(-nbytes // ALLOC_ROUND) * ALLOC_ROUND
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of the storages ops create while the mode is on (inputs and weights made before it
+    are not counted). A storage is live while any tensor viewing it is alive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._refs: dict[int, list[Any]] = {}     # storage key -> [nbytes, number of live tensors]
+        self._known: set[int] = set()             # storages that existed before (weights, inputs)
+        self.current: str | None = None           # the layer running now (set by hooks)
+        self.layer_peaks: dict[str, int] = {}     # per layer: peak live bytes while it runs
+
+    def exclude(self, tensors: Iterable[torch.Tensor]) -> None:
+        for t in tensors:
+            self._known.add(self._key(t))
+
+    @staticmethod
+    def _key(t: torch.Tensor) -> int:
+        return t.untyped_storage()._cdata
+
+    def _release(self, key: int) -> None:
+        entry = self._refs.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.live -= entry[0]
+            del self._refs[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            key = self._key(t)
+            if key in self._known:
+                continue
+            entry = self._refs.get(key)
+            if entry is None:
+                entry = self._refs[key] = [_rounded(t.untyped_storage().nbytes()), 0]
+                self.live += entry[0]
+                self.peak = max(self.peak, self.live)
+                if self.current is not None:
+                    self.layer_peaks[self.current] = max(self.layer_peaks.get(self.current, 0), self.live)
+            entry[1] += 1
+            weakref.finalize(t, self._release, key)
+        return out
+
+
+class FusedAttention(TorchFunctionMode):
+    """``F.scaled_dot_product_attention`` as the fused kernel a GPU runs: flash attention without a
+    mask, memory-efficient attention with one."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+        a = dict(zip(names, args))
+        a.update(kwargs)
+        q, k, v = a["query"], a["key"], a["value"]
+        if a.get("enable_gqa") and k.shape[-3] != q.shape[-3]:
+            rep = q.shape[-3] // k.shape[-3]
+            k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
+        mask, causal, scale = a.get("attn_mask"), bool(a.get("is_causal", False)), a.get("scale")
+        if mask is None:
+            return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False,
+                                                                      scale=scale)[0]
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+        mask = mask.to(q.dtype).expand(q.shape[0], q.shape[-3], q.shape[-2], k.shape[-2])
+        return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, mask, False, 0.0, causal,
+                                                                      scale=scale)[0]
+
+
+@dataclass(frozen=True)
+class Count:
+    flops: int
+    activation_peak_bytes: int
+    by_module: Mapping[str, int] = field(default_factory=dict)   # FLOPs per module ("Class.path.to.module")
+    layer_peaks: Mapping[str, int] = field(default_factory=dict)  # per layer path: peak live bytes while it ran
+
+
+def count_forward(module: torch.nn.Module, call: Callable[[torch.nn.Module], Any],
+                  inputs: Iterable[torch.Tensor] = (), *, layers: Iterable[str] = ()) -> Count:
+    """FLOPs and activation peak of ``call(module)``. ``inputs`` are tensors made before the call (not
+    counted as activations, like the weights); ``layers`` are module paths whose own peaks are kept."""
+    live = LiveBytes()
+    live.exclude(list(module.parameters()) + list(module.buffers()) + list(inputs))
+    hooks = []
+    for path in layers:
+        sub = module.get_submodule(path)
+        hooks.append(sub.register_forward_pre_hook(lambda _m, _a, p=path: setattr(live, "current", p)))
+        hooks.append(sub.register_forward_hook(lambda _m, _a, _o: setattr(live, "current", None)))
+    counter = FlopCounterMode(display=False)
+    try:
+        with torch.no_grad(), FusedAttention(), counter, live:
+            out = call(module)
+            del out
+    finally:
+        for h in hooks:
+            h.remove()
+    by_module = {name: int(sum(v.values())) for name, v in counter.get_flop_counts().items()}
+    return Count(flops=int(counter.get_total_flops()), activation_peak_bytes=live.peak, by_module=by_module,
+                 layer_peaks=dict(live.layer_peaks))
