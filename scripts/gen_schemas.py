@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT))
 
 from planner.plan import HOST_TIERS, STRATEGIES  # noqa: E402
 from planner.planning.rules import DTYPES, PLACEMENTS, SPEC_STRATEGIES
-from planner.spec.offload_flags import OFFLOAD_FLAGS
+from planner.spec.offload_flags import OFFLOAD_FLAGS, PERFORMANCE_MODES
 
 SIZE = {
     "description": "Bytes: an integer, or a string with a unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB).",
@@ -59,7 +59,14 @@ def deployment_schema() -> dict:
             offload_props[name] = {"description": doc, "oneOf": [
                 {"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
         elif kind == "prefetch":
-            offload_props[name] = dict(PREFETCH, description=doc)
+            # SGLang refuses a negative value only when something is selected: the resolver checks it
+            offload_props[name] = {"type": "number", "description": doc}
+        elif kind == "mode":
+            offload_props[name] = {"enum": list(PERFORMANCE_MODES), "description": doc}
+        elif kind == "count":
+            offload_props[name] = {"type": "integer", "minimum": 1, "description": doc}
+        elif kind == "size":
+            offload_props[name] = dict(SIZE, description=doc)
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "https://residency-planner.dev/schemas/deployment.schema.json",
@@ -104,6 +111,11 @@ def deployment_schema() -> dict:
                     "height": {"type": "integer", "minimum": 8}, "width": {"type": "integer", "minimum": 8},
                     "frames": {"type": "integer", "minimum": 1}, "batch_size": {"type": "integer", "minimum": 1},
                     "steps": {"type": "integer", "minimum": 1}, "text_tokens": {"type": "integer", "minimum": 1},
+                    "num_images": {"type": "integer", "minimum": 1,
+                                   "description": "Images per prompt (the pipeline's num_images_per_prompt)."},
+                    "guidance_scale": {"type": "number", "minimum": 0,
+                                       "description": "Classifier-free guidance scale; where the pipeline batches "
+                                                      "guidance, the denoiser's batch doubles when it is on."},
                 },
             },
             "profile": {"type": "string", "minLength": 1,

@@ -25,8 +25,13 @@ INV = Inventory("test", (
 ))
 
 
-def plan_of(yaml_text: str, inv: Inventory = INV, strict: bool = False):
+def plan_of(yaml_text: str, inv: Inventory = INV, strict: bool = False, mode: str | None = "manual"):
+    """The rules one at a time: performance_mode manual (SGLang's default, auto, fills unset flags from the
+    model and the GPU; tests/test_sglang_fidelity.py covers it), unless the spec or ``mode`` says otherwise."""
     doc = load_text("version: 1\npipeline: {model: test}\n" + yaml_text, "spec.yaml")
+    offload = doc.data.get("offload")
+    if isinstance(offload, dict) and mode is not None:
+        offload.setdefault("performance_mode", mode)
     return make_plan(doc, inventory=inv, strict=strict)
 
 
@@ -68,9 +73,21 @@ def test_all_selects_every_module_component_with_layers():
     plan = plan_of("offload: {layerwise_offload_components: all}\n")
     s = strategies(plan)
     assert all(s[n] == "layerwise" for n in s if n != "vae")
-    # the VAE has no layer lists: it cannot stream, so it is offloaded whole, as a decision
-    assert s["vae"] == "cpu_offload"
-    assert rules_of(plan, "vae") == ["layerwise-selection", "layerwise-no-layers"]
+    # the VAE has no layer lists: it cannot stream; SGLang skips it (quietly under 'all') and, its
+    # family's CPU offload turned off by the selection, it stays on the GPU
+    assert s["vae"] == "resident"
+    assert rules_of(plan, "vae") == []
+    assert plan.warnings == ()
+    named = plan_of("offload: {layerwise_offload_components: [vae, transformer]}\n")
+    assert strategies(named)["vae"] == "resident"
+    assert [w.code for w in named.warnings] == ["layerwise-cannot-stream"]
+    assert "vae is selected for layerwise offload" in named.warnings[0].message
+
+
+def test_component_entry_layerwise_without_layers_is_offloaded_whole():
+    plan = plan_of("components:\n  vae: layerwise\n")
+    assert strategies(plan)["vae"] == "cpu_offload"
+    assert rules_of(plan, "vae") == ["component-entry", "layerwise-no-layers"]
 
 
 def test_default_plus_family_tokens():
@@ -139,24 +156,41 @@ def test_false_flags_change_nothing():
     assert set(strategies(plan).values()) == {"resident"} and plan.decisions == ()
 
 
-# Rule 4: conflicts, per component, each a decision
-def test_layerwise_turns_off_cpu_offload_for_that_component_only():
+# Rule 4: conflicts, flag-wide as SGLang applies them, each change a decision
+def test_layerwise_turns_off_the_family_cpu_offload_flag_for_the_whole_family():
     plan = plan_of("offload:\n  layerwise_offload_components: transformer, text_encoder_2\n"
                    "  dit_cpu_offload: true\n  text_encoder_cpu_offload: true\n")
     s = strategies(plan)
-    assert s["transformer"] == "layerwise" and s["transformer_2"] == "cpu_offload"
-    assert s["text_encoder_2"] == "layerwise" and s["text_encoder"] == "cpu_offload"
+    # SGLang turns dit_cpu_offload and text_encoder_cpu_offload off: the unselected members stay resident
+    assert s["transformer"] == "layerwise" and s["transformer_2"] == "resident"
+    assert s["text_encoder_2"] == "layerwise" and s["text_encoder"] == "resident"
+    assert s["dual_tower_bridge"] == "resident"
     d = [d for d in plan.decisions if d.rule == "layerwise-overrides-cpu-offload"]
     assert [(x.component, x.from_, x.to) for x in d] == [("text_encoder_2", "cpu_offload", "layerwise"),
                                                           ("transformer", "cpu_offload", "layerwise")]
     assert "dit_cpu_offload" in d[1].reason and "transformer" in d[1].reason
+    off = [d for d in plan.decisions if d.rule == "layerwise-disables-family-cpu-offload"]
+    assert {(x.component, x.from_, x.to) for x in off} == {
+        ("text_encoder", "cpu_offload", "resident"), ("transformer_2", "cpu_offload", "resident"),
+        ("dual_tower_bridge", "cpu_offload", "resident")}
 
 
-def test_layerwise_turns_off_fsdp_for_that_component_only():
+def test_any_layerwise_selection_turns_fsdp_off():
     plan = plan_of("offload:\n  layerwise_offload_components: transformer_2\n  use_fsdp_inference: true\n")
     s = strategies(plan)
-    assert s["transformer"] == "fsdp" and s["transformer_2"] == "layerwise"
+    assert s["transformer"] == "resident" and s["transformer_2"] == "layerwise"
     assert rules_of(plan, "transformer_2") == ["family-flag", "layerwise-overrides-fsdp"]
+    assert rules_of(plan, "transformer") == ["family-flag", "layerwise-overrides-fsdp"]
+    # a selection of another family turns FSDP off as well
+    plan = plan_of("offload:\n  layerwise_offload_components: text_encoder\n  use_fsdp_inference: true\n")
+    assert strategies(plan)["transformer"] == "resident" and strategies(plan)["text_encoder"] == "layerwise"
+
+
+def test_negative_prefetch_is_an_error_only_when_something_is_selected():
+    plan = plan_of("offload: {dit_cpu_offload: true, dit_offload_prefetch_size: -1}\n")
+    assert strategies(plan)["transformer"] == "cpu_offload"
+    with pytest.raises(SpecError, match="prefetch cannot be negative"):
+        plan_of("offload: {layerwise_offload_components: vae, dit_offload_prefetch_size: -1}\n")
 
 
 def test_fsdp_and_cpu_offload_flags_fsdp_wins_as_a_decision():

@@ -8,20 +8,23 @@ resident layers (rule 7). The budget planner (``budget.py``) fills in components
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping
 
 from planner.errors import Diagnostic, SpecError, did_you_mean
-from planner.inventory.model import ComponentInfo, Inventory
+from planner.inventory.model import ComponentInfo, Inventory, LayerList
 from planner.plan import Decision
 from planner.planning.rules import (
+    FAMILY_CPU_OFFLOAD_FLAG,
     FAMILY_FLAGS,
     SELECTION_TOKENS,
     normalize_token,
     reason,
 )
 from planner.spec.document import Document, PathKey
-from planner.spec.families import family_of
+from planner.spec.families import SGLangClass, SGLangModel, family_of, sglang_class, sglang_layer_lists, sglang_model
+from planner.spec.offload_flags import DEFAULT_PERFORMANCE_MODE, PERFORMANCE_MODES
+from planner.spec.sizes import parse_size
 
 DEFAULT_PREFETCH = 1
 DEFAULT_PLACEMENT = "strided"
@@ -42,6 +45,11 @@ class ComponentResolution:
     resident_count: int | None = None   # a count still to be placed (auto may choose it)
     placement: str = DEFAULT_PLACEMENT
     layer_paths: tuple[str, ...] = ()
+    catalog_info: ComponentInfo | None = None   # the inventory's facts, before SGLang's lists replaced them
+
+    def __post_init__(self) -> None:
+        if self.catalog_info is None:
+            self.catalog_info = self.info
 
 
 @dataclass
@@ -74,32 +82,9 @@ def resolve(doc: Document, inventory: Inventory, *, strict: bool = False) -> Res
         decide(comp, "default-strategy", base)
         comp.flag = "defaults.strategy"
 
-    # Rule 3: family flags.
-    for flag, (family, strategy) in FAMILY_FLAGS.items():
-        if offload.get(flag) is not True:
-            continue
-        for comp in res.components.values():
-            if comp.family != family:
-                continue
-            if comp.strategy == "cpu_offload" and strategy == "fsdp":
-                decide(comp, "fsdp-overrides-cpu-offload", strategy, flag=f"offload.{comp.flag.split('.')[-1]}")
-            else:
-                decide(comp, "family-flag", strategy, flag=flag)
-            comp.flag = f"offload.{flag}"
-
-    # Rules 2 and 4: layerwise selection.
-    for comp, token, token_path in _layerwise_selection(doc, res, errors, strict):
-        source = f"offload token '{token}'" if token_path else "offload.dit_layerwise_offload"
-        comp.selected_by = source
-        if token == comp.name and token_path is not None:
-            comp.explicit_selection = token_path
-        if comp.strategy == "cpu_offload":
-            decide(comp, "layerwise-overrides-cpu-offload", "layerwise", source=source, flag=comp.flag)
-        elif comp.strategy == "fsdp":
-            decide(comp, "layerwise-overrides-fsdp", "layerwise", source=source, flag=comp.flag)
-        else:
-            decide(comp, "layerwise-selection", "layerwise", source=source)
-        comp.flag = source
+    # Rules 2, 3 and 4: the offload: section, resolved as SGLang resolves its server arguments.
+    if "offload" in spec:
+        _apply_offload(doc, res, base, decide, errors, strict)
 
     # Rule 5: components: entries, the most specific statement.
     for name, entry in entries.items():
@@ -123,7 +108,12 @@ def resolve(doc: Document, inventory: Inventory, *, strict: bool = False) -> Res
                 continue
             decide(comp, "component-entry", strategy)
             comp.flag = f"components.{name}"
-        comp.layer_paths = tuple(entry.get("layers", ()))
+            if strategy != "layerwise":
+                comp.layer_paths = ()
+                comp.info = comp.catalog_info
+        if entry.get("layers"):
+            comp.layer_paths = tuple(entry["layers"])
+            comp.info = comp.catalog_info
 
     # Rule 7: prefetch and resident layers, for everything that may stream.
     for comp in res.components.values():
@@ -135,56 +125,460 @@ def resolve(doc: Document, inventory: Inventory, *, strict: bool = False) -> Res
         errors.extend(Diagnostic(w.file, w.line, w.column, w.message, "error", w.where, w.code) for w in res.warnings)
         res.warnings = []
     if errors:
-        errors.sort(key=lambda d: (d.line, d.column))
-        raise SpecError(errors)
+        unique = {(d.line, d.column, d.message): d for d in errors}
+        raise SpecError(sorted(unique.values(), key=lambda d: (d.line, d.column)))
     return res
 
 
-def _layerwise_selection(doc: Document, res: Resolution, errors: list[Diagnostic], strict: bool
-                         ) -> list[tuple[ComponentResolution, str, PathKey | None]]:
+# --- The offload: section: SGLang's server-argument resolution at 416fdbb ------------------------------
+#
+# server_args.ServerArgs._adjust_parameters / _validate_offload, server_args_auto_tune.ServerArgsAutoTuner,
+# layerwise_offload_components and layerwise_offload.configure_layerwise_offload_modules, in that order:
+# the performance_mode preset, the defaults of auto, the layerwise selection normalised, the CPU-offload
+# flags of every selected family turned off, FSDP turned off by any selection, then the components each
+# selection reaches, by name and by what their classes declare. Each change is a stage; a component
+# whose strategy a stage changes gets a decision naming the rule.
+
+_SGLANG_FLAGS = ("use_fsdp_inference", "dit_cpu_offload", "dit_layerwise_offload", "text_encoder_cpu_offload",
+                 "image_encoder_cpu_offload", "vae_cpu_offload")
+_GiB = 1 << 30
+
+
+@dataclass
+class _Stage:
+    rule: str
+    flags: dict[str, Any]
+    detail: str = ""
+    flag: str = ""
+
+
+def _selection_raw(doc: Document, errors: list[Diagnostic]) -> tuple[str, Any]:
     offload = doc.data.get("offload", {})
-    key = "layerwise_offload_components"
     if "layerwise_offload_components" in offload and "layerwise_offload_modules" in offload:
         other = doc.position(("offload", "layerwise_offload_components"), key=True)
         errors.append(doc.diagnostic(("offload", "layerwise_offload_modules"),
                                      "layerwise_offload_modules is an alias of layerwise_offload_components, which is "
                                      f"also given (line {other[0]}); give only one", key=True))
-        return []
-    if "layerwise_offload_modules" in offload:
-        key = "layerwise_offload_modules"
-    raw = offload.get(key)
-    tokens: list[tuple[str, PathKey | None]] = []
+        return "layerwise_offload_components", None
+    key = "layerwise_offload_modules" if "layerwise_offload_modules" in offload else "layerwise_offload_components"
+    return key, offload.get(key)
+
+
+def normalize_selection(raw: Any) -> list[str] | None:
+    """SGLang's normalize_layerwise_offload_components: split on commas, trimmed, '-' to '_', lower-cased,
+    de-duplicated in order; 'all' alone wins; nothing left is no selection (None)."""
+    if raw is None:
+        return None
+    items = [raw] if isinstance(raw, str) else list(raw)
+    out: list[str] = []
+    for item in items:
+        for part in str(item).split(","):
+            token = normalize_token(part)
+            if not token:
+                continue
+            if token == "all":
+                return ["all"]
+            if token not in out:
+                out.append(token)
+    return out or None
+
+
+def _token_family(token: str) -> str | None:
+    """The CPU-offload family a selection token names (cpu_offload_flags_for_layerwise_components)."""
+    if token == "default":
+        return "dit"
+    fam = family_of(token)
+    return fam if fam in FAMILY_CPU_OFFLOAD_FLAG else None
+
+
+def _gib(value: Any) -> float | None:
+    return None if value is None else parse_size(value) / _GiB
+
+
+def _sglang_model_of(doc: Document) -> SGLangModel | None:
+    section = doc.data.get("pipeline", {})
+    if "model" in section:
+        return sglang_model(catalog=section["model"])
+    if "path" in section:
+        return sglang_model(model_path=section["path"])
+    return None
+
+
+def _sglang_flags(doc: Document, res: Resolution, errors: list[Diagnostic]) -> tuple[list[_Stage], list[str] | None]:
+    """The stages of SGLang's resolution and the final selection (normalised tokens, or None)."""
+    offload = doc.data.get("offload", {})
+    mode = str(offload.get("performance_mode", DEFAULT_PERFORMANCE_MODE)).lower()
+    model = _sglang_model_of(doc)
+    deploy: Mapping[str, Any] = model.deployment if model is not None else {}
+    num_gpus = int(offload.get("num_gpus", 1))
+    total = _gib(offload.get("gpu_memory"))
+    available = _gib(offload.get("gpu_memory_available", offload.get("gpu_memory")))
+    sel_key, raw = _selection_raw(doc, errors)
+    flags: dict[str, Any] = {f: offload.get(f) for f in _SGLANG_FLAGS}
+    if flags["vae_cpu_offload"] is None:
+        flags["vae_cpu_offload"] = False            # SGLang's default for vae_cpu_offload is False, not unset
+    flags["layerwise_offload_components"] = raw
+    stages: list[_Stage] = []
+    families = {c.family for c in res.components.values()}
+    has_image_encoder = "image_encoder" in families
+
+    # The user's flags, one stage each (design rule 3).
+    user = dict(flags, use_fsdp_inference=None, dit_cpu_offload=None, text_encoder_cpu_offload=None,
+                image_encoder_cpu_offload=None, vae_cpu_offload=False)
+    for flag in FAMILY_FLAGS:
+        if flags[flag] is True:
+            user[flag] = True
+            stages.append(_Stage("family-flag", dict(user), flag=flag))
+
+    explicit_memory = any(flags[f] is not None for f in ("use_fsdp_inference", "dit_cpu_offload",
+                                                          "dit_layerwise_offload", "text_encoder_cpu_offload",
+                                                          "image_encoder_cpu_offload")) or raw is not None
+    explicit_replacement = (any(flags[f] is not None for f in ("dit_layerwise_offload", "text_encoder_cpu_offload",
+                                                                 "image_encoder_cpu_offload"))
+                            or raw is not None or flags["vae_cpu_offload"] is True)
+    what = f"performance_mode {mode}" + ("" if "performance_mode" in offload else " (SGLang's default)")
+
+    def need(message: str, code: str = "performance-mode-needs-gpu-memory") -> None:
+        where = ("offload", "performance_mode") if "performance_mode" in offload else ("offload",)
+        res.warnings.append(doc.diagnostic(where, message, severity="warning", key="performance_mode" not in offload,
+                                           code=code))
+
+    def step(why: str, **changes: Any) -> None:
+        changed = {k: v for k, v in changes.items() if flags.get(k) != v}
+        if not changed:
+            return
+        flags.update(changed)
+        text = ", ".join(f"offload.{k} {'left unset' if offload.get(k) is None else 'given'} becomes "
+                         f"{_yaml_value(v)}" for k, v in changed.items())
+        stages.append(_Stage("performance-mode", dict(flags), detail=f"{what}: {text} ({why})"))
+
+    def unset(name: str, value: Any) -> dict[str, Any]:
+        return {name: value} if flags[name] is None else {}
+
+    def fsdp_possible(require_headroom: bool) -> bool:
+        min_gb = deploy.get("fsdp_auto_min_available_memory_gb")
+        if min_gb is None:
+            return False
+        if deploy.get("fsdp_auto_requires_cfg", True) and not (model is not None and model.uses_cfg):
+            return False
+        if not require_headroom:
+            return True
+        if available is None:
+            need(f"{what} replaces DiT offload with FSDP on {num_gpus} GPUs when each has at least {min_gb} GiB "
+                 "free (SGLang reads the devices); set offload.gpu_memory (or offload.gpu_memory_available): "
+                 f"taken as below {min_gb} GiB")
+            return False
+        return available >= min_gb
+
+    if mode not in PERFORMANCE_MODES:
+        errors.append(doc.diagnostic(("offload", "performance_mode"),
+                                     f"performance_mode must be one of {', '.join(PERFORMANCE_MODES)} (got {mode!r})"))
+        return stages, None
+    on_cpu = str(doc.data.get("device", "cuda")) == "cpu"
+    if mode != "manual" and on_cpu:
+        # SGLang's CPU platform: no preset, no offload default, no replacement; unset flags end up false
+        mode_steps = False
+    else:
+        mode_steps = mode != "manual"
+    if mode_steps and model is None:
+        need(f"{what} fills unset flags from the model's deployment config, and SGLang knows none for this "
+             "pipeline: SGLang's defaults are taken (no model-specific hint); name a catalog model or a Hugging Face "
+             "id SGLang registers, or set performance_mode: manual", code="performance-mode-unknown-model")
+
+    if mode == "speed" and mode_steps:
+        use_fsdp = num_gpus >= 2 and fsdp_possible(require_headroom=False)
+        step("speed: every component on the GPU" + (", the DiTs sharded" if use_fsdp else ""),
+             **unset("use_fsdp_inference", use_fsdp), **unset("dit_cpu_offload", False),
+             **unset("dit_layerwise_offload", False), **unset("text_encoder_cpu_offload", False),
+             **unset("image_encoder_cpu_offload", False))
+    elif mode == "memory" and mode_steps:
+        if flags["use_fsdp_inference"]:
+            step("memory with FSDP given: the rest on the GPU", **unset("dit_cpu_offload", False),
+                 **unset("dit_layerwise_offload", False), **unset("text_encoder_cpu_offload", False),
+                 **unset("image_encoder_cpu_offload", False))
+        else:
+            step("memory: no FSDP", use_fsdp_inference=False)
+            if deploy.get("auto_dit_layerwise_offload"):
+                step("memory: the model's deployment config streams its DiTs layerwise",
+                     **unset("dit_layerwise_offload", True), **unset("dit_cpu_offload", False),
+                     **unset("text_encoder_cpu_offload", True), **unset("image_encoder_cpu_offload", True))
+            else:
+                step("memory: component CPU offload", **unset("dit_cpu_offload", True),
+                     **unset("text_encoder_cpu_offload", True), **unset("image_encoder_cpu_offload", True),
+                     **unset("use_fsdp_inference", False))
+
+    if mode_steps:
+        # ServerArgs._adjust_offload
+        if total is None and has_image_encoder and flags["image_encoder_cpu_offload"] is None and \
+                (model is None or model.image_gen):
+            need(f"{what} CPU-offloads the image encoder of an image model only on a GPU under 30 GiB (SGLang "
+                 "reads the device); set offload.gpu_memory: taken as 30 GiB or more")
+        if total is not None and total < 30:
+            step("GPU under 30 GiB: large components offloaded", **unset("dit_cpu_offload", True),
+                 **unset("text_encoder_cpu_offload", True), **unset("image_encoder_cpu_offload", True))
+        elif model is None or model.image_gen:
+            step("image model: DiT and text encoder offloaded", **unset("dit_cpu_offload", True),
+                 **unset("text_encoder_cpu_offload", True), **unset("image_encoder_cpu_offload", False))
+        else:
+            step("video model: DiT and encoders offloaded", **unset("dit_cpu_offload", True),
+                 **unset("text_encoder_cpu_offload", True), **unset("image_encoder_cpu_offload", True))
+        # ServerArgsAutoTuner.maybe_adjust_auto_default_layerwise_offload
+        if not explicit_memory and deploy.get("auto_dit_layerwise_offload") and flags["dit_layerwise_offload"] is None:
+            if flags["use_fsdp_inference"]:
+                step("FSDP already shards the DiTs", dit_layerwise_offload=False)
+            else:
+                limit = deploy.get("auto_dit_layerwise_offload_high_memory_disable_gb")
+                high = False
+                if limit is not None:
+                    if total is None:
+                        need(f"{what} streams the DiTs layerwise unless the GPU has {limit} GiB or more (SGLang "
+                             f"reads the device); set offload.gpu_memory: taken as below {limit} GiB")
+                    else:
+                        high = total >= limit
+                if high:
+                    step(f"a GPU of {limit} GiB or more keeps the DiTs resident", dit_layerwise_offload=False)
+                else:
+                    step("the model's deployment config streams its DiTs layerwise instead of offloading them whole",
+                         dit_layerwise_offload=True, dit_cpu_offload=False)
+    if mode == "auto" and mode_steps and not explicit_memory:
+        # ServerArgsAutoTuner.maybe_adjust_auto_component_residency_after_offload
+        limit = deploy.get("auto_disable_component_offload_min_available_memory_gb")
+        if limit is not None:
+            if available is None:
+                need(f"{what} keeps components resident when each GPU has {limit} GiB free (SGLang reads the "
+                     "devices); set offload.gpu_memory (or offload.gpu_memory_available): "
+                     f"taken as below {limit} GiB")
+            elif available >= limit:
+                comps = deploy.get("auto_disable_component_offload_components", ())
+                step(f"{limit} GiB free or more: offload turned off for {', '.join(comps)}",
+                     **{f"{c}_cpu_offload": False for c in comps if flags.get(f"{c}_cpu_offload")})
+        # ServerArgsAutoTuner.maybe_adjust_auto_fsdp_with_offload_enabled
+        if num_gpus >= 2 and (flags["dit_cpu_offload"] or flags["dit_layerwise_offload"]) and \
+                fsdp_possible(require_headroom=True):
+            step(f"{num_gpus} GPUs: FSDP replaces DiT offload", use_fsdp_inference=True,
+                 **({"dit_cpu_offload": False} if flags["dit_cpu_offload"] else {}),
+                 **({"dit_layerwise_offload": False} if flags["dit_layerwise_offload"] else {}))
+    if mode_steps:
+        # ServerArgsAutoTuner.maybe_replace_cpu_offloaded_components_with_layerwise
+        if not explicit_replacement and not flags["use_fsdp_inference"] and flags["layerwise_offload_components"] is None:
+            chosen = ["default"] if flags["dit_layerwise_offload"] else []
+            changed = [c for c in ("text_encoder", "image_encoder", "vae") if flags[f"{c}_cpu_offload"]]
+            if changed:
+                step(f"CPU offload of {', '.join(changed)} replaced by layerwise offload",
+                     layerwise_offload_components=chosen + changed)
+
+    # ServerArgs._adjust_layerwise_offload_components and _validate_offload: the conflict rule.
+    names = normalize_selection(flags["layerwise_offload_components"])
+    if flags["dit_layerwise_offload"]:
+        names = ["default"] if names is None else (names if "default" in names else ["default", *names])
+    if mode != "manual":
+        for f in ("use_fsdp_inference", "dit_cpu_offload", "dit_layerwise_offload", "text_encoder_cpu_offload",
+                  "image_encoder_cpu_offload"):
+            if flags[f] is None:
+                flags[f] = False
+    if names:
+        off = set(FAMILY_CPU_OFFLOAD_FLAG.values()) if "all" in names else \
+            {FAMILY_CPU_OFFLOAD_FLAG[f] for f in (_token_family(n) for n in names) if f is not None}
+        final = dict(flags, layerwise_offload_components=names, use_fsdp_inference=False,
+                     **{f: False for f in off})
+        stages.append(_Stage("conflict", final))
+        p = offload.get("dit_offload_prefetch_size")
+        if isinstance(p, (int, float)) and not isinstance(p, bool):
+            where = ("offload", "dit_offload_prefetch_size")
+            if p < 0:
+                errors.append(doc.diagnostic(where, f"prefetch cannot be negative (got {p})"))
+            elif not math.isfinite(p):
+                errors.append(doc.diagnostic(where, f"prefetch must be a finite number (got {p})"))
+    return stages, names
+
+
+def _yaml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(str(v) for v in value) + "]"
+    return str(value)
+
+
+def _can_stream(comp: ComponentResolution, cls: SGLangClass | None) -> tuple[bool, str]:
+    """Whether SGLang would stream this component, and if not, why."""
+    if cls is None:
+        # a class SGLang's table does not know: it streams when it has layer lists (or may, before loading)
+        if comp.info.known and comp.info.layer_count == 0:
+            return False, f"{comp.info.class_name or comp.name} has no repeated blocks to stream"
+        return True, ""
+    if not cls.layerwise:
+        return False, f"SGLang's {cls.sglang_class.rsplit('.', 1)[-1]} does not support layerwise offload"
+    if not cls.streams:
+        return False, (f"SGLang's {cls.sglang_class.rsplit('.', 1)[-1]} declares no layer list SGLang can stream "
+                       "(its layer_names are empty)")
+    return True, ""
+
+
+def _default_enabled(comp: ComponentResolution, cls: SGLangClass | None) -> bool:
+    if cls is None:
+        return next(t for t in SELECTION_TOKENS if t.token == "default").select(comp.name, comp.family)
+    return cls.layerwise and cls.default_enabled
+
+
+def _matches(comp: ComponentResolution, token: str) -> bool:
+    """layerwise_component_matches_selection: the family tokens, else the exact name."""
+    if token == "text_encoder":
+        return comp.family == "text_encoder"
+    if token == "vae":
+        return comp.family == "vae"
+    return comp.name == token
+
+
+def _streamed_lists(doc: Document, comp: ComponentResolution, cls: SGLangClass | None) -> None:
+    """The lists SGLang streams for this class (its layer_names), as the resolution's layer paths, with
+    their lengths from the inventory or, for a catalog model, from SGLang's table. Where a list's length
+    is known to neither (a folder or a loaded pipeline whose discovery found other lists), the
+    inventory's own lists are kept: a plan names only lists whose length it knows."""
+    if cls is None or not cls.streams:
+        return
+    known = {ll.path: ll for ll in comp.info.layer_lists}
+    model = doc.data.get("pipeline", {}).get("model")
+    extra = {d["path"]: LayerList.from_dict(d) for d in (sglang_layer_lists(model, comp.name) if model else ())}
+    lists = tuple(known.get(p) or extra.get(p) for p in cls.streams)
+    if any(ll is None for ll in lists):
+        if not comp.info.known:
+            lists = tuple(LayerList(p, 0) for p in cls.streams)     # lengths are read when the pipeline loads
+        else:
+            return
+    comp.layer_paths = tuple(ll.path for ll in lists)
+    comp.info = replace(comp.info, layer_lists=lists)
+
+
+def _apply_offload(doc: Document, res: Resolution, base: str, decide: Any, errors: list[Diagnostic],
+                   strict: bool) -> None:
+    stages, names = _sglang_flags(doc, res, errors)
+    sel_key, raw = _selection_raw(doc, [])
+    comps = list(res.components.values())
+    classes = {c.name: sglang_class(c.info.class_name) for c in comps}
+
+    # which components the final selection reaches (configure_layerwise_offload_modules), and which stream
+    selected: dict[str, tuple[str, PathKey | None]] = {}
+    streams: set[str] = set()
+    if names:
+        where_of = _token_places(doc, sel_key, raw)
+        auto_selected = raw is None or "layerwise_offload_components" not in doc.data["offload"] and \
+            "layerwise_offload_modules" not in doc.data["offload"]
+        for token in names:
+            if token in ("all", "default"):
+                continue
+            if not any(_matches(c, token) for c in comps):
+                where = where_of.get(token) or ("offload", sel_key)
+                if where_of.get(token) is None and auto_selected:
+                    continue
+                known = [c.name for c in comps] + [t.token for t in SELECTION_TOKENS]
+                res.warnings.append(doc.diagnostic(
+                    where, f"layerwise selection token '{token}' matches no component{did_you_mean(token, known)}",
+                    severity="warning", code="selection-matches-nothing"))
+        for comp in comps:
+            cls = classes[comp.name]
+            token = next((t for t in names if t not in ("all", "default") and _matches(comp, t)), None)
+            if token is None and "all" in names:
+                token = "all"
+            if token is None and "default" in names and _default_enabled(comp, cls):
+                token = "default"
+            if token is None:
+                continue
+            path = where_of.get(token)
+            if token == "default" and path is None:
+                source = ("offload.dit_layerwise_offload" if doc.data["offload"].get("dit_layerwise_offload")
+                          else "SGLang's performance_mode")
+            elif path is None:
+                source = f"SGLang's performance_mode (token '{token}')"
+            else:
+                source = f"offload token '{token}'"
+            comp.selected_by = source
+            if token == comp.name and token not in ("text_encoder", "vae") and path is not None:
+                comp.explicit_selection = path
+            selected[comp.name] = (source, path)
+            ok, why = _can_stream(comp, cls)
+            if ok:
+                streams.add(comp.name)
+            elif token not in ("all", "default"):
+                # SGLang warns about explicitly named components only ('all' and 'default' skip quietly)
+                res.warnings.append(doc.diagnostic(path or ("offload", sel_key) if path or raw is not None
+                                                   else ("offload",),
+                                                   f"{comp.name} is selected for layerwise offload by {source}, but "
+                                                   f"{why}; it stays on the GPU (SGLang skips it with a warning, and "
+                                                   "the selection turned its family's CPU offload off)",
+                                                   severity="warning", key=path is None and raw is None,
+                                                   code="layerwise-cannot-stream"))
+
+    def strategy_of(comp: ComponentResolution, flags: Mapping[str, Any], final: bool) -> str:
+        if final and comp.name in streams:
+            return "layerwise"
+        if flags.get("use_fsdp_inference") and comp.family == "dit":
+            return "fsdp"
+        flag = FAMILY_CPU_OFFLOAD_FLAG.get(comp.family)
+        if flag and flags.get(flag):
+            return "cpu_offload"
+        return base
+
+    for stage in stages:
+        final = stage.rule == "conflict"
+        for comp in comps:
+            to = strategy_of(comp, stage.flags, final)
+            if to == comp.strategy:
+                continue
+            if stage.rule == "family-flag":
+                if to == "fsdp" and comp.strategy == "cpu_offload":
+                    decide(comp, "fsdp-overrides-cpu-offload", to, flag=comp.flag)
+                else:
+                    decide(comp, "family-flag", to, flag=stage.flag)
+                comp.flag = f"offload.{stage.flag}"
+            elif stage.rule == "performance-mode":
+                decide(comp, "performance-mode", to, detail=stage.detail)
+                comp.flag = "offload.performance_mode"
+            elif to == "layerwise":
+                source = selected[comp.name][0]
+                rule = {"cpu_offload": "layerwise-overrides-cpu-offload",
+                        "fsdp": "layerwise-overrides-fsdp"}.get(comp.strategy, "layerwise-selection")
+                decide(comp, rule, to, source=source, flag=comp.flag,
+                       detail=f"{comp.name} is streamed instead of sharded")
+                comp.flag = source
+            elif comp.strategy == "fsdp":
+                decide(comp, "layerwise-overrides-fsdp", to, source=_any_source(selected, doc),
+                       detail=f"{comp.name} is not sharded")
+                comp.flag = "offload.use_fsdp_inference"
+            elif comp.name in selected:
+                source = selected[comp.name][0]
+                decide(comp, "layerwise-cannot-stream", to, source=source,
+                       detail=_can_stream(comp, classes[comp.name])[1])
+                comp.flag = source
+            else:
+                decide(comp, "layerwise-disables-family-cpu-offload", to, source=_any_source(selected, doc),
+                       flag=FAMILY_CPU_OFFLOAD_FLAG.get(comp.family, "?"))
+                comp.flag = "offload.layerwise_offload_components"
+    for comp in comps:
+        if comp.name in streams:
+            if comp.strategy != "layerwise":       # already layerwise from defaults.strategy
+                decide(comp, "layerwise-selection", "layerwise", source=selected[comp.name][0])
+            _streamed_lists(doc, comp, classes[comp.name])
+
+
+def _any_source(selected: Mapping[str, tuple[str, PathKey | None]], doc: Document) -> str:
+    for source, _ in selected.values():
+        return source
+    return "the layerwise selection"
+
+
+def _token_places(doc: Document, key: str, raw: Any) -> dict[str, PathKey]:
+    """Where each normalised token of the spec's selection is written (its first place)."""
+    places: dict[str, PathKey] = {}
     if isinstance(raw, str):
-        tokens = [(t, ("offload", key)) for t in raw.split(",")]
+        for part in raw.split(","):
+            places.setdefault(normalize_token(part), ("offload", key))
     elif isinstance(raw, list):
         for i, item in enumerate(raw):
-            tokens.extend((t, ("offload", key, i)) for t in str(item).split(","))
-    if offload.get("dit_layerwise_offload") is True:
-        tokens.append(("default", None))
-    seen: set[str] = set()
-    chosen: dict[str, tuple[ComponentResolution, str, PathKey | None]] = {}
-    for raw_token, where in tokens:
-        token = normalize_token(raw_token)
-        if not token or token in seen:
-            continue
-        seen.add(token)
-        rule = next((t for t in SELECTION_TOKENS if t.token == token), None)
-        if rule is not None:
-            matched = [c for c in res.components.values() if rule.select(c.name, c.family)]
-        else:
-            matched = [c for c in res.components.values() if c.name == token]
-        if not matched:
-            names = list(res.components) + [t.token for t in SELECTION_TOKENS]
-            where_path = where if where is not None else ("offload", "dit_layerwise_offload")
-            res.warnings.append(doc.diagnostic(
-                where_path, f"layerwise selection token '{token}' matches no component{did_you_mean(token, names)}",
-                severity="warning", code="selection-matches-nothing"))
-            continue
-        for comp in matched:
-            if comp.name not in chosen or (token == comp.name and where is not None):
-                chosen[comp.name] = (comp, token, where)
-    # pipeline order, not token order, so that decisions read top to bottom
-    return [chosen[name] for name in res.components if name in chosen]
+            for part in str(item).split(","):
+                places.setdefault(normalize_token(part), ("offload", key, i))
+    places.pop("", None)
+    return places
 
 
 def prefetch_count(p: float, layer_count: int) -> int:
@@ -241,6 +635,9 @@ def _resolve_layers(doc: Document, comp: ComponentResolution, entry: dict[str, A
         p, where = DEFAULT_PREFETCH, None
     if p < 0:
         errors.append(doc.diagnostic(where or ("defaults",), f"prefetch cannot be negative (got {p})"))
+        return
+    if not math.isfinite(p):
+        errors.append(doc.diagnostic(where or ("defaults",), f"prefetch must be a finite number (got {p})"))
         return
     if not comp.info.known and p < 1 and where is not None:
         res.warnings.append(doc.diagnostic(where, f"the layer count of {comp.name} is unknown before loading; "

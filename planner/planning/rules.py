@@ -26,8 +26,11 @@ class Token:
 
 
 SELECTION_TOKENS: tuple[Token, ...] = (
-    Token("all", "every module component", lambda name, fam: True),
-    Token("default", "the DiT family except dual_tower_bridge",
+    Token("all", "every component that can stream", lambda name, fam: True),
+    # The resolver selects by class: what the component's class declares in SGLang
+    # (layerwise_offload_default_enabled). This name rule is the fallback for classes SGLang does not know.
+    Token("default", "the components whose class SGLang marks default-enabled (its DiTs; not the bridge, the "
+                     "text encoders or the VAEs)",
           lambda name, fam: fam == "dit" and name != "dual_tower_bridge"),
     Token("text_encoder", "the whole text-encoder family", lambda name, fam: fam == "text_encoder"),
     Token("vae", "the whole VAE family", lambda name, fam: fam == "vae"),
@@ -36,6 +39,15 @@ SELECTION_TOKENS: tuple[Token, ...] = (
 
 def normalize_token(raw: str) -> str:
     return raw.strip().replace("-", "_").lower()
+
+
+# Family -> SGLang's CPU-offload flag of that family (layerwise_offload_components.CPU_OFFLOAD_FLAG_NAMES).
+FAMILY_CPU_OFFLOAD_FLAG: dict[str, str] = {
+    "dit": "dit_cpu_offload",
+    "text_encoder": "text_encoder_cpu_offload",
+    "image_encoder": "image_encoder_cpu_offload",
+    "vae": "vae_cpu_offload",
+}
 
 
 # Family flags (design rule 3): flag -> (family, strategy)
@@ -60,16 +72,29 @@ RULES: dict[str, Rule] = {r.id: r for r in (
          "defaults.strategy is '{to}'"),
     Rule("family-flag", "an SGLang family flag sets the strategy of its family",
          "offload.{flag} is true and {component} is in the {family} family"),
+    Rule("performance-mode", "SGLang's performance_mode fills the flags left unset (its server-args auto-tuning)",
+         "{detail}"),
     Rule("fsdp-overrides-cpu-offload", "FSDP and CPU offload of one family: FSDP wins",
          "offload.use_fsdp_inference shards {component}; its CPU offload from {flag} is turned off"),
     Rule("layerwise-selection", "a component selected for layerwise offload is streamed",
          "{component} is selected by {source}"),
-    Rule("layerwise-overrides-cpu-offload", "layerwise selection turns off CPU offload for that component only",
+    Rule("layerwise-overrides-cpu-offload",
+         "a layerwise selection turns its family's CPU-offload flag off, for the whole family (as SGLang does)",
          "{component} is selected for layerwise offload by {source}; its CPU offload from {flag} is turned off "
          "(the weights already live in pinned host memory and stream in per layer)"),
-    Rule("layerwise-overrides-fsdp", "layerwise selection turns off FSDP for that component only",
-         "{component} is selected for layerwise offload by {source}; FSDP from {flag} is turned off for it "
-         "(a streamed component is not sharded)"),
+    Rule("layerwise-disables-family-cpu-offload",
+         "a layerwise selection turns its family's CPU-offload flag off for the whole family, selected or not",
+         "{source} selects the {family} family for layerwise offload, which turns offload.{flag} off for the whole "
+         "family (SGLang: _disable_cpu_offload_for_layerwise_components); {component} is not streamed, so it stays "
+         "on the GPU"),
+    Rule("layerwise-overrides-fsdp",
+         "any layerwise selection turns use_fsdp_inference off, for the whole pipeline (as SGLang does)",
+         "{source} selects components for layerwise offload, which turns offload.use_fsdp_inference off "
+         "(SGLang: _validate_offload); {detail}"),
+    Rule("layerwise-cannot-stream",
+         "a selected component that cannot stream stays where its family flag, turned off by the selection, leaves it",
+         "{component} is selected by {source}, but {detail}; SGLang skips it with a warning, and with its family's "
+         "CPU offload turned off by the selection it stays on the GPU"),
     Rule("component-entry", "a components: entry is the most specific statement and overrides flags",
          "components.{component} sets strategy '{to}'"),
     Rule("auto-budget", "strategy auto: chosen under memory.gpu_budget to minimise predicted time",

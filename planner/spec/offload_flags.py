@@ -5,16 +5,32 @@ Spec vocabulary: the schema generator, ``from-sglang`` and the resolver read thi
 
 from __future__ import annotations
 
-# (name, kind, description); kind: bool | selection | prefetch
+# SGLang's performance_mode values (server_args_auto_tune.PERFORMANCE_MODES); its default is auto.
+PERFORMANCE_MODES = ("manual", "auto", "speed", "memory")
+DEFAULT_PERFORMANCE_MODE = "auto"
+
+
+# (name, kind, description); kind: bool | selection | prefetch | mode | count | size
 OFFLOAD_FLAGS: tuple[tuple[str, str, str], ...] = (
-    ("dit_layerwise_offload", "bool", "Legacy: stream the DiT family layer by layer (adds the token 'default')."),
+    ("performance_mode", "mode",
+     "SGLang's preset (default auto): manual leaves unset flags unset; auto fills them from the model's deployment "
+     "config and the GPU's memory; memory and speed are presets. Explicit flags win."),
+    ("dit_layerwise_offload", "bool",
+     "Legacy: stream the components SGLang's classes mark default-enabled (adds the token 'default')."),
     ("layerwise_offload_components", "selection",
      "Components to stream layer by layer: comma-separated tokens or a list (all, default, text_encoder, vae, or names)."),
     ("layerwise_offload_modules", "selection", "Alias of layerwise_offload_components."),
-    ("dit_offload_prefetch_size", "prefetch", "Layers prefetched ahead: a fraction in [0, 1) of the layer count, or a count."),
+    ("dit_offload_prefetch_size", "prefetch",
+     "Layers prefetched ahead, per layer list: a fraction in [0, 1) of the list's length, or a count (floored). "
+     "Negative is an error when something is selected."),
     ("dit_cpu_offload", "bool", "Move the DiT family to the GPU whole before use and back after."),
     ("text_encoder_cpu_offload", "bool", "CPU offload for the text-encoder family."),
     ("image_encoder_cpu_offload", "bool", "CPU offload for the image-encoder family."),
     ("vae_cpu_offload", "bool", "CPU offload for the VAE family."),
     ("use_fsdp_inference", "bool", "Shard the DiT family with FSDP2 across ranks."),
+    ("num_gpus", "count", "SGLang's --num-gpus (default 1): multi-GPU auto-tuning (FSDP in place of DiT offload)."),
+    ("gpu_memory", "size",
+     "Total memory of one GPU, read by the performance_mode decisions that depend on it (SGLang asks the device)."),
+    ("gpu_memory_available", "size",
+     "Free memory of the least-free GPU at start-up (default: gpu_memory), read by the auto decisions that use it."),
 )

@@ -5,12 +5,14 @@ SGLang drops arguments it does not know; here every argument is either translate
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from planner.errors import SpecError
 from planner.spec.document import load_text, read_file
-from planner.spec.offload_flags import OFFLOAD_FLAGS
+from planner.spec.offload_flags import OFFLOAD_FLAGS, PERFORMANCE_MODES
+from planner.spec.sizes import parse_size
 
 # Hugging Face repository ids of the catalog's models, for --model-path.
 HF_MODEL_IDS = {
@@ -23,9 +25,26 @@ HF_MODEL_IDS = {
     "lightricks/ltx-2": "ltx-2",
 }
 _BOOL_FLAGS = {name for name, kind, _ in OFFLOAD_FLAGS if kind == "bool"}
-_VALUE_FLAGS = {name for name, kind, _ in OFFLOAD_FLAGS if kind != "bool"}
-_TRUE = {"true", "1", "yes", "on"}
-_FALSE = {"false", "0", "no", "off"}
+_LIST_FLAGS = {"layerwise_offload_components", "layerwise_offload_modules"}   # argparse nargs="+"
+# SGLang's StoreBoolean takes the flag alone (true) or 'true' / 'false' in any case, and nothing else.
+_TRUE = {"true"}
+_FALSE = {"false"}
+# SGLang's own spellings that write the same server argument (argparse dest).
+_ALIASES = {"mode": "performance_mode"}
+# Options of from-sglang itself (not SGLang's): facts SGLang reads from the device.
+_OWN_OPTIONS = {"gpu_memory", "gpu_memory_available"}
+# Precisions SGLang names (--dit-precision) and this project's dtypes, for --dtype / --dit-precision.
+_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16", "half": "float16",
+           "fp32": "float32", "float32": "float32", "float": "float32"}
+# Residency flags of SGLang releases after 416fdbb: users write them, this commit does not have them.
+LATER_FLAGS = {
+    "component_residency": "#34736",
+    "dit_layerwise_resident_layers": "#31538",
+    "dit_layerwise_residency_policy": "#34534",
+    "layerwise_prefetch_size": "#35688",
+    "layerwise_resident_layers": "#35688",
+    "layerwise_residency_policy": "#35688",
+}
 
 
 class SGLangArgsError(ValueError):
@@ -36,39 +55,71 @@ class SGLangArgsError(ValueError):
 class Translation:
     spec: dict[str, Any]
     ignored: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def _key(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_").lower()
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def parse_args(argv: Sequence[str]) -> dict[str, Any]:
-    """SGLang-style ``--flag value`` / ``--flag`` / ``--flag=value`` into a mapping (config file merged first)."""
-    args: dict[str, Any] = {}
+    """SGLang-style arguments into a mapping, as SGLang's argparse reads them: ``--flag value``,
+    ``--flag=value``, boolean flags alone or with true/false, list flags with one or more values
+    (``--layerwise-offload-components transformer text_encoder``); a ``--config`` file first, its
+    values as YAML gives them (a list stays a list), the command line over it."""
     cli: dict[str, Any] = {}
-    i = 0
     items = list(argv)
+    i = 0
     while i < len(items):
         item = items[i]
         if not item.startswith("--"):
             raise SGLangArgsError(f"expected a --flag, got '{item}'")
-        if "=" in item:
-            name, value = item.split("=", 1)
-            cli[_key(name)] = value
-            i += 1
-            continue
-        name = _key(item)
-        nxt = items[i + 1] if i + 1 < len(items) else None
-        if nxt is not None and not nxt.startswith("--"):
-            cli[name] = nxt
-            i += 2
+        name, eq, inline = item.partition("=")
+        key = _key(name)
+        key = _ALIASES.get(key, key)
+        i += 1
+        values: list[str] = []
+        if eq:
+            values = [inline]
         else:
-            cli[name] = True
-            i += 1
+            while i < len(items) and not (items[i].startswith("-") and not _is_number(items[i])):
+                values.append(items[i])
+                i += 1
+                if key not in _LIST_FLAGS and key in _BOOL_FLAGS | {"performance_mode", "dit_offload_prefetch_size",
+                                                                  "num_gpus", "model_path", "config", "dtype",
+                                                                  "dit_precision"} | _OWN_OPTIONS:
+                    break
+        if key in _LIST_FLAGS:
+            if not values:
+                raise SGLangArgsError(f"{name} expects one or more component names")
+            if key in cli or ({"layerwise_offload_components", "layerwise_offload_modules"} & set(cli)):
+                # one argparse destination: the later spelling wins
+                cli.pop("layerwise_offload_components", None)
+                cli.pop("layerwise_offload_modules", None)
+            cli[key] = values
+        elif key in _BOOL_FLAGS:
+            if len(values) > 1:
+                raise SGLangArgsError(f"{name} takes at most one value (true or false), got {' '.join(values)}")
+            cli[key] = _as_bool(key, values[0]) if values else True
+        else:
+            cli[key] = (values[0] if len(values) == 1 else values) if values else True
+    args: dict[str, Any] = {}
     if "config" in cli:
         args.update(_read_config(str(cli.pop("config"))))
     args.update(cli)
     return args
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _read_config(path: str) -> dict[str, Any]:
@@ -83,6 +134,7 @@ def _read_config(path: str) -> dict[str, Any]:
 
 
 def _as_bool(name: str, value: Any) -> bool:
+    """SGLang's StoreBoolean: 'true' or 'false' in any case; yes, on and 1 are refused."""
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
@@ -90,12 +142,34 @@ def _as_bool(name: str, value: Any) -> bool:
         return True
     if text in _FALSE:
         return False
-    raise SGLangArgsError(f"--{name.replace('_', '-')} expects true or false, got '{value}'")
+    raise SGLangArgsError(f"{_flag(name)} expects true or false, got '{value}' (SGLang refuses anything else)")
+
+
+def _prefetch(value: Any) -> float | int:
+    if isinstance(value, bool):
+        raise SGLangArgsError(f"--dit-offload-prefetch-size expects a number, got '{value}'")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise SGLangArgsError(f"--dit-offload-prefetch-size expects a number, got '{value}'") from None
+    if not math.isfinite(number):
+        raise SGLangArgsError(f"--dit-offload-prefetch-size must be a finite number, got '{value}' (SGLang fails "
+                              "on it: it floors every value above 1 to an integer)")
+    return int(number) if number.is_integer() and "." not in str(value) and "e" not in str(value).lower() else number
+
+
+def _selection_value(value: Any) -> str | list[str]:
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    return str(value)
 
 
 def translate(args: dict[str, Any]) -> Translation:
+    """An equivalent spec. What is not a residency setting of SGLang at 416fdbb is listed in ``ignored``."""
     spec: dict[str, Any] = {"version": 1}
     ignored: list[str] = []
+    notes: list[str] = []
+    args = dict(args)
     model_path = args.pop("model_path", None)
     if model_path is None:
         spec["pipeline"] = {"model": "z-image-turbo"}
@@ -104,25 +178,63 @@ def translate(args: dict[str, Any]) -> Translation:
         spec["pipeline"] = {"model": HF_MODEL_IDS[str(model_path).lower()]}
     else:
         spec["pipeline"] = {"path": str(model_path)}
-    dtype = args.pop("dtype", None)
-    if dtype in ("bfloat16", "float16", "float32"):
-        spec["pipeline"]["dtype"] = dtype
+    for dkey in ("dtype", "dit_precision"):
+        if dkey not in args:
+            continue
+        dtype = args.pop(dkey)
+        if str(dtype).lower() not in _DTYPES:
+            raise SGLangArgsError(f"{_flag(dkey)} expects one of {', '.join(sorted(_DTYPES))}, got '{dtype}'")
+        spec["pipeline"]["dtype"] = _DTYPES[str(dtype).lower()]
+        if dkey == "dtype":
+            notes.append("--dtype is not an SGLang server argument at 416fdbb (its precisions are --dit-precision, "
+                         "--vae-precision, --text-encoder-precisions); taken as pipeline.dtype")
     offload: dict[str, Any] = {}
     for name, value in args.items():
         if name in _BOOL_FLAGS:
-            offload[name] = _as_bool(name, value)
-        elif name in ("layerwise_offload_components", "layerwise_offload_modules"):
-            offload[name] = str(value)
+            if not isinstance(value, bool):
+                if isinstance(value, str):
+                    value = _as_bool(name, value)
+                else:
+                    notes.append(f"{name}: {value!r} from the config file is taken as SGLang takes it, "
+                                 f"{'true' if value else 'false'} (config values are not checked)")
+                    value = bool(value)
+            offload[name] = value
+        elif name in _LIST_FLAGS:
+            offload[name] = _selection_value(value)
         elif name == "dit_offload_prefetch_size":
+            offload[name] = _prefetch(value)
+        elif name == "performance_mode":
+            mode = str(value).lower()
+            if mode not in PERFORMANCE_MODES:
+                raise SGLangArgsError(f"--performance-mode expects one of {', '.join(PERFORMANCE_MODES)}, got '{value}'")
+            offload[name] = mode
+        elif name == "num_gpus":
             try:
-                offload[name] = float(value) if "." in str(value) else int(value)
+                count = int(str(value))
             except ValueError:
-                raise SGLangArgsError(f"--dit-offload-prefetch-size expects a number, got '{value}'") from None
+                raise SGLangArgsError(f"--num-gpus expects an integer, got '{value}'") from None
+            if count < 1:
+                raise SGLangArgsError(f"--num-gpus expects at least 1, got {count}")
+            offload[name] = count
+        elif name in _OWN_OPTIONS:
+            try:
+                parse_size(value)
+            except ValueError as exc:
+                raise SGLangArgsError(f"{_flag(name)}: {exc}") from None
+            offload[name] = value
+        elif name in LATER_FLAGS:
+            ignored.append(f"{_flag(name)} (later SGLang, {LATER_FLAGS[name]}; not in 416fdbb, not translated)")
         else:
-            ignored.append(f"--{name.replace('_', '-')}")
+            ignored.append(_flag(name))
+    p = offload.get("dit_offload_prefetch_size")
+    selects = bool(offload.get("dit_layerwise_offload")) or any(
+        offload.get(k) not in (None, "", []) for k in _LIST_FLAGS)
+    if isinstance(p, (int, float)) and p < 0 and selects:
+        raise SGLangArgsError(f"--dit-offload-prefetch-size cannot be negative when components are selected for "
+                              f"layerwise offload (got {p}); SGLang refuses it")
     if offload:
         spec["offload"] = offload
-    return Translation(spec=spec, ignored=ignored)
+    return Translation(spec=spec, ignored=ignored, notes=notes)
 
 
 def render_yaml(translation: Translation, schema_ref: str = "../schemas/deployment.schema.json") -> str:
@@ -131,4 +243,6 @@ def render_yaml(translation: Translation, schema_ref: str = "../schemas/deployme
     head = f"# yaml-language-server: $schema={schema_ref}\n# Translated from SGLang server arguments by residency-planner from-sglang.\n"
     if translation.ignored:
         head += "# Not residency settings, left out: " + ", ".join(translation.ignored) + "\n"
+    for note in translation.notes:
+        head += f"# Note: {note}\n"
     return head + yaml.safe_dump(translation.spec, sort_keys=False, default_flow_style=False)
