@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from planner.errors import PlanApplyError
+from planner.errors import FolderError, PlanApplyError, SpecError
+from planner.files.hub_cache import resolve_pipeline_path
 from planner.inventory.model import Inventory
 from planner.plan import Plan
 from planner.planning import make_plan as _planning
@@ -41,17 +42,18 @@ def apply_plan(pipe: Any, plan: Plan | SpecLike, *, device: str | None = None, s
 
 
 def spec_folder(spec: SpecLike) -> Path:
-    """The diffusers folder a spec's ``pipeline.path`` names, relative to the spec's file."""
+    """The diffusers folder a spec's ``pipeline.path`` names: a folder relative to the spec's file,
+    or a Hugging Face repo id (``ORG/NAME``) found in the local hub cache, offline."""
     doc = load_spec(spec)
     section = doc.data["pipeline"]
     if "path" not in section:
         raise PlanApplyError("loading needs pipeline.path (a diffusers folder); catalog entries and class "
                              "lists carry no weights")
-    raw = Path(section["path"])
-    if raw.is_absolute():
-        return raw
     base = Path(doc.file).parent if doc.file and not doc.file.startswith("<") else Path.cwd()
-    return (base / raw).resolve()
+    try:
+        return resolve_pipeline_path(str(section["path"]), base)
+    except FolderError as exc:
+        raise SpecError([doc.diagnostic(("pipeline", "path"), str(exc))]) from None
 
 
 def load_pipeline(spec: SpecLike, *, device: str | None = None, plan: Plan | None = None,

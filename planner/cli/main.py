@@ -339,14 +339,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="profile.json")
     p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("run", help="load a pipeline with its plan applied and generate")
+    p = sub.add_parser("run", help="load a pipeline with its plan applied and generate",
+                       description="Load the spec's pipeline once, with its plan applied, and generate. Any "
+                                   "argument of the pipeline's __call__ is --set NAME=VALUE, checked against "
+                                   "its signature.")
     p.add_argument("spec", metavar="SPEC")
-    p.add_argument("--prompt", required=True)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt")
+    source.add_argument("--prompts", metavar="FILE",
+                        help="a prompt per line, or a JSON object per line (prompt, seed, any __call__ argument)")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--guidance-scale", type=float, default=None)
+    p.add_argument("--image", metavar="PATH", default=None, help="the input image (image-to-image, image-to-video)")
+    p.add_argument("--num-frames", type=int, default=None)
+    p.add_argument("--num-images", type=int, default=None,
+                   help="outputs per prompt (num_images_per_prompt, num_videos_per_prompt, ...)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
+    p.add_argument("--set", dest="set_args", action="append", default=[], metavar="NAME=VALUE",
+                   help="any argument of the pipeline's __call__ (repeatable)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", default="output.png")
+    p.add_argument("--output", default=None,
+                   help="where to write: an image (PNG), a video (mp4, or numbered PNGs without a video "
+                        "writer) or audio (wav); default output.png/.mp4/.wav by the pipeline's kind")
+    p.add_argument("--fps", type=float, default=None, help="frames per second of a video output")
+    p.add_argument("--report", metavar="FILE", default=None,
+                   help="write a JSON report: plan, predicted and measured peak and time, per generation")
     p.add_argument("--device", default=None, help="override the spec's device")
     p.set_defaults(func=cmd_run)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Mapping, Union
 
 from planner.errors import FolderError, SpecError, did_you_mean
+from planner.files.hub_cache import resolve_pipeline_path
 from planner.inventory.catalog import catalog_inventory, catalog_models, class_inventory
 from planner.inventory.folder import folder_inventory
 from planner.inventory.loaded import (
@@ -58,11 +59,9 @@ def _pipeline_inventory(doc: Document, pipeline: Any) -> Inventory:
 
 
 def _folder(doc: Document) -> Path:
-    raw = Path(doc.data["pipeline"]["path"])
-    if raw.is_absolute():
-        return raw
+    """``pipeline.path``: a folder (relative to the spec's file) or a repo id in the local hub cache."""
     base = Path(doc.file).parent if doc.file and not doc.file.startswith("<") else Path.cwd()
-    return (base / raw).resolve()
+    return resolve_pipeline_path(str(doc.data["pipeline"]["path"]), base)
 
 
 def spec_inventory(doc: Document, *, pipeline: Any = None) -> Inventory:

@@ -18,6 +18,11 @@ ltx-2              LTX2Pipeline                transformer, text_encoder (Gemma3
                                                audio_vae, vocoder
 =================  ==========================  ==============================================
 
+Two more, for the command line's tests and not in ``TINY_FAMILIES`` (``EXTRA_TINY_FAMILIES``):
+``wan2.2-i2v-a14b`` (``WanImageToVideoPipeline``, an input image's latents concatenated to the
+noise) and ``stable-audio-open`` (``StableAudioPipeline``: T5, a projection model, a DiT and the
+Oobleck VAE; stereo audio at 512 Hz).
+
 Nothing is downloaded: tokenizers are built in memory as small byte-level BPE (CLIP,
 Qwen), byte-fallback BPE (Gemma) or unigram (T5) vocabularies learned from a fixed corpus,
 and they round-trip through ``save_pretrained``/``from_pretrained`` (tokenizer.json).
@@ -81,6 +86,7 @@ from transformers import (
 from planner.executor.module_build import materialize
 
 __all__ = [
+    "EXTRA_TINY_FAMILIES",
     "TINY_FAMILIES",
     "build_tiny_pipeline",
     "load_tiny_pipeline",
@@ -718,6 +724,90 @@ def _ltx2(seed: int) -> DiffusionPipeline:
     )
 
 
+def _wan22_i2v(seed: int) -> DiffusionPipeline:
+    """Wan 2.2 I2V-A14B: the input image's latents and a frame mask are concatenated to the noise
+    (16 + 4 + 16 = 36 channels); no image encoder."""
+    from diffusers import WanImageToVideoPipeline
+
+    t2v = _wan22_t2v(seed)
+
+    def wan_transformer() -> WanTransformer3DModel:
+        return WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=2,
+            attention_head_dim=12,
+            in_channels=36,
+            out_channels=16,
+            text_dim=32,
+            freq_dim=32,
+            ffn_dim=48,
+            num_layers=2,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=32,
+        )
+
+    with _seeded(seed, "transformer"):
+        transformer = wan_transformer()
+    with _seeded(seed, "transformer_2"):
+        transformer_2 = wan_transformer()
+    return WanImageToVideoPipeline(
+        tokenizer=t2v.tokenizer,
+        text_encoder=t2v.text_encoder,
+        vae=t2v.vae,
+        scheduler=t2v.scheduler,
+        transformer=transformer,
+        transformer_2=transformer_2,
+        image_processor=None,
+        image_encoder=None,
+        boundary_ratio=0.9,
+    )
+
+
+def _stable_audio(seed: int) -> DiffusionPipeline:
+    """Stable Audio Open: T5 text encoder, a projection of text and seconds, a DiT over the
+    Oobleck VAE's latents; stereo audio out."""
+    from diffusers import AutoencoderOobleck, EDMDPMSolverMultistepScheduler, StableAudioDiTModel, StableAudioPipeline
+    from diffusers.pipelines.stable_audio import StableAudioProjectionModel
+
+    tok = _tiny_t5_tokenizer()
+    with _seeded(seed, "text_encoder"):
+        text_encoder = T5EncoderModel(T5Config(**_t5_kwargs(tok, d_model=32)))
+    with _seeded(seed, "projection_model"):
+        projection_model = StableAudioProjectionModel(text_encoder_dim=32, conditioning_dim=8, min_value=0,
+                                                      max_value=32)
+    with _seeded(seed, "transformer"):
+        transformer = StableAudioDiTModel(
+            sample_size=64,  # latent frames: 64 x hop 8 = 512 samples, one second at 512 Hz
+            in_channels=4,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            num_key_value_attention_heads=1,
+            out_channels=4,
+            cross_attention_dim=16,
+            time_proj_dim=8,
+            global_states_input_dim=16,
+            cross_attention_input_dim=8,
+        )
+    with _seeded(seed, "vae"):
+        vae = AutoencoderOobleck(
+            encoder_hidden_size=6,
+            downsampling_ratios=[2, 4],
+            decoder_channels=6,
+            decoder_input_channels=4,
+            audio_channels=2,
+            channel_multiples=[1, 2],
+            sampling_rate=512,
+        )
+    # the released pipeline's scheduler (CosineDPMSolverMultistepScheduler) needs torchsde
+    scheduler = EDMDPMSolverMultistepScheduler(solver_order=2, prediction_type="v_prediction", sigma_data=1.0,
+                                               sigma_schedule="exponential")
+    tok.model_max_length = 32
+    return StableAudioPipeline(vae=vae, text_encoder=text_encoder, projection_model=projection_model,
+                               tokenizer=tok, transformer=transformer, scheduler=scheduler)
+
+
 _BUILDERS: dict[str, Callable[[int], DiffusionPipeline]] = {
     "z-image-turbo": _z_image,
     "flux.1-dev": _flux_dev,
@@ -726,6 +816,12 @@ _BUILDERS: dict[str, Callable[[int], DiffusionPipeline]] = {
     "qwen-image": _qwen_image,
     "ltx-2": _ltx2,
 }
+
+# Further pipelines for the command line's tests (run with an input image, audio output); not part
+# of TINY_FAMILIES, which the plan-agreement tests go through.
+EXTRA_TINY_FAMILIES: tuple[str, ...] = ("wan2.2-i2v-a14b", "stable-audio-open")
+_BUILDERS["wan2.2-i2v-a14b"] = _wan22_i2v
+_BUILDERS["stable-audio-open"] = _stable_audio
 
 # Call arguments mirroring each model's recommended usage (turbo: no CFG; Flux-dev:
 # embedded guidance; Wan 2.2: per-expert CFG; Qwen-Image: true CFG; LTX-2: CFG + STG +
