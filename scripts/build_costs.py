@@ -36,7 +36,7 @@ COSTS_FILE = ROOT / "planner" / "data" / "costs.json"
 DT = torch.bfloat16
 RESOLUTIONS = (512, 1024, 2048)
 TEXT_TOKENS = (128, 256, 512)
-VIDEO_FRAMES = (1, 21, 41)          # at the pipeline's default 480×832
+VIDEO_FRAMES = (1, 21, 41, 81)      # at the pipeline's default 480×832
 
 
 def _e(*shape: int) -> torch.Tensor:
