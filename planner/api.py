@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from planner.errors import FolderError, PlanApplyError, SpecError
-from planner.files.hub_cache import resolve_pipeline_path
 from planner.inventory.model import Inventory
 from planner.plan import Plan
 from planner.planning import make_plan as _planning
@@ -49,9 +48,8 @@ def spec_folder(spec: SpecLike) -> Path:
     if "path" not in section:
         raise PlanApplyError("loading needs pipeline.path (a diffusers folder); catalog entries and class "
                              "lists carry no weights")
-    base = Path(doc.file).parent if doc.file and not doc.file.startswith("<") else Path.cwd()
     try:
-        return resolve_pipeline_path(str(section["path"]), base)
+        return _planning.spec_folder(doc)
     except FolderError as exc:
         raise SpecError([doc.diagnostic(("pipeline", "path"), str(exc))]) from None
 

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Sequence, TextIO
 
 from planner.cli.calibrate import calibrate
 from planner.cli.chart import write_chart
-from planner.cli.run_command import run_command
+from planner.cli.run_command import executor_installed, run_command
 from planner.errors import Diagnostic, FolderError, SpecError
 from planner.inventory.folder import folder_inventory
 from planner.plan import Plan, component_to_dict
@@ -260,14 +260,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_tiny(args: argparse.Namespace) -> int:
     """Save a tiny random-weight pipeline of a model family (for trying plans on the CPU)."""
-    try:
-        import torch
-
-        from planner.testing.tiny_pipelines import save_tiny_pipeline, tiny_family_names
-    except ImportError as exc:
-        print(f"error: 'tiny' needs the executor extra: pip install 'residency-planner[executor]' ({exc})",
-              file=sys.stderr)
+    if not executor_installed("tiny", "planner.testing.tiny_pipelines"):
         return 1
+    import torch
+
+    from planner.testing.tiny_pipelines import save_tiny_pipeline, tiny_family_names
+
     families = tiny_family_names()
     if args.family not in families:
         print(f"error: unknown family {args.family!r}; known: {', '.join(families)}", file=sys.stderr)

@@ -10,6 +10,7 @@ every error is one ``FILE:LINE:COL: error: message`` line.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import resource
 import sys
@@ -202,14 +203,19 @@ def _generate(pipe: Any, gen: Generation, sig: Signature, device: Any, args: arg
     return result
 
 
-def run_command(args: argparse.Namespace) -> int:
+def executor_installed(command: str, module: str) -> bool:
+    """Whether ``module`` (which needs the executor extra) imports; if not, says so for ``command``."""
     try:
-        import torch  # noqa: F401
-
-        import planner.executor.pipeline_loader  # noqa: F401 - the executor extra is installed
+        importlib.import_module(module)
     except ImportError as exc:
-        print(f"error: 'run' needs the executor extra: pip install 'residency-planner[executor]' ({exc})",
+        print(f"error: '{command}' needs the executor extra: pip install 'residency-planner[executor]' ({exc})",
               file=sys.stderr)
+        return False
+    return True
+
+
+def run_command(args: argparse.Namespace) -> int:
+    if not executor_installed("run", "planner.executor.pipeline_loader"):
         return 1
 
     def load_error(exc: Exception) -> int:

@@ -8,12 +8,12 @@ list the same layers in the same order.
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
+from planner.files.package_data import load_package_json
 from planner.inventory.model import ComponentInfo, Inventory
 from planner.inventory.run_order import run_ordered
 
@@ -22,14 +22,13 @@ CATALOG_PATH = Path(__file__).parent.parent / "data" / "catalog.json"
 
 @lru_cache(maxsize=1)
 def load_catalog() -> dict[str, Any]:
-    with open(CATALOG_PATH, encoding="utf-8") as fh:
-        return json.load(fh)
+    return load_package_json(CATALOG_PATH.name)
 
 
 def _catalog() -> dict[str, Any]:
     try:
         return load_catalog()
-    except (OSError, ValueError):
+    except (OSError, ValueError):   # FolderError is a ValueError
         return {"models": {}}     # a missing catalog only costs its facts
 
 

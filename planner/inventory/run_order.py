@@ -11,10 +11,11 @@ a class the table does not know keeps the natural order of its paths (numbers co
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
+
+from planner.files.package_data import load_package_json
 
 RUN_ORDER_PATH = Path(__file__).parent.parent / "data" / "run_order.json"
 T = TypeVar("T")
@@ -22,11 +23,8 @@ T = TypeVar("T")
 
 @lru_cache(maxsize=1)
 def _table() -> dict[str, Any]:
-    try:
-        with open(RUN_ORDER_PATH, encoding="utf-8") as fh:
-            return json.load(fh)
-    except (OSError, ValueError):
-        return {"names": {}, "classes": {}}     # a missing table only costs the order
+    # a missing table only costs the order
+    return load_package_json(RUN_ORDER_PATH.name, missing={"names": {}, "classes": {}})
 
 
 def natural_key(path: str) -> tuple[Any, ...]:

@@ -7,13 +7,13 @@ a budget takes the longest prefix that fits. A larger budget therefore never kee
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
 from planner.errors import SpecError
 from planner.files.bounded_read import load_json_file
+from planner.files.package_data import load_package_json
 from planner.inventory.model import DTYPE_BYTES, ComponentInfo, Inventory
 from planner.plan import Decision, Plan
 from planner.planning.assemble import build_plan, component_plan
@@ -48,7 +48,7 @@ class Profile:
 
 def load_profile(name_or_path: str | None, base: Path | None = None) -> Profile:
     name = name_or_path or DEFAULT_PROFILE
-    builtin = json.loads(PROFILES_PATH.read_text(encoding="utf-8"))["profiles"]
+    builtin = load_package_json(PROFILES_PATH.name)["profiles"]
     if name in builtin:
         data = builtin[name]
     else:
@@ -155,7 +155,7 @@ def simulate_layerwise(layer_bytes: tuple[int, ...], resident: set[int], compute
 def plan_budget(doc: Document, inventory: Inventory, resolution: Resolution, *, strict: bool = False) -> Plan:
     spec = doc.data
     workload = effective(spec.get("workload"), inventory)
-    base_dir = Path(doc.file).parent if doc.file and not doc.file.startswith("<") else None
+    base_dir = doc.directory()
     try:
         profile = load_profile(spec.get("profile"), base_dir)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:

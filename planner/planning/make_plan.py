@@ -58,10 +58,10 @@ def _pipeline_inventory(doc: Document, pipeline: Any) -> Inventory:
     return inventory_from_pipeline(pipeline, overrides=overrides or None)
 
 
-def _folder(doc: Document) -> Path:
-    """``pipeline.path``: a folder (relative to the spec's file) or a repo id in the local hub cache."""
-    base = Path(doc.file).parent if doc.file and not doc.file.startswith("<") else Path.cwd()
-    return resolve_pipeline_path(str(doc.data["pipeline"]["path"]), base)
+def spec_folder(doc: Document) -> Path:
+    """``pipeline.path``: a folder (relative to the spec's file) or a repo id in the local hub cache;
+    ``FolderError`` when it is neither."""
+    return resolve_pipeline_path(str(doc.data["pipeline"]["path"]), doc.directory() or Path.cwd())
 
 
 def spec_inventory(doc: Document, *, pipeline: Any = None) -> Inventory:
@@ -81,7 +81,7 @@ def spec_inventory(doc: Document, *, pipeline: Any = None) -> Inventory:
         return rescale_dtype(inv, dtype)
     if "path" in section:
         try:
-            return folder_inventory(_folder(doc))
+            return folder_inventory(spec_folder(doc))
         except FolderError as exc:
             raise SpecError([doc.diagnostic(("pipeline", "path"), str(exc))]) from None
     return rescale_dtype(class_inventory(section["components"]), dtype)

@@ -12,12 +12,12 @@ elsewhere a DiT step holds about ``ACTIVATION_FACTOR`` hidden-state-sized tensor
 
 from __future__ import annotations
 
-import json
 import math
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
+from planner.files.package_data import load_package_json
 from planner.inventory.model import DTYPE_BYTES, Inventory
 from planner.spec.families import family_of
 
@@ -32,7 +32,7 @@ GENERIC_DEFAULTS: Mapping[str, Any] = {"height": 1024, "width": 1024, "frames": 
 
 @lru_cache(maxsize=1)
 def _class_defaults() -> dict[str, dict[str, Any]]:
-    return json.loads(DEFAULTS_PATH.read_text(encoding="utf-8"))["denoisers"]
+    return load_package_json(DEFAULTS_PATH.name)["denoisers"]
 
 
 def class_defaults(class_name: str) -> Mapping[str, Any]:
@@ -103,9 +103,7 @@ def effective(workload: Mapping[str, Any] | None, inventory: Inventory) -> dict[
 
 @lru_cache(maxsize=1)
 def _costs() -> dict[str, Any]:
-    if not COSTS_PATH.exists():
-        return {}
-    return json.loads(COSTS_PATH.read_text(encoding="utf-8")).get("classes", {})
+    return load_package_json(COSTS_PATH.name, missing={}).get("classes", {})
 
 
 def counted_cost(class_name: str) -> Mapping[str, Any] | None:

@@ -56,6 +56,11 @@ class Document:
     positions: dict[PathKey, tuple[int, int]] = field(default_factory=dict)
     key_positions: dict[PathKey, tuple[int, int]] = field(default_factory=dict)
 
+    def directory(self) -> Path | None:
+        """The folder of the spec's file, where its relative paths start; None for a spec given in
+        memory (a mapping, a string)."""
+        return Path(self.file).parent if self.file and not self.file.startswith("<") else None
+
     def position(self, path: PathKey, *, key: bool = False) -> tuple[int, int]:
         """The closest known position for ``path``: the node itself, else its nearest ancestor."""
         table = self.key_positions if key else self.positions

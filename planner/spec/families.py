@@ -4,11 +4,12 @@ schemas read.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Mapping
+
+from planner.files.package_data import load_package_json
 
 
 @dataclass(frozen=True)
@@ -82,11 +83,7 @@ class SGLangModel:
 
 @lru_cache(maxsize=1)
 def _sglang_table() -> dict[str, Any]:
-    try:
-        with open(SGLANG_TABLE_PATH, encoding="utf-8") as fh:
-            return json.load(fh)
-    except (OSError, ValueError):
-        return {"classes": {}, "layer_lists": {}, "models": {}}
+    return load_package_json(SGLANG_TABLE_PATH.name, missing={"classes": {}, "layer_lists": {}, "models": {}})
 
 
 def sglang_class(class_name: str) -> SGLangClass | None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from planner.errors import Diagnostic, SpecError, did_you_mean
+from planner.files.bounded_read import load_json_file
 from planner.spec.document import Document, PathKey
 
 _SCHEMA_DIRS = (Path(__file__).parent.parent / "schemas", Path(__file__).parent.parent.parent / "schemas")
@@ -27,7 +28,7 @@ def schema_path(name: str) -> Path:
 
 @lru_cache(maxsize=None)
 def load_schema(name: str = "deployment.schema.json") -> dict[str, Any]:
-    return json.loads(schema_path(name).read_text(encoding="utf-8"))
+    return load_json_file(schema_path(name), f"schema {name}")
 
 
 @lru_cache(maxsize=None)
