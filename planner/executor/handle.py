@@ -25,7 +25,6 @@ from planner.executor.module_hooks import ModuleHooks
 from planner.executor.resident import Resident
 from planner.plan import Plan
 
-
 APPLIED_MARK = "_residency_handle"
 
 

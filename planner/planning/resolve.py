@@ -22,7 +22,14 @@ from planner.planning.rules import (
     reason,
 )
 from planner.spec.document import Document, PathKey
-from planner.spec.families import SGLangClass, SGLangModel, family_of, sglang_class, sglang_layer_lists, sglang_model
+from planner.spec.families import (
+    SGLangClass,
+    SGLangModel,
+    family_of,
+    sglang_class,
+    sglang_layer_lists,
+    sglang_model,
+)
 from planner.spec.offload_flags import DEFAULT_PERFORMANCE_MODE, PERFORMANCE_MODES
 from planner.spec.sizes import parse_size
 

@@ -767,7 +767,12 @@ def _wan22_i2v(seed: int) -> DiffusionPipeline:
 def _stable_audio(seed: int) -> DiffusionPipeline:
     """Stable Audio Open: T5 text encoder, a projection of text and seconds, a DiT over the
     Oobleck VAE's latents; stereo audio out."""
-    from diffusers import AutoencoderOobleck, EDMDPMSolverMultistepScheduler, StableAudioDiTModel, StableAudioPipeline
+    from diffusers import (
+        AutoencoderOobleck,
+        EDMDPMSolverMultistepScheduler,
+        StableAudioDiTModel,
+        StableAudioPipeline,
+    )
     from diffusers.pipelines.stable_audio import StableAudioProjectionModel
 
     tok = _tiny_t5_tokenizer()
