@@ -1,10 +1,15 @@
 #!/usr/bin/env python
-"""Build planner/data/costs.json: FLOPs and activation peaks of the catalog models' denoisers, counted
-from their real module code on the meta device (``planner.costs.count``) at a grid of shapes.
+"""Build planner/data/costs.json: FLOPs and activation peaks of the catalog models' denoisers, text
+encoders and image VAE decode, counted from their real module code on the meta device
+(``planner.costs.count``) at a grid of shapes.
 
-For each denoiser class and each point of the grid (resolutions × text tokens, batch 1, bf16) the
-file holds the FLOPs of one call, the FLOPs of each layer of its layer lists (in run order), and the
-peak of live activation bytes. The planning side reads it torch-free and interpolates in tokens
+A denoiser's entry holds, per point (resolutions × text tokens, batch 1, bf16), the FLOPs of one call,
+those of each layer of its layer lists (in run order) and the peak of live activation bytes; a text
+encoder's, per text length, one call made as the diffusers pipeline makes it (the hidden states it
+asks for stay alive, so they count); a VAE's, per output size, one ``decode`` (at 1024² its full-size
+upsampling activations outweigh what a factor rule would guess). One class can ship several configs
+(SD3.5's two CLIP encoders, SD3.5-medium beside -large), so each class holds a list of entries told
+apart by parameter count, and the planning side only uses a count whose parameters match
 (``planner.planning.workload.counted_cost``). Configs and builders are those of
 ``scripts/build_catalog.py``; no weights, downloads or GPU.
 
@@ -37,6 +42,9 @@ DT = torch.bfloat16
 RESOLUTIONS = (512, 1024, 2048)
 TEXT_TOKENS = (128, 256, 512)
 VIDEO_FRAMES = (1, 21, 41, 81)      # at the pipeline's default 480×832
+ENCODER_TOKENS = (77, 128, 256, 512)
+CLIP_TOKENS = (77,)                 # CLIP's tokenizers pad and truncate to 77
+VAE_SIZES = (512, 768, 1024, 1536, 2048)
 
 
 def _e(*shape: int) -> torch.Tensor:
@@ -84,6 +92,124 @@ DENOISERS: dict[str, tuple[Callable, Callable, bool]] = {
 }
 
 
+def _ids(n: int) -> torch.Tensor:
+    return torch.zeros(1, n, dtype=torch.long, device="meta")
+
+
+# How each pipeline calls its text encoder (diffusers 0.42): FluxPipeline's CLIP with
+# output_hidden_states=False (pooled output used), SD3's CLIPs with output_hidden_states=True
+# (hidden_states[-2] used), T5 plain, ZImagePipeline's Qwen3 and QwenImagePipeline's Qwen2.5-VL with
+# output_hidden_states=True, WanPipeline's UMT5 with its mask. Attention masks are left out: building
+# the causal/padding mask reads its values, which meta tensors lack; an all-ones mask is the same call.
+def _plain(ids: torch.Tensor) -> Callable:
+    return lambda m: m(ids)
+
+
+def _hidden(ids: torch.Tensor) -> Callable:
+    return lambda m: m(input_ids=ids, output_hidden_states=True)
+
+
+def _clip_pooled(ids: torch.Tensor) -> Callable:
+    return lambda m: m(ids, output_hidden_states=False)
+
+
+def _clip_hidden(ids: torch.Tensor) -> Callable:
+    return lambda m: m(ids, output_hidden_states=True)
+
+
+MASK_NOTE = "attention mask left out (meta tensors cannot build it); an all-ones mask is the same call"
+# (catalog model, component, call maker, token grid, note)
+TEXT_ENCODERS: list[tuple[str, str, Callable, tuple[int, ...], str]] = [
+    ("flux.1-dev", "text_encoder", _clip_pooled, CLIP_TOKENS, "FluxPipeline: output_hidden_states=False"),
+    ("flux.1-dev", "text_encoder_2", _plain, ENCODER_TOKENS, "FluxPipeline / StableDiffusion3Pipeline: plain call"),
+    ("sd3.5-large", "text_encoder", _clip_hidden, CLIP_TOKENS, "StableDiffusion3Pipeline: output_hidden_states=True"),
+    ("sd3.5-large", "text_encoder_2", _clip_hidden, CLIP_TOKENS,
+     "StableDiffusion3Pipeline: output_hidden_states=True"),
+    ("sd3.5-large", "text_encoder_3", _plain, ENCODER_TOKENS, "FluxPipeline / StableDiffusion3Pipeline: plain call"),
+    ("z-image-turbo", "text_encoder", _hidden, ENCODER_TOKENS,
+     "ZImagePipeline: output_hidden_states=True, pads to max_sequence_length; " + MASK_NOTE),
+    ("qwen-image", "text_encoder", _hidden, ENCODER_TOKENS,
+     "QwenImagePipeline: output_hidden_states=True, logits of the LM head computed too; tokens are the "
+     "encoder's input, the prompt plus a 34-token template the pipeline drops after; " + MASK_NOTE),
+    ("wan2.2-t2v-a14b", "text_encoder", _plain, ENCODER_TOKENS,
+     "WanPipeline: pads to max_sequence_length 512; " + MASK_NOTE),
+]
+# (catalog model, component); the Flux VAE config is Z-Image's and, but for latent statistics, SD3.5's
+VAES: list[tuple[str, str]] = [("flux.1-dev", "vae"), ("z-image-turbo", "vae"), ("sd3.5-large", "vae")]
+
+
+def _build(model: str, component: str) -> torch.nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module, _ = bc.build_module(model, component)
+        return module.to(DT).eval()
+
+
+def _parameters(module: torch.nn.Module) -> int:
+    """Elements of the floating tensors a checkpoint of the module holds (parameters and persistent
+    buffers, tied ones once): what a folder's safetensors headers give the planner to match on. SD3's
+    position-embedding buffer alone is 1.1 % of its transformer."""
+    tensors = {id(t): t.numel() for t in module.state_dict(keep_vars=True).values() if t.is_floating_point()}
+    return sum(tensors.values())
+
+
+def count_text_encoders(only: set[str] | None = None) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    seen: dict[tuple[str, int], dict[str, Any]] = {}
+    for model, comp, make_call, grid, note in TEXT_ENCODERS:
+        module = _build(model, comp)
+        name, params = type(module).__name__, _parameters(module)
+        if only and name not in only:
+            continue
+        if (name, params) in seen:
+            seen[name, params]["components"].append(f"{model}/{comp}")
+            continue
+        points = []
+        for n in grid:
+            ids = _ids(n)
+            c = count_forward(module, make_call(ids), [ids])
+            points.append({"text_tokens": n, "flops": c.flops, "activation_peak_bytes": c.activation_peak_bytes})
+            print(f"{name} ({params / 1e9:.2f}B) txt {n}: {c.flops / 1e12:.3f} TFLOP, "
+                  f"activations {c.activation_peak_bytes / 2**20:.1f} MiB", file=sys.stderr)
+        entry = {"parameters": params, "role": "text_encoder", "dtype": "bfloat16", "batch": 1,
+                 "components": [f"{model}/{comp}"], "note": note, "points": points}
+        seen[name, params] = entry
+        out.setdefault(name, []).append(entry)
+    return out
+
+
+def count_vaes(only: set[str] | None = None) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    seen: dict[tuple[str, int], dict[str, Any]] = {}
+    for model, comp in VAES:
+        module = _build(model, comp)
+        name, params = type(module).__name__, _parameters(module)
+        if only and name not in only:
+            continue
+        if (name, params) in seen:
+            seen[name, params]["components"].append(f"{model}/{comp}")
+            continue
+        channels = module.config.latent_channels
+        scale = 2 ** (len(module.config.block_out_channels) - 1)
+        points = []
+        for r in VAE_SIZES:
+            z = _e(1, channels, r // scale, r // scale)
+            c = count_forward(module, lambda m, z=z: m.decode(z, return_dict=False), [z])
+            points.append({"height": r, "width": r, "pixels": r * r, "flops": c.flops,
+                           "activation_peak_bytes": c.activation_peak_bytes})
+            print(f"{name} decode {r}x{r}: {c.flops / 1e12:.2f} TFLOP, "
+                  f"activations {c.activation_peak_bytes / 2**30:.3f} GiB", file=sys.stderr)
+        entry = {"parameters": params, "role": "vae_decode", "dtype": "bfloat16", "batch": 1,
+                 "components": [f"{model}/{comp}"],
+                 "note": "decode(latents, return_dict=False) of (1, latent_channels, h/8, w/8) bf16 latents; the "
+                         "mid-block attention (one head of 512) counted as the memory-efficient kernel, the one "
+                         "PyTorch runs for a head dim past flash attention's 256",
+                 "points": points}
+        seen[name, params] = entry
+        out.setdefault(name, []).append(entry)
+    return out
+
+
 def layer_paths(module: torch.nn.Module, class_name: str) -> list[str]:
     """Layer paths in run order, as the catalog's inventory lists them for this class."""
     from planner.inventory.catalog import catalog_inventory, catalog_models
@@ -118,25 +244,32 @@ def count_class(class_name: str) -> dict[str, Any]:
             })
             print(f"{class_name} {h}x{w}x{f} txt {txt}: {c.flops / 1e12:.2f} TFLOP, "
                   f"activations {c.activation_peak_bytes / 2**30:.3f} GiB", file=sys.stderr)
-    params = sum(p.numel() for p in module.parameters())
-    return {"parameters": params, "dtype": "bfloat16", "batch": 1, "layers": layers, "points": points}
+    return {"parameters": _parameters(module), "role": "denoiser", "dtype": "bfloat16", "batch": 1, "layers": layers,
+            "points": points}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--class", dest="classes", action="append", choices=sorted(DENOISERS))
+    ap.add_argument("--class", dest="classes", action="append",
+                    help="recount only this class (all its entries); default: every class")
     ap.add_argument("--stdout", action="store_true")
     args = ap.parse_args(argv)
-    classes = args.classes or list(DENOISERS)
-    out = {"version": 1, "generated_by": "scripts/build_costs.py",
+    only = set(args.classes) if args.classes else None
+    out = {"version": 2, "generated_by": "scripts/build_costs.py",
            "method": "FlopCounterMode FLOPs and a dispatch-level live-bytes peak (allocations rounded to 512 B) of one "
                      "forward on the meta device, batch 1, bf16; attention counted as the fused (flash or "
-                     "memory-efficient) kernel",
+                     "memory-efficient) kernel; each class a list of entries told apart by parameter count",
            "classes": {}}
-    if not args.stdout and COSTS_FILE.exists():
-        out["classes"] = json.loads(COSTS_FILE.read_text())["classes"]
-    for name in classes:
-        out["classes"][name] = count_class(name)
+    if only and not args.stdout and COSTS_FILE.exists():
+        old = json.loads(COSTS_FILE.read_text())
+        if old.get("version") == 2:
+            out["classes"] = {k: v for k, v in old["classes"].items() if k not in only}
+    for name in DENOISERS:
+        if not only or name in only:
+            out["classes"][name] = [count_class(name)]
+    for counted in (count_text_encoders(only), count_vaes(only)):
+        for name, entries in counted.items():
+            out["classes"].setdefault(name, []).extend(entries)
     text = json.dumps(out, indent=1, sort_keys=True) + "\n"
     if args.stdout:
         sys.stdout.write(text)

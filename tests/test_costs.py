@@ -1,7 +1,9 @@
-"""Abstract counts of a forward (planner.costs.count) against hand counts, and the shipped counts."""
+"""Abstract counts of a forward (planner.costs.count) against hand counts, and the shipped counts
+(denoisers, text encoders, VAE decode)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -11,7 +13,7 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 F = torch.nn.functional
 
-from planner.costs.count import ALLOC_ROUND, count_forward  # noqa: E402
+from planner.costs.count import ALLOC_ROUND, FLASH_MAX_HEAD_DIM, count_forward  # noqa: E402
 
 DT = torch.bfloat16
 COSTS = Path(__file__).resolve().parent.parent / "planner" / "data" / "costs.json"
@@ -104,13 +106,19 @@ def test_flux_double_block_runs_image_and_text_tokens_through_their_own_weights(
     assert c.layer_peaks["transformer_blocks.0"] > 0
 
 
+def shipped(role: str) -> list[tuple[str, dict]]:
+    data = json.loads(COSTS.read_text())
+    assert data["version"] == 2
+    return [(name, e) for name, entries in data["classes"].items() for e in entries if e["role"] == role]
+
+
 def test_shipped_counts_match_the_catalog_layers_and_grow_with_tokens():
     from planner.inventory.catalog import catalog_inventory, catalog_models
 
-    classes = json.loads(COSTS.read_text())["classes"]
-    assert {"FluxTransformer2DModel", "ZImageTransformer2DModel"} <= set(classes)
+    denoisers = shipped("denoiser")
+    assert {"FluxTransformer2DModel", "ZImageTransformer2DModel"} <= {name for name, _ in denoisers}
     counts = {c.class_name: c.layer_count for m in catalog_models() for c in catalog_inventory(m).components}
-    for name, entry in classes.items():
+    for name, entry in denoisers:
         assert len(entry["layers"]) == counts[name]
         for p in entry["points"]:
             assert len(p["layer_flops"]) == len(entry["layers"])
@@ -119,3 +127,113 @@ def test_shipped_counts_match_the_catalog_layers_and_grow_with_tokens():
         for a, b in zip(pts, pts[1:]):
             if a["text_tokens"] == b["text_tokens"]:
                 assert b["flops"] > a["flops"] and b["activation_peak_bytes"] > a["activation_peak_bytes"]
+
+
+def test_shipped_entries_are_told_apart_by_parameter_count_and_match_the_catalog():
+    from planner.inventory.catalog import catalog_inventory
+
+    data = json.loads(COSTS.read_text())["classes"]
+    for name, entries in data.items():
+        keys = [(e["role"], e["parameters"]) for e in entries]
+        assert len(keys) == len(set(keys)), name
+        for e in entries:
+            assert e["dtype"] == "bfloat16" and e["batch"] == 1 and e["points"]
+    clips = sorted(e["parameters"] for e in data["CLIPTextModelWithProjection"])
+    assert len(clips) == 2 and clips[1] > 5 * clips[0]             # SD3.5's CLIP-L and CLIP-bigG
+    # every catalog text encoder and image VAE counted has an entry within 1 % of its bf16 weights / 2
+    for model in ("flux.1-dev", "z-image-turbo", "sd3.5-large"):
+        for comp in catalog_inventory(model).components:
+            if comp.name.startswith(("text_encoder", "vae", "transformer")):
+                n = comp.weight_bytes / 2
+                assert any(abs(e["parameters"] - n) <= 0.01 * e["parameters"] for e in data[comp.class_name]), \
+                    (model, comp.name)
+
+
+def test_shipped_encoder_and_vae_counts_grow_and_the_decode_holds_gibibytes():
+    for name, entry in shipped("text_encoder"):
+        tokens = [p["text_tokens"] for p in entry["points"]]
+        assert tokens == ([77] if name.startswith("CLIP") else [77, 128, 256, 512]), name
+        for a, b in itertools.pairwise(entry["points"]):
+            assert b["flops"] > a["flops"] and b["activation_peak_bytes"] > a["activation_peak_bytes"]
+        params = entry["parameters"]
+        last = entry["points"][-1]
+        assert last["flops"] < 2.5 * params * last["text_tokens"]   # at most every weight on every token, plus attention
+    (name, vae), = shipped("vae_decode")
+    assert name == "AutoencoderKL"
+    pts = {p["height"]: p for p in vae["points"]}
+    assert sorted(pts) == [512, 768, 1024, 1536, 2048]
+    assert pts[1024]["activation_peak_bytes"] > 2**30
+    for a, b in itertools.pairwise(vae["points"]):
+        assert b["flops"] > a["flops"] and b["activation_peak_bytes"] > a["activation_peak_bytes"]
+
+
+def tiny_vae():
+    from diffusers import AutoencoderKL
+
+    with torch.device("meta"):
+        return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                             down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                             block_out_channels=[16, 32], layers_per_block=1, norm_num_groups=8,
+                             use_quant_conv=False, use_post_quant_conv=False).to(DT)
+
+
+def test_vae_decode_counts_every_conv_at_two_cin_cout_k2_output_pixels_plus_the_mid_attention():
+    m = tiny_vae()
+    z = meta(1, 4, 8, 8)
+    convs: list[int] = []
+
+    def record(mod, _args, out):
+        cin, cout = mod.in_channels // mod.groups, mod.out_channels
+        kh, kw = mod.kernel_size
+        convs.append(2 * cin * cout * kh * kw * out.shape[-2] * out.shape[-1])
+
+    hooks = [mod.register_forward_hook(record) for mod in m.decoder.modules() if isinstance(mod, nn.Conv2d)]
+    try:
+        c = count_forward(m, lambda m: m.decode(z, return_dict=False), [z])
+    finally:
+        for h in hooks:
+            h.remove()
+    # decoder: conv_in, mid (2 resnets × 2 convs), 2 up blocks × 2 resnets × 2 convs, one shortcut, one
+    # upsampler conv, conv_out
+    assert len(convs) == 1 + 4 + 8 + 1 + 1 + 1
+    n, ch = 8 * 8, 32                                      # mid-block attention: latent pixels, one head of 32
+    attention = 4 * 2 * n * ch * ch + 4 * n * n * ch       # q, k, v, out projections; QK^T and PV
+    assert c.flops == sum(convs) + attention               # group norms, SiLU and upsampling count no FLOPs
+    full = rounded(16 * 16 * 16 * 2)                       # conv_out's input: 16 channels at the full 16×16
+    assert c.activation_peak_bytes >= full + rounded(3 * 16 * 16 * 2)
+
+
+def test_attention_past_the_flash_head_dim_is_counted_as_the_memory_efficient_kernel():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    t, d = 256, 2 * FLASH_MAX_HEAD_DIM
+    q = meta(1, 1, t, d)
+    counter = FlopCounterMode(display=False)
+    c = count_forward(nn.Identity(), lambda _m: F.scaled_dot_product_attention(q, q, q), [q])
+    assert c.flops == 4 * t * t * d
+    from planner.costs.count import FusedAttention
+
+    with FusedAttention(), counter:
+        F.scaled_dot_product_attention(q, q, q)
+    ops = {str(op) for op in counter.get_flop_counts()["Global"]}
+    assert any("efficient_attention" in op for op in ops) and not any("flash" in op for op in ops)
+
+
+def test_text_encoder_count_is_two_flops_per_weight_per_token_plus_attention_and_keeps_hidden_states():
+    transformers = pytest.importorskip("transformers")
+    d, inter, layers, n, proj = 256, 512, 4, 77, 16
+    cfg = transformers.CLIPTextConfig(vocab_size=100, hidden_size=d, intermediate_size=inter,
+                                      num_hidden_layers=layers, num_attention_heads=2, max_position_embeddings=n,
+                                      projection_dim=proj, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    with torch.device("meta"):
+        m = transformers.CLIPTextModelWithProjection(cfg).to(DT).eval()
+    ids = torch.zeros(1, n, dtype=torch.long, device="meta")
+    pooled = count_forward(m, lambda m: m(ids, output_hidden_states=False), [ids])
+    hidden = count_forward(m, lambda m: m(ids, output_hidden_states=True), [ids])
+    # per layer q, k, v, out (4d²) and the MLP (2·d·inter) on every token, attention 4·n²·d; the projection
+    # maps the one pooled token
+    hand = layers * (2 * n * (4 * d * d + 2 * d * inter) + 4 * n * n * d) + 2 * d * proj
+    assert pooled.flops == hidden.flops == hand
+    # the hidden states the SD3 pipeline asks for stay alive until the call returns
+    assert hidden.activation_peak_bytes >= (layers + 1) * rounded(n * d * 2)
+    assert hidden.activation_peak_bytes > pooled.activation_peak_bytes

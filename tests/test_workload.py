@@ -9,11 +9,17 @@ from planner.planning import workload as wl
 from planner.planning.budget import call_flops, load_profile, step_seconds
 from planner.planning.workload import (
     activation_bytes,
+    activation_peak,
     counted_cost,
     counted_flops,
+    counted_layer_flops,
+    denoiser_activation_bytes,
     denoiser_batch,
     denoiser_calls,
+    encoder_cost,
+    parameters_of,
     resolved,
+    vae_decode_cost,
 )
 
 FLUX, ZIMAGE, SD3, WAN, QWEN = ("FluxTransformer2DModel", "ZImageTransformer2DModel", "SD3Transformer2DModel",
@@ -102,3 +108,100 @@ def test_counted_classes_read_their_grid_and_others_keep_two_flops_per_weight():
 def test_no_workload_section_holds_no_activations():
     assert activation_bytes(None, catalog_inventory("flux.1-dev"), "bfloat16") == 0
     assert wl.activation_bytes({}, catalog_inventory("flux.1-dev"), "bfloat16") == 0
+
+
+# --- counted costs looked up by class and parameter count (planner/data/costs.json, version 2) ---
+
+CLIP_P = "CLIPTextModelWithProjection"
+
+
+def entries(class_name: str, role: str) -> list[dict]:
+    return [e for e in wl._costs()[class_name] if e["role"] == role]
+
+
+def test_a_count_serves_only_the_config_whose_parameter_count_it_has():
+    small, big = sorted(entries(CLIP_P, "text_encoder"), key=lambda e: e["parameters"])
+    assert counted_cost(CLIP_P, small["parameters"], role="text_encoder") is small
+    assert counted_cost(CLIP_P, int(big["parameters"] * 1.005), role="text_encoder") is big   # within 1 %
+    assert counted_cost(CLIP_P, int(big["parameters"] * 1.02), role="text_encoder") is None
+    assert encoder_cost(CLIP_P, 300_000_000, 77) is None
+    assert encoder_cost(CLIP_P, big["parameters"], 77)[0] > 5 * encoder_cost(CLIP_P, small["parameters"], 77)[0]
+    assert counted_cost(CLIP_P, small["parameters"]) is None           # the role is part of the key
+    sd3 = counted_cost(SD3)
+    assert counted_cost(SD3, sd3["parameters"]) is sd3
+    p = sd3["points"][0]
+    img, txt = p["image_tokens"], p["text_tokens"]
+    assert counted_flops(SD3, img, txt, sd3["parameters"]) == pytest.approx(p["flops"])
+    medium = 2_500_000_000                                             # SD3.5-medium: another config, not counted
+    assert counted_flops(SD3, img, txt, medium) is None
+    assert counted_layer_flops(SD3, img, txt, medium) is None
+    assert activation_peak(SD3, img, txt, medium) is None
+    w = {"height": 1024, "width": 1024, "guidance_scale": 1.0}
+    layer = 200_000_000
+    rule = wl.ACTIVATION_FACTOR * wl.denoiser_tokens(w, SD3) * wl.hidden_size(layer, 2) * 2
+    assert denoiser_activation_bytes(w, SD3, layer, "bfloat16", medium) == rule
+    assert denoiser_activation_bytes(w, SD3, layer, "bfloat16", sd3["parameters"]) == \
+        denoiser_activation_bytes(w, SD3, layer, "bfloat16") != rule
+
+
+@pytest.mark.parametrize("model", ["flux.1-dev", "z-image-turbo", "sd3.5-large", "qwen-image", "wan2.2-t2v-a14b"])
+def test_every_catalog_component_counted_is_found_from_its_weight_bytes(model):
+    roles = {"text_encoder": "text_encoder", "vae": "vae_decode", "transformer": "denoiser"}
+    for comp in catalog_inventory(model).components:
+        role = roles.get(comp.name.rstrip("_23"))
+        if role is None or comp.class_name not in wl._costs():
+            continue
+        assert counted_cost(comp.class_name, parameters_of(comp), role=role) is not None, (model, comp.name)
+
+
+def test_encoder_cost_is_linear_between_counted_lengths_and_held_past_the_last():
+    (t5,) = entries("T5EncoderModel", "text_encoder")
+    n = t5["parameters"]
+    pts = {p["text_tokens"]: p for p in t5["points"]}
+    for tokens, p in pts.items():
+        assert encoder_cost("T5EncoderModel", n, tokens) == (pytest.approx(p["flops"]), p["activation_peak_bytes"])
+    mid = encoder_cost("T5EncoderModel", None, 384)
+    assert mid[0] == pytest.approx((pts[256]["flops"] + pts[512]["flops"]) / 2)
+    assert mid[1] == pytest.approx((pts[256]["activation_peak_bytes"] + pts[512]["activation_peak_bytes"]) / 2, abs=1)
+    assert encoder_cost("T5EncoderModel", n, 4096) == encoder_cost("T5EncoderModel", n, 512)
+    (clip,) = entries("CLIPTextModel", "text_encoder")
+    at77 = (pytest.approx(clip["points"][0]["flops"]), clip["points"][0]["activation_peak_bytes"])
+    assert encoder_cost("CLIPTextModel", clip["parameters"], 512) == at77    # CLIP pads and truncates to 77
+    assert encoder_cost("CLIPTextModel", clip["parameters"], 20) == at77
+    assert encoder_cost("MyEncoder", None, 77) is None
+
+
+def test_vae_decode_cost_is_log_log_in_pixels_and_holds_gibibytes_at_1024():
+    (vae,) = entries("AutoencoderKL", "vae_decode")
+    n = vae["parameters"]
+    pts = {p["height"]: p for p in vae["points"]}
+    for r, p in pts.items():
+        flops, act = vae_decode_cost("AutoencoderKL", n, r, r)
+        assert flops == pytest.approx(p["flops"]) and act == pytest.approx(p["activation_peak_bytes"], abs=1)
+    # halfway on a log-pixel axis the value is the geometric mean of the two counted ones
+    lo, hi = pts[1024], pts[1536]
+    flops, act = vae_decode_cost("AutoencoderKL", n, 1024, 1536)              # √(1024² · 1536²) pixels
+    assert flops == pytest.approx((lo["flops"] * hi["flops"]) ** 0.5)
+    assert act == pytest.approx((lo["activation_peak_bytes"] * hi["activation_peak_bytes"]) ** 0.5, abs=1)
+    assert vae_decode_cost("AutoencoderKL", n, 1024, 1024)[1] > 2**30
+    assert vae_decode_cost("AutoencoderKL", n, 3072, 3072)[1] > vae_decode_cost("AutoencoderKL", n, 2048, 2048)[1]
+    assert vae_decode_cost("AutoencoderKL", 2 * n, 1024, 1024) is None
+    assert vae_decode_cost("AutoencoderKLWan", None, 480, 832) is None
+
+
+def test_a_version_1_file_reads_as_one_denoiser_entry_per_class(monkeypatch):
+    v1 = {"version": 1, "classes": {FLUX: {"parameters": 100, "dtype": "bfloat16", "batch": 1, "layers": [],
+                                           "points": [{"image_tokens": 1024, "text_tokens": 512, "flops": 8.0,
+                                                       "activation_peak_bytes": 4.0, "layer_flops": [],
+                                                       "layer_activation_peak_bytes": []}]}}}
+    monkeypatch.setattr(wl, "load_package_json", lambda name, missing=None: v1)
+    wl._costs.cache_clear()
+    try:
+        assert counted_cost(FLUX) is v1["classes"][FLUX]
+        assert counted_cost(FLUX, 100.5) is v1["classes"][FLUX]
+        assert counted_cost(FLUX, 200) is None
+        assert counted_flops(FLUX, 1024, 512) == pytest.approx(8.0)
+        assert activation_peak(FLUX, 2048, 512, 100) == pytest.approx(8.0)       # one point: linear in tokens
+        assert encoder_cost("T5EncoderModel", None, 512) is None
+    finally:
+        wl._costs.cache_clear()

@@ -11,8 +11,9 @@ counted live, and its FLOPs are PyTorch's own formula for those ops.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 ALLOC_ROUND = 512          # the CUDA caching allocator rounds every block up to 512 bytes
+FLASH_MAX_HEAD_DIM = 256   # PyTorch's flash attention kernel takes head dims up to this
 
 
 def _rounded(nbytes: int) -> int:
@@ -80,7 +82,8 @@ class LiveBytes(TorchDispatchMode):
 
 class FusedAttention(TorchFunctionMode):
     """``F.scaled_dot_product_attention`` as the fused kernel a GPU runs: flash attention without a
-    mask, memory-efficient attention with one."""
+    mask, memory-efficient attention with one or with a head dim past flash's limit (the VAE mid-block
+    attends with one head of 512, which PyTorch's dispatcher sends to the memory-efficient kernel)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
@@ -94,9 +97,12 @@ class FusedAttention(TorchFunctionMode):
             rep = q.shape[-3] // k.shape[-3]
             k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
         mask, causal, scale = a.get("attn_mask"), bool(a.get("is_causal", False)), a.get("scale")
-        if mask is None:
+        if mask is None and q.shape[-1] <= FLASH_MAX_HEAD_DIM:
             return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False,
                                                                       scale=scale)[0]
+        if mask is None:
+            return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, False, 0.0, causal,
+                                                                          scale=scale)[0]
         if mask.dtype == torch.bool:
             mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
         mask = mask.to(q.dtype).expand(q.shape[0], q.shape[-3], q.shape[-2], k.shape[-2])

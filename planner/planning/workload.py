@@ -8,20 +8,27 @@ the scale as an embedding and changes nothing. Activation peaks and FLOPs come f
 real module code where ``planner/data/costs.json`` has the class (``counted_cost`` below);
 elsewhere a DiT step holds about ``ACTIVATION_FACTOR`` hidden-state-sized tensors at its peak
 (measured on an H100: Z-Image at 1024² and 2048² both peaked at ~15 × tokens × hidden × 2 bytes).
+A count is used only for the config it was made from: a class name covers several configs (SD3.5's
+two CLIP encoders, SD3.5-medium beside -large), so given a parameter count the lookup takes the entry
+within ``PARAMETER_TOLERANCE`` of it, and a config never counted falls back to the rule above. Text
+encoders and the VAE decode are counted too (``encoder_cost``, ``vae_decode_cost``): the decode at a
+high resolution holds more activations than a denoiser step (full-size upsampling feature maps).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from planner.files.package_data import load_package_json
 from planner.inventory.model import DTYPE_BYTES, Inventory
 from planner.spec.families import family_of
 
 ACTIVATION_FACTOR = 16
+PARAMETER_TOLERANCE = 0.01      # a count serves a config whose parameter count is this close to its own
 VIDEO_HINTS = ("Wan", "LTX", "3D", "Hunyuan", "Video")
 DEFAULTS_PATH = Path(__file__).parent.parent / "data" / "workload_defaults.json"
 COSTS_PATH = Path(__file__).parent.parent / "data" / "costs.json"
@@ -102,13 +109,30 @@ def effective(workload: Mapping[str, Any] | None, inventory: Inventory) -> dict[
 # --- counted costs (planner/data/costs.json, written by scripts/build_costs.py) ----------------
 
 @lru_cache(maxsize=1)
-def _costs() -> dict[str, Any]:
-    return load_package_json(COSTS_PATH.name, missing={}).get("classes", {})
+def _costs() -> dict[str, list[Mapping[str, Any]]]:
+    """Each class's counted entries; a version-1 file held one dict per class (a denoiser)."""
+    classes = load_package_json(COSTS_PATH.name, missing={}).get("classes", {})
+    return {name: list(v) if isinstance(v, list) else [v] for name, v in classes.items()}
 
 
-def counted_cost(class_name: str) -> Mapping[str, Any] | None:
-    """The counted grid of a denoiser class (batch 1, bf16), or None where none was counted."""
-    return _costs().get(class_name)
+def parameters_of(info: Any) -> int:
+    """The parameter count of a component from its weight bytes and dtype (what lookups match on)."""
+    return int(info.weight_bytes) // DTYPE_BYTES.get(info.dtype, 2)
+
+
+def counted_cost(class_name: str, parameters: int | None = None,
+                 role: str = "denoiser") -> Mapping[str, Any] | None:
+    """The counted grid (batch 1, bf16) of the class's entry in ``role`` whose parameter count is within
+    ``PARAMETER_TOLERANCE`` of ``parameters`` (None: the first entry in that role), or None where that
+    config was not counted."""
+    entries = [e for e in _costs().get(class_name, ()) if e.get("role", "denoiser") == role]
+    if parameters is None:
+        return entries[0] if entries else None
+    for e in entries:
+        n = int(e.get("parameters", 0))
+        if abs(n - int(parameters)) <= PARAMETER_TOLERANCE * n:
+            return e
+    return None
 
 
 def _interp(x: float, xs: list[float], ys: list[float], *, log: bool) -> float:
@@ -140,24 +164,55 @@ def _grid_value(entry: Mapping[str, Any], value: Any, img: int, txt: int) -> flo
     return _interp(txt, [float(t) for t in txts], at_img, log=False)
 
 
-def counted_flops(class_name: str, img: int, txt: int) -> float | None:
+def counted_flops(class_name: str, img: int, txt: int, parameters: int | None = None) -> float | None:
     """FLOPs of one denoiser call at batch 1, from the counted grid (None where not counted)."""
-    entry = counted_cost(class_name)
+    entry = counted_cost(class_name, parameters)
     return None if entry is None else _grid_value(entry, lambda p: p["flops"], img, txt)
 
 
-def counted_layer_flops(class_name: str, img: int, txt: int) -> list[float] | None:
+def counted_layer_flops(class_name: str, img: int, txt: int,
+                        parameters: int | None = None) -> list[float] | None:
     """FLOPs of each layer (the catalog's layer lists, in run order) of one call at batch 1."""
-    entry = counted_cost(class_name)
+    entry = counted_cost(class_name, parameters)
     if entry is None:
         return None
     return [_grid_value(entry, lambda p, i=i: p["layer_flops"][i], img, txt) for i in range(len(entry["layers"]))]
 
 
-def activation_peak(class_name: str, img: int, txt: int) -> float | None:
+def activation_peak(class_name: str, img: int, txt: int, parameters: int | None = None) -> float | None:
     """Peak live activation bytes of one denoiser call at batch 1 in bf16 (None where not counted)."""
-    entry = counted_cost(class_name)
+    entry = counted_cost(class_name, parameters)
     return None if entry is None else _grid_value(entry, lambda p: p["activation_peak_bytes"], img, txt)
+
+
+def encoder_cost(class_name: str, parameters: int | None, text_tokens: int) -> tuple[float, int] | None:
+    """(FLOPs, peak activation bytes) of one text-encoder call at batch 1 in bf16, made as its pipeline
+    makes it; linear in tokens between counted lengths and held at the largest (the tokenizer truncates
+    there). A class counted at one length (CLIP pads to 77) costs that at any length."""
+    entry = counted_cost(class_name, parameters, role="text_encoder")
+    if entry is None or not entry.get("points"):
+        return None
+    pts = sorted(entry["points"], key=lambda p: int(p["text_tokens"]))
+    xs = [float(p["text_tokens"]) for p in pts]
+    x = min(float(text_tokens), xs[-1])
+    flops = _interp(x, xs, [float(p["flops"]) for p in pts], log=False)
+    act = _interp(x, xs, [float(p["activation_peak_bytes"]) for p in pts], log=False)
+    return flops, int(act)
+
+
+def vae_decode_cost(class_name: str, parameters: int | None, height: int, width: int) -> tuple[float, int] | None:
+    """(FLOPs, peak activation bytes) of one VAE ``decode`` at batch 1 in bf16 to a height × width image,
+    log-log in pixels between counted sizes (convolutions are linear in pixels, the mid-block attention
+    quadratic in latent pixels)."""
+    entry = counted_cost(class_name, parameters, role="vae_decode")
+    if entry is None or not entry.get("points"):
+        return None
+    pts = sorted(entry["points"], key=lambda p: int(p["pixels"]))
+    xs = [float(p["pixels"]) for p in pts]
+    x = float(max(1, int(height)) * max(1, int(width)))
+    flops = _interp(x, xs, [float(p["flops"]) for p in pts], log=True)
+    act = _interp(x, xs, [float(p["activation_peak_bytes"]) for p in pts], log=True)
+    return flops, int(act)
 
 
 def hidden_size(layer_bytes: int, dtype_bytes: int) -> int:
@@ -166,11 +221,13 @@ def hidden_size(layer_bytes: int, dtype_bytes: int) -> int:
 
 
 def denoiser_activation_bytes(workload: Mapping[str, Any] | None, class_name: str, layer_bytes: int,
-                              dtype: str) -> int:
-    """Peak activation bytes of one denoiser call: counted (costs data) where known, else the factor rule."""
+                              dtype: str, parameters: int | None = None) -> int:
+    """Peak activation bytes of one denoiser call: counted (costs data) where this config was counted,
+    else the factor rule."""
     nbytes = DTYPE_BYTES.get(dtype, 2)
     batch = denoiser_batch(workload, class_name)
-    counted = activation_peak(class_name, image_tokens(workload, class_name), text_tokens(workload, class_name))
+    counted = activation_peak(class_name, image_tokens(workload, class_name), text_tokens(workload, class_name),
+                              parameters)
     if counted is not None:
         return int(counted * batch * nbytes / 2)       # counted in bf16
     d = hidden_size(layer_bytes, nbytes)
