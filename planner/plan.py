@@ -64,6 +64,7 @@ class ComponentEstimate:
     gpu_transient_bytes: int = 0     # streamed slots, or the whole component while it runs
     host_pinned_bytes: int = 0
     step_seconds: float | None = None
+    activation_bytes: int = 0        # the peak of live activations while it runs (one call)
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,9 @@ class ComponentPlan:
     estimate: ComponentEstimate = field(default_factory=ComponentEstimate)
     stream_non_layer: bool = False          # layerwise: modules outside the layers stream too
     host_tier: HostTier | None = None       # cpu_offload / layerwise: where the host bytes wait
+    # the part of a generation it runs in ("encode", "denoise", "decode"): when a component of
+    # another phase starts, a layerwise component's slots and streamed modules leave the device
+    phase: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "strategy", Strategy(self.strategy))
@@ -120,6 +124,11 @@ class Estimate:
     activation_bytes: int = 0
     seconds_per_step: float | None = None
     profile: str | None = None
+    profile_source: str | None = None        # why that profile (named by the spec, or the GPU found)
+    encode_seconds: float | None = None      # one generation's encoders
+    decode_seconds: float | None = None      # one generation's VAE decode
+    generation_seconds: float | None = None  # encode + steps x seconds_per_step + decode
+    steps: int | None = None
 
 
 @dataclass(frozen=True)
@@ -152,6 +161,11 @@ class Plan:
                 "activation_bytes": self.estimate.activation_bytes,
                 "seconds_per_step": self.estimate.seconds_per_step,
                 "profile": self.estimate.profile,
+                "profile_source": self.estimate.profile_source,
+                "steps": self.estimate.steps,
+                "encode_seconds": self.estimate.encode_seconds,
+                "decode_seconds": self.estimate.decode_seconds,
+                "generation_seconds": self.estimate.generation_seconds,
             }),
         }
 
@@ -180,6 +194,11 @@ class Plan:
                 activation_bytes=int(est.get("activation_bytes", 0)),
                 seconds_per_step=est.get("seconds_per_step"),
                 profile=est.get("profile"),
+                profile_source=est.get("profile_source"),
+                steps=est.get("steps"),
+                encode_seconds=est.get("encode_seconds"),
+                decode_seconds=est.get("decode_seconds"),
+                generation_seconds=est.get("generation_seconds"),
             ),
         )
 
@@ -210,12 +229,15 @@ def component_to_dict(cp: ComponentPlan) -> dict[str, Any]:
         out["layers"] = [{"path": ll.path, "count": ll.count, "prefetch": ll.prefetch} for ll in cp.layers]
     if cp.host_tier is not None:
         out["host_tier"] = cp.host_tier.value
+    if cp.phase:
+        out["phase"] = cp.phase
     out["weight_bytes"] = cp.weight_bytes
     out["estimate"] = _drop_none({
         "gpu_resident_bytes": cp.estimate.gpu_resident_bytes,
         "gpu_transient_bytes": cp.estimate.gpu_transient_bytes,
         "host_pinned_bytes": cp.estimate.host_pinned_bytes,
         "step_seconds": cp.estimate.step_seconds,
+        "activation_bytes": cp.estimate.activation_bytes or None,
     })
     return out
 
@@ -233,10 +255,12 @@ def _component_from_dict(data: Mapping[str, Any]) -> ComponentPlan:
         weight_bytes=int(data.get("weight_bytes", 0)),
         stream_non_layer=bool(data.get("stream_non_layer", False)),
         host_tier=data.get("host_tier"),
+        phase=str(data.get("phase", "")),
         estimate=ComponentEstimate(
             gpu_resident_bytes=int(est.get("gpu_resident_bytes", 0)),
             gpu_transient_bytes=int(est.get("gpu_transient_bytes", 0)),
             host_pinned_bytes=int(est.get("host_pinned_bytes", 0)),
             step_seconds=est.get("step_seconds"),
+            activation_bytes=int(est.get("activation_bytes", 0)),
         ),
     )

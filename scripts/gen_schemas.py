@@ -129,7 +129,8 @@ def plan_schema() -> dict:
         "gpu_resident_bytes": {"type": "integer", "minimum": 0},
         "gpu_transient_bytes": {"type": "integer", "minimum": 0},
         "host_pinned_bytes": {"type": "integer", "minimum": 0},
-        "step_seconds": {"type": "number", "minimum": 0}}}
+        "step_seconds": {"type": "number", "minimum": 0},
+        "activation_bytes": {"type": "integer", "minimum": 0}}}
     component = {
         "type": "object", "additionalProperties": False, "required": ["strategy", "family"],
         "properties": {
@@ -148,6 +149,8 @@ def plan_schema() -> dict:
             "stream_non_layer": {"type": "boolean",
                                  "description": "layerwise: modules outside the layer lists stream too"},
             "host_tier": {"enum": list(HOST_TIERS), "description": "where the host copy of the weights waits"},
+            "phase": {"type": "string", "description": "the part of a generation it runs in (encode, denoise, "
+                      "decode): a layerwise component's slots leave the device when another phase starts"},
             "weight_bytes": {"type": "integer", "minimum": 0},
             "estimate": est,
         },
@@ -186,7 +189,12 @@ def plan_schema() -> dict:
                              "margin_bytes": {"type": "integer", "minimum": 0},
                              "activation_bytes": {"type": "integer", "minimum": 0},
                              "seconds_per_step": {"type": "number", "minimum": 0},
-                             "profile": {"type": "string"}}},
+                             "profile": {"type": "string"},
+                             "profile_source": {"type": "string"},
+                             "steps": {"type": "integer", "minimum": 0},
+                             "encode_seconds": {"type": "number", "minimum": 0},
+                             "decode_seconds": {"type": "number", "minimum": 0},
+                             "generation_seconds": {"type": "number", "minimum": 0}}},
         },
     }
 

@@ -48,7 +48,7 @@ def test_more_budget_never_keeps_less_resident(model):
 def test_estimate_respects_the_budget(gib):
     plan = auto_plan(f"{gib}GiB")
     assert plan.estimate.gpu_peak_bytes <= gib * GiB
-    timeline = memory_timeline(plan.components, plan.estimate.activation_bytes, plan.estimate.margin_bytes)
+    timeline = memory_timeline(plan.components, plan.estimate.margin_bytes)
     assert max(b for _, b in timeline) == plan.estimate.gpu_peak_bytes
     assert plan.estimate.margin_bytes >= 128 << 20
     assert {d.rule for d in plan.decisions} == {"default-strategy", "auto-budget"}

@@ -6,9 +6,10 @@ import pytest
 
 from planner.inventory.catalog import catalog_inventory
 from planner.planning import workload as wl
-from planner.planning.budget import call_flops, load_profile, step_seconds
+from planner.planning.activations import component_activations
+from planner.planning.budget import call_flops, step_seconds
+from planner.planning.profiles import load_profile
 from planner.planning.workload import (
-    activation_bytes,
     activation_peak,
     counted_cost,
     counted_flops,
@@ -68,8 +69,8 @@ def test_sequential_guidance_calls_twice_at_batch_one():
 def test_activations_and_compute_use_the_effective_batch():
     inv = catalog_inventory("z-image-turbo")
     base = {"height": 1024, "width": 1024}
-    off = activation_bytes({**base, "guidance_scale": 0.0}, inv, "bfloat16")
-    on = activation_bytes({**base, "guidance_scale": 5.0}, inv, "bfloat16")
+    off = component_activations({**base, "guidance_scale": 0.0}, inv, "bfloat16")["transformer"]
+    on = component_activations({**base, "guidance_scale": 5.0}, inv, "bfloat16")["transformer"]
     assert on == 2 * off > 0
     info = denoiser("z-image-turbo")
     assert call_flops(info, {**base, "guidance_scale": 5.0}) == 2 * call_flops(info, {**base, "guidance_scale": 0.0})
@@ -84,7 +85,7 @@ def test_activations_and_flops_grow_with_resolution(model):
     inv = catalog_inventory(model)
     info = inv.get("transformer")
     sizes = [256, 512, 768, 1024, 1536, 2048, 3072]
-    acts = [activation_bytes({"height": s, "width": s}, inv, "bfloat16") for s in sizes]
+    acts = [component_activations({"height": s, "width": s}, inv, "bfloat16")["transformer"] for s in sizes]
     flops = [call_flops(info, {"height": s, "width": s}) for s in sizes]
     assert all(a < b for a, b in zip(acts, acts[1:]))
     assert all(a < b for a, b in zip(flops, flops[1:]))
@@ -105,9 +106,6 @@ def test_counted_classes_read_their_grid_and_others_keep_two_flops_per_weight():
     assert call_flops(unknown, w) == pytest.approx(old)
 
 
-def test_no_workload_section_holds_no_activations():
-    assert activation_bytes(None, catalog_inventory("flux.1-dev"), "bfloat16") == 0
-    assert wl.activation_bytes({}, catalog_inventory("flux.1-dev"), "bfloat16") == 0
 
 
 # --- counted costs looked up by class and parameter count (planner/data/costs.json, version 2) ---

@@ -1,10 +1,11 @@
 """``residency-planner calibrate``: measure the GPU this runs on and write a hardware profile.
 
 Two numbers drive the time model (planner/planning/budget.py): pinned host-to-device bandwidth, and the
-effective rate of a DiT's layers, counted the planner's way (2 FLOPs per weight per token; attention,
-modulation and normalisation costs fold into the rate). The rate comes from real Z-Image layers
-(diffusers), since a synthetic attention+MLP block runs about 1.6x faster than a real DiT layer on
-an H100 (measured: 522-555 vs 328 TFLOP/s).
+rate at which the GPU runs counted FLOPs (``planner.costs.count``: FlopCounterMode over the real
+module code, attention as the fused kernel), the same count the planner reads from
+``planner/data/costs.json``. The rate comes from real Z-Image layers (diffusers), timed on the GPU
+and counted on the meta device at the same shapes, since a synthetic attention+MLP block runs about
+1.6x faster than a real DiT layer on an H100.
 """
 
 from __future__ import annotations
@@ -61,27 +62,26 @@ def measure_block_rate(torch: Any, hidden: int = 3840, tokens: int = 4608, heads
 
 def measure_dit_rate(torch: Any, *, device: str = "cuda", dims: dict[str, Any] | None = None, size: int = 1024,
                      text_tokens: int = 512, repeat: int = 5) -> float:
-    """The rate of a real DiT's main layers, counted the time model's way (2·weights·tokens).
+    """Counted FLOPs per second of a real DiT's main layers.
 
     Two Z-Image transformers with real dimensions that differ only in their number of main layers
-    (2 and 4) are timed; the difference is what two layers cost, free of embedders, refiners and
-    launch overheads. Needs diffusers.
+    (2 and 4) are timed, and counted on the meta device at the same inputs; the differences are what
+    two layers cost and count, free of embedders, refiners and launch overheads. Needs diffusers.
     """
     from diffusers import ZImageTransformer2DModel
 
     dims = dict(dims or {})
-    tokens = (size // 16) ** 2 + text_tokens
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     gen = torch.Generator(device).manual_seed(0)
     channels, cap_dim = dims.get("in_channels", 16), dims.get("cap_feat_dim", 2560)
     x = [torch.randn(channels, 1, size // 8, size // 8, device=device, dtype=dtype, generator=gen)]
     cap = [torch.randn(text_tokens, cap_dim, device=device, dtype=dtype, generator=gen)]
     t = torch.tensor([0.5], device=device, dtype=dtype)
-    timings, layer_params = [], 0
+    timings, counted = [], []
     for n_layers in (2, 4):
+        counted.append(_counted_flops(torch, ZImageTransformer2DModel, n_layers, dims, dtype, x, t, cap))
         with torch.device(device):
             model = ZImageTransformer2DModel(n_layers=n_layers, n_refiner_layers=1, **dims).to(dtype).eval()
-        layer_params = sum(p.numel() for p in model.layers[0].parameters())
         with torch.no_grad():
             for _ in range(2):
                 model(x, t, cap, return_dict=False)
@@ -97,7 +97,19 @@ def measure_dit_rate(torch: Any, *, device: str = "cuda", dims: dict[str, Any] |
         timings.append(statistics.median(runs))
         del model
     per_layer = max((timings[1] - timings[0]) / 2, 1e-9)
-    return 2.0 * layer_params * tokens / per_layer
+    return max((counted[1] - counted[0]) / 2, 1.0) / per_layer
+
+
+def _counted_flops(torch: Any, cls: Any, n_layers: int, dims: dict[str, Any], dtype: Any, x: list, t: Any,
+                   cap: list) -> float:
+    """FLOPs of one forward at the inputs' shapes, counted on the meta device (no weights)."""
+    from planner.costs.count import count_forward
+
+    with torch.device("meta"):
+        model = cls(n_layers=n_layers, n_refiner_layers=1, **dims).to(dtype).eval()
+    meta = [[v.to("meta") for v in x], t.to("meta"), [v.to("meta") for v in cap]]
+    return float(count_forward(model, lambda m: m(meta[0], meta[1], meta[2], return_dict=False),
+                               meta[0] + meta[2] + [meta[1]]).flops)
 
 
 def _dit_rate(torch: Any) -> float:

@@ -45,7 +45,7 @@ def write_chart(plan: Plan, path: str | Path) -> Path:
     left.legend(fontsize=7, loc="lower right")
     left.set_title("bytes per component", fontsize=10)
 
-    timeline = memory_timeline(plan.components, e.activation_bytes, e.margin_bytes)
+    timeline = memory_timeline(plan.components, e.margin_bytes)
     xs = list(range(len(timeline)))
     ys = [b / GiB for _, b in timeline]
     right.step(xs, ys, where="mid", color="#2b6cb0")

@@ -119,7 +119,10 @@ def plan_table(plan: Any, source: str) -> str:
                  + f"; pinned host {format_size(e.host_pinned_bytes)}"
                  + (f" of {format_size(e.host_budget_bytes)} budget" if e.host_budget_bytes else ""))
     if e.seconds_per_step is not None:
-        lines.append(f"predicted denoising step {e.seconds_per_step:.3f} s ({e.profile} profile)")
+        lines.append(f"predicted denoising step {e.seconds_per_step:.3f} s"
+                     + (f"; one generation {e.generation_seconds:.2f} s (encode {e.encode_seconds:.2f} s + "
+                        f"{e.steps} steps + decode {e.decode_seconds:.2f} s)" if e.generation_seconds is not None else "")
+                     + f" ({e.profile} profile" + (f", {e.profile_source}" if e.profile_source else "") + ")")
     if plan.decisions:
         lines.append(f"{len(plan.decisions)} decision(s); 'residency-planner explain {source}' says why")
     for w in plan.warnings:

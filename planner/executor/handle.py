@@ -4,7 +4,8 @@ hooks every plan adds besides its placements.
 Changes, and how ``remove()`` undoes each:
 - each component's placement attached (resident, layerwise, cpu_offload group, fsdp): detached in
   reverse order, each placement undoing its own changes (documented in its module);
-- phase hooks on the components outside a CPU-offload group: removed;
+- phase hooks on every placed component (CPU-offload members leave when another component
+  starts; layerwise slots of other phases are released): removed;
 - ``_hf_hook`` set to an ``ExecutionDeviceHint`` on offloaded and streamed components (where
   diffusers' ``_execution_device`` looks): deleted, only where this handle set it;
 - ``_residency_handle`` (``APPLIED_MARK``) set on every placed component, so a second plan is refused
@@ -96,28 +97,47 @@ class ConversionGuard:
 
 
 class PhaseHooks:
-    """Pre-hooks on the components outside the CPU-offload group: when one of them starts, the
-    members that ran before it leave the device (a text encoder does not sit on the GPU through
-    the denoising loop)."""
+    """Pre-hooks on every placed component (and its children: pipelines call ``vae.decode``, which
+    reaches the children, not ``forward``): when a component starts, what belongs to another part of
+    the generation leaves the device.
 
-    def __init__(self, group: Any, modules: list[torch.nn.Module]) -> None:
-        self.group, self.modules = group, modules
+    - the CPU-offload members that ran before a component outside the group (a text encoder does
+      not sit on the GPU through the denoising loop);
+    - when the phase changes (``ComponentPlan.phase``: encode, denoise, decode), the slots and
+      streamed modules of the layerwise components of other phases (``release_slots``), so each
+      phase holds only its own streaming memory.
+    """
+
+    def __init__(self, modules: Mapping[str, torch.nn.Module], phases: Mapping[str, str],
+                 releasable: Mapping[str, Any], group: Any = None, members: frozenset[str] = frozenset()) -> None:
+        self.modules, self.phases, self.releasable = dict(modules), dict(phases), dict(releasable)
+        self.group, self.members = group, members
+        self.phase: str | None = None
         self._hooks = ModuleHooks()
 
     def attach(self) -> None:
-        group = self.group
+        for name, module in self.modules.items():
+            def enter(module: torch.nn.Module, args: Any, name: str = name) -> None:
+                self.component_starts(name)
 
-        def enter(module: torch.nn.Module, args: Any) -> None:
-            group.other_component_runs()
-
-        for module in self.modules:
             self._hooks.pre(module, enter)
-            # pipelines call vae.decode, which reaches the children, not forward
             for child in module.children():
                 self._hooks.pre(child, enter)
 
+    def component_starts(self, name: str) -> None:
+        if self.group is not None and name not in self.members:
+            self.group.other_component_runs()
+        phase = self.phases[name]
+        if phase == self.phase:
+            return
+        self.phase = phase
+        for other, placement in self.releasable.items():
+            if self.phases[other] != phase:
+                placement.release_slots()
+
     def detach(self) -> None:
         self._hooks.remove()
+        self.phase = None
 
     def report(self) -> dict:
         return {}

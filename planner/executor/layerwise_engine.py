@@ -168,6 +168,41 @@ class LayerwiseEngine(PackedPlacement):
         """
         super().attach()
 
+    def release_slots(self) -> bool:
+        """Gives the slots and loaded streamed modules back to the device's allocator between calls
+        (the handle calls it when a component of another phase starts: the text encoder's slots are
+        not kept through denoising, nor the denoiser's through decoding); the next call allocates
+        them again and loads its first layers on arrival. False (nothing done) while a call runs.
+        """
+        if not self._attached or self._released or self._root_depth or any(layer.depth for layer in self._all):
+            return False
+        stream = self._ops.current()
+        for slot in self._slots:
+            stream.wait_event(slot.load_event)    # a prefetch may still be writing it
+            if slot.layer is not None:
+                slot.layer.slot = None
+                slot.layer = None
+            slot.bufs, slot.sizes = {}, {}        # freed in compute-stream order
+        for layer in self._streamed:
+            layer.copies = [None] * len(self._slots)
+            layer.binds = [None] * len(self._slots)
+        for unit in self._units:
+            if unit.bufs is not None:
+                stream.wait_event(unit.load_event)
+                unit.bufs = None
+        self._free = list(reversed(self._slots))
+        self._released = True
+        self.slot_releases += 1
+        return True
+
+    def _reacquire(self) -> None:
+        """After ``release_slots``: the slots again, each sized for the layer it takes first, and the
+        window's first loads issued."""
+        self._released = False
+        for slot, layer in zip(self._slots, self._streamed):
+            self._resize(slot, layer.need)
+        self._issue(*self._window())
+
     def _label(self) -> str:
         return self.name or "layerwise"
 
@@ -200,6 +235,7 @@ class LayerwiseEngine(PackedPlacement):
             "gpu_slot_bytes": self._slot_bytes(),
             "gpu_slot_peak_bytes": self.peak_slot_bytes,
             "slot_allocations": self.slot_allocations,
+            "slot_releases": self.slot_releases,
             "host_pinned_bytes": pack.pinned_bytes if pack is not None else 0,
             "host_buffer_bytes": pack.allocated_bytes if pack is not None else 0,
             "unusual_tensors": self._unusual,
@@ -263,6 +299,8 @@ class LayerwiseEngine(PackedPlacement):
         self._cursor = -1
         self._root_depth = 0
         self._root_thread: int | None = None
+        self._released = False             # release_slots() gave the device memory back
+        self.slot_releases = 0
         self._stamp = 0
         self.sync_loads = 0
         self.async_loads = 0
@@ -482,6 +520,8 @@ class LayerwiseEngine(PackedPlacement):
             # was cut short by a KeyboardInterrupt or SystemExit, for which torch runs no
             # always_call hook. Release what it held, so this call streams as any other.
             self._release_interrupted()
+        if self._released:
+            self._reacquire()
         self._root_thread = me
         self._root_depth += 1
 
@@ -508,6 +548,8 @@ class LayerwiseEngine(PackedPlacement):
         if layer.depth:              # re-entrant call: already bound
             layer.depth += 1
             return
+        if self._released:           # reached without the component's forward (``vae.decode``)
+            self._reacquire()
         layer.depth = 1
         want, next_call = self._advance(layer)
         try:

@@ -110,12 +110,15 @@ def attach_components(handle: ResidencyHandle, source_of: ModuleSource,
 
 
 def _finish(handle: ResidencyHandle, modules: dict[str, torch.nn.Module], group: CpuOffloadGroup | None) -> None:
-    """Phase hooks for the CPU-offload group, execution-device hints for diffusers, placements in
-    plan order for reports."""
+    """Phase hooks (the CPU-offload group's members leave, layerwise slots of other phases are
+    released), execution-device hints for diffusers, placements in plan order for reports."""
     plan = handle.plan
-    if group is not None:
-        members = {n for n, cp in plan.components.items() if cp.strategy == Strategy.CPU_OFFLOAD}
-        phases = PhaseHooks(group, [modules[n] for n in plan.components if n not in members])
+    members = frozenset(n for n, cp in plan.components.items() if cp.strategy == Strategy.CPU_OFFLOAD)
+    releasable = {n: p for n, p in handle.placements.items() if hasattr(p, "release_slots")}
+    if group is not None or releasable:
+        hooked = {n: modules[n] for n in plan.components if n not in members or releasable}
+        phases = PhaseHooks(hooked, {n: cp.phase or cp.family for n, cp in plan.components.items()}, releasable,
+                            group=group, members=members)
         phases.attach()
         handle._attached.append(phases)
     for name, cp in plan.components.items():

@@ -23,11 +23,11 @@ from planner.plan import (
     Plan,
     Strategy,
 )
+from planner.planning.activations import component_activations
 from planner.planning.estimate import memory_estimate
 from planner.planning.resolve import ComponentResolution, Resolution, prefetch_count
-from planner.planning.workload import activation_bytes
 from planner.spec.document import Document
-from planner.spec.families import runs_per_step
+from planner.spec.families import phase_of
 from planner.spec.sizes import parse_size
 
 DEFAULT_MARGIN_FLOOR = 128 << 20
@@ -61,10 +61,12 @@ def layer_list_plans(comp: ComponentResolution) -> tuple[LayerListPlan, ...]:
 
 
 def streams_non_layer(strategy: str, family: str, resident_layers: tuple[int, ...]) -> bool:
-    """A layerwise denoiser with every layer streamed also streams its other modules (embedders,
-    output layers): the plan asks for the least device memory, and they run outside the layers.
-    With resident layers they stay resident (streaming them cost 6-8 % on Flux at 75 % resident)."""
-    return strategy == Strategy.LAYERWISE and runs_per_step(family) and not resident_layers
+    """A layerwise component with every layer streamed also streams its other modules (embedders,
+    output layers): the plan asks for the least device memory, and they run outside the layers (a
+    Qwen3 text encoder's token embedding is 0.78 GB that would otherwise sit on the GPU through
+    denoising and decoding). With resident layers they stay resident (streaming them cost 6-8 % on
+    Flux at 75 % resident)."""
+    return strategy == Strategy.LAYERWISE and not resident_layers
 
 
 def component_plan(comp: ComponentResolution, strategy: str | None = None,
@@ -82,7 +84,7 @@ def component_plan(comp: ComponentResolution, strategy: str | None = None,
         strategy=strategy, family=comp.family, class_name=comp.info.class_name, prefetch=prefetch,
         resident_layers=resident if layerwise else (), layers=layers, weight_bytes=comp.info.weight_bytes,
         stream_non_layer=streams_non_layer(strategy, comp.family, resident if layerwise else ()),
-        host_tier=HostTier.PINNED if strategy in HOST_STRATEGIES else None)
+        host_tier=HostTier.PINNED if strategy in HOST_STRATEGIES else None, phase=phase_of(comp.family))
 
 
 def build_plan(doc: Document, inventory: Inventory, resolution: Resolution, *,
@@ -93,14 +95,14 @@ def build_plan(doc: Document, inventory: Inventory, resolution: Resolution, *,
     layer_bytes = {name: comp.info.layer_bytes for name, comp in resolution.components.items()}
     memory = spec.get("memory", {})
     margin = parse_size(memory["margin"]) if "margin" in memory else default_margin(memory)
-    activations = activation_bytes(spec.get("workload"), inventory, spec["pipeline"].get("dtype", "bfloat16"))
-    mem = memory_estimate(comps, layer_bytes, activation_bytes=activations, margin_bytes=margin)
+    activations = component_activations(spec.get("workload"), inventory, spec["pipeline"].get("dtype", "bfloat16"))
+    mem = memory_estimate(comps, layer_bytes, activations=activations, margin_bytes=margin)
     comps = {name: replace(cp, estimate=mem.components[name]) for name, cp in comps.items()}
     est = estimate or Estimate(
         gpu_peak_bytes=mem.gpu_peak_bytes, host_pinned_bytes=mem.host_pinned_bytes,
         gpu_budget_bytes=parse_size(memory["gpu_budget"]) if "gpu_budget" in memory else None,
         host_budget_bytes=parse_size(memory["host_budget"]) if "host_budget" in memory else None,
-        margin_bytes=margin, activation_bytes=activations)
+        margin_bytes=margin, activation_bytes=max(activations.values(), default=0))
     warnings = tuple(list(resolution.warnings) + list(extra_warnings))
     section = spec["pipeline"]
     pipeline_ref: dict[str, Any] = {k: section[k] for k in ("model", "path", "components") if k in section}

@@ -7,17 +7,16 @@ a budget takes the longest prefix that fits. A larger budget therefore never kee
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 from typing import Any, Mapping
 
 from planner.errors import SpecError
-from planner.files.bounded_read import load_json_file
-from planner.files.package_data import load_package_json
-from planner.inventory.model import DTYPE_BYTES, ComponentInfo, Inventory
+from planner.inventory.model import ComponentInfo, Inventory
 from planner.plan import Decision, Plan
 from planner.planning.assemble import build_plan, component_plan
+from planner.planning.activations import decode_call, encoder_call, images_per_call
 from planner.planning.estimate import memory_estimate
+from planner.planning.profiles import Profile, load_profile
 from planner.planning.resolve import ComponentResolution, Resolution, place_resident
 from planner.planning.rules import reason
 from planner.planning.workload import (
@@ -26,55 +25,44 @@ from planner.planning.workload import (
     denoiser_batch,
     denoiser_calls,
     effective,
+    guidance_on,
     image_tokens,
+    parameters_of,
     text_tokens,
 )
 from planner.spec.document import Document
 from planner.spec.families import family_of, runs_per_step
 from planner.spec.sizes import format_size, parse_size
 
-PROFILES_PATH = Path(__file__).parent.parent / "data" / "profiles.json"
-DEFAULT_PROFILE = "h100"
 DEFAULT_STEPS = 28
-
-
-@dataclass(frozen=True)
-class Profile:
-    name: str
-    h2d_bytes_per_s: float
-    effective_flops: float
-    layer_overhead_s: float = 2e-5
-
-
-def load_profile(name_or_path: str | None, base: Path | None = None) -> Profile:
-    name = name_or_path or DEFAULT_PROFILE
-    builtin = load_package_json(PROFILES_PATH.name)["profiles"]
-    if name in builtin:
-        data = builtin[name]
-    else:
-        path = Path(name) if base is None or Path(name).is_absolute() else base / name
-        data = load_json_file(path, "profile", limit=1 << 20)   # a FIFO or /dev/zero is refused, not read
-    return Profile(name=data.get("name", name), h2d_bytes_per_s=float(data["h2d_bytes_per_s"]),
-                   effective_flops=float(data["effective_flops"]),
-                   layer_overhead_s=float(data.get("layer_overhead_s", 2e-5)))
+# the decoders a text-to-image or text-to-video generation runs once at its end
+DECODERS = ("vae", "video_vae", "audio_vae", "vocoder")
 
 
 def call_flops(info: ComponentInfo, workload: Mapping[str, Any]) -> float:
     """FLOPs of one call of a component at the workload's effective batch.
 
-    A denoiser whose class was counted (``planner/data/costs.json``) takes the count of its real
-    module code, interpolated in tokens; anything else 2 FLOPs per weight per token, every token
-    through every weight."""
-    params = info.weight_bytes / DTYPE_BYTES.get(info.dtype, 2)
+    A component whose class and size were counted (``planner/data/costs.json``) takes the count of
+    its real module code: a denoiser interpolated in tokens, a text encoder in text tokens, a VAE
+    decode in pixels. Anything else 2 FLOPs per weight per token, every token through every weight."""
+    params = parameters_of(info)
     if runs_per_step_name(info.name):
         img, txt = image_tokens(workload, info.class_name), text_tokens(workload, info.class_name)
         batch = denoiser_batch(workload, info.class_name)
-        counted = counted_flops(info.class_name, img, txt)
+        counted = counted_flops(info.class_name, img, txt, parameters=params)
         if counted is not None:
             return counted * batch
         return 2.0 * params * (img + txt) * batch
-    batch = int(workload.get("batch_size", 1)) * int(workload.get("num_images", 1))
-    return 2.0 * params * int(workload.get("text_tokens", 512)) * batch
+    family = family_of(info.name)
+    if family in ("text_encoder", "image_encoder"):
+        cost = encoder_call(info, workload, "")
+    elif family == "vae":
+        cost = decode_call(info, workload)
+    else:
+        cost = None
+    if cost is not None:
+        return cost[0]
+    return 2.0 * params * int(workload.get("text_tokens", 512)) * images_per_call(workload)
 
 
 def compute_seconds(info: ComponentInfo, workload: Mapping[str, Any], profile: Profile) -> float:
@@ -93,7 +81,7 @@ def layer_shares(info: ComponentInfo, workload: Mapping[str, Any]) -> list[float
     if not runs_per_step_name(info.name):
         return None
     flops = counted_layer_flops(info.class_name, image_tokens(workload, info.class_name),
-                                text_tokens(workload, info.class_name))
+                                text_tokens(workload, info.class_name), parameters=parameters_of(info))
     if not flops or len(flops) != len(info.layer_bytes) or sum(flops) <= 0:
         return None
     total = sum(flops)
@@ -115,7 +103,9 @@ def step_seconds(strategy: str, info: ComponentInfo, resident: tuple[int, ...], 
     if strategy == "cpu_offload":
         # moved in once per generation, then resident for the rest of its calls
         return compute * per_step + info.weight_bytes / profile.h2d_bytes_per_s / calls
+    # a denoiser streams call after call (steady state); an encoder or decoder runs once, from cold
     return per_step * simulate_layerwise(info.layer_bytes, set(resident), compute, profile, prefetch,
+                                         calls=3 if runs_per_step_name(info.name) else 1,
                                          shares=layer_shares(info, workload))
 
 
@@ -192,8 +182,12 @@ def _check_host_budget(doc: Document, plan: Plan) -> None:
 
 
 def _with_times(plan: Plan, inventory: Inventory, workload: Mapping[str, Any], profile: Profile, steps: int) -> Plan:
+    """Seconds per call of every component, per denoising step, and per generation: its encoders
+    (twice under guidance: the negative prompt is encoded too), ``steps`` denoising steps, the
+    decode."""
     comps = {}
-    per_step = 0.0
+    per_step = encode = decode = 0.0
+    encoder_calls = 2 if guidance_on(workload, _denoiser_class(inventory)) else 1
     for name, cp in plan.components.items():
         info = inventory.get(name)
         if info is None or not info.known:
@@ -204,9 +198,21 @@ def _with_times(plan: Plan, inventory: Inventory, workload: Mapping[str, Any], p
                          prefetch=cp.prefetch or 1)
         if runs_per_step_name(name):
             per_step += t
+        elif cp.phase == "encode":
+            # the negative prompt's call: streamed again under layerwise, already on the GPU otherwise
+            again = t if cp.strategy == "layerwise" else compute_seconds(info, workload, profile)
+            encode += t + (encoder_calls - 1) * again
+        elif cp.phase == "decode" and name in DECODERS:
+            decode += t
         comps[name] = replace(cp, estimate=replace(cp.estimate, step_seconds=round(t, 6)))
-    est = replace(plan.estimate, seconds_per_step=round(per_step, 6), profile=profile.name)
+    est = replace(plan.estimate, seconds_per_step=round(per_step, 6), profile=profile.name,
+                  profile_source=profile.source, steps=steps, encode_seconds=round(encode, 6),
+                  decode_seconds=round(decode, 6), generation_seconds=round(encode + steps * per_step + decode, 6))
     return replace(plan, components=comps, estimate=est)
+
+
+def _denoiser_class(inventory: Inventory) -> str:
+    return next((c.class_name for c in inventory.components if family_of(c.name) == "dit"), "")
 
 
 def _choose(doc: Document, inventory: Inventory, resolution: Resolution, auto: list[ComponentResolution],
@@ -219,13 +225,14 @@ def _choose(doc: Document, inventory: Inventory, resolution: Resolution, auto: l
 
     fixed = build_plan(doc, inventory, resolution)   # auto components are placeholders here
     layer_bytes = {c.name: c.info.layer_bytes for c in resolution.components.values()}
-    activations, margin = fixed.estimate.activation_bytes, fixed.estimate.margin_bytes
+    activations = {n: cp.estimate.activation_bytes for n, cp in fixed.components.items()}
+    margin = fixed.estimate.margin_bytes
 
     def peak_of(state: dict[str, tuple[str, tuple[int, ...]]]) -> int:
         plans = dict(fixed.components)
         for name, (strategy, resident) in state.items():
             plans[name] = component_plan(resolution.components[name], strategy, resident)
-        return memory_estimate(plans, layer_bytes, activation_bytes=activations, margin_bytes=margin).gpu_peak_bytes
+        return memory_estimate(plans, layer_bytes, activations=activations, margin_bytes=margin).gpu_peak_bytes
 
     state = dict(start)
     smallest = peak_of(state)

@@ -232,14 +232,3 @@ def denoiser_activation_bytes(workload: Mapping[str, Any] | None, class_name: st
         return int(counted * batch * nbytes / 2)       # counted in bf16
     d = hidden_size(layer_bytes, nbytes)
     return ACTIVATION_FACTOR * batch * denoiser_tokens(workload, class_name) * d * nbytes
-
-
-def activation_bytes(workload: Mapping[str, Any] | None, inventory: Inventory, dtype: str) -> int:
-    if not workload:
-        return 0
-    peak = 0
-    for comp in inventory.components:
-        if family_of(comp.name) != "dit" or not comp.layer_bytes:
-            continue
-        peak = max(peak, denoiser_activation_bytes(workload, comp.class_name, max(comp.layer_bytes), dtype))
-    return peak

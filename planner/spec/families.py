@@ -18,6 +18,7 @@ class Family:
     description: str
     matches: Callable[[str], bool]
     runs_per_generation: str    # "per_step" (denoisers) or "once" (encoders, decoders)
+    phase: str                  # the part of a generation it runs in: encode, denoise, decode
 
 
 DIT_NAMES = ("transformer", "transformer_2", "video_dit", "video_dit_2", "audio_dit", "dual_tower_bridge")
@@ -27,10 +28,10 @@ VAE_NAMES = ("vae", "video_vae", "audio_vae", "vocoder", "spatial_upsampler", "c
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("dit", "diffusion transformer / denoiser", lambda n: n in DIT_NAMES, "per_step"),
-    Family("vae", "VAE, vocoder, upsampler", lambda n: n in VAE_NAMES, "once"),
-    Family("text_encoder", "text encoder", lambda n: n.startswith("text_encoder") or n.endswith("text_encoder"), "once"),
-    Family("image_encoder", "image encoder", lambda n: n == "image_encoder", "once"),
+    Family("dit", "diffusion transformer / denoiser", lambda n: n in DIT_NAMES, "per_step", "denoise"),
+    Family("vae", "VAE, vocoder, upsampler", lambda n: n in VAE_NAMES, "once", "decode"),
+    Family("text_encoder", "text encoder", lambda n: n.startswith("text_encoder") or n.endswith("text_encoder"), "once", "encode"),
+    Family("image_encoder", "image encoder", lambda n: n == "image_encoder", "once", "encode"),
 )
 
 
@@ -46,6 +47,11 @@ def family_of(name: str) -> str:
         if fam.matches(name):
             return fam.name
     return OTHER_FAMILY
+
+
+def phase_of(family: str) -> str:
+    """The phase a family's components run in; anything else (LTX-2's connectors) is its own."""
+    return next((f.phase for f in FAMILIES if f.name == family), family)
 
 
 def runs_per_step(family: str) -> bool:

@@ -1,0 +1,73 @@
+"""What each component holds live while it runs: the activation peak of one call at the workload.
+
+Denoisers, text encoders and VAE decoders of counted classes take the counts of their real module
+code (``planner/data/costs.json``, chosen by class and parameter count, so another config of a
+class is not mistaken for the counted one); a denoiser of an uncounted class takes the factor rule
+of ``workload.denoiser_activation_bytes``; other components count 0 (the margin covers them).
+Where the spec has no ``workload:``, the pipeline class's call defaults stand in for it, as they do
+for time: a plan always says what one generation at the default size holds.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from planner.inventory.model import DTYPE_BYTES, ComponentInfo, Inventory
+from planner.planning.workload import (
+    denoiser_activation_bytes,
+    effective,
+    encoder_cost,
+    parameters_of,
+    text_tokens,
+    vae_decode_cost,
+)
+from planner.spec.families import family_of
+
+
+def images_per_call(workload: Mapping[str, Any]) -> int:
+    """Samples an encoder or decoder call handles: batch_size × num_images (guidance's negative
+    prompt is a call of its own)."""
+    return int(workload.get("batch_size", 1)) * int(workload.get("num_images", 1))
+
+
+def _denoiser_class(inventory: Inventory) -> str:
+    return next((c.class_name for c in inventory.components if family_of(c.name) == "dit"), "")
+
+
+def encoder_call(info: ComponentInfo, workload: Mapping[str, Any], denoiser: str) -> tuple[float, int] | None:
+    """(FLOPs, activation bytes) of one call of a counted text encoder at the workload, else None."""
+    cost = encoder_cost(info.class_name, parameters_of(info), text_tokens(workload, denoiser))
+    if cost is None:
+        return None
+    scale = images_per_call(workload) * DTYPE_BYTES.get(info.dtype, 2) / 2     # counted in bf16
+    return cost[0] * images_per_call(workload), int(cost[1] * scale)
+
+
+def decode_call(info: ComponentInfo, workload: Mapping[str, Any]) -> tuple[float, int] | None:
+    """(FLOPs, activation bytes) of one counted VAE decode of the workload's images, else None."""
+    cost = vae_decode_cost(info.class_name, parameters_of(info), int(workload["height"]), int(workload["width"]))
+    if cost is None:
+        return None
+    scale = images_per_call(workload) * DTYPE_BYTES.get(info.dtype, 2) / 2
+    return cost[0] * images_per_call(workload), int(cost[1] * scale)
+
+
+def component_activations(workload: Mapping[str, Any] | None, inventory: Inventory, dtype: str) -> dict[str, int]:
+    """Activation peak of one call of every component, by name."""
+    w = effective(workload, inventory)
+    denoiser = _denoiser_class(inventory)
+    out: dict[str, int] = {}
+    for comp in inventory.components:
+        family = family_of(comp.name)
+        counted: tuple[float, int] | None = None
+        if family == "dit":
+            out[comp.name] = (denoiser_activation_bytes(w, comp.class_name, max(comp.layer_bytes), comp.dtype or dtype,
+                                                        parameters=parameters_of(comp))
+                              if comp.layer_bytes else 0)
+            continue
+        if family in ("text_encoder", "image_encoder"):
+            counted = encoder_call(comp, w, denoiser)
+        elif family == "vae":
+            counted = decode_call(comp, w)
+        out[comp.name] = counted[1] if counted else 0
+    return out

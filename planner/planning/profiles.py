@@ -1,0 +1,72 @@
+"""Hardware profiles: the rates the time model reads (pinned host-to-device bandwidth, the rate at
+which a GPU runs counted FLOPs, a per-layer launch overhead).
+
+A spec names one (``profile: h200``, or a file ``calibrate`` wrote); a spec that names none gets the
+profile of the GPU this runs on, found by its device name (``planner.files.gpu_name``), so a plan
+made on an H200 predicts H200 times. Without a GPU, or on one no built-in profile matches, the
+default is the H100 profile, and the plan says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from planner.files.bounded_read import load_json_file
+from planner.files.gpu_name import gpu_names
+from planner.files.package_data import load_package_json
+
+PROFILES_FILE = "profiles.json"
+DEFAULT_PROFILE = "h100"
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    h2d_bytes_per_s: float
+    effective_flops: float
+    layer_overhead_s: float = 2e-5
+    source: str = ""          # why this profile: named by the spec, or the GPU it was matched to
+
+
+def builtin_profiles() -> dict[str, dict]:
+    return load_package_json(PROFILES_FILE)["profiles"]
+
+
+def profile_for_gpu(name: str) -> str | None:
+    """The built-in profile whose ``gpus`` names appear in a device name ("NVIDIA H200" -> h200)."""
+    lowered = name.lower()
+    for key, data in builtin_profiles().items():
+        if any(token.lower() in lowered for token in data.get("gpus", ())):
+            return key
+    return None
+
+
+def _detected() -> tuple[str, str]:
+    names = gpu_names()
+    if not names:
+        return DEFAULT_PROFILE, "no GPU found here: the default"
+    match = profile_for_gpu(names[0])
+    if match is None:
+        return DEFAULT_PROFILE, (f"no built-in profile matches {names[0]}: the default; "
+                                 "'residency-planner calibrate' writes one")
+    return match, f"matched to this machine's {names[0]}"
+
+
+def load_profile(name_or_path: str | None, base: Path | None = None) -> Profile:
+    """The profile a spec names (a built-in name or a file), else the one of this machine's GPU."""
+    if name_or_path is None:
+        name, source = _detected()
+    else:
+        name, source = name_or_path, "named by the spec"
+    builtin = builtin_profiles()
+    if name in builtin:
+        data = builtin[name]
+        label = name
+    else:
+        path = Path(name) if base is None or Path(name).is_absolute() else base / name
+        data = load_json_file(path, "profile", limit=1 << 20)   # a FIFO or /dev/zero is refused, not read
+        label = data.get("name", name)
+    return Profile(name=label, h2d_bytes_per_s=float(data["h2d_bytes_per_s"]),
+                   effective_flops=float(data["effective_flops"]),
+                   layer_overhead_s=float(data.get("layer_overhead_s", 2e-5)), source=source)
