@@ -560,15 +560,25 @@ class Bench:
         info["call"] = call
         sizes = args.sizes
         refs: dict[int, torch.Tensor] = {}
+        ref_dir = Path(args.work) / "refs"    # kept by --cleanup: a later command can compare with them
+        ref_dir.mkdir(parents=True, exist_ok=True)
+        self.ref_path = lambda size: ref_dir / f"{folder.name}_{size}_{args.steps}.pt"
         for size in sizes:
-            ref = folder / f"ref_{size}_{args.steps}.pt"
-            if ref.exists():
-                refs[size] = torch.load(ref)
+            if self.ref_path(size).exists():
+                refs[size] = torch.load(self.ref_path(size))
+        spent: dict[str, float] = {}    # seconds each variant took, load to teardown
         for variant, budget in self.variants_for(family):
-            if self.over_budget(f"{family} {variant}"):
+            var_sizes = sizes[:1] if (variant == "diffusers_model_offload" and args.variants is None) else sizes
+            # a variant's cost before it runs: the dearest so far, twice that for diffusers' offloads
+            # (their generations move every weight each time: ~2x ours on Flux and SD3.5)
+            guess = max(spent.values(), default=0.0) * (2.0 if variant in DIFFUSERS_VARIANTS[1:] else 1.0)
+            guess *= len(var_sizes) / len(sizes)
+            if args.budget_s and self.elapsed() + guess > args.budget_s:
+                log(f"{family}: skipping {variant} (time budget: {self.elapsed():.0f} s used, ~{guess:.0f} s "
+                    f"needed, {args.budget_s:.0f} s in all)")
                 self.rows.append(dict(family=family, variant=variant, skipped=f"time budget ({args.budget_s:.0f} s)"))
                 continue
-            var_sizes = sizes[:1] if (variant == "diffusers_model_offload" and args.variants is None) else sizes
+            v0 = time.perf_counter()
             try:
                 self.run_variant(family, folder, variant, budget, var_sizes, call, refs)
             except Exception as exc:
@@ -576,6 +586,10 @@ class Bench:
                 traceback.print_exc()
                 self.rows.append(dict(family=family, variant=variant, error=f"{type(exc).__name__}: {exc}"[:2000]))
             free_memory(dev)
+            spent[variant] = time.perf_counter() - v0
+            for r in self.rows:
+                if r["family"] == family and r["variant"] == variant:
+                    r["variant_s"] = spent[variant]
             self.write()
 
     def load(self, folder: Path, variant: str, plan: Any) -> Any:
@@ -692,7 +706,7 @@ class Bench:
                         row["out_abs_mean"] = float(out.float().abs().nan_to_num().mean())
                         if variant == "diffusers_resident":
                             refs[size] = out
-                            torch.save(out, folder / f"ref_{size}_{args.steps}.pt")
+                            torch.save(out, self.ref_path(size))
                         if size in refs:
                             row["exact"], row["max_abs_diff"] = outputs_compare(refs[size], out)
                         else:
@@ -700,9 +714,20 @@ class Bench:
                             row["note"] = "no diffusers_resident output of this size to compare with"
                         if budget is not None and row.get("peak_allocated_bytes") is not None:
                             row["within_budget"] = row["peak_allocated_bytes"] <= budget
-                        if row.get("predicted_s_per_step") and row.get("s_per_step"):
-                            pred = row["predicted_s_per_step_at_size"] or row["predicted_s_per_step"]
+                        # the loaded plan is the largest size's: its predictions hold at another size only
+                        # where the plan made for that size places everything the same way
+                        if row.get("plan_at_size_same_placement"):
+                            row["compared_peak_bytes"] = row["predicted_peak_bytes_at_size"]
+                            row["compared_s_per_step"] = row["predicted_s_per_step_at_size"]
+                        elif variant.startswith("ours"):
+                            row["compared_peak_bytes"] = row["predicted_peak_bytes"]   # the plan at its size
+                            row["compared_s_per_step"] = None
+                        if row.get("compared_s_per_step") and row.get("s_per_step"):
+                            pred = row["compared_s_per_step"]
                             row["s_per_step_error_pct"] = (row["s_per_step"] - pred) / pred * 100
+                        if row.get("compared_peak_bytes") and row.get("peak_allocated_bytes") is not None:
+                            pred = row["compared_peak_bytes"]
+                            row["peak_error_pct"] = (row["peak_allocated_bytes"] - pred) / pred * 100
                         log(f"{family} {size}: {variant} gen {row.get('generation_s', 0):.2f} s, "
                             f"{row.get('s_per_step', 0):.4f} s/step, peak {gib(row.get('peak_allocated_bytes'))} / "
                             f"{gib(row.get('peak_reserved_bytes'))} GiB, finite={row['finite']}, "
@@ -759,9 +784,9 @@ def markdown(data: dict[str, Any]) -> str:
         lines += [f"## {fam} ({info.get('class', '')}, {FAMILIES[fam]}; "
                   f"{gib(info.get('folder_bytes'))} GiB of weights, {data['steps']} steps)", "",
                   "| variant | size | budget GiB | predicted peak GiB | peak alloc / reserved GiB | ok | "
-                  "pred s/step | s/step | err % | gen s | encode / decode s | ready s | RSS load / max GiB | "
+                  "pred s/step | s/step | err % | gen s | encode / decode s | ready s | first gen s | RSS load / max GiB | "
                   "exact (max diff) | placement |",
-                  "|---|---:|---:|---:|---|---|---:|---:|---:|---:|---|---:|---|---|---|"]
+                  "|---|---:|---:|---:|---|---|---:|---:|---:|---:|---|---:|---:|---|---|---|"]
 
         def key(r: dict[str, Any]) -> tuple:
             v = r["variant"]
@@ -770,11 +795,11 @@ def markdown(data: dict[str, Any]) -> str:
         for r in sorted(rows, key=key):
             if r.get("skipped") or (r.get("error") and "size" not in r):
                 what = f"skipped: {r['skipped']}" if r.get("skipped") else f"error: {r['error'][:150]}"
-                lines.append(f"| {r['variant']} | {r.get('size', '')} | | | | | | | | | | | | {what} | |")
+                lines.append(f"| {r['variant']} | {r.get('size', '')} | | | | | | | | | | | | | {what} | |")
                 continue
             if r.get("error"):
                 lines.append(f"| {r['variant']} | {r['size']} | {gib(r.get('budget_bytes'))} | "
-                             f"{gib(r.get('predicted_peak_bytes'))} | | | | | | | | {_fmt(r.get('ready_s'), '.1f')} | "
+                             f"{gib(r.get('predicted_peak_bytes'))} | | | | | | | | {_fmt(r.get('ready_s'), '.1f')} | | "
                              f"| error: {r['error'][:150]} | |")
                 continue
             ok = "" if r.get("within_budget") is None else ("yes" if r["within_budget"] else "NO")
@@ -790,13 +815,13 @@ def markdown(data: dict[str, Any]) -> str:
                     place += f" (planned at {r.get('plan_size')})"
             peak = (f"{gib(r.get('peak_allocated_bytes'))} / {gib(r.get('peak_reserved_bytes'))}"
                     if r.get("peak_allocated_bytes") is not None else "")
-            pred_s = r.get("predicted_s_per_step_at_size") or r.get("predicted_s_per_step")
+            pred_s = r.get("compared_s_per_step")
             lines.append(
                 f"| {r['variant']} | {r['size']} | {gib(r.get('budget_bytes'))} | "
-                f"{gib(r.get('predicted_peak_bytes_at_size') or r.get('predicted_peak_bytes'))} | {peak} | {ok} | "
+                f"{gib(r.get('compared_peak_bytes'))} | {peak} | {ok} | "
                 f"{_fmt(pred_s, '.4f')} | {_fmt(r.get('s_per_step'), '.4f')} | {_fmt(r.get('s_per_step_error_pct'), '+.1f')} | "
                 f"{_fmt(r.get('generation_s'), '.2f')} | {_fmt(r.get('encode_s'), '.2f')} / {_fmt(r.get('decode_s'), '.2f')} | "
-                f"{_fmt(r.get('ready_s'), '.1f')} | {gib(r.get('rss_after_load_bytes'))} / "
+                f"{_fmt(r.get('ready_s'), '.1f')} | {_fmt(r.get('first_generation_s'), '.1f')} | {gib(r.get('rss_after_load_bytes'))} / "
                 f"{gib(r.get('rss_peak_sampled_bytes'))} | {exact} | {place} |")
         lines.append("")
     return "\n".join(lines)
