@@ -457,11 +457,22 @@ class Bench:
         self.rows: list[dict[str, Any]] = []
         self.families: dict[str, Any] = {}
         self.old: dict[str, Any] = {}
-        if self.jpath.exists():
+        for path in [*(args.merge or []), self.jpath]:   # earlier results: kept where this run does not redo them
+            path = Path(path)
+            if not path.exists():
+                continue
             try:
-                self.old = json.loads(self.jpath.read_text())
+                old = json.loads(path.read_text())
             except Exception:
-                log(f"{self.jpath} unreadable: starting afresh")
+                log(f"{path} unreadable: not merged")
+                continue
+            if self.old:
+                redo = {(r["family"], r["variant"]) for r in old.get("rows", [])}
+                old["rows"] = [r for r in self.old.get("rows", []) if (r["family"], r["variant"]) not in redo] \
+                    + old.get("rows", [])
+                old["families"] = {**self.old.get("families", {}), **old.get("families", {})}
+                old["runs"] = self.old.get("runs", []) + old.get("runs", [])
+            self.old = old
         command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
         self.meta = {
             "gpu": self.gpu, "device": str(self.device), "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -851,6 +862,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                       "the planner's default; none: the planner's default)")
     p.add_argument("--tiny", action="store_true", help="tiny pipelines on the CPU: a smoke test of the same path")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--merge", action="append", default=[],
+                   help="an earlier pipeline_*.json whose rows are kept where this run does not redo them (repeatable; "
+                        "<out>/pipeline_<gpu-slug>.json is always merged when present)")
     args = p.parse_args(argv)
     args.families = [f.strip() for f in args.families.split(",") if f.strip()]
     bad = [f for f in args.families if f not in FAMILIES]
