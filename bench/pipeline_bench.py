@@ -382,6 +382,7 @@ def plan_fields(plan: Any) -> dict[str, Any]:
         "predicted_activation_bytes": est.activation_bytes,
         "predicted_margin_bytes": est.margin_bytes,
         "profile": est.profile,
+        "profile_source": getattr(est, "profile_source", None),
     }
     for key in ("generation_seconds", "encode_seconds", "decode_seconds", "ready_seconds", "load_seconds"):
         value = getattr(est, key, None)
@@ -654,6 +655,8 @@ class Bench:
                                                                  text_tokens=tt, guidance=gs))
                 per_size_pred[size] = {"predicted_peak_bytes_at_size": p.estimate.gpu_peak_bytes,
                                        "predicted_s_per_step_at_size": p.estimate.seconds_per_step,
+                                       "predicted_generation_seconds_at_size":
+                                           getattr(p.estimate, "generation_seconds", None),
                                        "plan_at_size_same_placement": placement_key(p) == placement_key(plan)}
             log(f"{family} {variant}: plan " + ", ".join(f"{n} {v['strategy']}"
                                                          + (f" {v['resident_layers']}/{v['layers']}" if v['layers'] else "")
@@ -730,9 +733,13 @@ class Bench:
                         if row.get("plan_at_size_same_placement"):
                             row["compared_peak_bytes"] = row["predicted_peak_bytes_at_size"]
                             row["compared_s_per_step"] = row["predicted_s_per_step_at_size"]
+                            row["compared_generation_s"] = row["predicted_generation_seconds_at_size"]
                         elif variant.startswith("ours"):
                             row["compared_peak_bytes"] = row["predicted_peak_bytes"]   # the plan at its size
-                            row["compared_s_per_step"] = None
+                            row["compared_s_per_step"] = row["compared_generation_s"] = None
+                        if row.get("compared_generation_s") and row.get("generation_s"):
+                            pred = row["compared_generation_s"]
+                            row["generation_error_pct"] = (row["generation_s"] - pred) / pred * 100
                         if row.get("compared_s_per_step") and row.get("s_per_step"):
                             pred = row["compared_s_per_step"]
                             row["s_per_step_error_pct"] = (row["s_per_step"] - pred) / pred * 100
@@ -795,7 +802,7 @@ def markdown(data: dict[str, Any]) -> str:
         lines += [f"## {fam} ({info.get('class', '')}, {FAMILIES[fam]}; "
                   f"{gib(info.get('folder_bytes'))} GiB of weights, {data['steps']} steps)", "",
                   "| variant | size | budget GiB | predicted peak GiB | peak alloc / reserved GiB | ok | "
-                  "pred s/step | s/step | err % | gen s | encode / decode s | ready s | first gen s | RSS load / max GiB | "
+                  "pred s/step | s/step | err % | pred / gen s | encode / decode s | ready s | first gen s | RSS load / max GiB | "
                   "exact (max diff) | placement |",
                   "|---|---:|---:|---:|---|---|---:|---:|---:|---:|---|---:|---:|---|---|---|"]
 
@@ -831,6 +838,7 @@ def markdown(data: dict[str, Any]) -> str:
                 f"| {r['variant']} | {r['size']} | {gib(r.get('budget_bytes'))} | "
                 f"{gib(r.get('compared_peak_bytes'))} | {peak} | {ok} | "
                 f"{_fmt(pred_s, '.4f')} | {_fmt(r.get('s_per_step'), '.4f')} | {_fmt(r.get('s_per_step_error_pct'), '+.1f')} | "
+                f"{_fmt(r.get('compared_generation_s'), '.2f') + ' / ' if r.get('compared_generation_s') else ''}"
                 f"{_fmt(r.get('generation_s'), '.2f')} | {_fmt(r.get('encode_s'), '.2f')} / {_fmt(r.get('decode_s'), '.2f')} | "
                 f"{_fmt(r.get('ready_s'), '.1f')} | {_fmt(r.get('first_generation_s'), '.1f')} | {gib(r.get('rss_after_load_bytes'))} / "
                 f"{gib(r.get('rss_peak_sampled_bytes'))} | {exact} | {place} |")
@@ -858,8 +866,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="stop starting new variants after this many seconds (default 540 on a GPU; 0: none)")
     p.add_argument("--weight-std", type=float, default=None,
                    help="re-draw every weight matrix as normal(0, std) (if default init gives non-finite images)")
-    p.add_argument("--profile", default="auto", help="the plans' hardware profile (auto: h200 on an H200, else "
-                                                      "the planner's default; none: the planner's default)")
+    p.add_argument("--profile", default="planner", help="the plans' hardware profile (a built-in name such as h200, "
+                                                         "or a calibrate file; default: the planner's own choice)")
     p.add_argument("--tiny", action="store_true", help="tiny pipelines on the CPU: a smoke test of the same path")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--merge", action="append", default=[],
@@ -880,12 +888,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("no CUDA device: run on a GPU, or pass --tiny for the CPU smoke test")
     if args.budget_s is None:
         args.budget_s = 0.0 if args.tiny else 540.0
-    if args.profile == "auto":
-        args.profile = None
-        if not args.tiny and "h200" in torch.cuda.get_device_name().lower():
-            args.profile = "h200"
-    elif args.profile == "none":
-        args.profile = None
+    if args.profile == "planner":
+        args.profile = None    # the planner picks it (by the GPU's name where it can); profile_source says why
     return args
 
 
