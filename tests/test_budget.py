@@ -61,11 +61,24 @@ def test_everything_resident_when_everything_fits():
 
 
 def test_denoiser_layers_are_kept_before_encoders():
-    plan = auto_plan("10GiB")
+    # without guidance a Z-Image step computes for less time than its layers take to copy
+    plan = make_plan(load_text("version: 1\npipeline: {model: z-image-turbo}\nmemory: {gpu_budget: 10GiB}\n"
+                               "defaults: {strategy: auto}\nworkload: {height: 1024, width: 1024, steps: 8, "
+                               "guidance_scale: 0.0}\n", "auto.yaml"))
     t = plan.components["transformer"]
     assert t.strategy in ("layerwise", "resident")
     # the denoiser runs every step: its copies are worth hiding first
     assert len(t.resident_layers) > 0 or t.strategy == "resident"
+
+
+def test_a_compute_bound_denoiser_keeps_no_layer_it_does_not_need():
+    # with guidance (batch 2) the step computes longer than its copies take: resident layers would
+    # save nothing, so the budget goes to what does save time
+    plan = auto_plan("10GiB")
+    t = plan.components["transformer"]
+    assert t.strategy == "layerwise" and t.resident_layers == ()
+    streamed = plan.estimate.seconds_per_step
+    assert streamed == pytest.approx(auto_plan("24GiB").estimate.seconds_per_step, rel=0.05)
 
 
 def test_too_small_budget_is_refused_with_the_smallest_that_works():

@@ -25,6 +25,7 @@ from planner.plan import (
 )
 from planner.planning.activations import component_activations
 from planner.planning.estimate import memory_estimate
+from planner.planning.profiles import Profile
 from planner.planning.resolve import ComponentResolution, Resolution, prefetch_count
 from planner.spec.document import Document
 from planner.spec.families import phase_of
@@ -88,14 +89,16 @@ def component_plan(comp: ComponentResolution, strategy: str | None = None,
 
 
 def build_plan(doc: Document, inventory: Inventory, resolution: Resolution, *,
-               extra_warnings: tuple[Diagnostic, ...] = (), estimate: Estimate | None = None) -> Plan:
+               extra_warnings: tuple[Diagnostic, ...] = (), estimate: Estimate | None = None,
+               profile: Profile | None = None) -> Plan:
     """The frozen plan from a finished resolution (every strategy concrete)."""
     spec = doc.data
     comps = {name: component_plan(comp) for name, comp in resolution.components.items()}
     layer_bytes = {name: comp.info.layer_bytes for name, comp in resolution.components.items()}
     memory = spec.get("memory", {})
     margin = parse_size(memory["margin"]) if "margin" in memory else default_margin(memory)
-    activations = component_activations(spec.get("workload"), inventory, spec["pipeline"].get("dtype", "bfloat16"))
+    activations = component_activations(spec.get("workload"), inventory, spec["pipeline"].get("dtype", "bfloat16"),
+                                        profile)
     mem = memory_estimate(comps, layer_bytes, activations=activations, margin_bytes=margin)
     comps = {name: replace(cp, estimate=mem.components[name]) for name, cp in comps.items()}
     est = estimate or Estimate(

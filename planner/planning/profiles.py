@@ -1,5 +1,6 @@
 """Hardware profiles: the rates the time model reads (pinned host-to-device bandwidth, the rate at
-which a GPU runs counted FLOPs, a per-layer launch overhead).
+which a GPU runs counted FLOPs, a per-layer launch overhead, and for convolutional decoders their own
+rate and how far their measured activation peak exceeds the counted one).
 
 A spec names one (``profile: h200``, or a file ``calibrate`` wrote); a spec that names none gets the
 profile of the GPU this runs on, found by its device name (``planner.files.gpu_name``), so a plan
@@ -27,6 +28,11 @@ class Profile:
     effective_flops: float
     layer_overhead_s: float = 2e-5
     source: str = ""          # why this profile: named by the spec, or the GPU it was matched to
+    # convolutional decoders (the VAE): counted FLOPs per second of a channels-first bf16 decode,
+    # and its measured activation peak over the counted one (the count sees tensors, not cuDNN's
+    # workspaces); None / 1.0 where a profile does not say
+    decode_flops: float | None = None
+    decode_activation_scale: float = 1.0
 
 
 def builtin_profiles() -> dict[str, dict]:
@@ -67,6 +73,9 @@ def load_profile(name_or_path: str | None, base: Path | None = None) -> Profile:
         path = Path(name) if base is None or Path(name).is_absolute() else base / name
         data = load_json_file(path, "profile", limit=1 << 20)   # a FIFO or /dev/zero is refused, not read
         label = data.get("name", name)
+    decode_flops = data.get("decode_flops")
     return Profile(name=label, h2d_bytes_per_s=float(data["h2d_bytes_per_s"]),
                    effective_flops=float(data["effective_flops"]),
-                   layer_overhead_s=float(data.get("layer_overhead_s", 2e-5)), source=source)
+                   layer_overhead_s=float(data.get("layer_overhead_s", 2e-5)), source=source,
+                   decode_flops=float(decode_flops) if decode_flops is not None else None,
+                   decode_activation_scale=float(data.get("decode_activation_scale", 1.0)))
