@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -134,3 +135,28 @@ def test_calibrate_measures_a_real_dit_layer_rate_on_cpu():
     rate = measure_dit_rate(torch, device="cpu", dims=dims, size=64, text_tokens=8, repeat=2)
     # a rate was measured from a real layer's run: positive and finite (how fast is the bench's business)
     assert rate > 0 and rate != float("inf")
+
+
+def test_calibrate_measures_a_decoder_rate_on_cpu():
+    pytest.importorskip("torch")
+    import torch
+
+    from planner.cli.calibrate import measure_decoder
+
+    tiny = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "down_block_types": ["DownEncoderBlock2D"] * 2,
+            "up_block_types": ["UpDecoderBlock2D"] * 2, "block_out_channels": [8, 16], "layers_per_block": 1,
+            "norm_num_groups": 4}
+    rate, scale = measure_decoder(torch, device="cpu", config=tiny, sizes=(16, 32), repeat=1)
+    assert rate > 0 and rate != float("inf")
+    assert scale is None                      # device memory is measured on CUDA only
+
+
+def test_calibrate_decodes_the_catalog_vae():
+    import sys
+
+    from planner.cli.calibrate import DECODER_CONFIG
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import build_catalog
+
+    assert DECODER_CONFIG == build_catalog.FLUX_VAE

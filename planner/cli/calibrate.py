@@ -5,7 +5,9 @@ rate at which the GPU runs counted FLOPs (``planner.costs.count``: FlopCounterMo
 module code, attention as the fused kernel), the same count the planner reads from
 ``planner/data/costs.json``. The rate comes from real Z-Image layers (diffusers), timed on the GPU
 and counted on the meta device at the same shapes, since a synthetic attention+MLP block runs about
-1.6x faster than a real DiT layer on an H100.
+1.6x faster than a real DiT layer on an H100. A VAE decode has its own rate and activation scale
+(``measure_decoder``): channels-first bf16 convolutions run far below the transformers' rate, and
+cuDNN's workspaces are in no tensor the count sees.
 """
 
 from __future__ import annotations
@@ -112,6 +114,63 @@ def _counted_flops(torch: Any, cls: Any, n_layers: int, dims: dict[str, Any], dt
                                meta[0] + meta[2] + [meta[1]]).flops)
 
 
+# black-forest-labs/FLUX.1-dev vae/config.json, the AutoencoderKL of the catalog's image pipelines
+# (scripts/build_catalog.FLUX_VAE; tests/test_budget.py keeps the two equal)
+DECODER_CONFIG: dict[str, Any] = dict(
+    in_channels=3, out_channels=3, latent_channels=16,
+    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[128, 256, 512, 512], layers_per_block=2, act_fn="silu", norm_num_groups=32,
+    sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159, force_upcast=True,
+    use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=True,
+)
+
+
+def measure_decoder(torch: Any, *, device: str = "cuda", config: dict[str, Any] | None = None,
+                    sizes: tuple[int, ...] = (512, 1024), repeat: int = 3) -> tuple[float, float | None]:
+    """A VAE decode's counted-FLOP rate, and (on CUDA) its measured activation peak over the counted one.
+
+    An AutoencoderKL (the catalog's image pipelines' config unless ``config``) decodes random latents
+    at each size; each decode is counted on the meta device at the same shapes. The rate is taken at
+    the largest size; the scale is the largest ratio of measured to counted peak over the sizes
+    (measured: ``max_memory_allocated`` above what was allocated before the decode). Needs diffusers.
+    """
+    from diffusers import AutoencoderKL
+
+    from planner.costs.count import count_forward
+
+    cfg = dict(config or DECODER_CONFIG)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.device(device):
+        vae = AutoencoderKL(**cfg).to(dtype).eval()
+    with torch.device("meta"):
+        meta = AutoencoderKL(**cfg).to(dtype).eval()
+    factor = 2 ** (len(cfg["block_out_channels"]) - 1)
+    rate, scales = 0.0, []
+    for size in sizes:
+        z = torch.randn(1, cfg["latent_channels"], size // factor, size // factor, device=device, dtype=dtype)
+        zm = torch.empty(z.shape, device="meta", dtype=dtype)
+        counted = count_forward(meta, lambda m: m.decode(zm, return_dict=False)[0], [zm])
+        with torch.no_grad():
+            vae.decode(z, return_dict=False)          # warm-up: kernels chosen, workspaces sized
+            runs = []
+            for _ in range(repeat):
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.empty_cache()
+                    base = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+                start = time.perf_counter()
+                out = vae.decode(z, return_dict=False)[0]
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                runs.append(time.perf_counter() - start)
+                if device == "cuda":
+                    scales.append((torch.cuda.max_memory_allocated() - base) / max(counted.activation_peak_bytes, 1))
+                del out
+        rate = counted.flops / statistics.median(runs)
+    return rate, (max(scales) if scales else None)
+
+
 def _dit_rate(torch: Any) -> float:
     try:
         return measure_dit_rate(torch)
@@ -131,5 +190,12 @@ def calibrate(out: str | Path) -> dict[str, Any]:
         "effective_flops": _dit_rate(torch),
         "layer_overhead_s": 2e-05,
     }
+    try:
+        decode_rate, decode_scale = measure_decoder(torch)
+        profile["decode_flops"] = decode_rate
+        if decode_scale is not None:
+            profile["decode_activation_scale"] = round(decode_scale, 3)
+    except ImportError:   # no diffusers: the decoder's rates stay unset (the transformer rate stands in)
+        pass
     Path(out).write_text(json.dumps(profile, indent=1) + "\n")
     return profile
