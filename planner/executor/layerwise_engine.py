@@ -262,8 +262,10 @@ class LayerwiseEngine(PackedPlacement):
 
     @property
     def order(self) -> list[int]:
-        """The expected order (indices into ``layers``) that prefetching follows."""
-        return [self._streamed[sid].index for sid in self._order]
+        """The expected order (indices into ``layers``) that prefetching follows (streamed modules
+        outside the layers, which ride along, left out)."""
+        n = len(self._streamed)
+        return [self._streamed[sid].index for sid in self._order if sid < n]
 
     # ---------------------------------------------------------------------------------------
     # attach / detach
