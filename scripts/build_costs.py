@@ -239,6 +239,7 @@ def count_class(class_name: str) -> dict[str, Any]:
                 "height": h, "width": w, "frames": f, "image_tokens": image_tokens({"height": h, "width": w, "frames": f},
                                                                                    class_name),
                 "text_tokens": txt, "flops": c.flops, "activation_peak_bytes": c.activation_peak_bytes,
+                "attention_flops": c.attention_flops, "moved_bytes": c.moved_bytes, "ops": c.ops,
                 "layer_flops": [c.by_module.get(f"{top}.{p}", 0) for p in layers],
                 "layer_activation_peak_bytes": [c.layer_peaks.get(p, 0) for p in layers],
             })

@@ -237,3 +237,26 @@ def test_text_encoder_count_is_two_flops_per_weight_per_token_plus_attention_and
     # the hidden states the SD3 pipeline asks for stay alive until the call returns
     assert hidden.activation_peak_bytes >= (layers + 1) * rounded(n * d * 2)
     assert hidden.activation_peak_bytes > pooled.activation_peak_bytes
+
+
+def test_flops_split_by_kernel_kind_and_bytes_of_the_other_ops():
+    import torch
+
+    from planner.costs.count import count_forward
+
+    m = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.LayerNorm(128), torch.nn.GELU()).to("meta")
+    x = torch.empty(8, 64, device="meta")
+    c = count_forward(m, lambda m: m(x), [x])
+    assert c.flops == 2 * 8 * 64 * 128 and c.attention_flops == 0
+    # the norm reads its input and affine weights and writes its output and (mean, rstd); GELU reads and writes
+    assert c.moved_bytes == (8 * 128 * 4 * 2 + 2 * 128 * 4 + 2 * 8 * 4) + 8 * 128 * 4 * 2
+    assert c.ops >= 3
+
+    class Attend(torch.nn.Module):
+        def forward(self, q):
+            return torch.nn.functional.scaled_dot_product_attention(q, q, q).transpose(1, 2)
+
+    q = torch.empty(1, 2, 16, 32, device="meta", dtype=torch.bfloat16)
+    a = count_forward(Attend(), lambda m: m(q), [q])
+    assert a.attention_flops == a.flops == 4 * 2 * 16 * 16 * 32     # QK^T and PV; the transpose moves nothing
+    assert a.moved_bytes == 0

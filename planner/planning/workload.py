@@ -179,6 +179,17 @@ def counted_layer_flops(class_name: str, img: int, txt: int,
     return [_grid_value(entry, lambda p, i=i: p["layer_flops"][i], img, txt) for i in range(len(entry["layers"]))]
 
 
+def counted_split(class_name: str, img: int, txt: int,
+                  parameters: int | None = None) -> tuple[float, float, float] | None:
+    """(attention FLOPs, bytes moved by the other ops, ops launched) of one denoiser call at batch 1,
+    where the grid has them (None otherwise: the time model then runs every FLOP at one rate)."""
+    entry = counted_cost(class_name, parameters)
+    keys = ("attention_flops", "moved_bytes", "ops")
+    if entry is None or any(k not in p for p in entry["points"] for k in keys):
+        return None
+    return tuple(_grid_value(entry, lambda p, k=k: p[k], img, txt) for k in keys)  # type: ignore[return-value]
+
+
 def activation_peak(class_name: str, img: int, txt: int, parameters: int | None = None) -> float | None:
     """Peak live activation bytes of one denoiser call at batch 1 in bf16 (None where not counted)."""
     entry = counted_cost(class_name, parameters)
