@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence, TextIO
 
 from planner.cli.calibrate import calibrate
+from planner.cli.call_args import Place, command_line_place
 from planner.cli.chart import write_chart
 from planner.cli.run_command import executor_installed, run_command
 from planner.errors import Diagnostic, FolderError, SpecError
@@ -25,6 +26,20 @@ from planner.spec.sglang_args import SGLangArgsError, parse_args, render_yaml, t
 from planner.spec.sizes import format_size
 
 SPEC_SUFFIXES = (".yaml", ".yml")
+CHART_SUFFIXES = (".svg", ".png", ".pdf")
+
+
+def _write(path: str, text: str, what: str) -> bool:
+    """Write ``text`` to ``path``; a one-line ``PATH:1:1: error:`` and ``False`` when it cannot be
+    written (a directory, a missing folder, a full disk, no permission)."""
+    try:
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        print(Diagnostic(str(path), 1, 1, f"cannot write the {what}: {reason}").format(), file=sys.stderr)
+        return False
+    return True
 
 
 def _emit(diags: Iterable[Diagnostic], fmt: str, out: TextIO) -> None:
@@ -49,8 +64,13 @@ def validate_file(path: Path, *, strict: bool) -> list[Diagnostic]:
     try:
         doc = load_spec(path)
         section = doc.data["pipeline"]
-        if "path" in section and not (Path(doc.file).parent / section["path"]).exists():
-            return []   # the folder is not here (CI without model files): schema checks only
+        if "path" in section:
+            try:
+                here = (Path(doc.file).parent / section["path"]).exists()
+            except OSError as exc:                # a name too long for this file system
+                return [doc.diagnostic(("pipeline", "path"), f"cannot look for the folder: {exc.strerror or exc}")]
+            if not here:
+                return []   # the folder is not here (CI without model files): schema checks only
         return list(make_plan(doc, strict=strict).warnings)
     except SpecError as exc:
         return list(exc.diagnostics)
@@ -87,7 +107,12 @@ def _load_plan(source: str, *, strict: bool = False) -> Any:
 
         doc = load_json_file(source)    # a regular file, bounded, nesting checked, read as JSON
         check_document(doc, "plan.schema.json")
-        return Plan.from_dict(doc.data)
+        try:
+            return Plan.from_dict(doc.data)
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+            # what the plan schema lets through and the plan cannot be built from
+            raise SpecError([Diagnostic(source, 1, 1, f"not a plan this version reads: {type(exc).__name__}: "
+                                                      f"{exc}")]) from None
     return make_plan(source, strict=strict)
 
 
@@ -131,17 +156,25 @@ def plan_table(plan: Any, source: str) -> str:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    if args.chart and Path(args.chart).suffix.lower() not in CHART_SUFFIXES:
+        print(f"error: --chart {args.chart!r}: the file name must end in {', '.join(CHART_SUFFIXES)}",
+              file=sys.stderr)
+        return 2
     try:
         plan = _load_plan(args.spec, strict=args.strict)
     except SpecError as exc:
         _emit(exc.diagnostics, args.format, sys.stderr if args.format != "github" else sys.stdout)
         return 1
     text = plan.to_json() if args.format == "json" else plan_table(plan, args.spec)
-    if args.output:
-        Path(args.output).write_text(plan.to_json(), encoding="utf-8")
+    if args.output and not _write(args.output, plan.to_json(), "plan"):
+        return 1
     if args.chart:
-
-        write_chart(plan, args.chart)
+        try:
+            write_chart(plan, args.chart)
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            print(Diagnostic(str(args.chart), 1, 1, f"cannot write the chart: {reason}").format(), file=sys.stderr)
+            return 1
     sys.stdout.write(text)
     return 0
 
@@ -216,15 +249,30 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_from_sglang(args: argparse.Namespace) -> int:
-
+    places: dict[str, Any] = {}
     try:
-        translation = translate(parse_args(args.args))
+        translation = translate(parse_args(args.args, places))
     except SGLangArgsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if exc.diagnostics:                      # the --config file's own errors, at their place
+            _emit(exc.diagnostics, "text", sys.stderr)
+            return 1
+        place = places.get(exc.key) if exc.key else None
+        if place is not None and len(place) == 3:
+            diag = Diagnostic(place[0], place[1], place[2], str(exc))
+        else:
+            token = args.args[place[0]] if place is not None else ""
+            at = command_line_place(token) if token else Place("<command line>")
+            diag = Diagnostic(at.file, at.line, at.column, str(exc))
+        print(diag.format(), file=sys.stderr)
+        if exc.usage:
+            print("usage: residency-planner from-sglang [-o FILE] [SGLang server arguments | --config FILE]",
+                  file=sys.stderr)
+            return 2
         return 1
     text = render_yaml(translation)
     if args.output:
-        Path(args.output).write_text(text, encoding="utf-8")
+        if not _write(args.output, text, "spec"):
+            return 1
     else:
         sys.stdout.write(text)
     return 0
@@ -401,7 +449,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except BrokenPipeError:  # pragma: no cover - `| head`
         return 0
-    except KeyboardInterrupt:  # pragma: no cover
+    except KeyboardInterrupt:
+        print(f"residency-planner {args.command if hasattr(args, 'command') else argv[0]}: interrupted",
+              file=sys.stderr)
         return 130
 
 

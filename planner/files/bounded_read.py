@@ -75,6 +75,8 @@ def _os_error(path: PathLike, exc: OSError, what: str) -> UnreadableFile:
 @contextlib.contextmanager
 def open_regular(path: PathLike, what: str = "file") -> Iterator[BinaryIO]:
     """A binary file object for ``path``, which must be a regular file; never blocks on opening."""
+    if "\0" in os.fspath(path):
+        raise UnreadableFile(path, f"{what} name contains a NUL character; refused")
     try:
         _refuse_irregular(path, os.stat(path).st_mode, what)
         flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)

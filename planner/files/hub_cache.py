@@ -66,11 +66,17 @@ def resolve_pipeline_path(raw: str, base: Path) -> Path:
     """The folder ``pipeline.path`` names: absolute as given; relative to ``base`` (the spec's folder)
     when that exists; else, for an ``ORG/NAME`` repo id, its cached snapshot; else the relative path
     (whose absence the folder's reader reports)."""
+    if "\0" in raw:
+        raise FolderError(f"pipeline.path {raw!r} contains a NUL character; refused")
     path = Path(raw)
     if path.is_absolute():
         return path
-    local = (base / path).resolve()
-    if local.exists() or not looks_like_repo_id(raw):
+    try:
+        local = (base / path).resolve()
+        exists = local.exists()
+    except (OSError, RuntimeError) as exc:     # a name too long, a loop of links
+        raise FolderError(f"pipeline.path {raw[:200]!r}: {getattr(exc, 'strerror', None) or exc}") from None
+    if exists or not looks_like_repo_id(raw):
         return local
     try:
         return cached_snapshot(raw)

@@ -7,6 +7,7 @@ get a "did you mean".
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
@@ -31,11 +32,40 @@ def load_schema(name: str = "deployment.schema.json") -> dict[str, Any]:
     return load_json_file(schema_path(name), f"schema {name}")
 
 
+def _ecma_pattern(pattern: str) -> str:
+    """``pattern`` as ECMA-262 reads it (JSON Schema's dialect): ``$`` ends the string, where Python's
+    ``$`` also matches before a final newline (``'cuda\\n'`` would pass ``^(cuda|cpu)$``)."""
+    return re.sub(r"(?<!\\)\$", r"\\Z", pattern)
+
+
+def _pattern(validator: Any, pattern: str, instance: Any, schema: dict[str, Any]) -> Any:
+    from jsonschema import ValidationError
+
+    if validator.is_type(instance, "string") and not re.search(_ecma_pattern(pattern), instance):
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
 @lru_cache(maxsize=None)
 def _validator(name: str) -> Any:
-    from jsonschema import Draft202012Validator
+    from jsonschema import Draft202012Validator, validators
 
-    return Draft202012Validator(load_schema(name))
+    strict = validators.extend(Draft202012Validator, {"pattern": _pattern})
+    return strict(load_schema(name))
+
+
+def _nul_strings(doc: Document, value: Any, path: PathKey = ()) -> Iterable[Diagnostic]:
+    """A NUL character in a key or a string: no file name, device or name holds one."""
+    if isinstance(value, str):
+        if "\0" in value:
+            yield doc.diagnostic(path, "contains a NUL character (\\0)")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str) and "\0" in key:
+                yield doc.diagnostic(path + (key,), "key contains a NUL character (\\0)", key=True)
+            yield from _nul_strings(doc, item, path + (key,))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _nul_strings(doc, item, path + (i,))
 
 
 def validate_document(doc: Document, schema: str = "deployment.schema.json") -> list[Diagnostic]:
@@ -43,6 +73,11 @@ def validate_document(doc: Document, schema: str = "deployment.schema.json") -> 
     errors = list(_validator(schema).iter_errors(doc.data))
     diags: list[Diagnostic] = []
     seen: set[tuple[int, int, str]] = set()
+    for diag in _nul_strings(doc, doc.data):
+        seen.add((diag.line, diag.column, diag.message))
+        diags.append(diag)
+    if schema == "deployment.schema.json":
+        diags.extend(_unparsable_sizes(doc, {tuple(e.absolute_path) for e in errors}))
     for err in errors:
         for diag in _rewrite(doc, err):
             key = (diag.line, diag.column, diag.message)
@@ -51,6 +86,25 @@ def validate_document(doc: Document, schema: str = "deployment.schema.json") -> 
                 diags.append(diag)
     diags.sort(key=lambda d: (d.line, d.column))
     return diags
+
+
+_SIZE_KEYS = (("memory", "gpu_budget"), ("memory", "host_budget"), ("memory", "margin"),
+              ("offload", "gpu_memory"), ("offload", "gpu_memory_available"))
+
+
+def _unparsable_sizes(doc: Document, flagged: set[tuple[Any, ...]]) -> Iterable[Diagnostic]:
+    """Sizes the schema's pattern lets through that are no number of bytes (400 digits and a unit)."""
+    from planner.spec.sizes import parse_size
+
+    data = doc.data if isinstance(doc.data, dict) else {}
+    for section, key in _SIZE_KEYS:
+        value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
+        if value is None or (section, key) in flagged or isinstance(value, bool) or not isinstance(value, (int, str)):
+            continue
+        try:
+            parse_size(value)
+        except ValueError as exc:
+            yield doc.diagnostic((section, key), str(exc))
 
 
 def check_document(doc: Document, schema: str = "deployment.schema.json") -> None:

@@ -48,7 +48,21 @@ LATER_FLAGS = {
 
 
 class SGLangArgsError(ValueError):
-    pass
+    """An argument that cannot be translated. ``key``: the server argument it is about (its place is
+    in the ``places`` that ``parse_args`` filled); ``usage``: the argument list itself is malformed
+    (exit 2); ``diagnostics``: located errors of a ``--config`` file."""
+
+    def __init__(self, message: str, *, key: str | None = None, usage: bool = False,
+                 diagnostics: tuple = ()) -> None:
+        super().__init__(message)
+        self.key = key
+        self.usage = usage
+        self.diagnostics = diagnostics
+
+
+# flags that take exactly one value: given alone, they are a usage error
+_VALUE_FLAGS = {"config", "model_path", "dtype", "dit_precision", "performance_mode", "num_gpus",
+                "dit_offload_prefetch_size"} | _OWN_OPTIONS
 
 
 @dataclass
@@ -66,21 +80,27 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def parse_args(argv: Sequence[str]) -> dict[str, Any]:
+def parse_args(argv: Sequence[str], places: dict[str, Any] | None = None) -> dict[str, Any]:
     """SGLang-style arguments into a mapping, as SGLang's argparse reads them: ``--flag value``,
     ``--flag=value``, boolean flags alone or with true/false, list flags with one or more values
     (``--layerwise-offload-components transformer text_encoder``); a ``--config`` file first, its
-    values as YAML gives them (a list stays a list), the command line over it."""
+    values as YAML gives them (a list stays a list), the command line over it. ``places``, when
+    given, gets each argument's place: ``(index in argv,)`` for a flag, ``(file, line, column)`` for
+    a config file's key."""
     cli: dict[str, Any] = {}
+    cli_places: dict[str, Any] = {}
     items = list(argv)
     i = 0
     while i < len(items):
         item = items[i]
         if not item.startswith("--"):
-            raise SGLangArgsError(f"expected a --flag, got '{item}'")
+            raise SGLangArgsError(f"expected a --flag, got '{item}'", usage=True)
         name, eq, inline = item.partition("=")
         key = _key(name)
         key = _ALIASES.get(key, key)
+        if not key:
+            raise SGLangArgsError(f"expected a --flag, got '{item}'", usage=True)
+        cli_places[key] = (i,)
         i += 1
         values: list[str] = []
         if eq:
@@ -93,9 +113,11 @@ def parse_args(argv: Sequence[str]) -> dict[str, Any]:
                                                                   "num_gpus", "model_path", "config", "dtype",
                                                                   "dit_precision"} | _OWN_OPTIONS:
                     break
+        if key in _VALUE_FLAGS and not values and not eq:
+            raise SGLangArgsError(f"{name} needs a value", usage=True)
         if key in _LIST_FLAGS:
             if not values:
-                raise SGLangArgsError(f"{name} expects one or more component names")
+                raise SGLangArgsError(f"{name} expects one or more component names", usage=True)
             if key in cli or ({"layerwise_offload_components", "layerwise_offload_modules"} & set(cli)):
                 # one argparse destination: the later spelling wins
                 cli.pop("layerwise_offload_components", None)
@@ -103,14 +125,27 @@ def parse_args(argv: Sequence[str]) -> dict[str, Any]:
             cli[key] = values
         elif key in _BOOL_FLAGS:
             if len(values) > 1:
-                raise SGLangArgsError(f"{name} takes at most one value (true or false), got {' '.join(values)}")
-            cli[key] = _as_bool(key, values[0]) if values else True
+                raise SGLangArgsError(f"{name} takes at most one value (true or false), got {' '.join(values)}",
+                                      key=key)
+            try:
+                cli[key] = _as_bool(key, values[0]) if values else True
+            except SGLangArgsError as exc:
+                if places is not None:
+                    places.update(cli_places)
+                raise SGLangArgsError(str(exc), key=key) from None
         else:
             cli[key] = (values[0] if len(values) == 1 else values) if values else True
     args: dict[str, Any] = {}
+    if places is not None:
+        places.update(cli_places)
     if "config" in cli:
-        args.update(_read_config(str(cli.pop("config"))))
+        config = cli.pop("config")
+        if not isinstance(config, str):
+            raise SGLangArgsError("--config takes one file name", key="config", usage=True)
+        args.update(_read_config(config, places))
     args.update(cli)
+    if places is not None:
+        places.update({k: v for k, v in cli_places.items() if k != "config"})
     return args
 
 
@@ -122,15 +157,22 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _read_config(path: str) -> dict[str, Any]:
+def _read_config(path: str, places: dict[str, Any] | None = None) -> dict[str, Any]:
     """A ``--config`` file, read as a deployment spec is: a regular file of at most 1 MiB, safe
     YAML with nesting and alias expansion bounded, errors at their place."""
     what = "an SGLang config"
     try:
-        data = load_text(read_file(path, what), path, what=what).data
+        doc = load_text(read_file(path, what), path, what=what)
     except SpecError as exc:
-        raise SGLangArgsError("; ".join(d.format() for d in exc.diagnostics)) from None
-    return {_key(str(k)): v for k, v in data.items()}
+        raise SGLangArgsError("; ".join(d.format() for d in exc.diagnostics),
+                              diagnostics=exc.diagnostics) from None
+    out: dict[str, Any] = {}
+    for k, v in doc.data.items():
+        key = _ALIASES.get(_key(str(k)), _key(str(k)))
+        out[key] = v
+        if places is not None:
+            places[key] = (path, *doc.position((k,), key=True))
+    return out
 
 
 def _as_bool(name: str, value: Any) -> bool:
@@ -158,18 +200,34 @@ def _prefetch(value: Any) -> float | int:
     return int(number) if number.is_integer() and "." not in str(value) and "e" not in str(value).lower() else number
 
 
-def _selection_value(value: Any) -> str | list[str]:
-    if isinstance(value, list):
-        return [str(v) for v in value]
-    return str(value)
+def _selection_value(name: str, value: Any) -> str | list[str]:
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    if isinstance(value, str):
+        return value
+    raise SGLangArgsError(f"{_flag(name)} expects component names, got {value!r}", key=name)
 
 
 def translate(args: dict[str, Any]) -> Translation:
-    """An equivalent spec. What is not a residency setting of SGLang at 416fdbb is listed in ``ignored``."""
+    """An equivalent spec. What is not a residency setting of SGLang at 416fdbb is listed in ``ignored``.
+    An ``SGLangArgsError`` names (``key``) the argument it is about."""
+    current: list[str] = []
+    try:
+        return _translate(args, current)
+    except SGLangArgsError as exc:
+        if exc.key is None and current:
+            raise SGLangArgsError(str(exc), key=current[-1], usage=exc.usage) from None
+        raise
+
+
+def _translate(args: dict[str, Any], current: list[str]) -> Translation:
     spec: dict[str, Any] = {"version": 1}
     ignored: list[str] = []
     notes: list[str] = []
     args = dict(args)
+    if "model_path" in args and not isinstance(args["model_path"], str):
+        raise SGLangArgsError(f"--model-path expects a path or a Hugging Face repository id, got "
+                              f"{args['model_path']!r}", key="model_path")
     model_path = args.pop("model_path", None)
     if model_path is None:
         spec["pipeline"] = {"model": "z-image-turbo"}
@@ -181,6 +239,7 @@ def translate(args: dict[str, Any]) -> Translation:
     for dkey in ("dtype", "dit_precision"):
         if dkey not in args:
             continue
+        current.append(dkey)
         dtype = args.pop(dkey)
         if str(dtype).lower() not in _DTYPES:
             raise SGLangArgsError(f"{_flag(dkey)} expects one of {', '.join(sorted(_DTYPES))}, got '{dtype}'")
@@ -190,6 +249,7 @@ def translate(args: dict[str, Any]) -> Translation:
                          "--vae-precision, --text-encoder-precisions); taken as pipeline.dtype")
     offload: dict[str, Any] = {}
     for name, value in args.items():
+        current.append(name)
         if name in _BOOL_FLAGS:
             if not isinstance(value, bool):
                 if isinstance(value, str):
@@ -200,7 +260,7 @@ def translate(args: dict[str, Any]) -> Translation:
                     value = bool(value)
             offload[name] = value
         elif name in _LIST_FLAGS:
-            offload[name] = _selection_value(value)
+            offload[name] = _selection_value(name, value)
         elif name == "dit_offload_prefetch_size":
             offload[name] = _prefetch(value)
         elif name == "performance_mode":
@@ -229,6 +289,7 @@ def translate(args: dict[str, Any]) -> Translation:
     p = offload.get("dit_offload_prefetch_size")
     selects = bool(offload.get("dit_layerwise_offload")) or any(
         offload.get(k) not in (None, "", []) for k in _LIST_FLAGS)
+    current.append("dit_offload_prefetch_size")
     if isinstance(p, (int, float)) and p < 0 and selects:
         raise SGLangArgsError(f"--dit-offload-prefetch-size cannot be negative when components are selected for "
                               f"layerwise offload (got {p}); SGLang refuses it")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -21,7 +22,15 @@ def parse_size(value: int | str) -> int:
     if not m:
         raise ValueError(f"not a size: {value!r} (use bytes or a unit: B, KB, MB, GB, KiB, MiB, GiB)")
     number, unit = m.group(1), (m.group(2) or "B").upper()
-    return int(float(number) * _UNITS[unit]) if "." in number else int(number) * _UNITS[unit]
+    if "." not in number:
+        try:
+            return int(number) * _UNITS[unit]
+        except ValueError:           # more digits than int() converts (4300)
+            raise ValueError(f"not a size: {str(value)[:40]!r}... (too many digits)") from None
+    scaled = float(number) * _UNITS[unit]
+    if not math.isfinite(scaled):
+        raise ValueError(f"not a size: {str(value)[:40]!r}... (too large)")
+    return int(scaled)
 
 
 def format_size(nbytes: int | float) -> str:
