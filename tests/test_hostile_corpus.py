@@ -838,7 +838,10 @@ def torch_cases(d: Path) -> list[Case]:
 
     Image.new("RGB", (8, 8)).save(out / "ok.png")
     base = ["run", str(spec), "--prompt", "a cat", "--height", "32", "--width", "32", "--steps", "1"]
-    cases = [
+    cases = [Case("run seed at the top of the range", [*base, "--seed", str(2 ** 64 - 1), "--output",
+                  str(out / "o2.png")], "accepted", "torch"),
+             Case("run video suffix for an image pipeline", [*base, "--output", str(out / "o3.webp")], "accepted",
+                  "torch"),
         Case("tiny unknown family", ["tiny", "no-such-family", str(out / "t")], "usage", "torch"),
         Case("tiny into a non-empty folder", ["tiny", "z-image-turbo", str(out)], "refused", "torch"),
         Case("tiny into a file", ["tiny", "z-image-turbo", str(out / "ok.png")], "refused", "torch"),
@@ -956,6 +959,8 @@ def test_run_and_tiny_argument_checks(corpus):
     img = _image_pipeline(d / "img-pipe")
     if img:
         cases += image_cases(d)
+    for case in cases:
+        case.cwd = str(d)        # a default output.png lands here, not in the repository
     results = run_batch(cases, d, None)
     wrong = _report(cases, results)
     assert not wrong, "\n".join(wrong)
@@ -1005,7 +1010,9 @@ def test_run_interrupted_exits_130_without_a_traceback(tmp_path):
 
 
 def test_run_interrupted_in_process(tmp_path, monkeypatch, capsys):
-    import planner.cli.main as cli_main
+    import importlib
+
+    cli_main = importlib.import_module("planner.cli.main")      # planner.cli.main is also the function
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

@@ -35,6 +35,7 @@ RESERVED = {
 # ``--num-images`` is whichever of these the pipeline takes
 COUNT_NAMES = ("num_images_per_prompt", "num_videos_per_prompt", "num_waveforms_per_prompt")
 
+MAX_IMAGE_BYTES = 64 << 20       # an input image: a PNG of 8192 x 8192 is some 200 MB raw, far less compressed
 _NONE_WORDS = {"none", "null"}
 _TRUE = {"true", "yes", "1", "on"}
 _FALSE = {"false", "no", "0", "off"}
@@ -149,15 +150,23 @@ def _is_image_name(name: str) -> bool:
 
 def load_image(path: str, base: Path | None = None) -> Any:
     """An RGB ``PIL.Image`` read from ``path`` (relative to ``base`` when given)."""
+    import io
+
     from PIL import Image, UnidentifiedImageError
+
+    from planner.files.bounded_read import UnreadableFile, read_bounded
 
     full = Path(path) if base is None or Path(path).is_absolute() else base / path
     try:
-        with Image.open(full) as img:
+        raw = read_bounded(full, MAX_IMAGE_BYTES, "image")    # a regular file, at most 64 MiB
+    except UnreadableFile as exc:
+        raise _Mismatch(f"image {str(full)!r}: {exc.reason}") from None
+    try:
+        with Image.open(io.BytesIO(raw)) as img:
             return img.convert("RGB")
-    except FileNotFoundError:
-        raise _Mismatch(f"image {str(full)!r} not found") from None
-    except (UnidentifiedImageError, OSError) as exc:
+    except UnidentifiedImageError:
+        raise _Mismatch(f"{str(full)!r} is not an image PIL can read (PNG, JPEG, WebP, ...)") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise _Mismatch(f"cannot read image {str(full)!r}: {exc}") from None
 
 

@@ -322,10 +322,18 @@ def cmd_tiny(args: argparse.Namespace) -> int:
         print(f"error: unknown family {args.family!r}; known: {', '.join(families)}", file=sys.stderr)
         return 2
     out = Path(args.out_dir)
-    if out.exists() and any(out.iterdir()) and not args.force:
-        print(f"error: {out} exists and is not empty (--force overwrites)", file=sys.stderr)
+    if out.exists() and not out.is_dir():
+        print(Diagnostic(str(out), 1, 1, "exists and is not a folder").format(), file=sys.stderr)
         return 1
-    path = save_tiny_pipeline(args.family, out, seed=args.seed, dtype=getattr(torch, args.dtype))
+    if out.exists() and any(out.iterdir()) and not args.force:
+        print(Diagnostic(str(out), 1, 1, "exists and is not empty (--force overwrites)").format(), file=sys.stderr)
+        return 1
+    try:
+        path = save_tiny_pipeline(args.family, out, seed=args.seed, dtype=getattr(torch, args.dtype))
+    except OSError as exc:
+        print(Diagnostic(str(out), 1, 1, f"cannot write the pipeline: {exc.strerror or exc}").format(),
+              file=sys.stderr)
+        return 1
     print(f"wrote the tiny {args.family} pipeline to {path}")
     print("a spec to run it on the CPU (pipeline.path is relative to the spec file):")
     print()

@@ -29,13 +29,59 @@ from planner.cli.call_args import (
     parse_set,
     pipeline_class_of,
 )
-from planner.cli.outputs import default_suffix, write_outputs
+from planner.cli.outputs import IMAGE_SUFFIXES, VIDEO_SUFFIXES, default_suffix, write_outputs
 from planner.cli.step_timer import StepTimer, median
 from planner.errors import PlanApplyError, SpecError
 from planner.files.bounded_read import read_bounded
 from planner.spec.sizes import format_size
 
 MAX_PROMPTS_BYTES = 16 << 20
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)     # what torch.Generator.manual_seed takes
+OUTPUT_SUFFIXES = IMAGE_SUFFIXES | VIDEO_SUFFIXES | {".wav", ""}
+
+
+def _flag_checks(args: argparse.Namespace) -> None:
+    """The flags' own values, checked before anything is loaded; ``CallArgError`` (exit 2)."""
+    import math
+
+    for flag, attr in (("--steps", "steps"), ("--height", "height"), ("--width", "width"),
+                       ("--num-frames", "num_frames"), ("--num-images", "num_images")):
+        value = getattr(args, attr, None)
+        if value is not None and value < 1:
+            raise CallArgError(command_line_place(flag), f"{flag} must be at least 1, got {value}")
+    for flag, attr, positive in (("--guidance-scale", "guidance_scale", False), ("--fps", "fps", True)):
+        value = getattr(args, attr, None)
+        if value is not None and (not math.isfinite(value) or (positive and value <= 0)):
+            raise CallArgError(command_line_place(flag), f"{flag} must be a finite number"
+                                                         f"{' above 0' if positive else ''}, got {value}")
+    seed = getattr(args, "seed", 0)
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise CallArgError(command_line_place("--seed"), f"--seed must be between {SEED_RANGE[0]} and "
+                                                         f"{SEED_RANGE[1]}, got {seed}")
+    device = getattr(args, "device", None)
+    if device is not None:
+        import torch
+
+        try:
+            torch.device(device)
+        except (RuntimeError, ValueError, TypeError):
+            raise CallArgError(command_line_place("--device"), f"--device {device!r} is not a device; "
+                                                               "expected cpu, cuda or cuda:N") from None
+    for flag, attr, suffixes in (("--output", "output", OUTPUT_SUFFIXES), ("--report", "report", None)):
+        value = getattr(args, attr, None)
+        if value is None:
+            continue
+        path = Path(value)
+        where = command_line_place(flag)
+        if suffixes is not None and path.suffix.lower() not in suffixes:
+            raise CallArgError(where, f"{flag} {value!r}: unknown kind of file; use an image "
+                                      f"({', '.join(sorted(IMAGE_SUFFIXES))}), a video "
+                                      f"({', '.join(sorted(VIDEO_SUFFIXES))}) or .wav")
+        if path.is_dir():
+            raise CallArgError(where, f"{flag} {value!r} is a directory; give a file name")
+        parent = path.parent if str(path.parent) else Path(".")
+        if not parent.is_dir():
+            raise CallArgError(where, f"{flag} {value!r}: the folder {str(parent)!r} does not exist")
 
 
 @dataclass
@@ -226,6 +272,11 @@ def run_command(args: argparse.Namespace) -> int:
             print(f"{args.spec}:1:1: error: {exc}", file=sys.stderr)
         return 1
 
+    try:
+        _flag_checks(args)
+    except CallArgError as exc:
+        print(exc.format(), file=sys.stderr)
+        return 2
     # the call arguments are checked against the class model_index.json names, before loading
     try:
         folder = spec_folder(args.spec)
@@ -243,7 +294,7 @@ def run_command(args: argparse.Namespace) -> int:
             return 2
     try:
         pipe = load_pipeline(args.spec, device=args.device)
-    except (SpecError, PlanApplyError, OSError, ValueError) as exc:
+    except (SpecError, PlanApplyError, OSError, ValueError, RuntimeError) as exc:
         return load_error(exc)
     if sig is None or type(pipe) is not cls:
         sig = Signature(type(pipe))
