@@ -249,6 +249,30 @@ def _generate(pipe: Any, gen: Generation, sig: Signature, device: Any, args: arg
     return result
 
 
+def _device_problem(args: argparse.Namespace) -> str | None:
+    """A located error when the device to run on (``--device``, else the spec's ``device``, else
+    cuda) is a CUDA device this machine does not have; torch would fail inside the loader."""
+    import torch
+
+    from planner.planning.make_plan import load_spec
+
+    doc = load_spec(args.spec)
+    name = args.device or doc.data.get("device") or "cuda"
+    dev = torch.device(name)
+    if dev.type != "cuda":
+        return None
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count and (dev.index is None or dev.index < count):
+        return None
+    if args.device:
+        at = command_line_place("--device")
+        file, line, col = at.file, at.line, at.column
+    else:
+        file, (line, col) = doc.file, doc.position(("device",))
+    have = f"this machine has {count} CUDA device(s)" if count else "no CUDA device here"
+    return f"{file}:{line}:{col}: error: device {name!r}: {have}; --device cpu runs on the CPU"
+
+
 def executor_installed(command: str, module: str) -> bool:
     """Whether ``module`` (which needs the executor extra) imports; if not, says so for ``command``."""
     try:
@@ -282,6 +306,10 @@ def run_command(args: argparse.Namespace) -> int:
         folder = spec_folder(args.spec)
     except (SpecError, PlanApplyError, OSError, ValueError) as exc:
         return load_error(exc)
+    problem = _device_problem(args)
+    if problem is not None:
+        print(problem, file=sys.stderr)
+        return 1
     cls = pipeline_class_of(folder)
     gens: list[Generation] | None = None
     sig: Signature | None = None
