@@ -2,7 +2,8 @@
 
 The plan is the one contract between planning and execution: it records every decision the
 executor acts on (strategy, layer lists in run order with their module paths and prefetch, resident
-layers, whether modules outside the layers stream, where host bytes wait), so the executor reads the
+layers, whether modules outside the layers stream, where host bytes wait, which modules' weights
+are stored in float8 and upcast as they run), so the executor reads the
 plan and the pipeline and nothing of the spec, the resolver or the cost model.
 """
 
@@ -40,6 +41,8 @@ class HostTier(str, enum.Enum):
 
 
 STRATEGIES = tuple(s.value for s in Strategy)
+# dtypes weights may be stored in while computed in the pipeline's (StoragePlan.dtype)
+STORAGE_DTYPES = ("float8_e4m3fn", "float8_e5m2")
 HOST_TIERS = tuple(t.value for t in HostTier)
 # strategies whose weights live on the host between uses
 HOST_STRATEGIES = (Strategy.CPU_OFFLOAD, Strategy.LAYERWISE)
@@ -56,6 +59,39 @@ class LayerListPlan:
     path: str
     count: int
     prefetch: int = 1
+
+
+@dataclass(frozen=True)
+class StoragePlan:
+    """Weights stored in a narrower dtype and computed in the pipeline's (diffusers' layerwise casting).
+
+    The executor casts every module the walk reaches that is an instance of one of ``cast_classes``
+    (``torch.nn`` class names), as diffusers' ``apply_layerwise_casting`` walks: from the component's
+    root through ``named_children``, a module whose dotted path matches any of ``skip_modules``
+    (``re.search``) keeps its dtype with everything under it, a module of a cast class is cast whole
+    (every floating-point parameter and buffer under it), any other module is searched further.
+    Cast weights are stored in ``dtype`` and upcast to ``compute_dtype`` just before the module runs.
+    ``source_bytes`` is the component's weight bytes before casting (``ComponentPlan.weight_bytes``
+    counts what is stored).
+    """
+
+    dtype: str
+    compute_dtype: str
+    skip_modules: tuple[str, ...] = ()
+    cast_classes: tuple[str, ...] = ()
+    source_bytes: int = 0
+
+
+def storage_to_dict(sp: StoragePlan) -> dict[str, Any]:
+    return {"dtype": sp.dtype, "compute_dtype": sp.compute_dtype, "skip_modules": list(sp.skip_modules),
+            "cast_classes": list(sp.cast_classes), "source_bytes": sp.source_bytes}
+
+
+def storage_from_dict(data: Mapping[str, Any]) -> StoragePlan:
+    return StoragePlan(dtype=str(data["dtype"]), compute_dtype=str(data["compute_dtype"]),
+                       skip_modules=tuple(str(p) for p in data.get("skip_modules", ())),
+                       cast_classes=tuple(str(c) for c in data.get("cast_classes", ())),
+                       source_bytes=int(data.get("source_bytes", 0)))
 
 
 @dataclass(frozen=True)
@@ -88,6 +124,8 @@ class ComponentPlan:
     # the part of a generation it runs in ("encode", "denoise", "decode"): when a component of
     # another phase starts, a layerwise component's slots and streamed modules leave the device
     phase: str = ""
+    # weights stored in float8 and upcast per module just before it runs (None: stored as loaded)
+    storage: StoragePlan | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "strategy", Strategy(self.strategy))
@@ -231,6 +269,8 @@ def component_to_dict(cp: ComponentPlan) -> dict[str, Any]:
         out["host_tier"] = cp.host_tier.value
     if cp.phase:
         out["phase"] = cp.phase
+    if cp.storage is not None:
+        out["storage"] = storage_to_dict(cp.storage)
     out["weight_bytes"] = cp.weight_bytes
     out["estimate"] = _drop_none({
         "gpu_resident_bytes": cp.estimate.gpu_resident_bytes,
@@ -256,6 +296,7 @@ def _component_from_dict(data: Mapping[str, Any]) -> ComponentPlan:
         stream_non_layer=bool(data.get("stream_non_layer", False)),
         host_tier=data.get("host_tier"),
         phase=str(data.get("phase", "")),
+        storage=storage_from_dict(data["storage"]) if data.get("storage") else None,
         estimate=ComponentEstimate(
             gpu_resident_bytes=int(est.get("gpu_resident_bytes", 0)),
             gpu_transient_bytes=int(est.get("gpu_transient_bytes", 0)),

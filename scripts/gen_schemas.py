@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from planner.plan import HOST_TIERS, STRATEGIES  # noqa: E402
-from planner.planning.rules import DTYPES, PLACEMENTS, SPEC_STRATEGIES
+from planner.plan import STORAGE_DTYPES  # noqa: E402
+from planner.planning.rules import DTYPES, PLACEMENTS, SPEC_STRATEGIES, STORAGE_DTYPE_CHOICES
 from planner.spec.offload_flags import OFFLOAD_FLAGS, PERFORMANCE_MODES
 
 SIZE = {
@@ -29,6 +30,12 @@ PREFETCH = {
     "type": "number", "minimum": 0,
 }
 STRATEGY = {"enum": list(SPEC_STRATEGIES)}
+STORAGE_DTYPE = {
+    "description": "Store the weights of Linear, Conv and Embedding modules in this float8 dtype and upcast them to "
+                   "the pipeline dtype just before each runs (diffusers' layerwise casting); 'none' stores them as "
+                   "loaded.",
+    "enum": list(STORAGE_DTYPE_CHOICES),
+}
 DOTTED = {"type": "string", "pattern": r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$"}
 
 
@@ -49,6 +56,10 @@ def deployment_schema() -> dict:
             "placement": {"enum": list(PLACEMENTS)},
             "layers": {"description": "Dotted paths of the layer lists to stream, overriding discovery.",
                        "type": "array", "items": DOTTED, "minItems": 1},
+            "storage_dtype": STORAGE_DTYPE,
+            "skip_modules": {"description": "Regular expressions (re.search on a module's dotted path): matching "
+                                            "modules keep their dtype, added to diffusers' defaults and the class's.",
+                             "type": "array", "items": {"type": "string", "minLength": 1}},
         },
     }
     offload_props: dict = {}
@@ -97,7 +108,8 @@ def deployment_schema() -> dict:
             },
             "defaults": {
                 "type": "object", "additionalProperties": False,
-                "properties": {"strategy": STRATEGY, "prefetch": PREFETCH, "placement": {"enum": list(PLACEMENTS)}},
+                "properties": {"strategy": STRATEGY, "prefetch": PREFETCH, "placement": {"enum": list(PLACEMENTS)},
+                               "storage_dtype": STORAGE_DTYPE},
             },
             "components": {
                 "type": "object",
@@ -151,6 +163,15 @@ def plan_schema() -> dict:
             "host_tier": {"enum": list(HOST_TIERS), "description": "where the host copy of the weights waits"},
             "phase": {"type": "string", "description": "the part of a generation it runs in (encode, denoise, "
                       "decode): a layerwise component's slots leave the device when another phase starts"},
+            "storage": {"type": "object", "additionalProperties": False,
+                        "required": ["dtype", "compute_dtype", "skip_modules", "cast_classes"],
+                        "description": "weights of cast modules stored in dtype, upcast to compute_dtype just "
+                                       "before each runs; weight_bytes counts them as stored",
+                        "properties": {"dtype": {"enum": list(STORAGE_DTYPES)},
+                                       "compute_dtype": {"enum": list(DTYPES)},
+                                       "skip_modules": {"type": "array", "items": {"type": "string"}},
+                                       "cast_classes": {"type": "array", "items": {"type": "string"}},
+                                       "source_bytes": {"type": "integer", "minimum": 0}}},
             "weight_bytes": {"type": "integer", "minimum": 0},
             "estimate": est,
         },

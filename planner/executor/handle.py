@@ -154,6 +154,8 @@ class ResidencyHandle:
     _attached: list[Placement] = field(default_factory=list)
     _hints: list[torch.nn.Module] = field(default_factory=list)
     _marked: list[torch.nn.Module] = field(default_factory=list)
+    # storage_dtype: each cast component's CastStore (also on _attached), for its report
+    storage: dict[str, Any] = field(default_factory=dict)
     # while paused(): what was attached and hinted, to put back on exit (None: nothing to put back)
     _paused_state: tuple[list[Placement], list[torch.nn.Module]] | None = field(default=None, repr=False)
     _pausing: bool = field(default=False, repr=False)
@@ -163,6 +165,8 @@ class ResidencyHandle:
         for name, placement in self.placements.items():
             rep = dict(placement.report())
             rep["strategy"] = self.plan.components[name].strategy
+            if name in self.storage:
+                rep["storage"] = self.storage[name].report()
             comps[name] = rep
         return {
             "device": str(self.device),

@@ -29,6 +29,7 @@ from planner.executor.handle import (
 from planner.executor.layer_binding import bind_layer_lists, bind_layers
 from planner.executor.layerwise_engine import LayerwiseEngine
 from planner.executor.resident import Resident
+from planner.executor.storage_cast import CastHooks, CastStore
 from planner.plan import ComponentPlan, Strategy
 
 # (component name, its plan) -> (the module, where its values come from: None when it holds them)
@@ -86,10 +87,13 @@ def attach_components(handle: ResidencyHandle, source_of: ModuleSource,
                 modules[member], src = source_of(member, plan.components[member])
                 if src is not None:
                     sources[member] = src
+            stores = [_store(handle, m, modules[m], plan.components[m], m in sources) for m in members]
             group = CpuOffloadGroup([(m, modules[m]) for m in members], device=device,
                                     pipeline_order=list(plan.components), weight_sources=sources)
             group.attach()
             handle._attached.append(group)
+            for store in stores:
+                _cast_hooks(handle, store)
             for member in members:
                 handle.placements[member] = _GroupMember(group, member)
             if on_placed is not None:
@@ -99,14 +103,43 @@ def attach_components(handle: ResidencyHandle, source_of: ModuleSource,
         if make is None:
             raise PlanApplyError(f"{name}: unknown strategy '{cp.strategy}'")
         modules[name], src = source_of(name, cp)
+        store = _store(handle, name, modules[name], cp, src is not None)
         placement = make(name, modules[name], cp, device, src, (renamed or {}).setdefault(name, {}))
         placement.attach()
         handle._attached.append(placement)
         handle.placements[name] = placement
+        _cast_hooks(handle, store)
         if on_placed is not None:
             on_placed([name])
     _finish(handle, modules, group)
     return modules
+
+
+def _store(handle: ResidencyHandle, name: str, module: torch.nn.Module, cp: ComponentPlan,
+           sourced: bool) -> CastStore | None:
+    """``storage_dtype``: the cast modules' weights stored in float8 before the strategy places them
+    (detached after it, on the handle's reverse order)."""
+    if cp.storage is None:
+        return None
+    if cp.strategy not in (Strategy.RESIDENT, Strategy.CPU_OFFLOAD, Strategy.LAYERWISE):
+        raise PlanApplyError(f"{name}: storage_dtype is not supported under strategy '{cp.strategy}'")
+    if sourced:
+        raise PlanApplyError(f"{name}: storage_dtype needs loaded weights; apply the plan to a loaded pipeline "
+                             "(apply_plan): load_pipeline does not cast yet")
+    store = CastStore(module, cp.storage, name)
+    store.attach()
+    handle._attached.append(store)
+    handle.storage[name] = store
+    return store
+
+
+def _cast_hooks(handle: ResidencyHandle, store: CastStore | None) -> None:
+    """The upcast hooks, after the strategy's own (detached before it)."""
+    if store is None:
+        return
+    hooks = CastHooks(store)
+    hooks.attach()
+    handle._attached.append(hooks)
 
 
 def _finish(handle: ResidencyHandle, modules: dict[str, torch.nn.Module], group: CpuOffloadGroup | None) -> None:

@@ -1,8 +1,8 @@
 """The frozen plan from a finished resolution: every decision the executor acts on, and estimates.
 
 ``component_plan`` is where a component's strategy becomes what the executor reads: its layer lists
-(run order, module paths, K per list), resident layers, whether its other modules stream, and the
-host tier. The budget search builds its trial plans through it too, so what is estimated is what is
+(run order, module paths, K per list), resident layers, whether its other modules stream, the
+host tier, and what is stored in float8 (``storage``; its bytes counted as stored). The budget search builds its trial plans through it too, so what is estimated is what is
 applied.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import replace
 from typing import Any, Mapping
 
 from planner.errors import Diagnostic
-from planner.inventory.model import Inventory
+from planner.inventory.model import DTYPE_BYTES, Inventory
 from planner.plan import (
     HOST_STRATEGIES,
     ComponentPlan,
@@ -21,12 +21,14 @@ from planner.plan import (
     HostTier,
     LayerListPlan,
     Plan,
+    StoragePlan,
     Strategy,
 )
 from planner.planning.activations import component_activations
 from planner.planning.estimate import memory_estimate
 from planner.planning.profiles import Profile
 from planner.planning.resolve import ComponentResolution, Resolution, prefetch_count
+from planner.planning.rules import CAST_CLASSES, CAST_SHARES, cast_skip_patterns
 from planner.spec.document import Document
 from planner.spec.families import phase_of
 from planner.spec.sizes import parse_size
@@ -72,6 +74,48 @@ def streams_non_layer(strategy: str, family: str, resident_layers: tuple[int, ..
     return strategy == Strategy.LAYERWISE and not resident_layers
 
 
+def storage_plan(comp: ComponentResolution) -> StoragePlan | None:
+    """storage_dtype: what the executor casts (diffusers' patterns, the class's, the spec's; the cast
+    classes), or None."""
+    if not comp.storage_dtype:
+        return None
+    return StoragePlan(dtype=comp.storage_dtype, compute_dtype=comp.compute_dtype,
+                       skip_modules=cast_skip_patterns(comp.info.class_name, comp.skip_modules),
+                       cast_classes=CAST_CLASSES, source_bytes=comp.info.weight_bytes)
+
+
+def _stored(nbytes: int, share: float, comp: ComponentResolution) -> int:
+    """``nbytes`` of which ``share`` is stored in the storage dtype."""
+    ratio = DTYPE_BYTES.get(comp.storage_dtype, 1) / DTYPE_BYTES.get(comp.info.dtype, 2)
+    return nbytes - int(round(nbytes * share * (1 - min(1.0, ratio))))
+
+
+def _cast_shares(comp: ComponentResolution) -> tuple[float, float]:
+    """(share of the layers' bytes, share of the other bytes) stored in the storage dtype: the
+    class's measured shares (rules.CAST_SHARES); none where unknown or with the spec's own
+    skip_modules (the estimate then counts the weights as loaded: an upper bound)."""
+    if not comp.storage_dtype or comp.skip_modules:
+        return 0.0, 0.0
+    return CAST_SHARES.get(comp.info.class_name, (0.0, 0.0))
+
+
+def stored_layer_bytes(comp: ComponentResolution) -> tuple[int, ...]:
+    """The bytes of each layer as the executor holds them (float8 where cast): what streams and what
+    the slots take. The budget search should read these instead of ``info.layer_bytes``."""
+    share = _cast_shares(comp)[0]
+    if not share:
+        return comp.info.layer_bytes
+    return tuple(_stored(b, share, comp) for b in comp.info.layer_bytes)
+
+
+def stored_weight_bytes(comp: ComponentResolution) -> int:
+    """The component's weight bytes as stored (``ComponentPlan.weight_bytes``)."""
+    layer_share, other_share = _cast_shares(comp)
+    if not (layer_share or other_share):
+        return comp.info.weight_bytes
+    return sum(stored_layer_bytes(comp)) + _stored(comp.info.non_layer_bytes, other_share, comp)
+
+
 def component_plan(comp: ComponentResolution, strategy: str | None = None,
                    resident_layers: tuple[int, ...] | None = None) -> ComponentPlan:
     """What the executor reads for one component; ``strategy``/``resident_layers`` override the
@@ -85,9 +129,10 @@ def component_plan(comp: ComponentResolution, strategy: str | None = None,
     prefetch = max((ll.prefetch for ll in layers), default=comp.prefetch or 1) if layerwise else None
     return ComponentPlan(
         strategy=strategy, family=comp.family, class_name=comp.info.class_name, prefetch=prefetch,
-        resident_layers=resident if layerwise else (), layers=layers, weight_bytes=comp.info.weight_bytes,
+        resident_layers=resident if layerwise else (), layers=layers, weight_bytes=stored_weight_bytes(comp),
         stream_non_layer=streams_non_layer(strategy, comp.family, resident if layerwise else ()),
-        host_tier=HostTier.PINNED if strategy in HOST_STRATEGIES else None, phase=phase_of(comp.family))
+        host_tier=HostTier.PINNED if strategy in HOST_STRATEGIES else None, phase=phase_of(comp.family),
+        storage=storage_plan(comp))
 
 
 def build_plan(doc: Document, inventory: Inventory, resolution: Resolution, *,
@@ -96,7 +141,7 @@ def build_plan(doc: Document, inventory: Inventory, resolution: Resolution, *,
     """The frozen plan from a finished resolution (every strategy concrete)."""
     spec = doc.data
     comps = {name: component_plan(comp) for name, comp in resolution.components.items()}
-    layer_bytes = {name: comp.info.layer_bytes for name, comp in resolution.components.items()}
+    layer_bytes = {name: stored_layer_bytes(comp) for name, comp in resolution.components.items()}
     memory = spec.get("memory", {})
     margin = parse_size(memory["margin"]) if "margin" in memory else default_margin(memory)
     activations = component_activations(spec.get("workload"), inventory, spec["pipeline"].get("dtype", "bfloat16"),

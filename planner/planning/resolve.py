@@ -8,6 +8,7 @@ resident layers (rule 7). The budget planner (``budget.py``) fills in components
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
@@ -15,9 +16,11 @@ from planner.errors import Diagnostic, SpecError, did_you_mean
 from planner.inventory.model import ComponentInfo, Inventory, LayerList
 from planner.plan import Decision
 from planner.planning.rules import (
+    CAST_ADAPTER_SKIP,
     FAMILY_CPU_OFFLOAD_FLAG,
     FAMILY_FLAGS,
     SELECTION_TOKENS,
+    cast_skip_patterns,
     normalize_token,
     reason,
 )
@@ -53,6 +56,10 @@ class ComponentResolution:
     placement: str = DEFAULT_PLACEMENT
     layer_paths: tuple[str, ...] = ()
     catalog_info: ComponentInfo | None = None   # the inventory's facts, before SGLang's lists replaced them
+    # storage_dtype: weights stored in float8, computed in compute_dtype (the pipeline's); "" = as loaded
+    storage_dtype: str = ""
+    compute_dtype: str = "bfloat16"
+    skip_modules: tuple[str, ...] = ()     # the spec's patterns, added to diffusers' and the class's
 
     def __post_init__(self) -> None:
         if self.catalog_info is None:
@@ -121,6 +128,8 @@ def resolve(doc: Document, inventory: Inventory, *, strict: bool = False) -> Res
         if entry.get("layers"):
             comp.layer_paths = tuple(entry["layers"])
             comp.info = comp.catalog_info
+
+    _resolve_storage(doc, res, entries, defaults, spec["pipeline"].get("dtype", "bfloat16"), errors)
 
     # Rule 7: prefetch and resident layers, for everything that may stream.
     for comp in res.components.values():
@@ -612,6 +621,53 @@ def place_resident(count: int, layer_count: int, placement: str) -> tuple[int, .
         return tuple(range(head)) + tuple(range(n - (r - head), n))
     # strided: spread evenly so that every streamed layer has resident compute around it to hide under
     return tuple(sorted({(i * n) // r for i in range(r)}))
+
+
+def _resolve_storage(doc: Document, res: Resolution, entries: Mapping[str, Any], defaults: Mapping[str, Any],
+                     compute_dtype: str, errors: list[Diagnostic]) -> None:
+    """storage_dtype (defaults or a components: entry) and skip_modules: each cast component gets a
+    decision naming where its dtype came from and the patterns that keep their dtype."""
+    for comp in res.components.values():
+        comp.compute_dtype = compute_dtype
+        raw = entries.get(comp.name, {})
+        entry = {} if isinstance(raw, str) else raw
+        patterns = entry.get("skip_modules", [])
+        bad = False
+        for i, pattern in enumerate(patterns):
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as exc:
+                errors.append(doc.diagnostic(("components", comp.name, "skip_modules", i),
+                                             f"skip_modules[{i}] is not a valid regular expression: {exc}"))
+                bad = True
+        if "storage_dtype" in entry:
+            dtype, source = entry["storage_dtype"], f"components.{comp.name}.storage_dtype"
+            where: tuple[Any, ...] = ("components", comp.name, "storage_dtype")
+        elif "storage_dtype" in defaults:
+            dtype, source, where = defaults["storage_dtype"], "defaults.storage_dtype", ()
+        else:
+            dtype, source, where = "none", "", ()
+        if patterns and dtype == "none":
+            res.warnings.append(doc.diagnostic(("components", comp.name, "skip_modules"),
+                                               f"skip_modules is ignored: {comp.name} has no storage_dtype",
+                                               key=True, severity="warning", code="ignored-without-storage-dtype"))
+        if bad or dtype == "none":
+            continue
+        if comp.strategy == "fsdp":
+            if where:
+                errors.append(doc.diagnostic(where, f"storage_dtype is not supported with strategy 'fsdp' "
+                                                    f"({comp.name} is sharded)"))
+            else:
+                res.warnings.append(doc.diagnostic(("defaults", "storage_dtype"),
+                                                   f"storage_dtype is ignored for {comp.name}: it is sharded (fsdp)",
+                                                   severity="warning", code="storage-dtype-ignored-for-strategy"))
+            continue
+        comp.storage_dtype = dtype
+        comp.skip_modules = tuple(patterns)
+        kept = [p for p in cast_skip_patterns(comp.info.class_name, comp.skip_modules) if p not in CAST_ADAPTER_SKIP]
+        res.decisions.append(Decision(rule="storage-dtype", component=comp.name, from_=compute_dtype, to=dtype,
+                                      reason=reason("storage-dtype", component=comp.name, source=source,
+                                                    from_=compute_dtype, to=dtype, patterns=", ".join(repr(p) for p in kept) + " (and peft's adapter layers)")))
 
 
 def _resolve_layers(doc: Document, comp: ComponentResolution, entry: dict[str, Any], defaults: dict[str, Any],

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from planner.plan import STORAGE_DTYPES
+
 DTYPES = ("bfloat16", "float16", "float32")
 
 
@@ -99,9 +101,162 @@ RULES: dict[str, Rule] = {r.id: r for r in (
          "components.{component} sets strategy '{to}'"),
     Rule("auto-budget", "strategy auto: chosen under memory.gpu_budget to minimise predicted time",
          "{detail}"),
+    Rule("storage-dtype", "storage_dtype: cast modules store their weights in float8 and compute in the pipeline "
+                          "dtype (diffusers' layerwise casting)",
+         "{source} is '{to}': {component}'s Linear, Conv and Embedding weights are stored in {to} and upcast to "
+         "{from_} just before each such module runs; modules matching {patterns} keep their dtype"),
     Rule("layerwise-no-layers", "a component with no layer lists cannot stream layer by layer",
          "{component} has no repeated blocks to stream; it is offloaded whole instead"),
 )}
+
+
+# --- storage_dtype: weights stored in float8, computed in the pipeline dtype ----------------------------
+#
+# diffusers' layerwise casting (diffusers 0.42.1: hooks/layerwise_casting.py, ModelMixin.enable_layerwise_casting):
+# modules whose path matches a skip pattern keep their dtype; of the rest, only these torch.nn layers are cast.
+
+STORAGE_DTYPE_CHOICES = STORAGE_DTYPES + ("none",)      # 'none': a component entry opts out of the default
+
+# DEFAULT_SKIP_MODULES_PATTERN
+CAST_DEFAULT_SKIP = ("pos_embed", "patch_embed", "norm", "^proj_in$", "^proj_out$")
+# peft's adapter layers, which enable_layerwise_casting skips by default (LoraLayer, LoHaLayer,
+# LoKrLayer.adapter_layer_names): an adapter loaded under paused() keeps its dtype
+CAST_ADAPTER_SKIP = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+                     "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+                     "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+# _GO_LC_SUPPORTED_PYTORCH_LAYERS (hooks/_common.py), as torch.nn class names
+CAST_CLASSES = ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Linear",
+                "Embedding")
+
+# What each class keeps in its dtype: its _skip_layerwise_casting_patterns, then its _keep_in_fp32_modules
+# (enable_layerwise_casting adds both), for every diffusers model class that declares any, and the
+# transformers encoders that keep modules in fp32. tests/test_storage_dtype.py checks it against the
+# installed diffusers; the executor refuses a module whose class declares a pattern the plan lacks.
+CLASS_CAST_SKIP: dict[str, tuple[str, ...]] = {
+    'AllegroTransformer3DModel': ('pos_embed', 'norm', 'adaln_single'),
+    'AnyFlowFARTransformer3DModel': ('patch_embedding', 'far_patch_embedding', 'condition_embedder', 'norm',
+        'time_embedder', 'scale_shift_table', 'norm1', 'norm2', 'norm3'),
+    'AnyFlowTransformer3DModel': ('patch_embedding', 'condition_embedder', 'norm', 'time_embedder',
+        'scale_shift_table', 'norm1', 'norm2', 'norm3'),
+    'AsymmetricAutoencoderKL': ('decoder',),
+    'AuraFlowTransformer2DModel': ('pos_embed', 'norm'),
+    'AutoencoderKLMiniMaxH3': ('norm', 'encoder', 'quant_conv', 'norm1', 'norm2', 'norm_out', 'scale1', 'scale2'),
+    'AutoencoderKLMiniMaxH3Audio': ('encoder', 'decoder', 'pre_block', 'dec_in_proj', 'mean_proj', 'logs_proj'),
+    'BriaFibo2Transformer2DModel': ('t_embedder',),
+    'ChromaTransformer2DModel': ('pos_embed', 'norm'),
+    'ChronoEditTransformer3DModel': ('patch_embedding', 'condition_embedder', 'norm', 'time_embedder',
+        'scale_shift_table', 'norm1', 'norm2', 'norm3'),
+    'CogVideoXTransformer3DModel': ('patch_embed', 'norm'),
+    'CogView3PlusTransformer2DModel': ('patch_embed', 'norm'),
+    'CogView4Transformer2DModel': ('patch_embed', 'norm', 'proj_out'),
+    'Cosmos3OmniTransformer': ('embed_tokens', 'time_embedder', 'norm'),
+    'CosmosControlNetModel': ('patch_embed', 'patch_embed_base', 'time_embed', 'learnable_pos_embed'),
+    'CosmosTransformer3DModel': ('patch_embed', 'final_layer', 'norm', 'learnable_pos_embed'),
+    'DiTTransformer2DModel': ('pos_embed', 'norm'),
+    'DreamLiteTransformer2DModel': ('norm',),
+    'DreamLiteUNetModel': ('norm',),
+    'EasyAnimateTransformer3DModel': ('^proj$', 'norm', '^proj_out$'),
+    'Flux2Transformer2DModel': ('pos_embed', 'norm'),
+    'Flux3Transformer2DModel': ('pos_embed', 'norm', 'norm_q', 'norm_k'),
+    'FluxTransformer2DModel': ('pos_embed', 'norm'),
+    'GlmImageTransformer2DModel': ('patch_embed', 'norm', 'proj_out'),
+    'HeliosTransformer3DModel': ('patch_embedding', 'patch_short', 'patch_mid', 'patch_long', 'condition_embedder',
+        'norm', 'time_embedder', 'scale_shift_table', 'norm1', 'norm2', 'norm3', 'history_key_scale'),
+    'HunyuanDiT2DModel': ('pos_embed', 'norm', 'pooler'),
+    'HunyuanImageTransformer2DModel': ('x_embedder', 'context_embedder', 'norm'),
+    'HunyuanVideo15Transformer3DModel': ('x_embedder', 'context_embedder', 'norm'),
+    'HunyuanVideoFramepackTransformer3DModel': ('x_embedder', 'context_embedder', 'norm'),
+    'HunyuanVideoTransformer3DModel': ('x_embedder', 'context_embedder', 'norm'),
+    'Ideogram4Transformer2DModel': ('t_embedding', 'adaln_proj', 'embed_image_indicator'),
+    'JoyImageEditPlusTransformer3DModel': ('img_in', 'condition_embedder', 'norm', 'time_embedder', 'norm1', 'norm2',
+        'norm_out'),
+    'JoyImageEditTransformer3DModel': ('img_in', 'condition_embedder', 'norm', 'time_embedder', 'norm1', 'norm2',
+        'norm_out'),
+    'Kandinsky5Transformer3DModel': ('time_embeddings', 'modulation', 'visual_modulation', 'text_modulation'),
+    'Kandinsky6SRTransformer3DModel': ('norm', 'time_embeddings', 'pooled_bias', 'modulation'),
+    'Kandinsky6Transformer3DModel': ('norm', 'time_embeddings', 'modulation'),
+    'Krea2Transformer2DModel': ('time_embed', 'norm', 'norm1', 'norm2', 'norm_q', 'norm_k'),
+    'LTX2VideoTransformer3DModel': ('norm',),
+    'LTXVideoTransformer3DModel': ('norm',),
+    'LatteTransformer3DModel': ('pos_embed', 'norm'),
+    'Lumina2Transformer2DModel': ('x_embedder', 'norm'),
+    'LuminaNextDiT2DModel': ('patch_embedder', 'norm', 'ffn_norm'),
+    'MiniMaxH3Transformer3DModel': ('norm', 'proj_in', 'audio_proj_in', 'time_embedder', 'proj_out',
+        'audio_proj_out', 'rope'),
+    'MiniMaxMusic3Transformer1DModel': ('time_proj', 'norm'),
+    'MochiTransformer3DModel': ('patch_embed', 'norm'),
+    'MotifVideoTransformer3DModel': ('x_embedder', 'context_embedder', 'norm'),
+    'NucleusMoEImageTransformer2DModel': ('pos_embed', 'norm'),
+    'OmniGenTransformer2DModel': ('patch_embedding', 'embed_tokens', 'norm'),
+    'OvisImageTransformer2DModel': ('pos_embed', 'norm'),
+    'PixArtTransformer2DModel': ('pos_embed', 'norm', 'adaln_single'),
+    'QwenImage21Transformer2DModel': ('pos_embed', 'norm'),
+    'QwenImageTransformer2DModel': ('pos_embed', 'norm'),
+    'RFD4ProteinaAutoencoder': ('norm', 'embedding', 'latent_decoder_mean_n_log_scale'),
+    'RFD4ProteinaTransformer': ('norm', 'ln_out', 'embedding', 'cond_factory'),
+    'SD3Transformer2DModel': ('pos_embed', 'norm'),
+    'SanaControlNetModel': ('patch_embed', 'norm'),
+    'SanaTransformer2DModel': ('patch_embed', 'norm'),
+    'SanaVideoTransformer3DModel': ('patch_embedding', 'norm'),
+    'SanaWMLTX2RefinerTransformer3DModel': ('norm',),
+    'SanaWMTransformer3DModel': ('x_embedder', 'plucker_embedder', 'norm'),
+    'SkyReelsV2Transformer3DModel': ('patch_embedding', 'condition_embedder', 'norm', 'rope', 'time_embedder',
+        'scale_shift_table', 'norm1', 'norm2', 'norm3'),
+    'StableAudioDiTModel': ('preprocess_conv', 'postprocess_conv', '^proj_in$', '^proj_out$', 'norm'),
+    'T5EncoderModel': ('wo',),
+    'Transformer2DModel': ('latent_image_embedding', 'norm'),
+    'TransformerTemporalModel': ('norm',),
+    'UMT5EncoderModel': ('wo',),
+    'UNet1DModel': ('norm',),
+    'UNet2DConditionModel': ('norm',),
+    'UNet2DModel': ('norm',),
+    'UNet3DConditionModel': ('norm', 'time_embedding'),
+    'UNetMotionModel': ('norm',),
+    'VQModel': ('quantize',),
+    'WanAnimate2Transformer3DModel': ('patch_embedding', 'img_emb', 'norm', 'time_embedding', 'time_projection',
+        'scale_shift_table', 'norm1', 'norm2', 'norm3', 'modulation'),
+    'WanAnimateTransformer3DModel': ('patch_embedding', 'condition_embedder', 'norm', 'time_embedder',
+        'scale_shift_table', 'norm1', 'norm2', 'norm3', 'motion_synthesis_weight', 'rope'),
+    'WanTransformer3DModel': ('patch_embedding', 'condition_embedder', 'norm', 'rope', 'time_embedder',
+        'scale_shift_table', 'norm1', 'norm2', 'norm3'),
+    'WanVACETransformer3DModel': ('patch_embedding', 'vace_patch_embedding', 'condition_embedder', 'norm', 'rope',
+        'time_embedder', 'scale_shift_table', 'norm1', 'norm2', 'norm3'),
+    'ZImageTransformer2DModel': ('t_embedder', 'cap_embedder'),
+}
+
+
+# Share of a component's bytes in cast modules (layers, outside the layers) under its class's default
+# patterns, for the estimate (the planner does not see the module tree): measured on the catalog's
+# full-size configs built on meta (every layer of a list alike). A class not listed is counted as
+# stored whole in its dtype (an upper bound), as is any component with skip_modules of its own.
+CAST_SHARES: dict[str, tuple[float, float]] = {
+    'AutoencoderKL': (0.9995, 0.9997),
+    'AutoencoderKLLTX2Audio': (0.0, 1.0),
+    'AutoencoderKLLTX2Video': (0.0, 1.0),
+    'AutoencoderKLQwenImage': (0.0, 0.9999),
+    'AutoencoderKLWan': (0.0, 0.9999),
+    'CLIPTextModel': (0.9996, 1.0),
+    'CLIPTextModelWithProjection': (0.9996, 1.0),
+    'FluxTransformer2DModel': (0.7273, 0.7025),
+    'Gemma3ForConditionalGeneration': (0.9999, 0.995),
+    'LTX2TextConnectors': (0.0, 0.9993),
+    'LTX2VideoTransformer3DModel': (0.9997, 0.9969),
+    'LTX2Vocoder': (0.0, 1.0),
+    'Qwen2_5_VLForConditionalGeneration': (1.0, 0.9987),
+    'Qwen3Model': (0.9999, 1.0),
+    'QwenImageTransformer2DModel': (1.0, 0.5291),
+    'SD3Transformer2DModel': (0.6664, 0.2121),
+    'T5EncoderModel': (0.7826, 1.0),
+    'UMT5EncoderModel': (0.7826, 1.0),
+    'WanTransformer3DModel': (0.9998, 0.0),
+    'ZImageTransformer2DModel': (0.9999, 0.1251),
+}
+
+
+def cast_skip_patterns(class_name: str, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The skip patterns of a component: diffusers' defaults, peft's adapters, its class's, the spec's."""
+    out = CAST_DEFAULT_SKIP + CAST_ADAPTER_SKIP + CLASS_CAST_SKIP.get(class_name, ()) + tuple(extra)
+    return tuple(dict.fromkeys(out))
 
 
 def reason(rule_id: str, **fields: object) -> str:
