@@ -369,3 +369,38 @@ def test_failed_apply_changes_nothing(tiny, monkeypatch, where):
         planner.apply_plan(pipe, plan)
     assert_restored(pipe, snap)
     assert torch.equal(run_tiny(pipe), plain)
+
+
+def test_regional_compile_under_storage_dtype(tiny):
+    """diffusers' regional compilation (every repeated block compiled) of a streamed, cast transformer:
+    outputs equal diffusers' casting, and no graph is made after the first call."""
+    torch = pytest.importorskip("torch")
+    from pipeline_checks import assert_restored, snapshot, spec_for
+    from torch._dynamo.utils import counters
+
+    import planner
+    from planner.testing.tiny_pipelines import run_tiny
+
+    path, pipe, reference, plain = tiny("flux.1-dev")
+    snap = snapshot(pipe)
+    torch._dynamo.reset()
+    counters.clear()
+    spec = _with_storage(spec_for(path, components={"transformer": "layerwise"}), "float8_e4m3fn",
+                         names=("transformer", "vae"))
+    handle = planner.apply_plan(pipe, spec)
+    blocks = list(pipe.transformer.transformer_blocks) + list(pipe.transformer.single_transformer_blocks)
+    try:
+        for block in blocks:
+            block.compile(backend="aot_eager")
+        assert torch.equal(run_tiny(pipe), reference)
+        graphs = counters["stats"]["unique_graphs"]
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            assert torch.equal(run_tiny(pipe), reference)
+        assert counters["stats"]["unique_graphs"] == graphs
+    finally:
+        handle.remove()
+        for block in blocks:          # nn.Module.compile keeps its wrapper in the instance: undo it
+            block.__dict__.pop("_compiled_call_impl", None)
+        torch._dynamo.reset()
+    assert_restored(pipe, snap)
+    assert torch.equal(run_tiny(pipe), plain)
