@@ -12,6 +12,7 @@ a path and is read as an RGB image. A problem is a ``CallArgError`` with a place
 from __future__ import annotations
 
 import inspect
+import math
 import json
 import re
 import shlex
@@ -144,6 +145,24 @@ class _Mismatch(Exception):
     pass
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def strict_json(text: str) -> Any:
+    """``json.loads`` as the prompts file and ``--set`` read JSON: no NaN or Infinity, nesting
+    measured first (a deep value is refused, not a ``RecursionError``), integers of any JSON length
+    refused past Python's 4300 digits with a ``ValueError`` like any other bad value."""
+    from planner.files.bounded_read import MAX_JSON_DEPTH, json_too_deep
+
+    if json_too_deep(text, MAX_JSON_DEPTH) is not None:
+        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except RecursionError:   # pragma: no cover - json_too_deep ran first
+        raise ValueError("nested too deeply") from None
+
+
 def _is_image_name(name: str) -> bool:
     return name == "image" or name.endswith("_image") or name in ("images", "last_image")
 
@@ -203,7 +222,10 @@ def _scalar(text: str, kind: type) -> Any:
     if kind is int:
         return int(text)
     if kind is float:
-        return float(text)
+        number = float(text)
+        if not math.isfinite(number):       # 'nan', 'inf': no argument of a pipeline means them
+            raise ValueError
+        return number
     return text
 
 
@@ -230,6 +252,8 @@ def coerce(value: Any, ann: Any) -> Any:
         except (_Mismatch, ValueError, TypeError):
             errors.append(_type_text(alt))
     got = value if isinstance(value, str) else json.dumps(value)
+    if len(got) > 200:
+        got = got[:200] + f"... ({len(got)} characters)"
     raise _Mismatch(f"{got!r} is not {' or '.join(dict.fromkeys(errors))}")
 
 
@@ -237,7 +261,7 @@ def _any_value(value: Any) -> Any:
     if not isinstance(value, str):
         return value
     try:
-        return json.loads(value)
+        return strict_json(value)
     except ValueError:
         return value
 
@@ -258,7 +282,7 @@ def _coerce_one(value: Any, alt: Any) -> Any:
         items = value
         if isinstance(value, str):
             text = value.strip()
-            items = json.loads(text) if text.startswith("[") else [v for v in text.split(",")]
+            items = strict_json(text) if text.startswith("[") else [v for v in text.split(",")]
         if not isinstance(items, list):
             raise _Mismatch("list")
         args = [a for a in typing.get_args(alt) if a is not Ellipsis]
@@ -266,7 +290,7 @@ def _coerce_one(value: Any, alt: Any) -> Any:
         out = [coerce(v, item_ann) for v in items]
         return tuple(out) if origin in (tuple, typing.Tuple) else out
     if origin in (dict, typing.Dict, Mapping):
-        obj = json.loads(value) if isinstance(value, str) else value
+        obj = strict_json(value) if isinstance(value, str) else value
         if not isinstance(obj, dict):
             raise _Mismatch("dict")
         return obj

@@ -28,6 +28,7 @@ from planner.cli.call_args import (
     flag_arguments,
     parse_set,
     pipeline_class_of,
+    strict_json,
 )
 from planner.cli.outputs import IMAGE_SUFFIXES, VIDEO_SUFFIXES, default_suffix, write_outputs
 from planner.cli.step_timer import StepTimer, median
@@ -131,6 +132,8 @@ def _read_prompts(path: str, sig: Signature) -> list[tuple[str, dict[str, Any], 
     except (OSError, ValueError) as exc:
         message = getattr(exc, "reason", None) or str(exc)
         raise CallArgError(Place(path), message) from None
+    if text.startswith("\ufeff"):
+        text = text[1:]
     base = Path(path).parent
     out = []
     for lineno, line in enumerate(text.splitlines(), 1):
@@ -143,9 +146,11 @@ def _read_prompts(path: str, sig: Signature) -> list[tuple[str, dict[str, Any], 
             out.append((stripped, {}, None, place))
             continue
         try:
-            entry = json.loads(stripped)
+            entry = strict_json(stripped)
         except json.JSONDecodeError as exc:
             raise CallArgError(Place(path, lineno, indent + exc.colno), f"not JSON: {exc.msg}") from None
+        except ValueError as exc:          # NaN, nesting, an integer of thousands of digits
+            raise CallArgError(place, f"not JSON this reads: {exc}") from None
         if not isinstance(entry, dict):
             raise CallArgError(place, "a JSON line must be an object with a \"prompt\"")
 
@@ -160,6 +165,9 @@ def _read_prompts(path: str, sig: Signature) -> list[tuple[str, dict[str, Any], 
         seed = entry.pop("seed", None)
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise CallArgError(key_place("seed"), f"seed: {json.dumps(seed)} is not an int")
+        if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+            raise CallArgError(key_place("seed"), f"seed must be between {SEED_RANGE[0]} and {SEED_RANGE[1]}, "
+                                                  f"got {seed}")
         kwargs = {key: sig.typed(key, value, key_place(key), base=base) for key, value in entry.items()}
         out.append((prompt, kwargs, seed, place))
     if not out:
