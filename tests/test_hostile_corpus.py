@@ -28,7 +28,7 @@ import sys
 import time
 import traceback
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pytest
@@ -447,6 +447,10 @@ def cli_cases(d: Path) -> list[Case]:
     out = d / "out"
     out.mkdir()
     (out / "dir.svg").mkdir()
+    own = out / "own.yaml"
+    own.write_text(BASE)
+    own_svg = out / "own.svg"          # a spec named .svg: read as YAML all the same
+    own_svg.write_text(BASE)
     (d / "readonly").mkdir()
     os.chmod(d / "readonly", 0o500)
     cases = [
@@ -473,6 +477,10 @@ def cli_cases(d: Path) -> list[Case]:
         Case("plan -o missing folder", ["plan", cfg, "-o", str(d / "nope" / "p.json")], "refused"),
         *([Case("plan -o read-only folder", ["plan", cfg, "-o", str(d / "readonly" / "p.json")], "refused")]
           if os.geteuid() != 0 else []),
+        Case("plan -o the spec itself", ["plan", str(own), "-o", str(own)], "usage", needle="would be overwritten"),
+        Case("plan --chart the spec itself", ["plan", str(own_svg), "--chart", str(own_svg)], "usage"),
+        Case("plan -o and --chart the same file", ["plan", cfg, "-o", str(out / "same.svg"), "--chart",
+                                                   str(out / "same.svg")], "usage"),
         Case("plan --chart svg", ["plan", cfg, "--chart", str(out / "c.svg")], "accepted"),
         Case("plan --chart directory", ["plan", cfg, "--chart", str(out / "dir.svg")], "refused"),
         Case("plan --chart /dev/full", ["plan", cfg, "--chart", "/dev/full"], "usage"),
@@ -507,6 +515,8 @@ def cli_cases(d: Path) -> list[Case]:
         Case("inventory fifo", ["inventory", str(d / "fifo.yaml")], "refused"),
         Case("inventory nul in path", ["inventory", "a\0b"], "refused"),
         Case("calibrate extra arg", ["calibrate", "x"], "usage"),
+        Case("calibrate -o a directory", ["calibrate", "-o", str(out)], "usage"),
+        Case("calibrate -o in a missing folder", ["calibrate", "-o", str(d / "nope" / "p.json")], "usage"),
         Case("tiny no args", ["tiny"], "usage"),
         Case("tiny bad dtype", ["tiny", "z-image-turbo", str(out / "t"), "--dtype", "int8"], "usage"),
         Case("tiny bad seed", ["tiny", "z-image-turbo", str(out / "t"), "--seed", "x"], "usage"),
@@ -719,6 +729,10 @@ def sglang_cases(d: Path) -> list[Case]:
     cases.append(Case("from-sglang --config then flag", ["from-sglang", "--config", str(cfgs / "ok.yaml"),
                                                          "--dit-cpu-offload", "maybe"], "refused"))
     cases.append(Case("from-sglang --help", ["from-sglang", "--help"], "accepted"))
+    cases.append(Case("from-sglang -o the config", ["from-sglang", "--config", str(cfgs / "ok.yaml"), "-o",
+                                                    str(cfgs / "ok.yaml")], "usage", needle="would be overwritten"))
+    cases.append(Case("from-sglang -o the --config= file", ["from-sglang", f"--config={cfgs / 'ok.json'}", "-o",
+                                                            str(cfgs / "ok.json")], "usage"))
     return cases
 
 
@@ -886,6 +900,9 @@ def torch_cases(d: Path) -> list[Case]:
         Case("run output missing folder", [*base, "--output", str(d / "nope" / "o.png")], "usage", "torch"),
         Case("run output unknown suffix", [*base, "--output", str(out / "o.xyz")], "usage", "torch"),
         Case("run output directory", [*base, "--output", str(out)], "usage", "torch"),
+        Case("run report onto the spec", [*base, "--report", str(spec)], "usage", "torch"),
+        Case("run report onto the output", [*base, "--output", str(out / "r.png"), "--report", str(out / "r.png")],
+             "usage", "torch"),
         Case("run report missing folder", [*base, "--report", str(d / "nope" / "r.json")], "usage", "torch"),
         Case("run image not an image (no image argument)", [*base, "--image", str(out / "not-image.png")], "usage",
              "torch"),
@@ -1026,6 +1043,29 @@ def _image_pipeline(root: Path) -> bool:
     return False
 
 
+def test_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch, capsys):
+    """Nothing lost: a write that fails half way (a full disk) leaves the file that was there."""
+    from planner.cli.main import main
+    from planner.files import atomic_write
+
+    saved = tmp_path / "plan.json"
+    saved.write_text("the old plan")
+    saved.chmod(0o640)
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(atomic_write.os, "fsync", full)
+    assert main(["plan", str(ROOT / "configs" / "z-image-turbo-auto.yaml"), "-o", str(saved)]) == 1
+    err = capsys.readouterr().err
+    assert f"{saved}:1:1: error: cannot write the plan: No space left on device" in err
+    assert saved.read_text() == "the old plan"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]       # no temporary file left
+    monkeypatch.undo()
+    assert main(["plan", str(ROOT / "configs" / "z-image-turbo-auto.yaml"), "-o", str(saved)]) == 0
+    assert json.loads(saved.read_text())["version"] == 1 and oct(saved.stat().st_mode & 0o777) == "0o640"
+
+
 def test_run_interrupted_exits_130_without_a_traceback(tmp_path):
     """Ctrl-C during a generation: exit 130, one line, no traceback (a real SIGINT to a real run)."""
     pytest.importorskip("torch")
@@ -1045,7 +1085,7 @@ def test_run_interrupted_exits_130_without_a_traceback(tmp_path):
         line = proc.stdout.readline()             # "ready in ...": the generation starts
         assert line.startswith("ready in"), line + proc.stderr.read() if proc.poll() is not None else line
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from planner.files.atomic_write import write_text_atomic
 
 
 def measure_h2d(torch: Any, nbytes: int = 1 << 30, repeat: int = 5) -> float:
@@ -197,5 +200,10 @@ def calibrate(out: str | Path) -> dict[str, Any]:
             profile["decode_activation_scale"] = round(decode_scale, 3)
     except ImportError:   # no diffusers: the decoder's rates stay unset (the transformer rate stands in)
         pass
-    Path(out).write_text(json.dumps(profile, indent=1) + "\n")
+    text = json.dumps(profile, indent=1) + "\n"
+    try:
+        write_text_atomic(out, text)
+    except OSError:
+        sys.stdout.write(text)          # the measurement is not lost with the file
+        raise
     return profile

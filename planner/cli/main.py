@@ -1,6 +1,8 @@
 """``residency-planner``: validate, plan, explain, diff, schema, from-sglang, inventory, run, tiny.
 
-Exit codes: 0 valid, 1 invalid input (``FILE:LINE:COL: error: ...``), 2 usage error. The spec-side
+Exit codes: 0 valid, 1 invalid input (``FILE:LINE:COL: error: ...``), 2 usage error, 130 interrupted
+(Ctrl-C, one line, no traceback). An output that would overwrite an input is refused; outputs are
+written beside their target and renamed over it, so a failed write keeps the old file. The spec-side
 commands import no torch.
 """
 
@@ -17,6 +19,7 @@ from planner.cli.call_args import Place, command_line_place
 from planner.cli.chart import write_chart
 from planner.cli.run_command import executor_installed, run_command
 from planner.errors import Diagnostic, FolderError, SpecError
+from planner.files.atomic_write import same_file, write_text_atomic
 from planner.inventory.folder import folder_inventory
 from planner.plan import Plan, component_to_dict
 from planner.planning.make_plan import load_spec, make_plan
@@ -33,8 +36,7 @@ def _write(path: str, text: str, what: str) -> bool:
     """Write ``text`` to ``path``; a one-line ``PATH:1:1: error:`` and ``False`` when it cannot be
     written (a directory, a missing folder, a full disk, no permission)."""
     try:
-        with open(path, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        write_text_atomic(path, text)
     except (OSError, ValueError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc)
         print(Diagnostic(str(path), 1, 1, f"cannot write the {what}: {reason}").format(), file=sys.stderr)
@@ -155,7 +157,22 @@ def plan_table(plan: Any, source: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _overwrites_input(outputs: Sequence[tuple[str, str | None]], inputs: Sequence[str | None]) -> bool:
+    """Whether an output names one of the inputs (then it is said, and nothing is written)."""
+    for flag, output in outputs:
+        hit = same_file(output, inputs) if output else None
+        if hit is not None:
+            print(f"error: {flag} {output!r} is the input {hit!r}; it would be overwritten", file=sys.stderr)
+            return True
+    return False
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
+    if _overwrites_input([("-o", args.output), ("--chart", args.chart)], [args.spec]):
+        return 2
+    if args.output and args.chart and same_file(args.output, [args.chart]):
+        print("error: -o and --chart name the same file", file=sys.stderr)
+        return 2
     if args.chart and Path(args.chart).suffix.lower() not in CHART_SUFFIXES:
         print(f"error: --chart {args.chart!r}: the file name must end in {', '.join(CHART_SUFFIXES)}",
               file=sys.stderr)
@@ -250,6 +267,11 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 def cmd_from_sglang(args: argparse.Namespace) -> int:
     places: dict[str, Any] = {}
+    if args.output:
+        configs = [a.partition("=")[2] if a.startswith("--config=") else None for a in args.args]
+        configs += [args.args[i + 1] for i, a in enumerate(args.args[:-1]) if a == "--config"]
+        if _overwrites_input([("-o", args.output)], configs):
+            return 2
     try:
         translation = translate(parse_args(args.args, places))
     except SGLangArgsError as exc:
@@ -298,7 +320,18 @@ def cmd_inventory(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    profile = calibrate(args.output)
+    out = Path(args.output)
+    if out.is_dir() or not (out.parent if str(out.parent) else Path(".")).is_dir():
+        # checked before minutes of measuring, not after
+        why = "is a directory" if out.is_dir() else f"is in a folder that does not exist ({out.parent})"
+        print(f"error: -o {args.output!r} {why}", file=sys.stderr)
+        return 2
+    try:
+        profile = calibrate(args.output)
+    except OSError as exc:
+        print(Diagnostic(str(args.output), 1, 1, f"cannot write the profile: {exc.strerror or exc}").format(),
+              file=sys.stderr)
+        return 1
     print(f"{profile['name']}: pinned host-to-device {profile['h2d_bytes_per_s'] / 1e9:.1f} GB/s, "
           f"DiT block {profile['effective_flops'] / 1e12:.0f} TFLOP/s effective; wrote {args.output}")
     return 0

@@ -33,6 +33,7 @@ from planner.cli.call_args import (
 from planner.cli.outputs import IMAGE_SUFFIXES, VIDEO_SUFFIXES, default_suffix, write_outputs
 from planner.cli.step_timer import StepTimer, median
 from planner.errors import PlanApplyError, SpecError
+from planner.files.atomic_write import same_file, write_text_atomic
 from planner.files.bounded_read import read_bounded
 from planner.spec.sizes import format_size
 
@@ -68,12 +69,17 @@ def _flag_checks(args: argparse.Namespace) -> None:
         except (RuntimeError, ValueError, TypeError):
             raise CallArgError(command_line_place("--device"), f"--device {device!r} is not a device; "
                                                                "expected cpu, cuda or cuda:N") from None
+    inputs = [getattr(args, "spec", None), getattr(args, "prompts", None), getattr(args, "image", None)]
     for flag, attr, suffixes in (("--output", "output", OUTPUT_SUFFIXES), ("--report", "report", None)):
         value = getattr(args, attr, None)
         if value is None:
             continue
         path = Path(value)
         where = command_line_place(flag)
+        hit = same_file(value, inputs + ([args.output] if attr == "report" else []))
+        if hit is not None:
+            raise CallArgError(where, f"{flag} {value!r} is {hit!r}, which this run reads or writes; "
+                                      "it would be overwritten")
         if suffixes is not None and path.suffix.lower() not in suffixes:
             raise CallArgError(where, f"{flag} {value!r}: unknown kind of file; use an image "
                                       f"({', '.join(sorted(IMAGE_SUFFIXES))}), a video "
@@ -424,7 +430,7 @@ def run_command(args: argparse.Namespace) -> int:
                             for i, g in enumerate(gens)],
         }
         try:
-            Path(args.report).write_text(json.dumps(_jsonable(data), indent=2) + "\n", encoding="utf-8")
+            write_text_atomic(args.report, json.dumps(_jsonable(data), indent=2) + "\n")
         except OSError as exc:
             print(f"{args.report}:1:1: error: cannot write the report: {exc}", file=sys.stderr)
             return 1
