@@ -7,6 +7,9 @@ budget line and the peak marked. Needs matplotlib (the ``chart`` extra); never t
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 from pathlib import Path
 
 from planner.plan import Plan
@@ -66,6 +69,24 @@ def write_chart(plan: Plan, path: str | Path) -> Path:
                  f"({plan.dtype}): peak {e.gpu_peak_bytes / GiB:.2f} GiB, pinned host {e.host_pinned_bytes / GiB:.2f} GiB",
                  fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, format=path.suffix.lstrip(".").lower() or "svg", dpi=110)
-    plt.close(fig)
+    # drawn into a file beside the target and renamed over it: a failed write keeps the old chart
+    fmt = path.suffix.lstrip(".").lower() or "svg"
+    if path.exists() and not path.is_file():
+        try:
+            fig.savefig(path, format=fmt, dpi=110)          # a device, or a directory (which fails)
+        finally:
+            plt.close(fig)
+        return path
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=str(path.parent))
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format=fmt, dpi=110)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    finally:
+        plt.close(fig)
     return path
