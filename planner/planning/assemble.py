@@ -101,7 +101,7 @@ def _cast_shares(comp: ComponentResolution) -> tuple[float, float]:
 
 def stored_layer_bytes(comp: ComponentResolution) -> tuple[int, ...]:
     """The bytes of each layer as the executor holds them (float8 where cast): what streams and what
-    the slots take. The budget search should read these instead of ``info.layer_bytes``."""
+    the slots take (the budget search and the time model read these)."""
     share = _cast_shares(comp)[0]
     if not share:
         return comp.info.layer_bytes

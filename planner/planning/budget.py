@@ -13,7 +13,7 @@ from typing import Any, Mapping
 from planner.errors import SpecError
 from planner.inventory.model import ComponentInfo, Inventory
 from planner.plan import Decision, Plan
-from planner.planning.assemble import build_plan, component_plan
+from planner.planning.assemble import build_plan, component_plan, stored_layer_bytes, stored_weight_bytes
 from planner.planning.activations import decode_call, encoder_call, images_per_call
 from planner.planning.estimate import memory_estimate
 from planner.planning.profiles import Profile, load_profile
@@ -97,18 +97,22 @@ def runs_per_step_name(name: str) -> bool:
 
 
 def step_seconds(strategy: str, info: ComponentInfo, resident: tuple[int, ...], workload: Mapping[str, Any],
-                 profile: Profile, *, calls: int = 1, prefetch: int = 1) -> float:
+                 profile: Profile, *, calls: int = 1, prefetch: int = 1,
+                 moved: tuple[tuple[int, ...], int] | None = None) -> float:
     """Predicted seconds of one step's calls of a component under a strategy (layerwise: every call
-    streams its layers; sequential guidance calls a denoiser twice a step)."""
+    streams its layers; sequential guidance calls a denoiser twice a step). ``moved`` is (each layer's
+    bytes, the whole component's bytes) as they are copied, where a storage dtype makes them fewer
+    than loaded; compute always counts the loaded model."""
     compute = compute_seconds(info, workload, profile)
     per_step = calls_per_step(info, workload)
+    layer_bytes, weight_bytes = moved or (info.layer_bytes, info.weight_bytes)
     if strategy == "resident" or strategy == "fsdp":
         return compute * per_step
     if strategy == "cpu_offload":
         # moved in once per generation, then resident for the rest of its calls
-        return compute * per_step + info.weight_bytes / profile.h2d_bytes_per_s / calls
+        return compute * per_step + weight_bytes / profile.h2d_bytes_per_s / calls
     # a denoiser streams call after call (steady state); an encoder or decoder runs once, from cold
-    return per_step * simulate_layerwise(info.layer_bytes, set(resident), compute, profile, prefetch,
+    return per_step * simulate_layerwise(layer_bytes, set(resident), compute, profile, prefetch,
                                          calls=3 if runs_per_step_name(info.name) else 1,
                                          shares=layer_shares(info, workload))
 
@@ -199,7 +203,7 @@ def _with_times(plan: Plan, inventory: Inventory, workload: Mapping[str, Any], p
             continue
         calls = steps if runs_per_step_name(name) else 1
         t = step_seconds(cp.strategy, info, cp.resident_layers, workload, profile, calls=calls,
-                         prefetch=cp.prefetch or 1)
+                         prefetch=cp.prefetch or 1, moved=_moved_of_plan(cp, info))
         if runs_per_step_name(name):
             per_step += t
         elif cp.phase == "encode":
@@ -215,6 +219,15 @@ def _with_times(plan: Plan, inventory: Inventory, workload: Mapping[str, Any], p
     return replace(plan, components=comps, estimate=est)
 
 
+def _moved_of_plan(cp: Any, info: ComponentInfo) -> tuple[tuple[int, ...], int] | None:
+    """What a planned component copies, where its storage dtype makes it fewer bytes than loaded: the
+    plan's stored weight bytes, spread over the layers in the loaded proportion."""
+    if cp.storage is None or not info.weight_bytes or cp.weight_bytes == info.weight_bytes:
+        return None
+    ratio = cp.weight_bytes / info.weight_bytes
+    return tuple(int(b * ratio) for b in info.layer_bytes), cp.weight_bytes
+
+
 def _denoiser_class(inventory: Inventory) -> str:
     return next((c.class_name for c in inventory.components if family_of(c.name) == "dit"), "")
 
@@ -228,7 +241,7 @@ def _choose(doc: Document, inventory: Inventory, resolution: Resolution, auto: l
     upgrades = _upgrade_sequence(auto, start, workload, profile, steps)
 
     fixed = build_plan(doc, inventory, resolution, profile=profile)   # auto components are placeholders here
-    layer_bytes = {c.name: c.info.layer_bytes for c in resolution.components.values()}
+    layer_bytes = {c.name: stored_layer_bytes(c) for c in resolution.components.values()}
     activations = {n: cp.estimate.activation_bytes for n, cp in fixed.components.items()}
     margin = fixed.estimate.margin_bytes
 
@@ -272,17 +285,18 @@ def _upgrade_sequence(auto: list[ComponentResolution], start: Mapping[str, tuple
         info = comp.info
         calls = steps if runs_per_step(comp.family) else 1
         n = info.layer_count
-        prev_time = step_seconds(start[comp.name][0], info, (), workload, profile, calls=calls) * calls
+        moved = (stored_layer_bytes(comp), stored_weight_bytes(comp))
+        prev_time = step_seconds(start[comp.name][0], info, (), workload, profile, calls=calls, moved=moved) * calls
         if n:
             for r in range(1, n):   # all n resident is the "resident" step below
                 resident = place_resident(r, n, comp.placement)
-                t = step_seconds("layerwise", info, resident, workload, profile, calls=calls) * calls
-                gain = (prev_time - t) / max(1, max(info.layer_bytes))
+                t = step_seconds("layerwise", info, resident, workload, profile, calls=calls, moved=moved) * calls
+                gain = (prev_time - t) / max(1, max(moved[0]))
                 candidates.append((-gain, order, comp.name, "layerwise", resident))
                 order += 1
                 prev_time = t
         t = step_seconds("resident", info, (), workload, profile, calls=calls) * calls
-        gain = (prev_time - t) / max(1, info.weight_bytes)
+        gain = (prev_time - t) / max(1, moved[1])
         candidates.append((-gain, order, comp.name, "resident", ()))
         order += 1
     # Within a component the steps must stay in order (r before r+1): a stable sort on gain per
