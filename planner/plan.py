@@ -156,6 +156,9 @@ class Decision:
 class Estimate:
     gpu_peak_bytes: int = 0
     host_pinned_bytes: int = 0
+    # the process's peak resident memory while load_pipeline reads the folder: pinned bytes, the
+    # largest component's file mapping, the process itself
+    host_peak_bytes: int | None = None
     gpu_budget_bytes: int | None = None
     host_budget_bytes: int | None = None
     margin_bytes: int = 0
@@ -193,6 +196,7 @@ class Plan:
             "estimate": _drop_none({
                 "gpu_peak_bytes": self.estimate.gpu_peak_bytes,
                 "host_pinned_bytes": self.estimate.host_pinned_bytes,
+                "host_peak_bytes": self.estimate.host_peak_bytes,
                 "gpu_budget_bytes": self.estimate.gpu_budget_bytes,
                 "host_budget_bytes": self.estimate.host_budget_bytes,
                 "margin_bytes": self.estimate.margin_bytes,
@@ -226,6 +230,7 @@ class Plan:
             estimate=Estimate(
                 gpu_peak_bytes=int(est.get("gpu_peak_bytes", 0)),
                 host_pinned_bytes=int(est.get("host_pinned_bytes", 0)),
+                host_peak_bytes=est.get("host_peak_bytes"),
                 gpu_budget_bytes=est.get("gpu_budget_bytes"),
                 host_budget_bytes=est.get("host_budget_bytes"),
                 margin_bytes=int(est.get("margin_bytes", 0)),

@@ -205,6 +205,7 @@ def plan_schema() -> dict:
                          "properties": {
                              "gpu_peak_bytes": {"type": "integer", "minimum": 0},
                              "host_pinned_bytes": {"type": "integer", "minimum": 0},
+                             "host_peak_bytes": {"type": "integer", "minimum": 0},
                              "gpu_budget_bytes": {"type": "integer", "minimum": 0},
                              "host_budget_bytes": {"type": "integer", "minimum": 0},
                              "margin_bytes": {"type": "integer", "minimum": 0},

@@ -167,3 +167,16 @@ def test_each_phase_holds_only_its_own_slots(tiny_dirs, family):
             p.remove()
         handle.remove()
     assert torch.equal(run_tiny(pipe), reference)
+
+
+def test_host_peak_is_pinned_bytes_the_largest_file_mapping_and_the_process():
+    from planner.planning.estimate import PROCESS_HOST_BYTES
+
+    plan = catalog_plan("flux.1-dev", "defaults: {strategy: layerwise}\ncomponents: {vae: {strategy: resident}}\n")
+    e = plan.estimate
+    largest = max(cp.weight_bytes for cp in plan.components.values())
+    assert largest == plan.components["transformer"].weight_bytes
+    assert e.host_peak_bytes == PROCESS_HOST_BYTES + e.host_pinned_bytes + largest
+    resident = catalog_plan("flux.1-dev")
+    assert resident.estimate.host_pinned_bytes == 0
+    assert resident.estimate.host_peak_bytes == PROCESS_HOST_BYTES + largest

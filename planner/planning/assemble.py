@@ -150,6 +150,7 @@ def build_plan(doc: Document, inventory: Inventory, resolution: Resolution, *,
     comps = {name: replace(cp, estimate=mem.components[name]) for name, cp in comps.items()}
     est = estimate or Estimate(
         gpu_peak_bytes=mem.gpu_peak_bytes, host_pinned_bytes=mem.host_pinned_bytes,
+        host_peak_bytes=mem.host_peak_bytes,
         gpu_budget_bytes=parse_size(memory["gpu_budget"]) if "gpu_budget" in memory else None,
         host_budget_bytes=parse_size(memory["host_budget"]) if "host_budget" in memory else None,
         margin_bytes=margin, activation_bytes=max(activations.values(), default=0))
