@@ -1043,6 +1043,32 @@ def _image_pipeline(root: Path) -> bool:
     return False
 
 
+def test_names_from_files_cannot_print_lines_of_their_own(tmp_path):
+    """A component folder named with a newline and a workflow command: every command that prints
+    it (plan's table, explain, inventory, diff) escapes it, so no forged annotation appears."""
+    from planner.cli.main import main
+
+    forged = "x\n::error file=forged.yaml,line=1::pwned"
+    root = tmp_path / "p"
+    _pipeline(root, index={"_class_name": "P", forged: ["diffusers", "SomeDiT"]})
+    (root / forged).mkdir()
+    (root / forged / "config.json").write_text('{"_class_name": "SomeDiT"}')
+    (root / forged / "diffusion_pytorch_model.safetensors").write_bytes(_safetensors(_tensors()))
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "P", forged: ["diffusers", "SomeDiT"]}))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("version: 1\npipeline: {path: p}\n")
+    saved = tmp_path / "plan.json"
+    for argv in (["plan", "--format", "github", str(spec), "-o", str(saved)], ["explain", str(spec)],
+                 ["inventory", str(root)], ["diff", str(saved), str(ROOT / "configs" / "z-image-turbo-auto.yaml")]):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(argv)
+        text = out.getvalue() + err.getvalue()
+        assert code in (0, 1), (argv, text)
+        assert not [ln for ln in text.splitlines() if ln.startswith("::error file=forged")], (argv, text)
+        assert "pwned" in text, (argv, text)       # the name is shown, escaped
+
+
 def test_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch, capsys):
     """Nothing lost: a write that fails half way (a full disk) leaves the file that was there."""
     from planner.cli.main import main

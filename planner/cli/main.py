@@ -132,8 +132,9 @@ def plan_table(plan: Any, source: str) -> str:
         rows.append((name, cp.family, cp.strategy, str(cp.prefetch) if cp.prefetch else "-", layers,
                      _fmt_bytes(est.gpu_resident_bytes), _fmt_bytes(est.gpu_transient_bytes),
                      _fmt_bytes(est.host_pinned_bytes), t))
+    rows = [tuple(_one_line(c) for c in row) for row in rows]     # names from files: one line each
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [f"plan for {source} ({plan.pipeline.get('source', '')}, {plan.dtype}, {plan.device})", ""]
+    lines = [_one_line(f"plan for {source} ({plan.pipeline.get('source', '')}, {plan.dtype}, {plan.device})"), ""]
     for i, row in enumerate(rows):
         lines.append("  ".join(c.ljust(w) if j < 5 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))).rstrip())
         if i == 0:
@@ -155,6 +156,12 @@ def plan_table(plan: Any, source: str) -> str:
     for w in plan.warnings:
         lines.append(w.format())
     return "\n".join(lines) + "\n"
+
+
+def _one_line(text: object) -> str:
+    """``text`` with control characters escaped: a name read from a file cannot start a line of
+    its own (a forged diagnostic or GitHub workflow command)."""
+    return Diagnostic("", 0, 0, str(text)).format().split(": error: ", 1)[1]
 
 
 def _overwrites_input(outputs: Sequence[tuple[str, str | None]], inputs: Sequence[str | None]) -> bool:
@@ -215,7 +222,7 @@ def explain_text(plan: Any) -> str:
             lines.append(f"    {d.reason}")
     for w in plan.warnings:
         lines.append(w.format())
-    return "\n".join(lines) + "\n"
+    return "\n".join(_one_line(line) for line in lines) + "\n"
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -250,7 +257,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
             for k in keys:
                 va, vb = (da or {}).get(k), (db or {}).get(k)
                 if va != vb:
-                    changes.append(f"~ {name}.{k}: {json.dumps(va)} -> {json.dumps(vb)}")
+                    changes.append(_one_line(f"~ {name}.{k}: {json.dumps(va)} -> {json.dumps(vb)}"))
     for k in ("gpu_peak_bytes", "host_pinned_bytes", "seconds_per_step"):
         va, vb = getattr(old.estimate, k), getattr(new.estimate, k)
         if va != vb:
@@ -310,12 +317,12 @@ def cmd_inventory(args: argparse.Namespace) -> int:
     if args.format == "json":
         print(json.dumps(inv.to_dict(), indent=2))
         return 0
-    print(f"{args.path}")
+    print(_one_line(args.path))
     for comp in inv.components:
-        print(f"  {comp.name:<16} {comp.class_name:<36} {format_size(comp.weight_bytes):>12}  {comp.dtype}")
+        print(_one_line(f"  {comp.name:<16} {comp.class_name:<36} {format_size(comp.weight_bytes):>12}  {comp.dtype}"))
         for ll in comp.layer_lists:
             per = format_size(max(ll.layer_bytes)) if ll.layer_bytes else "?"
-            print(f"    {ll.path:<30} {ll.count:>4} layers, up to {per} each")
+            print(_one_line(f"    {ll.path:<30} {ll.count:>4} layers, up to {per} each"))
     return 0
 
 
