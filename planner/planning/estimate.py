@@ -123,7 +123,7 @@ def host_peak_bytes(plans: Mapping[str, ComponentPlan], comps: Mapping[str, Comp
     """The process's peak resident memory while ``load_pipeline`` reads a folder and runs: the pinned
     host bytes, the file mapping of the component being read (the largest: the loader maps a
     component's safetensors files whole while it places them), and the process itself. On an H200
-    this came within -8..+4 % of the sampled peak RSS of 12 loads of Z-Image, Flux.1-dev and SD3.5
+    this came within -8..+4 % of the sampled peak RSS of 11 loads of Z-Image, Flux.1-dev and SD3.5
     plans (bench/results/pipeline_nvidia-h200_summary.md)."""
     pinned = sum(e.host_pinned_bytes for e in comps.values())
     mapping = max((_loaded_bytes(cp) for cp in plans.values()), default=0)
