@@ -66,7 +66,8 @@ def command_line_place(token: str, offset: int = 0) -> Place:
     when it cannot be found there (``main`` called with an argument list)."""
     line = shlex.join(sys.argv[1:]) if len(sys.argv) > 1 else ""
     quoted = shlex.quote(token)
-    index = line.find(quoted)
+    match = re.search(r"(?:^|(?<= ))" + re.escape(quoted) + r"(?= |$)", line)   # a whole word of the line
+    index = match.start() if match else line.find(quoted)
     if index < 0:
         return Place("<command line>", 1, 1)
     return Place("<command line>", 1, index + 1 + offset + (1 if quoted != token else 0))

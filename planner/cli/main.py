@@ -289,7 +289,7 @@ def cmd_from_sglang(args: argparse.Namespace) -> int:
         if place is not None and len(place) == 3:
             diag = Diagnostic(place[0], place[1], place[2], str(exc))
         else:
-            token = args.args[place[0]] if place is not None else ""
+            token = args.args[place[0]] if place is not None else (exc.token or "")
             at = command_line_place(token) if token else Place("<command line>")
             diag = Diagnostic(at.file, at.line, at.column, str(exc))
         print(diag.format(), file=sys.stderr)

@@ -53,9 +53,10 @@ class SGLangArgsError(ValueError):
     (exit 2); ``diagnostics``: located errors of a ``--config`` file."""
 
     def __init__(self, message: str, *, key: str | None = None, usage: bool = False,
-                 diagnostics: tuple = ()) -> None:
+                 diagnostics: tuple = (), token: str | None = None) -> None:
         super().__init__(message)
         self.key = key
+        self.token = token
         self.usage = usage
         self.diagnostics = diagnostics
 
@@ -94,12 +95,12 @@ def parse_args(argv: Sequence[str], places: dict[str, Any] | None = None) -> dic
     while i < len(items):
         item = items[i]
         if not item.startswith("--"):
-            raise SGLangArgsError(f"expected a --flag, got '{item}'", usage=True)
+            raise SGLangArgsError(f"expected a --flag, got '{item}'", usage=True, token=item)
         name, eq, inline = item.partition("=")
         key = _key(name)
         key = _ALIASES.get(key, key)
         if not key:
-            raise SGLangArgsError(f"expected a --flag, got '{item}'", usage=True)
+            raise SGLangArgsError(f"expected a --flag, got '{item}'", usage=True, token=item)
         cli_places[key] = (i,)
         i += 1
         values: list[str] = []
@@ -114,10 +115,10 @@ def parse_args(argv: Sequence[str], places: dict[str, Any] | None = None) -> dic
                                                                   "dit_precision"} | _OWN_OPTIONS:
                     break
         if key in _VALUE_FLAGS and not values and not eq:
-            raise SGLangArgsError(f"{name} needs a value", usage=True)
+            raise SGLangArgsError(f"{name} needs a value", usage=True, token=item)
         if key in _LIST_FLAGS:
             if not values:
-                raise SGLangArgsError(f"{name} expects one or more component names", usage=True)
+                raise SGLangArgsError(f"{name} expects one or more component names", usage=True, token=item)
             if key in cli or ({"layerwise_offload_components", "layerwise_offload_modules"} & set(cli)):
                 # one argparse destination: the later spelling wins
                 cli.pop("layerwise_offload_components", None)
