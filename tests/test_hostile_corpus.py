@@ -410,6 +410,15 @@ def spec_cases(d: Path) -> list[Case]:
               Case("validate --strict warning", ["validate", "--strict", str(warn)], "refused"),
               Case("plan --strict warning", ["plan", "--strict", str(warn)], "refused"),
               Case("explain --strict warning", ["explain", "--strict", str(warn)], "refused")]
+    # 100,000 selection tokens (700 KB): de-duplicated in a list, quadratic (77 s on 2 cores)
+    tokens = specs / "many-tokens.yaml"
+    tokens.write_text(BASE + 'offload: {layerwise_offload_components: "' + ",".join(f"c{i}" for i in range(100000))
+                      + '"}\n')
+    cases.append(Case("validate 100000 selection tokens", ["validate", "-q", str(tokens)], "accepted",
+                      outside="planner/planning/resolve.py"))
+    many = specs / "many-keys.yaml"
+    many.write_text(BASE + "".join(f"k{i}: 1\n" for i in range(20000)))
+    cases.append(Case("validate 20000 unknown keys", ["validate", "-q", str(many)], "refused"))
     absent = specs / "path-absent.yaml"
     absent.write_text("version: 1\npipeline: {path: ../no-such-folder}\n")
     cases += [Case("validate spec path-absent (schema only)", ["validate", str(absent)], "accepted"),
