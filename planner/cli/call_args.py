@@ -12,8 +12,8 @@ a path and is read as an RGB image. A problem is a ``CallArgError`` with a place
 from __future__ import annotations
 
 import inspect
-import math
 import json
+import math
 import re
 import shlex
 import sys
@@ -24,7 +24,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from planner.errors import did_you_mean
-from planner.files.bounded_read import load_json_file
+from planner.files.bounded_read import (
+    MAX_JSON_DEPTH,
+    UnreadableFile,
+    json_too_deep,
+    load_json_file,
+    read_bounded,
+)
 
 # set by ``run`` itself: giving them is an error
 RESERVED = {
@@ -154,8 +160,6 @@ def strict_json(text: str) -> Any:
     """``json.loads`` as the prompts file and ``--set`` read JSON: no NaN or Infinity, nesting
     measured first (a deep value is refused, not a ``RecursionError``), integers of any JSON length
     refused past Python's 4300 digits with a ``ValueError`` like any other bad value."""
-    from planner.files.bounded_read import MAX_JSON_DEPTH, json_too_deep
-
     if json_too_deep(text, MAX_JSON_DEPTH) is not None:
         raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
     try:
@@ -173,8 +177,6 @@ def load_image(path: str, base: Path | None = None) -> Any:
     import io
 
     from PIL import Image, UnidentifiedImageError
-
-    from planner.files.bounded_read import UnreadableFile, read_bounded
 
     full = Path(path) if base is None or Path(path).is_absolute() else base / path
     try:

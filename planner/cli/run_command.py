@@ -30,11 +30,17 @@ from planner.cli.call_args import (
     pipeline_class_of,
     strict_json,
 )
-from planner.cli.outputs import IMAGE_SUFFIXES, VIDEO_SUFFIXES, default_suffix, write_outputs
+from planner.cli.outputs import (
+    IMAGE_SUFFIXES,
+    VIDEO_SUFFIXES,
+    default_suffix,
+    write_outputs,
+)
 from planner.cli.step_timer import StepTimer, median
 from planner.errors import PlanApplyError, SpecError
 from planner.files.atomic_write import same_file, write_text_atomic
 from planner.files.bounded_read import read_bounded
+from planner.planning.make_plan import load_spec
 from planner.spec.sizes import format_size
 
 MAX_PROMPTS_BYTES = 16 << 20
@@ -268,7 +274,6 @@ def _device_problem(args: argparse.Namespace) -> str | None:
     cuda) is a CUDA device this machine does not have; torch would fail inside the loader."""
     import torch
 
-    from planner.planning.make_plan import load_spec
 
     doc = load_spec(args.spec)
     name = args.device or doc.data.get("device") or "cuda"

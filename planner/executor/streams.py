@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from planner.errors import PlanApplyError
+
 
 class NullEvent:
     """Stands in for ``torch.cuda.Event`` off CUDA: work is already ordered, so nothing to wait."""
@@ -79,6 +81,10 @@ class StreamOps:
 def resolve_device(device: torch.device | str) -> torch.device:
     """``cuda`` without an index means the current CUDA device (streams need a concrete one)."""
     dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PlanApplyError(f"the plan's device is {dev}, and this torch sees no CUDA device "
+                             f"(torch {torch.__version__}, CUDA {torch.version.cuda or 'not built in'}); "
+                             "plan for device: cpu, or run where a GPU is")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     return dev

@@ -107,11 +107,18 @@ def folder_inventory(path: str | Path, variant: str | None = None, use_catalog: 
                                     "model_index.json")
     if not isinstance(index, dict):
         raise FolderError(f"{index_file}: model_index.json is not a JSON object")
+    if not isinstance(index.get("_class_name"), str) or not index["_class_name"]:
+        raise FolderError(f"{index_file}: model_index.json names no pipeline class (a string '_class_name', "
+                          "which diffusers loads the folder with)")
     comps: dict[str, ComponentInfo] = {}
     for name, value in index.items():
         if name.startswith("_"):
             continue
         if not (isinstance(value, list) and len(value) == 2):
+            if _folder_name(name) and (root / name).is_dir():
+                # diffusers would take it as a config value and build the pipeline without the folder
+                raise FolderError(f"{index_file}: component {name!r} has a folder but its entry is {value!r}, "
+                                  "not a [library, class] pair")
             continue  # pipeline config values such as boundary_ratio or requires_safety_checker
         library, class_name = value
         if library is None or class_name is None:

@@ -10,6 +10,7 @@ default is the H100 profile, and the plan says so.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,9 +74,20 @@ def load_profile(name_or_path: str | None, base: Path | None = None) -> Profile:
         path = Path(name) if base is None or Path(name).is_absolute() else base / name
         data = load_json_file(path, "profile", limit=1 << 20)   # a FIFO or /dev/zero is refused, not read
         label = data.get("name", name)
-    decode_flops = data.get("decode_flops")
-    return Profile(name=label, h2d_bytes_per_s=float(data["h2d_bytes_per_s"]),
-                   effective_flops=float(data["effective_flops"]),
-                   layer_overhead_s=float(data.get("layer_overhead_s", 2e-5)), source=source,
-                   decode_flops=float(decode_flops) if decode_flops is not None else None,
-                   decode_activation_scale=float(data.get("decode_activation_scale", 1.0)))
+    if not isinstance(data, dict):
+        raise ValueError("a profile is a JSON object")
+    return Profile(name=str(label), h2d_bytes_per_s=_positive(data, "h2d_bytes_per_s"),
+                   effective_flops=_positive(data, "effective_flops"),
+                   layer_overhead_s=_positive(data, "layer_overhead_s", 2e-5), source=source,
+                   decode_flops=_positive(data, "decode_flops") if data.get("decode_flops") is not None else None,
+                   decode_activation_scale=_positive(data, "decode_activation_scale", 1.0))
+
+
+def _positive(data: dict, key: str, default: float | None = None) -> float:
+    """A rate of a profile: a finite number above 0 (a ValueError names the key otherwise)."""
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{key} must be a number, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{key} must be a finite number above 0, got {value!r}")
+    return float(value)

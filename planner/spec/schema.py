@@ -15,6 +15,7 @@ from typing import Any, Iterable
 from planner.errors import Diagnostic, SpecError, did_you_mean
 from planner.files.bounded_read import load_json_file
 from planner.spec.document import Document, PathKey
+from planner.spec.sizes import parse_size
 
 _SCHEMA_DIRS = (Path(__file__).parent.parent / "schemas", Path(__file__).parent.parent.parent / "schemas")
 
@@ -94,7 +95,6 @@ _SIZE_KEYS = (("memory", "gpu_budget"), ("memory", "host_budget"), ("memory", "m
 
 def _unparsable_sizes(doc: Document, flagged: set[tuple[Any, ...]]) -> Iterable[Diagnostic]:
     """Sizes the schema's pattern lets through that are no number of bytes (400 digits and a unit)."""
-    from planner.spec.sizes import parse_size
 
     data = doc.data if isinstance(doc.data, dict) else {}
     for section, key in _SIZE_KEYS:
