@@ -129,7 +129,8 @@ def plan_table(plan: Any, source: str) -> str:
         layers = f"{len(cp.resident_layers)}/{cp.layer_count}" if cp.strategy == "layerwise" else "-"
         est = cp.estimate
         t = f"{est.step_seconds:.3f}" if est.step_seconds is not None else "-"
-        rows.append((name, cp.family, cp.strategy, str(cp.prefetch) if cp.prefetch else "-", layers,
+        strategy = str(cp.strategy) if cp.storage is None else f"{cp.strategy} ({cp.storage.dtype}→{cp.storage.compute_dtype})"
+        rows.append((name, cp.family, strategy, str(cp.prefetch) if cp.prefetch else "-", layers,
                      _fmt_bytes(est.gpu_resident_bytes), _fmt_bytes(est.gpu_transient_bytes),
                      _fmt_bytes(est.host_pinned_bytes), t))
     rows = [tuple(_one_line(c) for c in row) for row in rows]     # names from files: one line each
@@ -145,7 +146,8 @@ def plan_table(plan: Any, source: str) -> str:
     lines.append(f"peak GPU {format_size(e.gpu_peak_bytes)}{budget}"
                  + (f" (activations {format_size(e.activation_bytes)})" if e.activation_bytes else "")
                  + f"; pinned host {format_size(e.host_pinned_bytes)}"
-                 + (f" of {format_size(e.host_budget_bytes)} budget" if e.host_budget_bytes else ""))
+                 + (f" of {format_size(e.host_budget_bytes)} budget" if e.host_budget_bytes else "")
+                 + (f"; host peak while loading {format_size(e.host_peak_bytes)}" if e.host_peak_bytes else ""))
     if e.seconds_per_step is not None:
         lines.append(f"predicted denoising step {e.seconds_per_step:.3f} s"
                      + (f"; one generation {e.generation_seconds:.2f} s (encode {e.encode_seconds:.2f} s + "
