@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT))
 from planner.plan import HOST_TIERS, STRATEGIES  # noqa: E402
 from planner.plan import STORAGE_DTYPES  # noqa: E402
 from planner.planning.rules import DTYPES, PLACEMENTS, SPEC_STRATEGIES, STORAGE_DTYPE_CHOICES
-from planner.spec.offload_flags import OFFLOAD_FLAGS, PERFORMANCE_MODES
+from planner.spec.offload_flags import OFFLOAD_FLAGS, PERFORMANCE_MODES, RESIDENCY_MODES
 
 SIZE = {
     "description": "Bytes: an integer, or a string with a unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB).",
@@ -78,6 +78,9 @@ def deployment_schema() -> dict:
             offload_props[name] = {"type": "integer", "minimum": 1, "description": doc}
         elif kind == "size":
             offload_props[name] = dict(SIZE, description=doc)
+        elif kind == "residency":
+            offload_props[name] = {"type": "object", "description": doc, "propertyNames": {"minLength": 1},
+                                   "additionalProperties": {"enum": list(RESIDENCY_MODES)}}
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "https://residency-planner.dev/schemas/deployment.schema.json",

@@ -804,7 +804,8 @@ def test_from_sglang_translates_dtype_mode_and_notes_later_flags(capsys):
     assert "dtype: bfloat16" in out and "performance_mode: speed" in out and "num_gpus: 2" in out
     head = "\n".join(line for line in out.splitlines() if line.startswith("#"))
     assert "--dit-layerwise-resident-layers (later SGLang, #31538" in head
-    assert "--component-residency (later SGLang, #34736" in head
+    assert "component-residency" not in head                 # later SGLang, but translated
+    assert "component_residency:" in out and "vae: resident" in out
     assert "--dtype is not an SGLang server argument" in head
 
 

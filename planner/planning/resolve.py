@@ -33,7 +33,7 @@ from planner.spec.families import (
     sglang_layer_lists,
     sglang_model,
 )
-from planner.spec.offload_flags import DEFAULT_PERFORMANCE_MODE, PERFORMANCE_MODES
+from planner.spec.offload_flags import DEFAULT_PERFORMANCE_MODE, PERFORMANCE_MODES, RESIDENCY_GROUPS, RESIDENCY_MODES
 from planner.spec.sizes import parse_size
 
 DEFAULT_PREFETCH = 1
@@ -99,6 +99,10 @@ def resolve(doc: Document, inventory: Inventory, *, strict: bool = False) -> Res
     # Rules 2, 3 and 4: the offload: section, resolved as SGLang resolves its server arguments.
     if "offload" in spec:
         _apply_offload(doc, res, base, decide, errors, strict)
+
+    residency = offload.get("component_residency") or {}
+    if residency:
+        _apply_component_residency(doc, res, residency, decide)
 
     # Rule 5: components: entries, the most specific statement.
     for name, entry in entries.items():
@@ -463,6 +467,30 @@ def _streamed_lists(doc: Document, comp: ComponentResolution, cls: SGLangClass |
             return
     comp.layer_paths = tuple(ll.path for ll in lists)
     comp.info = replace(comp.info, layer_lists=lists)
+
+
+def _apply_component_residency(doc: Document, res: Resolution, residency: Mapping[str, str], decide: Any) -> None:
+    """Later SGLang's canonical selector: for each component its own key, else its family's group, else
+    ``all``; a key that names neither a component nor a group matches nothing (a warning)."""
+    for key in residency:
+        if key not in res.components and key not in RESIDENCY_GROUPS:
+            res.warnings.append(doc.diagnostic(("offload", "component_residency", key),
+                                               f"offload.component_residency: '{key}' is neither a component of "
+                                               f"this pipeline ({', '.join(res.components)}) nor a group "
+                                               f"({', '.join(RESIDENCY_GROUPS)}); it matches nothing",
+                                               severity="warning", key=True, code="residency-matches-nothing"))
+    for comp in res.components.values():
+        key = next((k for k in (comp.name, comp.family, "all") if k in residency), None)
+        if key is None:
+            continue
+        to = RESIDENCY_MODES[residency[key]]
+        decide(comp, "component-residency", to, key=key, mode=residency[key])
+        comp.flag = f"offload.component_residency.{key}"
+        if to == "layerwise":
+            _streamed_lists(doc, comp, sglang_class(comp.info.class_name))
+        else:
+            comp.layer_paths = ()
+            comp.info = comp.catalog_info
 
 
 def _apply_offload(doc: Document, res: Resolution, base: str, decide: Any, errors: list[Diagnostic],

@@ -97,6 +97,10 @@ RULES: dict[str, Rule] = {r.id: r for r in (
          "a selected component that cannot stream stays where its family flag, turned off by the selection, leaves it",
          "{component} is selected by {source}, but {detail}; SGLang skips it with a warning, and with its family's "
          "CPU offload turned off by the selection it stays on the GPU"),
+    Rule("component-residency", "offload.component_residency (later SGLang, #34736): a component's own key, else its "
+                                "group's, else all, overrides the other offload flags",
+         "offload.component_residency.{key} is '{mode}': {component} is {to} (SGLang #34736: the canonical "
+         "selector overrides the legacy flags for the components it matches)"),
     Rule("component-entry", "a components: entry is the most specific statement and overrides flags",
          "components.{component} sets strategy '{to}'"),
     Rule("auto-budget", "strategy auto: chosen under memory.gpu_budget to minimise predicted time",

@@ -10,7 +10,13 @@ PERFORMANCE_MODES = ("manual", "auto", "speed", "memory")
 DEFAULT_PERFORMANCE_MODE = "auto"
 
 
-# (name, kind, description); kind: bool | selection | prefetch | mode | count | size
+# later SGLang's --component-residency COMPONENT=MODE (#34736): its modes as this project's strategies, and
+# the group keys an exact component name wins over
+RESIDENCY_MODES = {"resident": "resident", "component-offload": "cpu_offload", "layerwise-offload": "layerwise"}
+RESIDENCY_GROUPS = ("dit", "text_encoder", "image_encoder", "vae", "all")
+
+
+# (name, kind, description); kind: bool | selection | prefetch | mode | count | size | residency
 OFFLOAD_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("performance_mode", "mode",
      "SGLang's preset (default auto): manual leaves unset flags unset; auto fills them from the model's deployment "
@@ -28,6 +34,10 @@ OFFLOAD_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("image_encoder_cpu_offload", "bool", "CPU offload for the image-encoder family."),
     ("vae_cpu_offload", "bool", "CPU offload for the VAE family."),
     ("use_fsdp_inference", "bool", "Shard the DiT family with FSDP2 across ranks."),
+    ("component_residency", "residency",
+     "Later SGLang's --component-residency (#34736): COMPONENT: MODE (resident, component-offload, "
+     "layerwise-offload). A component's own name wins over its group (dit, text_encoder, image_encoder, vae, "
+     "all); what it matches overrides every other flag of this section, what it does not match keeps theirs."),
     ("num_gpus", "count", "SGLang's --num-gpus (default 1): multi-GPU auto-tuning (FSDP in place of DiT offload)."),
     ("gpu_memory", "size",
      "Total memory of one GPU, read by the performance_mode decisions that depend on it (SGLang asks the device)."),

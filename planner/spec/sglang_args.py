@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 from planner.errors import SpecError
 from planner.spec.document import load_text, read_file
-from planner.spec.offload_flags import OFFLOAD_FLAGS, PERFORMANCE_MODES
+from planner.spec.offload_flags import OFFLOAD_FLAGS, PERFORMANCE_MODES, RESIDENCY_MODES
 from planner.spec.sizes import parse_size
 
 # Hugging Face repository ids of the catalog's models, for --model-path.
@@ -26,6 +26,7 @@ HF_MODEL_IDS = {
 }
 _BOOL_FLAGS = {name for name, kind, _ in OFFLOAD_FLAGS if kind == "bool"}
 _LIST_FLAGS = {"layerwise_offload_components", "layerwise_offload_modules"}   # argparse nargs="+"
+_PAIR_FLAGS = {"component_residency"}     # COMPONENT=MODE values, one or more, the flag repeatable
 # SGLang's StoreBoolean takes the flag alone (true) or 'true' / 'false' in any case, and nothing else.
 _TRUE = {"true"}
 _FALSE = {"false"}
@@ -38,7 +39,6 @@ _DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float
            "fp32": "float32", "float32": "float32", "float": "float32"}
 # Residency flags of SGLang releases after 416fdbb: users write them, this commit does not have them.
 LATER_FLAGS = {
-    "component_residency": "#34736",
     "dit_layerwise_resident_layers": "#31538",
     "dit_layerwise_residency_policy": "#34534",
     "layerwise_prefetch_size": "#35688",
@@ -116,7 +116,11 @@ def parse_args(argv: Sequence[str], places: dict[str, Any] | None = None) -> dic
                     break
         if key in _VALUE_FLAGS and not values and not eq:
             raise SGLangArgsError(f"{name} needs a value", usage=True, token=item)
-        if key in _LIST_FLAGS:
+        if key in _PAIR_FLAGS:
+            if not values:
+                raise SGLangArgsError(f"{name} expects one or more COMPONENT=MODE values", usage=True, token=item)
+            cli[key] = list(cli.get(key, [])) + values
+        elif key in _LIST_FLAGS:
             if not values:
                 raise SGLangArgsError(f"{name} expects one or more component names", usage=True, token=item)
             if key in cli or ({"layerwise_offload_components", "layerwise_offload_modules"} & set(cli)):
@@ -201,6 +205,34 @@ def _prefetch(value: Any) -> float | int:
     return int(number) if number.is_integer() and "." not in str(value) and "e" not in str(value).lower() else number
 
 
+def _residency_pairs(value: Any) -> dict[str, str]:
+    """--component-residency values (``COMPONENT=MODE`` words, or a mapping from a config file) as the
+    offload section's mapping; a later pair for the same key wins, as later assignments do in SGLang."""
+    items: list[tuple[Any, Any]]
+    if isinstance(value, dict):
+        items = list(value.items())
+    else:
+        words = [value] if isinstance(value, str) else value
+        if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+            raise SGLangArgsError(f"--component-residency expects COMPONENT=MODE values, got {value!r}")
+        items = []
+        for word in words:
+            key, eq, mode = word.partition("=")
+            if not eq or not key.strip():
+                raise SGLangArgsError(f"--component-residency expects COMPONENT=MODE, got '{word}'")
+            items.append((key, mode))
+    out: dict[str, str] = {}
+    for key, mode in items:
+        if not isinstance(key, str) or not isinstance(mode, str):
+            raise SGLangArgsError(f"--component-residency expects COMPONENT=MODE, got {key!r}: {mode!r}")
+        mode = mode.strip().lower().replace("_", "-")
+        if mode not in RESIDENCY_MODES:
+            raise SGLangArgsError(f"--component-residency {key}={mode}: the mode is one of "
+                                  f"{', '.join(RESIDENCY_MODES)}")
+        out[key.strip().lower().replace("-", "_")] = mode
+    return out
+
+
 def _selection_value(name: str, value: Any) -> str | list[str]:
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return list(value)
@@ -264,6 +296,8 @@ def _translate(args: dict[str, Any], current: list[str]) -> Translation:
             offload[name] = _selection_value(name, value)
         elif name == "dit_offload_prefetch_size":
             offload[name] = _prefetch(value)
+        elif name in _PAIR_FLAGS:
+            offload[name] = _residency_pairs(value)
         elif name == "performance_mode":
             mode = str(value).lower()
             if mode not in PERFORMANCE_MODES:
