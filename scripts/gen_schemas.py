@@ -76,6 +76,8 @@ def deployment_schema() -> dict:
             offload_props[name] = {"enum": list(PERFORMANCE_MODES), "description": doc}
         elif kind == "count":
             offload_props[name] = {"type": "integer", "minimum": 1, "description": doc}
+        elif kind == "count0":
+            offload_props[name] = {"type": "integer", "minimum": 0, "description": doc}
         elif kind == "size":
             offload_props[name] = dict(SIZE, description=doc)
         elif kind == "residency":

@@ -84,3 +84,28 @@ def test_from_sglang_reads_the_flag_from_a_config_file(tmp_path):
 def test_from_sglang_refuses_what_sglang_cannot_read(argv):
     with pytest.raises(SGLangArgsError):
         translate(parse_args(argv))
+
+
+def test_dit_layerwise_resident_layers_keeps_the_leading_layers_of_a_streamed_dit():
+    """#31538: 'keep leading layers resident across denoising steps, so that only tail layers need streaming',
+    meant with --dit-layerwise-offload."""
+    plan = make_plan(load_text("version: 1\npipeline: {model: z-image-turbo}\noffload:\n  performance_mode: manual\n"
+                               "  dit_layerwise_offload: true\n  dit_layerwise_resident_layers: 12\n", "r.yaml"))
+    t = plan.components["transformer"]
+    assert str(t.strategy) == "layerwise" and t.resident_layers == tuple(range(12))
+    everything = make_plan(load_text("version: 1\npipeline: {model: z-image-turbo}\noffload:\n  performance_mode: "
+                                     "manual\n  dit_layerwise_offload: true\n  dit_layerwise_resident_layers: 1000\n",
+                                     "r.yaml")).components["transformer"]
+    assert len(everything.resident_layers) == everything.layer_count          # more than it has keeps all
+    own = make_plan(load_text("version: 1\npipeline: {model: z-image-turbo}\noffload:\n  performance_mode: manual\n"
+                              "  dit_layerwise_offload: true\n  dit_layerwise_resident_layers: 12\n"
+                              "components:\n  transformer: {strategy: layerwise, resident_layers: 2}\n", "r.yaml"))
+    assert len(own.components["transformer"].resident_layers) == 2              # the components: entry wins
+
+
+def test_from_sglang_translates_dit_layerwise_resident_layers():
+    t = translate(parse_args(["--dit-layerwise-offload", "--dit-layerwise-resident-layers", "30"]))
+    assert t.spec["offload"]["dit_layerwise_resident_layers"] == 30
+    for bad in ("-1", "many"):
+        with pytest.raises(SGLangArgsError):
+            translate(parse_args(["--dit-layerwise-resident-layers", bad]))

@@ -752,3 +752,8 @@ def _resolve_layers(doc: Document, comp: ComponentResolution, entry: dict[str, A
             return
         comp.resident_count = resident
         comp.resident_layers = place_resident(resident, n, comp.placement)
+    elif resident is None and comp.family == "dit" and offload.get("dit_layerwise_resident_layers"):
+        # later SGLang (#31538): the leading layers stay, the tail streams
+        count = min(int(offload["dit_layerwise_resident_layers"]), n) if n else 0
+        comp.resident_count = count
+        comp.resident_layers = place_resident(count, n, "leading")

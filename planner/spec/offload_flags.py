@@ -16,7 +16,7 @@ RESIDENCY_MODES = {"resident": "resident", "component-offload": "cpu_offload", "
 RESIDENCY_GROUPS = ("dit", "text_encoder", "image_encoder", "vae", "all")
 
 
-# (name, kind, description); kind: bool | selection | prefetch | mode | count | size | residency
+# (name, kind, description); kind: bool | selection | prefetch | mode | count | count0 | size | residency
 OFFLOAD_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("performance_mode", "mode",
      "SGLang's preset (default auto): manual leaves unset flags unset; auto fills them from the model's deployment "
@@ -34,6 +34,10 @@ OFFLOAD_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("image_encoder_cpu_offload", "bool", "CPU offload for the image-encoder family."),
     ("vae_cpu_offload", "bool", "CPU offload for the VAE family."),
     ("use_fsdp_inference", "bool", "Shard the DiT family with FSDP2 across ranks."),
+    ("dit_layerwise_resident_layers", "count0",
+     "Later SGLang's --dit-layerwise-resident-layers (#31538): keep this many leading layers of each streamed DiT "
+     "on the GPU (the component's layer lists in run order; more than it has keeps all); a components: "
+     "resident_layers wins."),
     ("component_residency", "residency",
      "Later SGLang's --component-residency (#34736): COMPONENT: MODE (resident, component-offload, "
      "layerwise-offload). A component's own name wins over its group (dit, text_encoder, image_encoder, vae, "

@@ -39,7 +39,6 @@ _DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float
            "fp32": "float32", "float32": "float32", "float": "float32"}
 # Residency flags of SGLang releases after 416fdbb: users write them, this commit does not have them.
 LATER_FLAGS = {
-    "dit_layerwise_resident_layers": "#31538",
     "dit_layerwise_residency_policy": "#34534",
     "layerwise_prefetch_size": "#35688",
     "layerwise_resident_layers": "#35688",
@@ -63,7 +62,7 @@ class SGLangArgsError(ValueError):
 
 # flags that take exactly one value: given alone, they are a usage error
 _VALUE_FLAGS = {"config", "model_path", "dtype", "dit_precision", "performance_mode", "num_gpus",
-                "dit_offload_prefetch_size"} | _OWN_OPTIONS
+                "dit_offload_prefetch_size", "dit_layerwise_resident_layers"} | _OWN_OPTIONS
 
 
 @dataclass
@@ -111,6 +110,7 @@ def parse_args(argv: Sequence[str], places: dict[str, Any] | None = None) -> dic
                 values.append(items[i])
                 i += 1
                 if key not in _LIST_FLAGS and key in _BOOL_FLAGS | {"performance_mode", "dit_offload_prefetch_size",
+                                                                  "dit_layerwise_resident_layers",
                                                                   "num_gpus", "model_path", "config", "dtype",
                                                                   "dit_precision"} | _OWN_OPTIONS:
                     break
@@ -298,6 +298,14 @@ def _translate(args: dict[str, Any], current: list[str]) -> Translation:
             offload[name] = _prefetch(value)
         elif name in _PAIR_FLAGS:
             offload[name] = _residency_pairs(value)
+        elif name == "dit_layerwise_resident_layers":
+            try:
+                count = int(str(value))
+            except ValueError:
+                raise SGLangArgsError(f"--dit-layerwise-resident-layers expects an integer, got '{value}'") from None
+            if count < 0 or isinstance(value, bool):
+                raise SGLangArgsError(f"--dit-layerwise-resident-layers expects 0 or more, got '{value}'")
+            offload[name] = count
         elif name == "performance_mode":
             mode = str(value).lower()
             if mode not in PERFORMANCE_MODES:
