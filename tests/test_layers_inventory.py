@@ -343,7 +343,7 @@ def test_folder_reads_headers_only(tmp_path, monkeypatch):
     (root / "transformer").mkdir(parents=True)
     weights = root / "transformer" / "diffusion_pytorch_model.safetensors"
     write_safetensors(weights, tensors, sparse=True)
-    (root / "model_index.json").write_text(json.dumps({"transformer": ["diffusers", "BigDiT"]}))
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "DiffusionPipeline", "transformer": ["diffusers", "BigDiT"]}))
     with open(weights, "rb") as fh:
         (header_len,) = struct.unpack("<Q", fh.read(8))
     read_from: dict[str, int] = {}
@@ -388,7 +388,7 @@ def test_folder_sharded_and_missing_shard(tmp_path):
     weight_map.update({k: "diffusion_pytorch_model-00002-of-00002.safetensors" for k in shard_b})
     (root / "transformer" / "diffusion_pytorch_model.safetensors.index.json").write_text(
         json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (root / "model_index.json").write_text(json.dumps({"transformer": ["diffusers", "SomeDiT"]}))
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "DiffusionPipeline", "transformer": ["diffusers", "SomeDiT"]}))
     assert lists_of(folder_inventory(root).get("transformer")) == [("blocks", 4)]
     (root / "transformer" / "diffusion_pytorch_model-00002-of-00002.safetensors").unlink()
     with pytest.raises(FolderError, match="00002-of-00002.safetensors: shard listed in .* is missing"):
@@ -400,10 +400,10 @@ def test_folder_errors_name_the_file(tmp_path):
         folder_inventory(tmp_path / "absent")
     with pytest.raises(FolderError, match=r"model_index\.json: model_index\.json not found"):
         folder_inventory(tmp_path)
-    (tmp_path / "model_index.json").write_text('{"transformer": ["diffusers", "X"],')
+    (tmp_path / "model_index.json").write_text('{"_class_name": "P", "transformer": ["diffusers", "X"],')
     with pytest.raises(FolderError, match=r"model_index\.json:1:\d+: corrupt model_index\.json"):
         folder_inventory(tmp_path)
-    (tmp_path / "model_index.json").write_text(json.dumps({"transformer": ["diffusers", "SomeDiT"]}))
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "DiffusionPipeline", "transformer": ["diffusers", "SomeDiT"]}))
     with pytest.raises(FolderError, match="folder of component 'transformer'.*missing"):
         folder_inventory(tmp_path)
     (tmp_path / "transformer").mkdir()
