@@ -53,6 +53,9 @@ for _p in (ROOT, ROOT / "scripts"):
 
 import torch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from layerwise_bench import empty_host_cache, gib, log, slug, sync  # noqa: E402
+
 GiB = 1 << 30
 MiB = 1 << 20
 
@@ -70,38 +73,7 @@ SEED = 0
 
 
 # ----------------------------------------------------------------------------------------------
-# small helpers (as in layerwise_bench.py)
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
-
-
-def gib(n: float | int | None) -> str:
-    return "" if n is None else f"{n / GiB:.2f}"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def empty_host_cache() -> bool:
-    """Gives cached pinned blocks of PyTorch's caching host allocator back to the driver."""
-    for fn in (getattr(getattr(torch, "accelerator", None), "empty_host_cache", None),
-               getattr(torch._C, "_host_emptyCache", None)):
-        if fn is None:
-            continue
-        try:
-            fn()
-            return True
-        except Exception:
-            continue
-    return False
+# small helpers: layerwise_bench.py's (log, slug, gib, sync, empty_host_cache), and
 
 
 def free_memory(device: torch.device) -> None:
