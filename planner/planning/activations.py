@@ -19,6 +19,7 @@ from planner.inventory.model import DTYPE_BYTES, ComponentInfo, Inventory
 from planner.planning.profiles import Profile
 from planner.planning.workload import (
     denoiser_activation_bytes,
+    denoiser_class,
     effective,
     encoder_cost,
     parameters_of,
@@ -32,10 +33,6 @@ def images_per_call(workload: Mapping[str, Any]) -> int:
     """Samples an encoder or decoder call handles: batch_size × num_images (guidance's negative
     prompt is a call of its own)."""
     return int(workload.get("batch_size", 1)) * int(workload.get("num_images", 1))
-
-
-def _denoiser_class(inventory: Inventory) -> str:
-    return next((c.class_name for c in inventory.components if family_of(c.name) == "dit"), "")
 
 
 def encoder_call(info: ComponentInfo, workload: Mapping[str, Any], denoiser: str) -> tuple[float, int] | None:
@@ -63,7 +60,7 @@ def component_activations(workload: Mapping[str, Any] | None, inventory: Invento
                           profile: Profile | None = None) -> dict[str, int]:
     """Activation peak of one call of every component, by name."""
     w = effective(workload, inventory)
-    denoiser = _denoiser_class(inventory)
+    denoiser = denoiser_class(inventory)
     out: dict[str, int] = {}
     for comp in inventory.components:
         family = family_of(comp.name)

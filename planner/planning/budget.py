@@ -13,8 +13,13 @@ from typing import Any, Mapping
 from planner.errors import SpecError
 from planner.inventory.model import ComponentInfo, Inventory
 from planner.plan import Decision, Plan
-from planner.planning.assemble import build_plan, component_plan, stored_layer_bytes, stored_weight_bytes
 from planner.planning.activations import decode_call, encoder_call, images_per_call
+from planner.planning.assemble import (
+    build_plan,
+    component_plan,
+    stored_layer_bytes,
+    stored_weight_bytes,
+)
 from planner.planning.estimate import memory_estimate
 from planner.planning.profiles import Profile, load_profile
 from planner.planning.resolve import ComponentResolution, Resolution, place_resident
@@ -24,6 +29,7 @@ from planner.planning.workload import (
     counted_layer_flops,
     denoiser_batch,
     denoiser_calls,
+    denoiser_class,
     effective,
     guidance_on,
     image_tokens,
@@ -195,7 +201,7 @@ def _with_times(plan: Plan, inventory: Inventory, workload: Mapping[str, Any], p
     decode."""
     comps = {}
     per_step = encode = decode = 0.0
-    encoder_calls = 2 if guidance_on(workload, _denoiser_class(inventory)) else 1
+    encoder_calls = 2 if guidance_on(workload, denoiser_class(inventory)) else 1
     for name, cp in plan.components.items():
         info = inventory.get(name)
         if info is None or not info.known:
@@ -226,10 +232,6 @@ def _moved_of_plan(cp: Any, info: ComponentInfo) -> tuple[tuple[int, ...], int] 
         return None
     ratio = cp.weight_bytes / info.weight_bytes
     return tuple(int(b * ratio) for b in info.layer_bytes), cp.weight_bytes
-
-
-def _denoiser_class(inventory: Inventory) -> str:
-    return next((c.class_name for c in inventory.components if family_of(c.name) == "dit"), "")
 
 
 def _choose(doc: Document, inventory: Inventory, resolution: Resolution, auto: list[ComponentResolution],

@@ -132,4 +132,4 @@ def host_peak_bytes(plans: Mapping[str, ComponentPlan], comps: Mapping[str, Comp
 
 def _loaded_bytes(cp: ComponentPlan) -> int:
     """The bytes of a component's files (its loaded dtype, before any storage cast)."""
-    return cp.storage.source_bytes if getattr(cp, "storage", None) is not None else cp.weight_bytes
+    return cp.storage.source_bytes if cp.storage is not None else cp.weight_bytes

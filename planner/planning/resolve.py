@@ -33,7 +33,12 @@ from planner.spec.families import (
     sglang_layer_lists,
     sglang_model,
 )
-from planner.spec.offload_flags import DEFAULT_PERFORMANCE_MODE, PERFORMANCE_MODES, RESIDENCY_GROUPS, RESIDENCY_MODES
+from planner.spec.offload_flags import (
+    DEFAULT_PERFORMANCE_MODE,
+    PERFORMANCE_MODES,
+    RESIDENCY_GROUPS,
+    RESIDENCY_MODES,
+)
 from planner.spec.sizes import parse_size
 
 DEFAULT_PREFETCH = 1

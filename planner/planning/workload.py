@@ -100,10 +100,14 @@ def denoiser_tokens(workload: Mapping[str, Any] | None, class_name: str) -> int:
     return image_tokens(workload, class_name) + text_tokens(workload, class_name)
 
 
+def denoiser_class(inventory: Inventory) -> str:
+    """The class of the pipeline's first denoiser ("" without one): it picks the call defaults."""
+    return next((c.class_name for c in inventory.components if family_of(c.name) == "dit"), "")
+
+
 def effective(workload: Mapping[str, Any] | None, inventory: Inventory) -> dict[str, Any]:
     """The workload resolved against the pipeline's first denoiser (its class picks the defaults)."""
-    dits = [c.class_name for c in inventory.components if family_of(c.name) == "dit"]
-    return resolved(workload, dits[0] if dits else "")
+    return resolved(workload, denoiser_class(inventory))
 
 
 # --- counted costs (planner/data/costs.json, written by scripts/build_costs.py) ----------------
