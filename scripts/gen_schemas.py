@@ -16,7 +16,8 @@ sys.path.insert(0, str(ROOT))
 from planner.plan import HOST_TIERS, STRATEGIES  # noqa: E402
 from planner.plan import STORAGE_DTYPES  # noqa: E402
 from planner.planning.rules import DTYPES, PLACEMENTS, SPEC_STRATEGIES, STORAGE_DTYPE_CHOICES
-from planner.spec.offload_flags import OFFLOAD_FLAGS, PERFORMANCE_MODES, RESIDENCY_MODES
+from planner.spec.offload_flags import (OFFLOAD_FLAGS, PERFORMANCE_MODES, RESIDENCY_MODES, RESIDENCY_POLICIES,
+                                        SGLANG_SEMANTICS)
 
 SIZE = {
     "description": "Bytes: an integer, or a string with a unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB).",
@@ -76,8 +77,18 @@ def deployment_schema() -> dict:
             offload_props[name] = {"enum": list(PERFORMANCE_MODES), "description": doc}
         elif kind == "count":
             offload_props[name] = {"type": "integer", "minimum": 1, "description": doc}
-        elif kind == "count0":
-            offload_props[name] = {"type": "integer", "minimum": 0, "description": doc}
+        elif kind == "layers":
+            offload_props[name] = {"type": "number", "minimum": 0, "description": doc}
+        elif kind == "policy":
+            offload_props[name] = {"enum": list(RESIDENCY_POLICIES), "description": doc}
+        elif kind == "tuning":
+            offload_props[name] = {"type": "object", "description": doc, "propertyNames": {"minLength": 1},
+                                   "additionalProperties": {"type": "number", "minimum": 0}}
+        elif kind == "tuning_policy":
+            offload_props[name] = {"type": "object", "description": doc, "propertyNames": {"minLength": 1},
+                                   "additionalProperties": {"enum": list(RESIDENCY_POLICIES)}}
+        elif kind == "semantics":
+            offload_props[name] = {"enum": list(SGLANG_SEMANTICS), "description": doc}
         elif kind == "size":
             offload_props[name] = dict(SIZE, description=doc)
         elif kind == "residency":

@@ -35,6 +35,8 @@ from planner.spec.families import (
 )
 from planner.spec.offload_flags import (
     DEFAULT_PERFORMANCE_MODE,
+    DEFAULT_RESIDENCY_POLICY,
+    DEFAULT_SGLANG_SEMANTICS,
     PERFORMANCE_MODES,
     RESIDENCY_GROUPS,
     RESIDENCY_MODES,
@@ -108,6 +110,7 @@ def resolve(doc: Document, inventory: Inventory, *, strict: bool = False) -> Res
     residency = offload.get("component_residency") or {}
     if residency:
         _apply_component_residency(doc, res, residency, decide)
+    check_tuning_keys(doc, res, offload)
 
     # Rule 5: components: entries, the most specific statement.
     for name, entry in entries.items():
@@ -207,12 +210,39 @@ def normalize_selection(raw: Any) -> list[str] | None:
     return list(out) or None
 
 
-def _token_family(token: str) -> str | None:
-    """The CPU-offload family a selection token names (cpu_offload_flags_for_layerwise_components)."""
-    if token == "default":
+def _token_family(token: str, group: str = "default") -> str | None:
+    """The CPU-offload family a selection token names (cpu_offload_flags_for_layerwise_components);
+    ``group`` is the token that names the DiT group ('default' at 416fdbb, 'dit' after #25517)."""
+    if token == group:
         return "dit"
     fam = family_of(token)
     return fam if fam in FAMILY_CPU_OFFLOAD_FLAG else None
+
+
+# After SGLang #25517 the token 'default' names the groups whose layerwise offload was validated as a
+# better default than CPU offload (layerwise_offload_components.LAYERWISE_OFFLOAD_DEFAULT_GROUP_COMPONENTS).
+LATER_DEFAULT_GROUP = ("text_encoder", "image_encoder", "vae")
+
+
+def semantics_of(offload: Mapping[str, Any]) -> str:
+    """Which SGLang the offload: section means (offload.sglang_semantics; the seed's commit by default)."""
+    return str(offload.get("sglang_semantics", DEFAULT_SGLANG_SEMANTICS))
+
+
+def dit_group_token(offload: Mapping[str, Any]) -> str:
+    """The selection token of the DiT group: 'default' at 416fdbb, 'dit' after #25517."""
+    return "dit" if semantics_of(offload) == "25517" else "default"
+
+
+def _expand_later_default(names: list[str] | None) -> list[str] | None:
+    """After #25517: 'default' expands to its groups in place, de-duplicated in order."""
+    if not names or "default" not in names:
+        return names
+    out: dict[str, None] = {}
+    for token in names:
+        for t in (LATER_DEFAULT_GROUP if token == "default" else (token,)):
+            out.setdefault(t, None)
+    return list(out)
 
 
 def _gib(value: Any) -> float | None:
@@ -232,6 +262,8 @@ def _sglang_flags(doc: Document, res: Resolution, errors: list[Diagnostic]) -> t
     """The stages of SGLang's resolution and the final selection (normalised tokens, or None)."""
     offload = doc.data.get("offload", {})
     mode = str(offload.get("performance_mode", DEFAULT_PERFORMANCE_MODE)).lower()
+    later = semantics_of(offload) == "25517"
+    group = dit_group_token(offload)
     model = _sglang_model_of(doc)
     deploy: Mapping[str, Any] = model.deployment if model is not None else {}
     num_gpus = int(offload.get("num_gpus", 1))
@@ -385,7 +417,7 @@ def _sglang_flags(doc: Document, res: Resolution, errors: list[Diagnostic]) -> t
     if mode_steps:
         # ServerArgsAutoTuner.maybe_replace_cpu_offloaded_components_with_layerwise
         if not explicit_replacement and not flags["use_fsdp_inference"] and flags["layerwise_offload_components"] is None:
-            chosen = ["default"] if flags["dit_layerwise_offload"] else []
+            chosen = [group] if flags["dit_layerwise_offload"] else []
             changed = [c for c in ("text_encoder", "image_encoder", "vae") if flags[f"{c}_cpu_offload"]]
             if changed:
                 step(f"CPU offload of {', '.join(changed)} replaced by layerwise offload",
@@ -393,17 +425,22 @@ def _sglang_flags(doc: Document, res: Resolution, errors: list[Diagnostic]) -> t
 
     # ServerArgs._adjust_layerwise_offload_components and _validate_offload: the conflict rule.
     names = normalize_selection(flags["layerwise_offload_components"])
+    if later:
+        names = _expand_later_default(names)
     if flags["dit_layerwise_offload"]:
-        names = ["default"] if names is None else (names if "default" in names else ["default", *names])
+        names = [group] if names is None else (names if group in names else [group, *names])
     if mode != "manual":
         for f in ("use_fsdp_inference", "dit_cpu_offload", "dit_layerwise_offload", "text_encoder_cpu_offload",
                   "image_encoder_cpu_offload"):
             if flags[f] is None:
                 flags[f] = False
     if names:
+        families = {_token_family(n, group) for n in names}
         off = set(FAMILY_CPU_OFFLOAD_FLAG.values()) if "all" in names else \
-            {FAMILY_CPU_OFFLOAD_FLAG[f] for f in (_token_family(n) for n in names) if f is not None}
-        final = dict(flags, layerwise_offload_components=names, use_fsdp_inference=False,
+            {FAMILY_CPU_OFFLOAD_FLAG[f] for f in families if f is not None}
+        # at 416fdbb any selection turns FSDP off; after #25517 only one that reaches a DiT
+        fsdp_off = not later or "all" in names or "dit" in families
+        final = dict(flags, layerwise_offload_components=names, **({"use_fsdp_inference": False} if fsdp_off else {}),
                      **{f: False for f in off})
         stages.append(_Stage("conflict", final))
         p = offload.get("dit_offload_prefetch_size")
@@ -502,6 +539,10 @@ def _apply_offload(doc: Document, res: Resolution, base: str, decide: Any, error
                    strict: bool) -> None:
     stages, names = _sglang_flags(doc, res, errors)
     sel_key, raw = _selection_raw(doc, [])
+    offload = doc.data["offload"]
+    later = semantics_of(offload) == "25517"
+    group = dit_group_token(offload)
+    groups = ("all", group)
     comps = list(res.components.values())
     classes = {c.name: sglang_class(c.info.class_name) for c in comps}
 
@@ -510,45 +551,58 @@ def _apply_offload(doc: Document, res: Resolution, base: str, decide: Any, error
     streams: set[str] = set()
     if names:
         where_of = _token_places(doc, sel_key, raw)
+        expanded: set[str] = set()          # tokens only 'default' wrote (after #25517): a group, not names
+        if later and "default" in where_of:
+            for t in LATER_DEFAULT_GROUP:
+                if t not in where_of:
+                    where_of[t] = where_of["default"]
+                    expanded.add(t)
         auto_selected = raw is None or "layerwise_offload_components" not in doc.data["offload"] and \
             "layerwise_offload_modules" not in doc.data["offload"]
         for token in names:
-            if token in ("all", "default"):
+            if token in groups or token in expanded:
                 continue
             if not any(_matches(c, token) for c in comps):
                 where = where_of.get(token) or ("offload", sel_key)
                 if where_of.get(token) is None and auto_selected:
                     continue
                 known = [c.name for c in comps] + [t.token for t in SELECTION_TOKENS]
+                hint = (" ('dit' names the DiT group in SGLang after #25517; for that meaning set "
+                        "offload.sglang_semantics: '25517')" if token == "dit" and not later else "")
                 res.warnings.append(doc.diagnostic(
-                    where, f"layerwise selection token '{token}' matches no component{did_you_mean(token, known)}",
-                    severity="warning", code="selection-matches-nothing"))
+                    where, f"layerwise selection token '{token}' matches no component{did_you_mean(token, known)}"
+                           f"{hint}", severity="warning", code="selection-matches-nothing"))
         for comp in comps:
             cls = classes[comp.name]
-            token = next((t for t in names if t not in ("all", "default") and _matches(comp, t)), None)
+            token = next((t for t in names if t not in groups and _matches(comp, t)), None)
             if token is None and "all" in names:
                 token = "all"
-            if token is None and "default" in names and _default_enabled(comp, cls):
-                token = "default"
+            if token is None and group in names and _default_enabled(comp, cls):
+                token = group
             if token is None:
                 continue
             path = where_of.get(token)
-            if token == "default" and path is None:
+            if token == group and path is None:
                 source = ("offload.dit_layerwise_offload" if doc.data["offload"].get("dit_layerwise_offload")
                           else "SGLang's performance_mode")
             elif path is None:
                 source = f"SGLang's performance_mode (token '{token}')"
+            elif token in expanded:
+                source = f"offload token 'default' (its {token} group, SGLang after #25517)"
+            elif token == "dit" and later:
+                source = "offload token 'dit' (the DiT group, SGLang after #25517)"
             else:
                 source = f"offload token '{token}'"
             comp.selected_by = source
-            if token == comp.name and token not in ("text_encoder", "vae") and path is not None:
+            if token == comp.name and token not in ("text_encoder", "vae") and path is not None and \
+                    token not in expanded:
                 comp.explicit_selection = path
             selected[comp.name] = (source, path)
             ok, why = _can_stream(comp, cls)
             if ok:
                 streams.add(comp.name)
-            elif token not in ("all", "default"):
-                # SGLang warns about explicitly named components only ('all' and 'default' skip quietly)
+            elif token not in groups and token not in expanded:
+                # SGLang warns about explicitly named components only ('all' and the groups skip quietly)
                 res.warnings.append(doc.diagnostic(path or ("offload", sel_key) if path or raw is not None
                                                    else ("offload",),
                                                    f"{comp.name} is selected for layerwise offload by {source}, but "
@@ -585,13 +639,14 @@ def _apply_offload(doc: Document, res: Resolution, base: str, decide: Any, error
             elif to == "layerwise":
                 source = selected[comp.name][0]
                 rule = {"cpu_offload": "layerwise-overrides-cpu-offload",
-                        "fsdp": "layerwise-overrides-fsdp"}.get(comp.strategy, "layerwise-selection")
+                        "fsdp": "layerwise-dit-overrides-fsdp" if later else "layerwise-overrides-fsdp",
+                        }.get(comp.strategy, "layerwise-selection")
                 decide(comp, rule, to, source=source, flag=comp.flag,
                        detail=f"{comp.name} is streamed instead of sharded")
                 comp.flag = source
             elif comp.strategy == "fsdp":
-                decide(comp, "layerwise-overrides-fsdp", to, source=_any_source(selected, doc),
-                       detail=f"{comp.name} is not sharded")
+                decide(comp, "layerwise-dit-overrides-fsdp" if later else "layerwise-overrides-fsdp", to,
+                       source=_any_source(selected, doc), detail=f"{comp.name} is not sharded")
                 comp.flag = "offload.use_fsdp_inference"
             elif comp.name in selected:
                 source = selected[comp.name][0]
@@ -714,14 +769,32 @@ def _resolve_layers(doc: Document, comp: ComponentResolution, entry: dict[str, A
                                                    f"{key} is ignored: {comp.name} is planned '{comp.strategy}', not "
                                                    "layerwise", key=True, severity="warning",
                                                    code="ignored-for-strategy"))
+        for key in TUNING_KEYS:
+            if comp.name in (offload.get(key) or {}):
+                res.warnings.append(doc.diagnostic(("offload", key, comp.name),
+                                                   f"offload.{key}.{comp.name} is ignored: {comp.name} is planned "
+                                                   f"'{comp.strategy}', not layerwise (SGLang ignores it too)",
+                                                   key=True, severity="warning", code="ignored-for-strategy"))
         return
     if comp.info.known and n == 0 and comp.strategy == "layerwise" and not comp.layer_paths:
         res.decisions.append(Decision(rule="layerwise-no-layers", component=comp.name, from_="layerwise",
                                       to="cpu_offload", reason=reason("layerwise-no-layers", component=comp.name)))
         comp.strategy = "cpu_offload"
         return
+    per_component = offload.get("layerwise_prefetch_size") or {}
     if "prefetch" in entry:
         p, where = entry["prefetch"], ("components", comp.name, "prefetch")
+    elif comp.name in per_component:
+        # later SGLang (#35688): this component's own dit_offload_prefetch_size
+        p, where = per_component[comp.name], ("offload", "layerwise_prefetch_size", comp.name)
+        group_p = offload.get("dit_offload_prefetch_size", defaults.get("prefetch", DEFAULT_PREFETCH))
+        if float(p) != float(group_p):
+            res.decisions.append(Decision(
+                rule="layerwise-prefetch-size", component=comp.name, from_=f"prefetch {_yaml_value(group_p)}",
+                to=f"prefetch {_yaml_value(p)}",
+                reason=reason("layerwise-prefetch-size", component=comp.name,
+                              source=f"offload.layerwise_prefetch_size.{comp.name}", value=_yaml_value(p),
+                              detail=f"in place of {_yaml_value(group_p)}")))
     elif "dit_offload_prefetch_size" in offload:
         p, where = offload["dit_offload_prefetch_size"], ("offload", "dit_offload_prefetch_size")
     elif "prefetch" in defaults:
@@ -757,8 +830,90 @@ def _resolve_layers(doc: Document, comp: ComponentResolution, entry: dict[str, A
             return
         comp.resident_count = resident
         comp.resident_layers = place_resident(resident, n, comp.placement)
-    elif resident is None and comp.family == "dit" and offload.get("dit_layerwise_resident_layers"):
-        # later SGLang (#31538): the leading layers stay, the tail streams
-        count = min(int(offload["dit_layerwise_resident_layers"]), n) if n else 0
-        comp.resident_count = count
-        comp.resident_layers = place_resident(count, n, "leading")
+    elif resident is None:
+        _resolve_sglang_resident(doc, comp, offload, res)
+
+
+# later SGLang's per-component layerwise knobs (#35688): COMPONENT -> value, for that exact component name
+TUNING_KEYS = ("layerwise_prefetch_size", "layerwise_resident_layers", "layerwise_residency_policy")
+
+
+def check_tuning_keys(doc: Document, res: Resolution, offload: Mapping[str, Any]) -> None:
+    """A per-component key that names no component of the pipeline: SGLang matches exact names only and
+    ignores it; here a warning."""
+    for key in TUNING_KEYS:
+        for name in offload.get(key) or {}:
+            if name not in res.components:
+                res.warnings.append(doc.diagnostic(
+                    ("offload", key, name),
+                    f"offload.{key}: '{name}' is not a component of this pipeline ({', '.join(res.components)}); "
+                    f"SGLang matches exact component names only, so it matches nothing"
+                    f"{did_you_mean(name, list(res.components))}",
+                    severity="warning", key=True, code="tuning-matches-nothing"))
+
+
+def list_resident_count(value: float, layer_count: int) -> int:
+    """SGLang's resident count for one layer list (configure_layerwise_offload): 0 or less keeps none; a
+    value in (0, 1) is a fraction, max(1, round(v·N)) with Python's round; 1 or more is a count,
+    floored, at most N."""
+    if value <= 0:
+        return 0
+    if value < 1:
+        return min(layer_count, max(1, round(value * layer_count)))
+    return min(layer_count, int(value))
+
+
+def list_resident_indices(count: int, layer_count: int, policy: str) -> tuple[int, ...]:
+    """Which of a list's layers stay (compute_streamed_layers): leading keeps 0..r-1; strided streams
+    S = N - r layers at round(i·N/S), i < S, and keeps the rest."""
+    n, r = layer_count, max(0, min(count, layer_count))
+    if r == 0:
+        return ()
+    if r == n or policy == "leading":
+        return tuple(range(r))
+    s = n - r
+    streamed = {round(i * n / s) for i in range(s)}
+    return tuple(i for i in range(n) if i not in streamed)
+
+
+def _resolve_sglang_resident(doc: Document, comp: ComponentResolution, offload: Mapping[str, Any],
+                             res: Resolution) -> None:
+    """Resident layers from the offload: section, as later SGLang places them: this component's own
+    layerwise_resident_layers / layerwise_residency_policy (#35688), else, for the DiT group (the classes
+    SGLang marks default-enabled), dit_layerwise_resident_layers (#31538) placed by
+    dit_layerwise_residency_policy (#34534); per layer list, in run order."""
+    per_value = offload.get("layerwise_resident_layers") or {}
+    per_policy = offload.get("layerwise_residency_policy") or {}
+    dit_group = _default_enabled(comp, sglang_class(comp.info.class_name))
+    if comp.name in per_value:
+        value, source = per_value[comp.name], f"offload.layerwise_resident_layers.{comp.name}"
+    elif dit_group and offload.get("dit_layerwise_resident_layers"):
+        value, source = offload["dit_layerwise_resident_layers"], "offload.dit_layerwise_resident_layers"
+    else:
+        return
+    if comp.name in per_policy:
+        policy, policy_source = per_policy[comp.name], f"offload.layerwise_residency_policy.{comp.name}"
+    elif dit_group:
+        policy = offload.get("dit_layerwise_residency_policy", DEFAULT_RESIDENCY_POLICY)
+        policy_source = "offload.dit_layerwise_residency_policy"
+    else:
+        policy, policy_source = DEFAULT_RESIDENCY_POLICY, "the residency policy (SGLang's default)"
+    lists = [ll.count for ll in comp.info.layer_lists if ll.count]
+    if not lists or float(value) <= 0:
+        return
+    indices: list[int] = []
+    offset = 0
+    per_list = []
+    for count in lists:
+        kept = list_resident_indices(list_resident_count(float(value), count), count, policy)
+        indices.extend(offset + i for i in kept)
+        per_list.append(f"{len(kept)} of {count}")
+        offset += count
+    comp.resident_count = len(indices)
+    comp.resident_layers = tuple(indices)
+    res.decisions.append(Decision(
+        rule="layerwise-resident-layers", component=comp.name, from_="0 resident layers",
+        to=f"{len(indices)} resident layers",
+        reason=reason("layerwise-resident-layers", component=comp.name, source=source, value=_yaml_value(value),
+                      policy_source=policy_source, policy=policy,
+                      detail=f"{', '.join(per_list)} layers per list ({policy})")))

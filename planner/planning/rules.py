@@ -111,6 +111,18 @@ RULES: dict[str, Rule] = {r.id: r for r in (
          "{from_} just before each such module runs; modules matching {patterns} keep their dtype"),
     Rule("layerwise-no-layers", "a component with no layer lists cannot stream layer by layer",
          "{component} has no repeated blocks to stream; it is offloaded whole instead"),
+    Rule("layerwise-dit-overrides-fsdp",
+         "after SGLang #25517 (offload.sglang_semantics 25517): a layerwise selection turns use_fsdp_inference off "
+         "only when it reaches a DiT",
+         "{source} selects a DiT for layerwise offload, which turns offload.use_fsdp_inference off (SGLang after "
+         "#25517); {detail}"),
+    Rule("layerwise-resident-layers",
+         "later SGLang's resident layers (#31538, per component #35688) placed by its residency policy (#34534), "
+         "per layer list",
+         "{source} is {value} and {policy_source} is '{policy}': {component} keeps {detail} on the GPU"),
+    Rule("layerwise-prefetch-size", "later SGLang's per-component prefetch (#35688) replaces "
+                                    "dit_offload_prefetch_size for that component",
+         "{source} is {value}: {component} prefetches per layer list as dit_offload_prefetch_size would ({detail})"),
 )}
 
 

@@ -15,8 +15,20 @@ DEFAULT_PERFORMANCE_MODE = "auto"
 RESIDENCY_MODES = {"resident": "resident", "component-offload": "cpu_offload", "layerwise-offload": "layerwise"}
 RESIDENCY_GROUPS = ("dit", "text_encoder", "image_encoder", "vae", "all")
 
+# later SGLang's --dit-layerwise-residency-policy (#34534): which layers of a list the resident count keeps
+# (layerwise_offload_components.RESIDENCY_POLICIES); leading is its default
+RESIDENCY_POLICIES = ("leading", "strided")
+DEFAULT_RESIDENCY_POLICY = "leading"
 
-# (name, kind, description); kind: bool | selection | prefetch | mode | count | count0 | size | residency
+# Which SGLang the offload: section means: the seed's merge commit (the default), or SGLang after #25517
+# (the token 'dit' names the DiT group, 'default' the text-encoder, image-encoder and VAE groups, and a
+# layerwise selection turns FSDP off only when it reaches a DiT).
+SGLANG_SEMANTICS = ("416fdbb", "25517")
+DEFAULT_SGLANG_SEMANTICS = "416fdbb"
+
+
+# (name, kind, description); kind: bool | selection | prefetch | mode | count | layers | policy | size |
+# residency | tuning (COMPONENT: number >= 0) | tuning_policy (COMPONENT: policy) | semantics
 OFFLOAD_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("performance_mode", "mode",
      "SGLang's preset (default auto): manual leaves unset flags unset; auto fills them from the model's deployment "
@@ -34,10 +46,27 @@ OFFLOAD_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("image_encoder_cpu_offload", "bool", "CPU offload for the image-encoder family."),
     ("vae_cpu_offload", "bool", "CPU offload for the VAE family."),
     ("use_fsdp_inference", "bool", "Shard the DiT family with FSDP2 across ranks."),
-    ("dit_layerwise_resident_layers", "count0",
-     "Later SGLang's --dit-layerwise-resident-layers (#31538): keep this many leading layers of each streamed DiT "
-     "on the GPU (the component's layer lists in run order; more than it has keeps all); a components: "
-     "resident_layers wins."),
+    ("dit_layerwise_resident_layers", "layers",
+     ("Later SGLang's --dit-layerwise-resident-layers (#31538): layers of each streamed DiT-group component kept "
+     "on the GPU, per layer list as SGLang counts them: a value in (0, 1) is a fraction of the list "
+     "(max(1, round(v*N))), 1 or more a count (floored, at most N); 0 streams every layer. Which layers: "
+     "dit_layerwise_residency_policy. A components: resident_layers wins.")),
+    ("dit_layerwise_residency_policy", "policy",
+     ("Later SGLang's --dit-layerwise-residency-policy (#34534): leading (default) keeps each list's first layers, "
+     "strided spreads them over the list (the streamed ones at round(i*N/S), i < S). DiT group only.")),
+    ("layerwise_prefetch_size", "tuning",
+     ("Later SGLang's --layerwise-prefetch-size (#35688): COMPONENT: p, a per-component dit_offload_prefetch_size "
+     "(same units), for that exact component name; a components: prefetch wins.")),
+    ("layerwise_resident_layers", "tuning",
+     ("Later SGLang's --layerwise-resident-layers (#35688): COMPONENT: v, a per-component "
+     "dit_layerwise_resident_layers (same units, any streamed component); a components: resident_layers wins.")),
+    ("layerwise_residency_policy", "tuning_policy",
+     ("Later SGLang's --layerwise-residency-policy (#35688): COMPONENT: leading | strided, a per-component "
+     "dit_layerwise_residency_policy.")),
+    ("sglang_semantics", "semantics",
+     ("Which SGLang this section means: 416fdbb (default, the seed's merge commit) or 25517 (after SGLang #25517: "
+     "the token dit selects the DiT group, default the text-encoder, image-encoder and VAE groups, and a "
+     "selection turns use_fsdp_inference off only when it reaches a DiT).")),
     ("component_residency", "residency",
      "Later SGLang's --component-residency (#34736): COMPONENT: MODE (resident, component-offload, "
      "layerwise-offload). A component's own name wins over its group (dit, text_encoder, image_encoder, vae, "
