@@ -54,20 +54,29 @@ for _p in (ROOT, ROOT / "scripts"):
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from layerwise_bench import empty_host_cache, gib, log, slug, sync  # noqa: E402
+from layerwise_bench import empty_host_cache, gib, log, measure_pinned_bandwidth, slug, sync  # noqa: E402
 
 GiB = 1 << 30
 MiB = 1 << 20
 
-FAMILIES = {"zimage": "z-image-turbo", "flux": "flux.1-dev", "sd35": "sd3.5-large"}
-DEFAULT_BUDGETS = {"zimage": "6GiB,10GiB,16GiB", "flux": "8GiB,14GiB,22GiB", "sd35": "8GiB,12GiB,18GiB"}
-# Real-size call arguments: Z-Image-Turbo without CFG, Flux.1-dev embedded guidance, SD3.5 with CFG.
+FAMILIES = {"zimage": "z-image-turbo", "flux": "flux.1-dev", "sd35": "sd3.5-large", "zimage_cfg": "z-image-turbo"}
+# a family run on another family's folder, with other call arguments
+FOLDER_OF = {"zimage_cfg": "zimage"}
+DEFAULT_BUDGETS = {"zimage": "6GiB,10GiB,16GiB", "flux": "8GiB,14GiB,22GiB", "sd35": "8GiB,12GiB,18GiB",
+                   "zimage_cfg": "8GiB,12GiB,16GiB"}
+# Real-size call arguments: Z-Image-Turbo without CFG, Flux.1-dev embedded guidance, SD3.5 with CFG;
+# zimage_cfg is Z-Image with classifier-free guidance (the denoiser's batch doubles).
 REAL_CALL = {
     "zimage": {"guidance_scale": 0.0},
     "flux": {"guidance_scale": 3.5},
     "sd35": {"guidance_scale": 3.5, "negative_prompt": "blurry"},
+    "zimage_cfg": {"guidance_scale": 5.0, "negative_prompt": "blurry"},
 }
 DIFFUSERS_VARIANTS = ("diffusers_resident", "diffusers_group_offload", "diffusers_model_offload")
+# float8 storage (issue 17): the denoiser's weights stored in float8_e4m3fn, computed in bf16. Their
+# reference is diffusers' enable_layerwise_casting with the same dtypes, resident.
+FP8_VARIANTS = ("diffusers_cast_resident", "ours_streamed_fp8", "diffusers_cast_group_offload")
+FP8 = "float8_e4m3fn"
 PROMPT = "a photo of a cat"
 SEED = 0
 
@@ -188,6 +197,7 @@ def build_real_pipeline(family: str, device: torch.device, weight_std: float | N
 
 def ensure_folder(family: str, args: argparse.Namespace, device: torch.device) -> tuple[Path, dict[str, Any]]:
     """The family's saved pipeline folder: built and saved once, reused when complete."""
+    family = FOLDER_OF.get(family, family)
     folder = Path(args.work) / (f"tiny-{family}" if args.tiny else family)
     marker = folder / ".bench-complete.json"
     if marker.exists():
@@ -323,7 +333,8 @@ def generate(pipe: Any, timer: PhaseTimer, size: int, steps: int, call: dict[str
 
 
 def make_spec(folder: Path, args: argparse.Namespace, size: int, *, budget: int | None,
-              streamed: bool, text_tokens: int | None, guidance: float | None) -> dict[str, Any]:
+              streamed: bool, text_tokens: int | None, guidance: float | None,
+              storage: str | None = None) -> dict[str, Any]:
     workload: dict[str, Any] = {"height": size, "width": size, "steps": args.steps}
     if text_tokens:
         workload["text_tokens"] = text_tokens
@@ -337,6 +348,8 @@ def make_spec(folder: Path, args: argparse.Namespace, size: int, *, budget: int 
     }
     if streamed:
         spec["defaults"] = {"strategy": "layerwise"}
+        if storage:
+            spec["components"] = {"transformer": {"storage_dtype": storage}}
     else:
         spec["defaults"] = {"strategy": "auto"}
         spec["memory"] = {"gpu_budget": int(budget)}
@@ -492,6 +505,8 @@ class Bench:
 
     def run(self) -> None:
         log(f"device {self.gpu}; torch {torch.__version__}; diffusers {self.meta['diffusers']}")
+        if not self.args.tiny:   # the streaming floor's denominator, measured in the same run
+            self.meta["pinned_bandwidth"] = measure_pinned_bandwidth(self.device, False)
         for family in self.args.families:
             if self.over_budget(f"family {family}"):
                 self.rows.append(dict(family=family, variant="(family)", skipped="time budget"))
@@ -516,8 +531,10 @@ class Bench:
                 if b.strip():
                     out.append((f"ours_{b.strip()}", parse_bytes(b)))
         out += [("ours_streamed", None), ("diffusers_group_offload", None), ("diffusers_model_offload", None)]
+        out += [(v, None) for v in FP8_VARIANTS]
         chosen = args.variants
         if chosen is None:
+            out = [v for v in out if v[0] not in FP8_VARIANTS]
             return [v for v in out if v[0] != "diffusers_model_offload" or (family == "zimage" and not args.tiny)]
         picked = []
         for name, b in out:
@@ -546,10 +563,12 @@ class Bench:
         refs: dict[int, torch.Tensor] = {}
         ref_dir = Path(args.work) / "refs"    # kept by --cleanup: a later command can compare with them
         ref_dir.mkdir(parents=True, exist_ok=True)
-        self.ref_path = lambda size: ref_dir / f"{folder.name}_{size}_{args.steps}.pt"
+        # a reference per call (zimage_cfg is the zimage folder called with guidance) and storage
+        self.ref_path = lambda key: ref_dir / f"{family}_{key}_{args.steps}.pt"
         for size in sizes:
-            if self.ref_path(size).exists():
-                refs[size] = torch.load(self.ref_path(size))
+            for key in (size, f"fp8_{size}"):
+                if self.ref_path(key).exists():
+                    refs[key] = torch.load(self.ref_path(key))
         spent: dict[str, float] = {}    # seconds each variant took, load to teardown
         for variant, budget in self.variants_for(family):
             var_sizes = sizes[:1] if (variant == "diffusers_model_offload" and args.variants is None) else sizes
@@ -563,8 +582,12 @@ class Bench:
                 self.rows.append(dict(family=family, variant=variant, skipped=f"time budget ({args.budget_s:.0f} s)"))
                 continue
             v0 = time.perf_counter()
+            # --plan-each-size: a budget variant is planned and loaded for each size (its predictions
+            # are then those of the plan that ran); otherwise one plan, the largest size's, runs them all
+            each = args.plan_each_size and budget is not None and variant.startswith("ours")
             try:
-                self.run_variant(family, folder, variant, budget, var_sizes, call, refs)
+                for run_sizes in ([[s] for s in var_sizes] if each else [var_sizes]):
+                    self.run_variant(family, folder, variant, budget, run_sizes, call, refs)
             except Exception as exc:
                 log(f"{family} {variant} FAILED: {type(exc).__name__}: {exc}")
                 traceback.print_exc()
@@ -581,19 +604,28 @@ class Bench:
         from diffusers import DiffusionPipeline
 
         dev, args = self.device, self.args
+        if variant == "ours_streamed_fp8":   # stored dtypes through apply_plan on a from_pretrained pipeline
+            from planner.api import apply_plan
+
+            pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=getattr(torch, args.dtype))
+            pipe.residency = apply_plan(pipe, plan["plan"], device=str(dev))
+            return pipe
         if variant.startswith("ours"):
             from planner.api import load_pipeline
 
             pipe = load_pipeline(plan["spec"], device=str(dev), plan=plan["plan"], progress=False)
             return pipe
         pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=getattr(torch, args.dtype))
-        if variant == "diffusers_resident":
+        if variant.startswith("diffusers_cast"):
+            denoiser = pipe.transformer
+            denoiser.enable_layerwise_casting(storage_dtype=getattr(torch, FP8), compute_dtype=denoiser.dtype)
+        if variant in ("diffusers_resident", "diffusers_cast_resident"):
             pipe.to(dev)
         elif variant == "diffusers_model_offload":
             if dev.type != "cuda":
                 raise RuntimeError("model CPU offload needs CUDA")
             pipe.enable_model_cpu_offload(device=dev)
-        elif variant == "diffusers_group_offload":
+        elif variant in ("diffusers_group_offload", "diffusers_cast_group_offload"):
             cuda = dev.type == "cuda"   # diffusers refuses streams off CUDA: the tiny run goes without
             pipe.enable_group_offload(onload_device=dev, offload_device=torch.device("cpu"),
                                       offload_type="block_level", num_blocks_per_group=1, use_stream=cuda)
@@ -613,8 +645,9 @@ class Bench:
             tt, gs = (call.get("max_sequence_length") if args.tiny else None), call.get("guidance_scale")
             if budget is not None and budget < 0:     # tiny: found from the plans themselves
                 budget = tiny_budgets(folder, args, big, call)[-1 - budget]
-            spec = make_spec(folder, args, big, budget=budget, streamed=variant == "ours_streamed",
-                             text_tokens=tt, guidance=gs)
+            streamed = variant.startswith("ours_streamed")
+            spec = make_spec(folder, args, big, budget=budget, streamed=streamed, text_tokens=tt, guidance=gs,
+                             storage=FP8 if variant == "ours_streamed_fp8" else None)
             t0 = time.perf_counter()
             plan = make_plan(spec)
             base["plan_s"] = time.perf_counter() - t0
@@ -622,9 +655,9 @@ class Bench:
             plan_info = {"spec": spec, "plan": plan}
             base.update(plan_fields(plan))
             for size in sizes:   # what the plan would be at each size (the loaded one is the largest size's)
-                p = plan if size == big else make_plan(make_spec(folder, args, size, budget=budget,
-                                                                 streamed=variant == "ours_streamed",
-                                                                 text_tokens=tt, guidance=gs))
+                p = plan if size == big else make_plan(make_spec(
+                    folder, args, size, budget=budget, streamed=streamed, text_tokens=tt, guidance=gs,
+                    storage=FP8 if variant == "ours_streamed_fp8" else None))
                 per_size_pred[size] = {"predicted_peak_bytes_at_size": p.estimate.gpu_peak_bytes,
                                        "predicted_s_per_step_at_size": p.estimate.seconds_per_step,
                                        "predicted_generation_seconds_at_size":
@@ -657,6 +690,10 @@ class Bench:
                         rep = handle.report()
                         base["report"] = {k: v for k, v in rep.items() if isinstance(v, (int, float, str, bool))} \
                             if isinstance(rep, dict) else None
+                        # the bytes one call of the denoiser copies in (the floor's numerator)
+                        den = (rep.get("components") or {}).get("transformer") or {}
+                        base["denoiser_streamed_bytes"] = int(den.get("streamed_bytes", 0)) + \
+                            int(den.get("streamed_other_bytes", 0))
                     except Exception as exc:   # the report is information only
                         base["report_error"] = str(exc)
                 log(f"{family} {variant}: ready in {ready_s:.1f} s, RSS {gib(rss_bytes())} GiB")
@@ -690,14 +727,17 @@ class Bench:
                         row["out_shape"] = list(out.shape)
                         row["finite"] = bool(torch.isfinite(out).all())
                         row["out_abs_mean"] = float(out.float().abs().nan_to_num().mean())
-                        if variant == "diffusers_resident":
-                            refs[size] = out
-                            torch.save(out, self.ref_path(size))
-                        if size in refs:
-                            row["exact"], row["max_abs_diff"] = outputs_compare(refs[size], out)
-                        else:
+                        key = f"fp8_{size}" if variant in FP8_VARIANTS else size
+                        if variant in ("diffusers_resident", "diffusers_cast_resident"):
+                            refs[key] = out
+                            torch.save(out, self.ref_path(key))
+                        elif key in refs:
+                            row["exact"], row["max_abs_diff"] = outputs_compare(refs[key], out)
+                        if variant in ("diffusers_resident", "diffusers_cast_resident"):
+                            row["exact"], row["max_abs_diff"] = True, 0.0
+                        elif key not in refs:
                             row["exact"], row["max_abs_diff"] = None, None
-                            row["note"] = "no diffusers_resident output of this size to compare with"
+                            row["note"] = f"no reference output ({key}) to compare with"
                         if budget is not None and row.get("peak_allocated_bytes") is not None:
                             row["within_budget"] = row["peak_allocated_bytes"] <= budget
                         # the loaded plan is the largest size's: its predictions hold at another size only
@@ -832,6 +872,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma list of variants (diffusers_resident, diffusers_group_offload, diffusers_model_offload, "
                         "ours_<budget>, ours_streamed) or groups (ours, diffusers, all); default: all but model "
                         "offload, which runs for zimage at the first size")
+    p.add_argument("--plan-each-size", action="store_true",
+                   help="plan and load each budget variant at each size (default: one plan, the largest size's)")
     p.add_argument("--work", default="/tmp/pb", help="where the pipeline folders are saved (reused when present)")
     p.add_argument("--cleanup", action="store_true", help="delete each family's folder after the family")
     p.add_argument("--budget-s", type=float, default=None,
