@@ -35,6 +35,12 @@ class HostTier(str, enum.Enum):
     """Where the host copy of streamed or offloaded bytes waits."""
 
     PINNED = "pinned"        # page-locked host memory, exactly the streamed bytes
+    # layerwise only: the bytes stay in the component's safetensors files, copied per layer through
+    # a small pinned staging ring: read from the file's mapping (the page cache keeps them warm)
+    MAPPED = "mapped"
+    # ... or read with plain positioned reads (O_DIRECT where the platform allows), bypassing the
+    # page cache, for when it would be evicted anyway
+    DISK = "disk"
 
     def __str__(self) -> str:
         return self.value
@@ -44,6 +50,8 @@ STRATEGIES = tuple(s.value for s in Strategy)
 # dtypes weights may be stored in while computed in the pipeline's (StoragePlan.dtype)
 STORAGE_DTYPES = ("float8_e4m3fn", "float8_e5m2")
 HOST_TIERS = tuple(t.value for t in HostTier)
+# tiers whose bytes stay in the files (layerwise only): what streams is read per layer into a ring
+FILE_TIERS = (HostTier.MAPPED, HostTier.DISK)
 # strategies whose weights live on the host between uses
 HOST_STRATEGIES = (Strategy.CPU_OFFLOAD, Strategy.LAYERWISE)
 
@@ -101,6 +109,10 @@ class ComponentEstimate:
     host_pinned_bytes: int = 0
     step_seconds: float | None = None
     activation_bytes: int = 0        # the peak of live activations while it runs (one call)
+    # host_tier mapped / disk: the streamed bytes read from the files per call (not pinned), and the
+    # pinned staging ring they pass through (counted in host_pinned_bytes)
+    host_file_bytes: int = 0
+    staging_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -283,6 +295,8 @@ def component_to_dict(cp: ComponentPlan) -> dict[str, Any]:
         "host_pinned_bytes": cp.estimate.host_pinned_bytes,
         "step_seconds": cp.estimate.step_seconds,
         "activation_bytes": cp.estimate.activation_bytes or None,
+        "host_file_bytes": cp.estimate.host_file_bytes or None,
+        "staging_bytes": cp.estimate.staging_bytes or None,
     })
     return out
 
@@ -308,5 +322,7 @@ def _component_from_dict(data: Mapping[str, Any]) -> ComponentPlan:
             host_pinned_bytes=int(est.get("host_pinned_bytes", 0)),
             step_seconds=est.get("step_seconds"),
             activation_bytes=int(est.get("activation_bytes", 0)),
+            host_file_bytes=int(est.get("host_file_bytes", 0)),
+            staging_bytes=int(est.get("staging_bytes", 0)),
         ),
     )

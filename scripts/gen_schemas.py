@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT))
 
 from planner.plan import HOST_TIERS, STRATEGIES  # noqa: E402
 from planner.plan import STORAGE_DTYPES  # noqa: E402
-from planner.planning.rules import DTYPES, PLACEMENTS, SPEC_STRATEGIES, STORAGE_DTYPE_CHOICES
+from planner.planning.rules import DTYPES, HOST_TIER_CHOICES, PLACEMENTS, SPEC_STRATEGIES, STORAGE_DTYPE_CHOICES
 from planner.spec.offload_flags import (OFFLOAD_FLAGS, PERFORMANCE_MODES, RESIDENCY_MODES, RESIDENCY_POLICIES,
                                         SGLANG_SEMANTICS)
 
@@ -36,6 +36,13 @@ STORAGE_DTYPE = {
                    "the pipeline dtype just before each runs (diffusers' layerwise casting); 'none' stores them as "
                    "loaded.",
     "enum": list(STORAGE_DTYPE_CHOICES),
+}
+HOST_TIER = {
+    "description": "Where a streamed (layerwise) component's host bytes wait: 'pinned' (page-locked memory, the "
+                   "default), 'mapped' (the safetensors file's mapping and the page cache, copied per layer through "
+                   "a small pinned staging ring), 'disk' (read per layer with direct I/O into the ring), 'auto' (the "
+                   "planner picks under memory.host_budget and memory.host_ram).",
+    "enum": list(HOST_TIER_CHOICES),
 }
 DOTTED = {"type": "string", "pattern": r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$"}
 
@@ -58,6 +65,7 @@ def deployment_schema() -> dict:
             "layers": {"description": "Dotted paths of the layer lists to stream, overriding discovery.",
                        "type": "array", "items": DOTTED, "minItems": 1},
             "storage_dtype": STORAGE_DTYPE,
+            "host_tier": HOST_TIER,
             "skip_modules": {"description": "Regular expressions (re.search on a module's dotted path): matching "
                                             "modules keep their dtype, added to diffusers' defaults and the class's.",
                              "type": "array", "items": {"type": "string", "minLength": 1}},
@@ -88,7 +96,9 @@ def deployment_schema() -> dict:
             offload_props[name] = {"type": "object", "description": doc, "propertyNames": {"minLength": 1},
                                    "additionalProperties": {"enum": list(RESIDENCY_POLICIES)}}
         elif kind == "semantics":
-            offload_props[name] = {"enum": list(SGLANG_SEMANTICS), "description": doc}
+            # an unquoted 25517 is a YAML integer: both spellings are accepted
+            offload_props[name] = {"enum": [*SGLANG_SEMANTICS, *(int(v) for v in SGLANG_SEMANTICS if v.isdigit())],
+                                   "description": doc}
         elif kind == "size":
             offload_props[name] = dict(SIZE, description=doc)
         elif kind == "residency":
@@ -120,12 +130,16 @@ def deployment_schema() -> dict:
             "device": {"type": "string", "pattern": r"^(cuda(:[0-9]+)?|cpu)$"},
             "memory": {
                 "type": "object", "additionalProperties": False,
-                "properties": {"gpu_budget": SIZE, "host_budget": SIZE, "margin": SIZE},
+                "properties": {"gpu_budget": SIZE, "host_budget": SIZE, "margin": SIZE,
+                               "host_ram": dict(SIZE, description="The host RAM the plan may count on (pinned "
+                                                "bytes, the page cache of mapped weights, the process); with it "
+                                                "the planner reads from disk what the page cache cannot hold. "
+                                                + SIZE["description"])},
             },
             "defaults": {
                 "type": "object", "additionalProperties": False,
                 "properties": {"strategy": STRATEGY, "prefetch": PREFETCH, "placement": {"enum": list(PLACEMENTS)},
-                               "storage_dtype": STORAGE_DTYPE},
+                               "storage_dtype": STORAGE_DTYPE, "host_tier": HOST_TIER},
             },
             "components": {
                 "type": "object",
@@ -158,7 +172,11 @@ def plan_schema() -> dict:
         "gpu_transient_bytes": {"type": "integer", "minimum": 0},
         "host_pinned_bytes": {"type": "integer", "minimum": 0},
         "step_seconds": {"type": "number", "minimum": 0},
-        "activation_bytes": {"type": "integer", "minimum": 0}}}
+        "activation_bytes": {"type": "integer", "minimum": 0},
+        "host_file_bytes": {"type": "integer", "minimum": 0,
+                            "description": "host_tier mapped/disk: streamed bytes read from the files per call"},
+        "staging_bytes": {"type": "integer", "minimum": 0,
+                          "description": "host_tier mapped/disk: the pinned staging ring"}}}
     component = {
         "type": "object", "additionalProperties": False, "required": ["strategy", "family"],
         "properties": {

@@ -215,6 +215,8 @@ def explain_text(plan: Any) -> str:
         if cp.strategy == "layerwise":
             extra = (f", prefetch {cp.prefetch}, {len(cp.resident_layers)} of {cp.layer_count} layers resident"
                      + (f" {list(cp.resident_layers)}" if cp.resident_layers else ""))
+            if cp.host_tier is not None and cp.host_tier != "pinned":
+                extra += f", host tier {cp.host_tier}"
         lines.append(f"{name} ({cp.family}): {cp.strategy}{extra}")
         decisions = by_comp.get(name, [])
         if not decisions:

@@ -15,7 +15,9 @@ from typing import Any, Mapping
 from planner.errors import Diagnostic
 from planner.inventory.model import DTYPE_BYTES, Inventory
 from planner.plan import (
+    FILE_TIERS,
     HOST_STRATEGIES,
+    ComponentEstimate,
     ComponentPlan,
     Estimate,
     HostTier,
@@ -25,13 +27,17 @@ from planner.plan import (
     Strategy,
 )
 from planner.planning.activations import component_activations
-from planner.planning.estimate import memory_estimate
+from planner.planning.estimate import host_peak_bytes, memory_estimate, streamed_layers
 from planner.planning.profiles import Profile
 from planner.planning.resolve import ComponentResolution, Resolution, prefetch_count
 from planner.planning.rules import CAST_CLASSES, CAST_SHARES, cast_skip_patterns
 from planner.spec.document import Document
 from planner.spec.families import phase_of
 from planner.spec.sizes import parse_size
+
+# host_tier mapped / disk: entries of the pinned staging ring a layer passes through on its way from
+# the file to its device slot (one filled while the other is copied); the executor's constant too
+STAGING_ENTRIES = 2
 
 DEFAULT_MARGIN_FLOOR = 128 << 20
 DEFAULT_MARGIN_SHARE = 0.02
@@ -116,10 +122,31 @@ def stored_weight_bytes(comp: ComponentResolution) -> int:
     return sum(stored_layer_bytes(comp)) + _stored(comp.info.non_layer_bytes, other_share, comp)
 
 
+def staging_bytes(cp: ComponentPlan, layer_bytes: tuple[int, ...]) -> int:
+    """The pinned staging ring of a component streamed from its files: ``STAGING_ENTRIES`` entries,
+    each as large as the largest thing streamed (a layer; with ``stream_non_layer`` the modules
+    outside the layers, counted together: an upper bound)."""
+    largest = max(streamed_layers(cp, layer_bytes), default=0)
+    if cp.stream_non_layer:
+        largest = max(largest, max(0, cp.weight_bytes - sum(layer_bytes)))
+    return STAGING_ENTRIES * largest
+
+
+def tier_estimate(cp: ComponentPlan, est: ComponentEstimate, layer_bytes: tuple[int, ...]) -> ComponentEstimate:
+    """A component's host bytes under its host tier: a file tier pins only its staging ring; what
+    it streams is read from the files (``host_file_bytes``)."""
+    if cp.strategy != Strategy.LAYERWISE or cp.host_tier not in FILE_TIERS:
+        return est
+    ring = staging_bytes(cp, layer_bytes)
+    return replace(est, host_pinned_bytes=ring, host_file_bytes=est.host_pinned_bytes, staging_bytes=ring)
+
+
 def component_plan(comp: ComponentResolution, strategy: str | None = None,
-                   resident_layers: tuple[int, ...] | None = None) -> ComponentPlan:
+                   resident_layers: tuple[int, ...] | None = None,
+                   host_tier: HostTier | None = None) -> ComponentPlan:
     """What the executor reads for one component; ``strategy``/``resident_layers`` override the
-    resolution's (the budget search tries several)."""
+    resolution's (the budget search tries several); ``host_tier`` is the host-tier stage's choice
+    (pinned when it made none)."""
     chosen = strategy or comp.strategy
     # 'auto' before the budget search has chosen: a placeholder the search replaces
     strategy = Strategy.RESIDENT if chosen == "auto" else Strategy(chosen)
@@ -131,26 +158,31 @@ def component_plan(comp: ComponentResolution, strategy: str | None = None,
         strategy=strategy, family=comp.family, class_name=comp.info.class_name, prefetch=prefetch,
         resident_layers=resident if layerwise else (), layers=layers, weight_bytes=stored_weight_bytes(comp),
         stream_non_layer=streams_non_layer(strategy, comp.family, resident if layerwise else ()),
-        host_tier=HostTier.PINNED if strategy in HOST_STRATEGIES else None, phase=phase_of(comp.family),
+        host_tier=(host_tier or HostTier.PINNED) if strategy in HOST_STRATEGIES else None,
+        phase=phase_of(comp.family),
         storage=storage_plan(comp))
 
 
 def build_plan(doc: Document, inventory: Inventory, resolution: Resolution, *,
                extra_warnings: tuple[Diagnostic, ...] = (), estimate: Estimate | None = None,
-               profile: Profile | None = None) -> Plan:
-    """The frozen plan from a finished resolution (every strategy concrete)."""
+               profile: Profile | None = None, host_tiers: Mapping[str, HostTier] | None = None) -> Plan:
+    """The frozen plan from a finished resolution (every strategy concrete); ``host_tiers``: the
+    host-tier stage's choice per component (``planning.host_tiers``), pinned where absent."""
     spec = doc.data
-    comps = {name: component_plan(comp) for name, comp in resolution.components.items()}
+    tiers = host_tiers or {}
+    comps = {name: component_plan(comp, host_tier=tiers.get(name)) for name, comp in resolution.components.items()}
     layer_bytes = {name: stored_layer_bytes(comp) for name, comp in resolution.components.items()}
     memory = spec.get("memory", {})
     margin = parse_size(memory["margin"]) if "margin" in memory else default_margin(memory)
     activations = component_activations(spec.get("workload"), inventory, spec["pipeline"].get("dtype", "bfloat16"),
                                         profile)
     mem = memory_estimate(comps, layer_bytes, activations=activations, margin_bytes=margin)
-    comps = {name: replace(cp, estimate=mem.components[name]) for name, cp in comps.items()}
+    comps = {name: replace(cp, estimate=tier_estimate(cp, mem.components[name], layer_bytes[name]))
+             for name, cp in comps.items()}
+    pinned = sum(cp.estimate.host_pinned_bytes for cp in comps.values())
     est = estimate or Estimate(
-        gpu_peak_bytes=mem.gpu_peak_bytes, host_pinned_bytes=mem.host_pinned_bytes,
-        host_peak_bytes=mem.host_peak_bytes,
+        gpu_peak_bytes=mem.gpu_peak_bytes, host_pinned_bytes=pinned,
+        host_peak_bytes=host_peak_bytes(comps, {n: cp.estimate for n, cp in comps.items()}),
         gpu_budget_bytes=parse_size(memory["gpu_budget"]) if "gpu_budget" in memory else None,
         host_budget_bytes=parse_size(memory["host_budget"]) if "host_budget" in memory else None,
         margin_bytes=margin, activation_bytes=max(activations.values(), default=0))

@@ -156,7 +156,8 @@ def simulate_layerwise(layer_bytes: tuple[int, ...], resident: set[int], compute
     return compute_end - call_start
 
 
-def plan_budget(doc: Document, inventory: Inventory, resolution: Resolution, *, strict: bool = False) -> Plan:
+def plan_budget(doc: Document, inventory: Inventory, resolution: Resolution, *, strict: bool = False,
+                host_tiers: Any = None) -> Plan:
     spec = doc.data
     workload = effective(spec.get("workload"), inventory)
     base_dir = doc.directory()
@@ -176,7 +177,9 @@ def plan_budget(doc: Document, inventory: Inventory, resolution: Resolution, *, 
     if auto:
         budget = parse_size(memory["gpu_budget"])
         _choose(doc, inventory, resolution, auto, budget, workload, profile, steps)
-    plan = build_plan(doc, inventory, resolution, profile=profile)
+    # the host-tier stage (planning.host_tiers), once the strategies are final
+    tiers = host_tiers(doc, inventory, resolution, profile) if host_tiers is not None else None
+    plan = build_plan(doc, inventory, resolution, profile=profile, host_tiers=tiers)
     _check_host_budget(doc, plan)
     return _with_times(plan, inventory, workload, profile, steps)
 
@@ -208,7 +211,7 @@ def _with_times(plan: Plan, inventory: Inventory, workload: Mapping[str, Any], p
             comps[name] = cp
             continue
         calls = steps if runs_per_step_name(name) else 1
-        t = step_seconds(cp.strategy, info, cp.resident_layers, workload, profile, calls=calls,
+        t = step_seconds(cp.strategy, info, cp.resident_layers, workload, profile.for_tier(cp.host_tier), calls=calls,
                          prefetch=cp.prefetch or 1, moved=_moved_of_plan(cp, info))
         if runs_per_step_name(name):
             per_step += t

@@ -1,4 +1,5 @@
-"""make_plan: spec → inventory → resolution → budget → plan, each stage in a module of its own;
+"""make_plan: spec → inventory → resolution → budget (GPU strategies, then host tiers:
+``planning.host_tiers``) → plan, each stage in a module of its own;
 this module only wires them.
 """
 
@@ -19,6 +20,7 @@ from planner.inventory.loaded import (
 from planner.inventory.model import Inventory, rescale_dtype
 from planner.plan import Plan
 from planner.planning.budget import plan_budget
+from planner.planning.host_tiers import choose_host_tiers
 from planner.planning.resolve import resolve
 from planner.spec.document import Document, load_file
 from planner.spec.schema import check_document
@@ -97,4 +99,4 @@ def make_plan(spec: SpecLike, pipeline: Any = None, *, strict: bool = False,
     doc = load_spec(spec)
     inv = inventory if inventory is not None else spec_inventory(doc, pipeline=pipeline)
     resolution = resolve(doc, inv, strict=strict)
-    return plan_budget(doc, inv, resolution, strict=strict)
+    return plan_budget(doc, inv, resolution, strict=strict, host_tiers=choose_host_tiers)

@@ -2,6 +2,10 @@
 which a GPU runs counted FLOPs, a per-layer launch overhead, and for convolutional decoders their own
 rate and how far their measured activation peak exceeds the counted one).
 
+For weights that stay in the files (``host_tier`` mapped / disk) two read rates: from the page cache
+(a mapped file whose pages are warm) and from the disk (direct I/O); streaming such a component
+runs at the slower of the read and the copy link (the staging ring keeps both busy).
+
 A spec names one (``profile: h200``, or a file ``calibrate`` wrote); a spec that names none gets the
 profile of the GPU this runs on, found by its device name (``planner.files.gpu_name``), so a plan
 made on an H200 predicts H200 times. Without a GPU, or on one no built-in profile matches, the
@@ -11,7 +15,7 @@ default is the H100 profile, and the plan says so.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from planner.files.bounded_read import load_json_file
@@ -20,6 +24,10 @@ from planner.files.package_data import load_package_json
 
 PROFILES_FILE = "profiles.json"
 DEFAULT_PROFILE = "h100"
+# read rates where a profile names none (shared/anchors.md, the H200 machine, 2026-12-01: a 20.5 GB
+# Z-Image folder read in 3.4 s from the page cache and 10.9 s cold)
+DEFAULT_PAGE_CACHE_BYTES_PER_S = 6.0e9
+DEFAULT_DISK_BYTES_PER_S = 1.88e9
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,29 @@ class Profile:
     # workspaces); None / 1.0 where a profile does not say
     decode_flops: float | None = None
     decode_activation_scale: float = 1.0
+    # host_tier mapped: bytes per second copied out of a warm file mapping (the page cache) into
+    # pinned memory; host_tier disk: bytes per second read from the disk with direct I/O. None: the
+    # defaults above
+    page_cache_bytes_per_s: float | None = None
+    disk_bytes_per_s: float | None = None
+
+    def read_bytes_per_s(self, tier: object) -> float | None:
+        """The rate at which a host tier's bytes reach the staging ring (None: pinned, nothing read)."""
+        value = getattr(tier, "value", tier)
+        if value == "mapped":
+            return self.page_cache_bytes_per_s or DEFAULT_PAGE_CACHE_BYTES_PER_S
+        if value == "disk":
+            return self.disk_bytes_per_s or DEFAULT_DISK_BYTES_PER_S
+        return None
+
+    def for_tier(self, tier: object) -> "Profile":
+        """This profile as the time model sees a component of ``tier``: its streamed bytes move at the
+        slower of the read rate and the copy link (read into the ring while the ring's other entry
+        is copied); pinned (or None): unchanged."""
+        rate = self.read_bytes_per_s(tier)
+        if rate is None or rate >= self.h2d_bytes_per_s:
+            return self
+        return replace(self, h2d_bytes_per_s=rate)
 
 
 def builtin_profiles() -> dict[str, dict]:
@@ -80,7 +111,13 @@ def load_profile(name_or_path: str | None, base: Path | None = None) -> Profile:
                    effective_flops=_positive(data, "effective_flops"),
                    layer_overhead_s=_positive(data, "layer_overhead_s", 2e-5), source=source,
                    decode_flops=_positive(data, "decode_flops") if data.get("decode_flops") is not None else None,
-                   decode_activation_scale=_positive(data, "decode_activation_scale", 1.0))
+                   decode_activation_scale=_positive(data, "decode_activation_scale", 1.0),
+                   page_cache_bytes_per_s=_optional(data, "page_cache_bytes_per_s"),
+                   disk_bytes_per_s=_optional(data, "disk_bytes_per_s"))
+
+
+def _optional(data: dict, key: str) -> float | None:
+    return _positive(data, key) if data.get(key) is not None else None
 
 
 def _positive(data: dict, key: str, default: float | None = None) -> float:

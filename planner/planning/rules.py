@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from planner.plan import STORAGE_DTYPES
+from planner.plan import HOST_TIERS, STORAGE_DTYPES
 
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -18,6 +18,11 @@ SPEC_STRATEGIES = ("resident", "cpu_offload", "layerwise", "fsdp", "auto")
 
 
 PLACEMENTS = ("leading", "trailing", "strided", "ends")
+
+
+# host_tier in a spec: the plan's tiers, or 'auto' (the planner picks under memory.host_budget /
+# memory.host_ram; pinned when neither is given)
+HOST_TIER_CHOICES = HOST_TIERS + ("auto",)
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,19 @@ RULES: dict[str, Rule] = {r.id: r for r in (
     Rule("layerwise-prefetch-size", "later SGLang's per-component prefetch (#35688) replaces "
                                     "dit_offload_prefetch_size for that component",
          "{source} is {value}: {component} prefetches per layer list as dit_offload_prefetch_size would ({detail})"),
+    Rule("host-tier-entry", "a host_tier of the spec (components.X, else defaults) says where a streamed "
+                            "component's host bytes wait",
+         "{source} is '{to}'"),
+    Rule("host-tier-pinned-fits", "under memory.host_budget, streamed components keep pinned host memory while "
+                                  "the pinned bytes fit",
+         "{detail}"),
+    Rule("host-tier-over-budget", "under memory.host_budget, the largest streamed components leave pinned memory "
+                                  "until the rest fits; their bytes stay in the files, read per layer through a "
+                                  "pinned staging ring",
+         "{detail}"),
+    Rule("host-tier-over-ram", "under memory.host_ram, the largest file-backed components are read from disk "
+                               "(direct I/O) when the page cache cannot hold them beside the pinned bytes",
+         "{detail}"),
 )}
 
 
