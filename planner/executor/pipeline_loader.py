@@ -20,6 +20,17 @@ a floating tensor read from the files becomes the plan dtype, except diffusers'
 ``_keep_in_fp32_modules`` (any dtype) and transformers' ``_keep_in_fp32_modules(_strict)`` (fp16 /
 bf16), which stay float32; transformers keeps a tensor's construction dtype otherwise.
 
+A component with a ``storage`` (weights stored in float8, computed in the plan dtype) is built on
+meta as above, then ``CastStore`` gives its cast modules' meta tensors the storage dtype, so the
+strategy allocates float8 memory and fills it from the files: a streamed component's pinned host
+blocks and its slots hold the stored bytes, a CPU-offloaded one's block too, a resident one's
+device copy; each cast tensor is read through the dtype ``from_pretrained`` would have given it
+(``storage_cast.StoredSource``), so the bytes equal ``apply_plan``'s cast of a from_pretrained
+pipeline, and ``CastHooks`` upcast on the device just before each cast module runs. A tensor the
+files hold in the storage dtype (a float8 checkpoint) is read straight into its float8 place:
+never widened on the host. ``remove()`` leaves the cast tensors in the dtype they were built with,
+holding the stored values (the wider originals of a bfloat16 or float32 folder are never read).
+
 Files are read with plain positioned reads into the destination's memory, not through
 ``safetensors.safe_open``: safe_open maps the whole file, and every page it touches stays in the
 process's resident set until the handle closes, a second full copy of the component in RSS. The
@@ -46,7 +57,9 @@ from planner.executor import (
     checkpoint_keys,
     load_dtypes,
     module_build,
+    packing,
     safetensors_reader,
+    storage_cast,
     weight_sources,
 )
 from planner.executor.handle import ResidencyHandle
@@ -157,6 +170,7 @@ def load_planned(folder: str | Path, plan: Plan, *, device: str | torch.device |
     handle = ResidencyHandle(pipeline=None, plan=plan, device=dev)
     loaded: dict[str, _Loaded] = {}
     renamed: dict[str, dict[str, Any]] = {}
+    stored: dict[str, storage_cast.StoredSource] = {}     # storage_dtype: the sources that cast as they read
     current = [""]
     t0 = [time.perf_counter()]
 
@@ -182,6 +196,11 @@ def load_planned(folder: str | Path, plan: Plan, *, device: str | torch.device |
                 source = safetensors_reader.ComponentSource(readers[name], keymap)
                 load_dtypes._set_dtypes(module, library, dtype, source, names)
                 info.method, info.built_on_meta = "files", True
+                if cp.storage is not None:
+                    stored[name] = storage_cast.StoredSource(
+                        source, {n: t.dtype for t in packing.unique_tensors(module) for n in names.get(id(t), ())},
+                        lambda n, s=source: s.reader.dtype_of(s.keymap[n]))
+                    return module, stored[name]
                 return module, source
             reason = (f"checkpoint keys do not match the module ({len(problems)}: "
                       f"{', '.join(problems[:3])}{' ...' if len(problems) > 3 else ''})")
@@ -203,6 +222,11 @@ def load_planned(folder: str | Path, plan: Plan, *, device: str | torch.device |
                 info.extra["offload_group"] = list(names)
             if renamed.get(name):
                 info.extra["layer_lists"] = dict(renamed[name])
+            if name in stored:
+                src = stored[name]
+                info.extra["storage"] = {"dtype": plan.components[name].storage.dtype,
+                                         "read_in_storage_dtype": src.direct, "read_through_loaded_dtype": src.through,
+                                         "staged_bytes_max": src.staged_bytes_max}
             reader.close()
         t0[0] = now
 

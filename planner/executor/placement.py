@@ -118,14 +118,12 @@ def attach_components(handle: ResidencyHandle, source_of: ModuleSource,
 def _store(handle: ResidencyHandle, name: str, module: torch.nn.Module, cp: ComponentPlan,
            sourced: bool) -> CastStore | None:
     """``storage_dtype``: the cast modules' weights stored in float8 before the strategy places them
-    (detached after it, on the handle's reverse order)."""
+    (detached after it, on the handle's reverse order); a module built on meta (``sourced``) gets
+    float8 meta tensors, which the strategy fills from its weight source."""
     if cp.storage is None:
         return None
     if cp.strategy not in (Strategy.RESIDENT, Strategy.CPU_OFFLOAD, Strategy.LAYERWISE):
         raise PlanApplyError(f"{name}: storage_dtype is not supported under strategy '{cp.strategy}'")
-    if sourced:
-        raise PlanApplyError(f"{name}: storage_dtype needs loaded weights; apply the plan to a loaded pipeline "
-                             "(apply_plan): load_pipeline does not cast yet")
     store = CastStore(module, cp.storage, name)
     store.attach()
     handle._attached.append(store)

@@ -12,10 +12,20 @@ nothing else decides. Two placements wrap the strategy's own, in this order on t
   tied weights and aliases follow); the strategy then places those float8 tensors as any other
   (the layerwise host pack and its slots hold float8 bytes, the CPU-offload block too);
   ``detach`` rebinds each tensor to its original ``.data`` (moved back to its device if it was
-  kept elsewhere). float8 cannot give the original values back, so the originals are kept for
-  as long as the plan is applied: a tensor that was on the CPU keeps its own storage alive (no
+  kept elsewhere). float8 cannot give arbitrary values back, so the originals are kept for as
+  long as the plan is applied: a tensor that was on the CPU keeps its own storage alive (no
   copy: its original bytes stay in ordinary host memory); one that was on an accelerator is
-  copied to the CPU first (its original bytes in host memory, its device memory freed).
+  copied to the CPU first. A tensor whose values float8 holds exactly (``t.to(float8).to(t.dtype)``
+  equals ``t``: weights read from a float8 checkpoint, or cast before) keeps nothing: ``detach``
+  upcasts its stored bytes back into its dtype, which gives the same values.
+- a tensor on the meta device (a module ``load_pipeline`` built from its config, whose values a
+  weight source gives the strategy as it places them): its meta ``.data`` becomes the storage
+  dtype, so the strategy allocates and fills float8 memory (``StoredSource`` reads each value
+  through the dtype ``from_pretrained`` would have given it first); the places it is registered
+  are recorded, because the strategy replaces a meta tensor by a new object in every one of them.
+  ``detach`` finds the object in each place: still the meta tensor (a failed attach), its dtype
+  goes back; a real tensor (the strategy detached), its float8 bytes are upcast into the dtype it
+  was built with (the values it computed with; the files' wider originals were never read).
   A failed attach rebinds what it changed.
 - a component whose class reports its dtype (``ModelMixin.dtype``, transformers' ``dtype``:
   pipelines cast latents and masks to it): its ``__class__`` becomes a subclass of the same name
@@ -33,14 +43,14 @@ nothing else decides. Two placements wrap the strategy's own, in this order on t
 
 Values: the weights a cast module computes with are ``original.to(float8).to(compute_dtype)``,
 what diffusers' hooks give (they downcast the upcast copy after each forward: exact, as a float8
-value is representable in every compute dtype). Limits: modules built on the meta device
-(``load_pipeline``) are refused; a weight read by its parent outside the cast module's forward is
-float8 (as under diffusers).
+value is representable in every compute dtype). Limits: a weight read by its parent outside the
+cast module's forward is float8 (as under diffusers).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -123,6 +133,11 @@ def _reporting_class(cls: type, compute: torch.dtype) -> type:
     return _REPORTING[key]
 
 
+def _exact(stored: torch.Tensor, data: torch.Tensor) -> bool:
+    """Whether ``stored`` (``data`` in the storage dtype) gives ``data`` back exactly when upcast."""
+    return bool(torch.equal(stored.to(data.dtype), data))
+
+
 class CastStore:
     """The cast modules' weights stored in float8 (see the module doc for changes and undo)."""
 
@@ -132,10 +147,15 @@ class CastStore:
         self.name = name
         self.modules: list[tuple[str, torch.nn.Module]] = []
         self.kept: list[str] = []
-        # (tensor, original .data or its host copy, original device)
-        self._original: list[tuple[torch.Tensor, torch.Tensor, torch.device]] = []
+        # real tensors: (tensor, original .data or its host copy (None: float8 holds it exactly),
+        # original device, original dtype)
+        self._original: list[tuple[torch.Tensor, torch.Tensor | None, torch.device, torch.dtype]] = []
+        # meta tensors: (the table it is registered in, its key, the meta tensor, its dtype before)
+        self._meta: list[tuple[dict, str, torch.Tensor, torch.dtype]] = []
         self._class: type | None = None     # the class before the dtype-reporting subclass
         self._attached = False
+        self.upcast_bytes_max = 0           # the largest compute-dtype copy one upcast makes
+        self.hooks: CastHooks | None = None  # its upcast hooks, for the report
 
     def _label(self) -> str:
         return self.name or type(self.module).__name__
@@ -157,32 +177,66 @@ class CastStore:
                 if id(t) not in seen:
                     seen.add(id(t))
                     tensors.append(t)
-        for t in tensors:
-            if t.device.type == "meta":
-                raise PlanApplyError(f"{self._label()}: storage_dtype needs loaded weights; apply the plan to a "
-                                     "loaded pipeline (apply_plan), load_pipeline does not cast yet")
-        original: list[tuple[torch.Tensor, torch.Tensor, torch.device]] = []
+        meta_ids = {id(t) for t in tensors if t.device.type == "meta"}
+        places: list[tuple[dict, str, torch.Tensor, torch.dtype]] = []
+        if meta_ids:
+            for _, mod in modules:
+                for sub in mod.modules():
+                    for table in (sub._parameters, sub._buffers):
+                        for key, t in table.items():
+                            if t is not None and id(t) in meta_ids:
+                                places.append((table, key, t, t.dtype))
+        original: list[tuple[torch.Tensor, torch.Tensor | None, torch.device, torch.dtype]] = []
+        changed_meta: list[tuple[torch.Tensor, torch.dtype]] = []
         try:
             with torch.inference_mode(False), torch.no_grad():
                 for t in tensors:
                     data = t.data
-                    keep = data if data.device.type == "cpu" else data.to("cpu")
-                    original.append((t, keep, data.device))
-                    t.data = data.to(storage_dtype)
+                    if id(t) in meta_ids:
+                        changed_meta.append((t, data.dtype))
+                        t.data = data.to(storage_dtype)
+                        continue
+                    stored = data.to(storage_dtype)
+                    if _exact(stored, data):
+                        keep = None
+                    else:
+                        keep = data if data.device.type == "cpu" else data.to("cpu")
+                    original.append((t, keep, data.device, data.dtype))
+                    t.data = stored
         except BaseException:
             self._restore(original)
+            with torch.inference_mode(False), torch.no_grad():
+                for t, dtype in reversed(changed_meta):
+                    t.data = t.data.to(dtype)
             raise
-        self._original, self.modules, self.kept = original, modules, kept
+        self._original, self._meta, self.modules, self.kept = original, places, modules, kept
+        self.upcast_bytes_max = upcast_bytes(modules, torch_dtype(self.storage.compute_dtype))
         cls = type(self.module)
         if isinstance(getattr(cls, "dtype", None), property):
             self.module.__class__ = _reporting_class(cls, torch_dtype(self.storage.compute_dtype))
             self._class = cls
         self._attached = True
 
-    def _restore(self, original: list[tuple[torch.Tensor, torch.Tensor, torch.device]]) -> None:
+    def _restore(self, original: list[tuple[torch.Tensor, torch.Tensor | None, torch.device, torch.dtype]]) -> None:
         with torch.inference_mode(False), torch.no_grad():
-            for t, keep, device in reversed(original):
-                t.data = keep if keep.device == device else keep.to(device)
+            for t, keep, device, dtype in reversed(original):
+                if keep is None:
+                    t.data = t.data.to(device=device, dtype=dtype)
+                else:
+                    t.data = keep if keep.device == device else keep.to(device)
+
+    def _restore_meta(self) -> None:
+        """Each recorded place: the meta tensor's dtype back, or the real tensor the strategy put
+        there upcast into the dtype it was built with (once per object: aliases share it)."""
+        done: set[int] = set()
+        with torch.inference_mode(False), torch.no_grad():
+            for table, key, _, dtype in reversed(self._meta):
+                t = table.get(key)
+                if t is None or id(t) in done:
+                    continue
+                done.add(id(t))
+                if t.dtype != dtype:
+                    t.data = t.data.to(dtype)
 
     def detach(self) -> None:
         if not self._attached:
@@ -191,14 +245,65 @@ class CastStore:
             self.module.__class__ = self._class
             self._class = None
         self._restore(self._original)
-        self._original, self.modules, self.kept = [], [], []
+        self._restore_meta()
+        self._original, self._meta, self.modules, self.kept = [], [], [], []
         self._attached = False
 
     def report(self) -> dict[str, Any]:
         return {"storage_dtype": self.storage.dtype, "compute_dtype": self.storage.compute_dtype,
                 "cast_modules": len(self.modules), "kept_modules": list(self.kept),
-                "cast_tensors": len(self._original),
-                "original_host_bytes": sum(k.numel() * k.element_size() for _, k, _ in self._original)}
+                "cast_tensors": len(self._original) + len({id(t) for _, _, t, _ in self._meta}),
+                "original_host_bytes": sum(k.numel() * k.element_size() for _, k, _, _ in self._original
+                                           if k is not None),
+                # the largest compute-dtype copy an upcast makes (one cast module's weights at a time)
+                "upcast_bytes_max": self.upcast_bytes_max,
+                **(self.hooks.report() if self.hooks is not None else {})}
+
+
+def upcast_bytes(modules: list[tuple[str, torch.nn.Module]], compute: torch.dtype) -> int:
+    """The largest compute-dtype copy ``CastHooks`` holds: the weights of one cast module (the cast
+    modules are Linear, Conv and Embedding layers: none runs inside another)."""
+    elsize = torch.empty(0, dtype=compute).element_size()
+    return max((sum(t.numel() for t in _cast_tensors(mod)) * elsize for _, mod in modules), default=0)
+
+
+class StoredSource:
+    """A weight source for a module built on meta whose cast tensors are stored in float8: each
+    tensor read through the dtype ``from_pretrained`` would have given it (``via``, by qualified
+    name), then cast into its destination, so the stored bytes are those ``CastStore`` makes of a
+    loaded module (a float32 file read into float8 directly could round differently than through
+    bfloat16). A tensor whose file dtype is its destination's (a float8 checkpoint stored in
+    float8) is read straight into it, never widened on the way."""
+
+    def __init__(self, source: Any, via: dict[str, torch.dtype],
+                 file_dtype: Callable[[str], torch.dtype | None]) -> None:
+        self.source = source
+        self.via = via
+        self.file_dtype = file_dtype
+        self.staged_bytes_max = 0      # the largest tensor read through its loaded dtype
+        self.direct = 0                # tensors read in their stored dtype straight from the files
+        self.through = 0               # tensors read through their loaded dtype, then cast
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.source
+
+    def __call__(self, name: str) -> torch.Tensor:
+        return self.source(name)
+
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        via = self.via.get(name)
+        if via is None or out.dtype == via:
+            self.source.read_into(name, out)
+            return
+        if self.file_dtype(name) == out.dtype:
+            self.direct += 1
+            self.source.read_into(name, out)
+            return
+        staging = torch.empty(tuple(out.shape), dtype=via)
+        self.staged_bytes_max = max(self.staged_bytes_max, staging.numel() * staging.element_size())
+        self.source.read_into(name, staging)
+        out.copy_(staging)
+        self.through += 1
 
 
 class CastHooks:
@@ -206,9 +311,12 @@ class CastHooks:
 
     def __init__(self, store: CastStore) -> None:
         self.store = store
+        store.hooks = self
         self.name = store.name
         self._handles: list[Any] = []
         self.upcasts = 0
+        self.live_bytes = 0        # compute-dtype copies alive now (a cast module running)
+        self.peak_bytes = 0        # the most ever alive at once
 
     def attach(self) -> None:
         if self._handles:
@@ -229,12 +337,15 @@ class CastHooks:
                         for t, data in zip(tensors, stored):
                             t.data = data.to(compute)
                     self.upcasts += 1
+                    self.live_bytes += sum(t.numel() * t.element_size() for t in tensors)
+                    self.peak_bytes = max(self.peak_bytes, self.live_bytes)
 
                 def post(module: torch.nn.Module, args: Any, output: Any, tensors: list[torch.Tensor] = tensors,
                          saved: list[list[torch.Tensor]] = saved) -> None:
                     if not saved:
                         return
                     stored = saved.pop()
+                    self.live_bytes -= sum(t.numel() * t.element_size() for t in tensors)
                     with torch.inference_mode(False), torch.no_grad():
                         for t, data in zip(tensors, stored):
                             t.data = data
@@ -254,4 +365,4 @@ class CastHooks:
         self._handles = []
 
     def report(self) -> dict[str, Any]:
-        return {"upcasts": self.upcasts}
+        return {"upcasts": self.upcasts, "upcast_peak_bytes": self.peak_bytes}
