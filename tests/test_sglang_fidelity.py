@@ -796,14 +796,15 @@ def test_from_sglang_list_flags_and_config_lists(tmp_path):
     assert spec["offload"]["performance_mode"] == "memory" and spec["pipeline"] == {"model": "qwen-image"}
 
 
-def test_from_sglang_translates_dtype_mode_and_notes_later_flags(capsys):
+def test_from_sglang_translates_dtype_mode_and_later_flags(capsys):
     assert cli_main(["from-sglang", "--model-path", "Qwen/Qwen-Image", "--dtype", "bf16", "--mode", "speed",
-                     "--num-gpus", "2", "--dit-layerwise-residency-policy", "x", "--component-residency",
+                     "--num-gpus", "2", "--dit-layerwise-residency-policy", "strided", "--component-residency",
                      "vae=resident"]) == 0
     out = capsys.readouterr().out
     assert "dtype: bfloat16" in out and "performance_mode: speed" in out and "num_gpus: 2" in out
     head = "\n".join(line for line in out.splitlines() if line.startswith("#"))
-    assert "--dit-layerwise-residency-policy (later SGLang, #34534" in head
+    assert "later SGLang" not in head and "residency-policy" not in head      # later SGLang, but translated
+    assert "dit_layerwise_residency_policy: strided" in out
     assert "component-residency" not in head                 # later SGLang, but translated
     assert "component_residency:" in out and "vae: resident" in out
     assert "--dtype is not an SGLang server argument" in head

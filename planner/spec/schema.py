@@ -164,7 +164,7 @@ def _rewrite(doc: Document, err: Any) -> Iterable[Diagnostic]:
         yield doc.diagnostic(path, f"must be {json.dumps(err.validator_value)}, got {_describe(inst)}")
         return
     if kw == "enum":
-        options = [str(o) for o in err.validator_value]
+        options = list(dict.fromkeys(str(o) for o in err.validator_value))
         hint = did_you_mean(str(inst), options) if isinstance(inst, str) else ""
         yield doc.diagnostic(path, f"{_describe(inst)} is not allowed here; expected one of "
                                    f"{', '.join(options)}{hint}")
@@ -175,7 +175,7 @@ def _rewrite(doc: Document, err: Any) -> Iterable[Diagnostic]:
         yield doc.diagnostic(path, f"must be {words}, got {_describe(inst)}")
         return
     if kw == "minimum":
-        if path and path[-1] in ("prefetch", "dit_offload_prefetch_size"):
+        if path and (path[-1] in ("prefetch", "dit_offload_prefetch_size") or path[-2:-1] == ("layerwise_prefetch_size",)):
             yield doc.diagnostic(path, f"prefetch cannot be negative (got {inst})")
         else:
             yield doc.diagnostic(path, f"must be at least {err.validator_value}, got {inst}")

@@ -5,13 +5,21 @@ SGLang drops arguments it does not know; here every argument is either translate
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from planner.errors import SpecError
 from planner.spec.document import load_text, read_file
-from planner.spec.offload_flags import OFFLOAD_FLAGS, PERFORMANCE_MODES, RESIDENCY_MODES
+from planner.spec.offload_flags import (
+    DEFAULT_SGLANG_SEMANTICS,
+    OFFLOAD_FLAGS,
+    PERFORMANCE_MODES,
+    RESIDENCY_MODES,
+    RESIDENCY_POLICIES,
+    SGLANG_SEMANTICS,
+)
 from planner.spec.sizes import parse_size
 
 # Hugging Face repository ids of the catalog's models, for --model-path.
@@ -34,16 +42,20 @@ _FALSE = {"false"}
 _ALIASES = {"mode": "performance_mode"}
 # Options of from-sglang itself (not SGLang's): facts SGLang reads from the device.
 _OWN_OPTIONS = {"gpu_memory", "gpu_memory_available"}
+# from-sglang's own choice of which SGLang the flags mean (offload.sglang_semantics)
+_SEMANTICS_OPTION = "sglang_semantics"
+# later SGLang's per-component maps (#35688): one str argument, COMPONENT=VALUE[,COMPONENT=VALUE...] or a
+# JSON object; a --config file may give a mapping
+_TUNING_FLAGS = {"layerwise_prefetch_size": "number", "layerwise_resident_layers": "number",
+                 "layerwise_residency_policy": "policy"}
 # Precisions SGLang names (--dit-precision) and this project's dtypes, for --dtype / --dit-precision.
 _DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16", "half": "float16",
            "fp32": "float32", "float32": "float32", "float": "float32"}
-# Residency flags of SGLang releases after 416fdbb: users write them, this commit does not have them.
-LATER_FLAGS = {
-    "dit_layerwise_residency_policy": "#34534",
-    "layerwise_prefetch_size": "#35688",
-    "layerwise_resident_layers": "#35688",
-    "layerwise_residency_policy": "#35688",
-}
+# Residency flags of SGLang releases after 416fdbb that are not translated (flag -> pull request); every
+# one users write now is: --component-residency (#34736), --dit-layerwise-resident-layers (#31538),
+# --dit-layerwise-residency-policy (#34534), --layerwise-prefetch-size, --layerwise-resident-layers and
+# --layerwise-residency-policy (#35688).
+LATER_FLAGS: dict[str, str] = {}
 
 
 class SGLangArgsError(ValueError):
@@ -62,7 +74,8 @@ class SGLangArgsError(ValueError):
 
 # flags that take exactly one value: given alone, they are a usage error
 _VALUE_FLAGS = {"config", "model_path", "dtype", "dit_precision", "performance_mode", "num_gpus",
-                "dit_offload_prefetch_size", "dit_layerwise_resident_layers"} | _OWN_OPTIONS
+                "dit_offload_prefetch_size", "dit_layerwise_resident_layers", "dit_layerwise_residency_policy",
+                _SEMANTICS_OPTION} | _OWN_OPTIONS | set(_TUNING_FLAGS)
 
 
 @dataclass
@@ -109,10 +122,7 @@ def parse_args(argv: Sequence[str], places: dict[str, Any] | None = None) -> dic
             while i < len(items) and not (items[i].startswith("-") and not _is_number(items[i])):
                 values.append(items[i])
                 i += 1
-                if key not in _LIST_FLAGS and key in _BOOL_FLAGS | {"performance_mode", "dit_offload_prefetch_size",
-                                                                  "dit_layerwise_resident_layers",
-                                                                  "num_gpus", "model_path", "config", "dtype",
-                                                                  "dit_precision"} | _OWN_OPTIONS:
+                if key not in _LIST_FLAGS and key in _BOOL_FLAGS | _VALUE_FLAGS:
                     break
         if key in _VALUE_FLAGS and not values and not eq:
             raise SGLangArgsError(f"{name} needs a value", usage=True, token=item)
@@ -233,6 +243,89 @@ def _residency_pairs(value: Any) -> dict[str, str]:
     return out
 
 
+def _finite(flag: str, value: Any) -> float:
+    """A number as SGLang's float() reads it; what it cannot use is refused here."""
+    if isinstance(value, bool):
+        raise SGLangArgsError(f"{flag} expects a number, got '{value}'")
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        raise SGLangArgsError(f"{flag} expects a number, got '{value}'") from None
+    if not math.isfinite(number):
+        raise SGLangArgsError(f"{flag} must be a finite number, got '{value}' (SGLang fails on it when it counts "
+                              "the layers)")
+    return number
+
+
+def _plain(number: float) -> float | int:
+    return int(number) if number.is_integer() else number
+
+
+def _resident_layers(value: Any, notes: list[str]) -> float | int:
+    """--dit-layerwise-resident-layers (#31538; type float): a fraction of each list below 1, a count from 1
+    (SGLang floors a fractional count with a message); negative refused, as SGLang's _validate_offload does."""
+    number = _finite("--dit-layerwise-resident-layers", value)
+    if number < 0:
+        raise SGLangArgsError(f"--dit-layerwise-resident-layers must be 0 or more, got '{value}' (SGLang refuses it)")
+    if number >= 1 and not number.is_integer():
+        notes.append(f"--dit-layerwise-resident-layers {value}: SGLang truncates a count to {math.floor(number)}")
+        number = float(math.floor(number))
+    return _plain(number)
+
+
+def _policy(flag: str, value: Any) -> str:
+    text = value.strip() if isinstance(value, str) else value
+    if text not in RESIDENCY_POLICIES:
+        raise SGLangArgsError(f"{flag} expects one of {', '.join(RESIDENCY_POLICIES)}, got '{value}' (SGLang refuses "
+                              "anything else)")
+    return text
+
+
+def _tuning_map(name: str, value: Any, notes: list[str]) -> dict[str, float | int | str]:
+    """A per-component map of #35688 as SGLang's _parse_component_value_map reads it: a mapping (from a
+    config file), a JSON object, or COMPONENT=VALUE entries split on commas; keys and values stripped,
+    keys taken as exact component names."""
+    flag = _flag(name)
+    items: list[tuple[Any, Any]]
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, str):
+        items = []
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict):
+            items = list(parsed.items())
+        else:
+            for pair in value.split(","):
+                pair = pair.strip()
+                if not pair:
+                    continue
+                if "=" not in pair:
+                    raise SGLangArgsError(f"{flag} must use COMPONENT=VALUE entries, got '{pair}' (SGLang refuses it)")
+                key, entry = pair.split("=", 1)
+                items.append((key.strip(), entry.strip()))
+    else:
+        raise SGLangArgsError(f"{flag} expects COMPONENT=VALUE entries, got {value!r}")
+    out: dict[str, float | int | str] = {}
+    for key, entry in items:
+        key = str(key)
+        if not key:
+            raise SGLangArgsError(f"{flag}: an entry has no component name")
+        if _TUNING_FLAGS[name] == "policy":
+            out[key] = _policy(f"{flag} {key}=", str(entry))
+            continue
+        number = _finite(f"{flag} {key}=", entry)
+        if number < 0:
+            what = "prefetches 1 layer" if name == "layerwise_prefetch_size" else "keeps no layer resident"
+            notes.append(f"{flag} {key}={entry}: SGLang {what} for a negative value; written as 0, which means the "
+                         "same")
+            number = 0.0
+        out[key] = _plain(number)
+    return out
+
+
 def _selection_value(name: str, value: Any) -> str | list[str]:
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return list(value)
@@ -299,13 +392,16 @@ def _translate(args: dict[str, Any], current: list[str]) -> Translation:
         elif name in _PAIR_FLAGS:
             offload[name] = _residency_pairs(value)
         elif name == "dit_layerwise_resident_layers":
-            try:
-                count = int(str(value))
-            except ValueError:
-                raise SGLangArgsError(f"--dit-layerwise-resident-layers expects an integer, got '{value}'") from None
-            if count < 0 or isinstance(value, bool):
-                raise SGLangArgsError(f"--dit-layerwise-resident-layers expects 0 or more, got '{value}'")
-            offload[name] = count
+            offload[name] = _resident_layers(value, notes)
+        elif name == "dit_layerwise_residency_policy":
+            offload[name] = _policy("--dit-layerwise-residency-policy", value)
+        elif name in _TUNING_FLAGS:
+            offload[name] = _tuning_map(name, value, notes)
+        elif name == _SEMANTICS_OPTION:
+            if str(value) not in SGLANG_SEMANTICS:
+                raise SGLangArgsError(f"--sglang-semantics expects one of {', '.join(SGLANG_SEMANTICS)}, got "
+                                      f"'{value}'")
+            offload[name] = str(value)
         elif name == "performance_mode":
             mode = str(value).lower()
             if mode not in PERFORMANCE_MODES:
@@ -329,6 +425,9 @@ def _translate(args: dict[str, Any], current: list[str]) -> Translation:
             ignored.append(f"{_flag(name)} (later SGLang, {LATER_FLAGS[name]}; not in 416fdbb, not translated)")
         else:
             ignored.append(_flag(name))
+    if offload.get(_SEMANTICS_OPTION, DEFAULT_SGLANG_SEMANTICS) != "25517" and _names_dit_token(offload):
+        notes.append("the selection token 'dit' names the DiT group in SGLang after #25517; at 416fdbb it is a "
+                     "component name no pipeline has (pass --sglang-semantics 25517 for the later meaning)")
     p = offload.get("dit_offload_prefetch_size")
     selects = bool(offload.get("dit_layerwise_offload")) or any(
         offload.get(k) not in (None, "", []) for k in _LIST_FLAGS)
@@ -339,6 +438,15 @@ def _translate(args: dict[str, Any], current: list[str]) -> Translation:
     if offload:
         spec["offload"] = offload
     return Translation(spec=spec, ignored=ignored, notes=notes)
+
+
+def _names_dit_token(offload: dict[str, Any]) -> bool:
+    for key in _LIST_FLAGS:
+        raw = offload.get(key)
+        words = [raw] if isinstance(raw, str) else raw if isinstance(raw, list) else []
+        if any(part.strip().replace("-", "_").lower() == "dit" for w in words for part in str(w).split(",")):
+            return True
+    return False
 
 
 def render_yaml(translation: Translation, schema_ref: str = "../schemas/deployment.schema.json") -> str:
