@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from planner.inventory.model import DTYPE_BYTES, ComponentInfo, Inventory
+from planner.plan import STORAGE_DTYPES
 from planner.planning.profiles import Profile
 from planner.planning.workload import (
     denoiser_activation_bytes,
@@ -29,29 +30,42 @@ from planner.planning.workload import (
 from planner.spec.families import family_of
 
 
+def compute_dtype(info: ComponentInfo, dtype: str) -> str:
+    """The dtype a component's activations take: its weights' dtype, or the pipeline's where its
+    files store float8 (weights upcast as they run: activations never float8)."""
+    return dtype if info.dtype in STORAGE_DTYPES else info.dtype or dtype
+
+
+def _scale_bytes(info: ComponentInfo, dtype: str | None) -> float:
+    """Activation bytes per element over bf16's (what the costs were counted in)."""
+    return DTYPE_BYTES.get(compute_dtype(info, dtype or "bfloat16"), 2) / 2
+
+
 def images_per_call(workload: Mapping[str, Any]) -> int:
     """Samples an encoder or decoder call handles: batch_size × num_images (guidance's negative
     prompt is a call of its own)."""
     return int(workload.get("batch_size", 1)) * int(workload.get("num_images", 1))
 
 
-def encoder_call(info: ComponentInfo, workload: Mapping[str, Any], denoiser: str) -> tuple[float, int] | None:
-    """(FLOPs, activation bytes) of one call of a counted text encoder at the workload, else None."""
+def encoder_call(info: ComponentInfo, workload: Mapping[str, Any], denoiser: str,
+                 dtype: str | None = None) -> tuple[float, int] | None:
+    """(FLOPs, activation bytes) of one call of a counted text encoder at the workload, else None
+    (``dtype``: the pipeline's, for a component whose files store float8)."""
     cost = encoder_cost(info.class_name, parameters_of(info), text_tokens(workload, denoiser))
     if cost is None:
         return None
-    scale = images_per_call(workload) * DTYPE_BYTES.get(info.dtype, 2) / 2     # counted in bf16
+    scale = images_per_call(workload) * _scale_bytes(info, dtype)     # counted in bf16
     return cost[0] * images_per_call(workload), int(cost[1] * scale)
 
 
 def decode_call(info: ComponentInfo, workload: Mapping[str, Any],
-                profile: Profile | None = None) -> tuple[float, int] | None:
+                profile: Profile | None = None, dtype: str | None = None) -> tuple[float, int] | None:
     """(FLOPs, activation bytes) of one counted VAE decode of the workload's images, else None; the
     bytes scaled by the profile's measured ``decode_activation_scale``."""
     cost = vae_decode_cost(info.class_name, parameters_of(info), int(workload["height"]), int(workload["width"]))
     if cost is None:
         return None
-    scale = images_per_call(workload) * DTYPE_BYTES.get(info.dtype, 2) / 2
+    scale = images_per_call(workload) * _scale_bytes(info, dtype)
     measured = profile.decode_activation_scale if profile is not None else 1.0
     return cost[0] * images_per_call(workload), int(cost[1] * scale * measured)
 
@@ -66,13 +80,15 @@ def component_activations(workload: Mapping[str, Any] | None, inventory: Invento
         family = family_of(comp.name)
         counted: tuple[float, int] | None = None
         if family == "dit":
-            out[comp.name] = (denoiser_activation_bytes(w, comp.class_name, max(comp.layer_bytes), comp.dtype or dtype,
-                                                        parameters=parameters_of(comp))
+            act = compute_dtype(comp, dtype)
+            # the layer's bytes in the dtype it computes in (the factor rule reads the hidden size off them)
+            layer = max(comp.layer_bytes, default=0) * DTYPE_BYTES.get(act, 2) // DTYPE_BYTES.get(comp.dtype or act, 2)
+            out[comp.name] = (denoiser_activation_bytes(w, comp.class_name, layer, act, parameters=parameters_of(comp))
                               if comp.layer_bytes else 0)
             continue
         if family in ("text_encoder", "image_encoder"):
-            counted = encoder_call(comp, w, denoiser)
+            counted = encoder_call(comp, w, denoiser, dtype)
         elif family == "vae":
-            counted = decode_call(comp, w, profile)
+            counted = decode_call(comp, w, profile, dtype)
         out[comp.name] = counted[1] if counted else 0
     return out

@@ -22,6 +22,7 @@ from planner.plan import Plan
 from planner.planning.budget import plan_budget
 from planner.planning.host_tiers import choose_host_tiers
 from planner.planning.resolve import resolve
+from planner.planning.stored_dtype import storage_from_files
 from planner.spec.document import Document, load_file
 from planner.spec.schema import check_document
 
@@ -99,4 +100,5 @@ def make_plan(spec: SpecLike, pipeline: Any = None, *, strict: bool = False,
     doc = load_spec(spec)
     inv = inventory if inventory is not None else spec_inventory(doc, pipeline=pipeline)
     resolution = resolve(doc, inv, strict=strict)
+    storage_from_files(doc, inv, resolution)       # float8 files stay float8
     return plan_budget(doc, inv, resolution, strict=strict, host_tiers=choose_host_tiers)
