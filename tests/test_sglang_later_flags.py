@@ -373,3 +373,15 @@ def test_the_later_meaning_needs_to_be_asked_for():
                                                             "layerwise_offload_components": "default"}}))
     assert str(plan.components["transformer"].strategy) == "layerwise"          # 416fdbb: default = the DiTs
     assert str(plan.components["text_encoder"].strategy) == "resident"
+
+
+def test_the_dit_flags_without_a_streamed_dit_warn_as_sglang_does():
+    """server_args._validate_offload (later SGLang): the resident count needs a layerwise DiT, the policy a
+    resident set."""
+    plan = make_plan(_spec("  dit_layerwise_resident_layers: 8\n  dit_layerwise_residency_policy: strided\n"))
+    assert [w.code for w in plan.warnings] == ["dit-tuning-no-effect", "dit-tuning-no-effect"]
+    plan = make_plan(_spec("  dit_layerwise_offload: true\n  dit_layerwise_residency_policy: strided\n"))
+    (w,) = plan.warnings
+    assert "no resident set" in w.message and (w.line, w.column) == (6, 3)
+    assert not make_plan(_spec("  dit_layerwise_offload: true\n  dit_layerwise_resident_layers: 8\n"
+                               "  dit_layerwise_residency_policy: strided\n")).warnings

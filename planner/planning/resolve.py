@@ -148,6 +148,7 @@ def resolve(doc: Document, inventory: Inventory, *, strict: bool = False) -> Res
         entry = entries.get(comp.name, {})
         entry = {} if isinstance(entry, str) else entry
         _resolve_layers(doc, comp, entry, defaults, offload, errors, res)
+    _check_dit_tuning(doc, res, offload)
 
     if strict:
         errors.extend(Diagnostic(w.file, w.line, w.column, w.message, "error", w.where, w.code) for w in res.warnings)
@@ -850,6 +851,26 @@ def check_tuning_keys(doc: Document, res: Resolution, offload: Mapping[str, Any]
                     f"SGLang matches exact component names only, so it matches nothing"
                     f"{did_you_mean(name, list(res.components))}",
                     severity="warning", key=True, code="tuning-matches-nothing"))
+
+
+def _check_dit_tuning(doc: Document, res: Resolution, offload: Mapping[str, Any]) -> None:
+    """SGLang's _validate_offload warnings: the DiT flags act only on a streamed DiT, and a policy only on a
+    resident set."""
+    streamed_dit = any(c.strategy == "layerwise" and _default_enabled(c, sglang_class(c.info.class_name))
+                       for c in res.components.values())
+    resident = offload.get("dit_layerwise_resident_layers") or 0
+    policy = offload.get("dit_layerwise_residency_policy", DEFAULT_RESIDENCY_POLICY)
+    if resident > 0 and not streamed_dit:
+        res.warnings.append(doc.diagnostic(("offload", "dit_layerwise_resident_layers"),
+                                           "dit_layerwise_resident_layers has no effect: no DiT is streamed layer by "
+                                           "layer (SGLang warns the same; it applies with dit_layerwise_offload or a "
+                                           "selected DiT)", severity="warning", key=True, code="dit-tuning-no-effect"))
+    if policy != DEFAULT_RESIDENCY_POLICY and (not streamed_dit or resident <= 0):
+        why = "no DiT is streamed layer by layer" if not streamed_dit else \
+            "dit_layerwise_resident_layers is 0, so every layer streams and there is no resident set to place"
+        res.warnings.append(doc.diagnostic(("offload", "dit_layerwise_residency_policy"),
+                                           f"dit_layerwise_residency_policy has no effect: {why} (SGLang warns the "
+                                           "same)", severity="warning", key=True, code="dit-tuning-no-effect"))
 
 
 def list_resident_count(value: float, layer_count: int) -> int:
