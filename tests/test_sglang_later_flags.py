@@ -343,6 +343,8 @@ def test_from_sglang_writes_negative_per_component_values_as_sglang_uses_them():
 @pytest.mark.parametrize("argv", [
     ["--dit-layerwise-residency-policy", "Strided"],          # argparse choices are exact
     ["--dit-layerwise-residency-policy", "spread"],
+    ["--dit-layerwise-residency-policy", " strided"],         # nor stripped
+    ["--layerwise-residency-policy", '{"vae": "strided "}'],
     ["--dit-layerwise-resident-layers", "-1"],
     ["--dit-layerwise-resident-layers", "inf"],
     ["--dit-layerwise-resident-layers", "nan"],

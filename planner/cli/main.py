@@ -426,7 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_schema)
 
     p = sub.add_parser("from-sglang", help="SGLang server args (or --config FILE) to a deployment spec",
-                       allow_abbrev=False)
+                       allow_abbrev=False,
+                       epilog="from-sglang's own options among ARGS: --gpu-memory SIZE and --gpu-memory-available "
+                              "SIZE (what SGLang asks the device), --sglang-semantics 416fdbb|25517 (which SGLang "
+                              "the flags mean; the seed's commit by default).")
     p.add_argument("-o", "--output", help="write the spec here instead of printing it")
     p.add_argument("args", nargs="*", metavar="ARGS", help="SGLang server arguments, e.g. --dit-cpu-offload true")
     p.set_defaults(func=cmd_from_sglang)

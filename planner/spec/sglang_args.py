@@ -274,7 +274,8 @@ def _resident_layers(value: Any, notes: list[str]) -> float | int:
 
 
 def _policy(flag: str, value: Any) -> str:
-    text = value.strip() if isinstance(value, str) else value
+    """A residency policy, spelled exactly (argparse choices and _validate_offload compare, never strip)."""
+    text = value
     if text not in RESIDENCY_POLICIES:
         raise SGLangArgsError(f"{flag} expects one of {', '.join(RESIDENCY_POLICIES)}, got '{value}' (SGLang refuses "
                               "anything else)")
