@@ -5,6 +5,12 @@ weights that stay resident + the layerwise slots of the running phase (the execu
 phases' slots back) + the whole components that phase has on the GPU (a CPU-offloaded component,
 and the one before it while its prefetch lands) + the running component's activations + a margin.
 Pinned host bytes = every streamed or offloaded weight, packed once.
+
+A component whose weights are stored in float8 (``ComponentPlan.storage``) also holds, while it
+runs, the compute-dtype copy its upcast makes (``upcast_bytes``): the executor upcasts one cast
+module (a Linear, Conv or Embedding) just before it runs and drops the copy after it, so the
+transient is the largest cast module's weights in the compute dtype, counted in the component's
+``gpu_transient_bytes`` (resident components included: held while they run).
 """
 
 from __future__ import annotations
@@ -12,7 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+from planner.inventory.model import DTYPE_BYTES
 from planner.plan import ComponentEstimate, ComponentPlan
+from planner.planning.rules import CAST_SHARES, cast_skip_patterns
 from planner.spec.families import runs_per_step
 
 FSDP_DEFAULT_WORLD_SIZE = 2
@@ -29,6 +37,88 @@ class MemoryEstimate:
     host_peak_bytes: int = 0
 
 
+# The largest cast module of each class under its default skip patterns (rules.cast_skip_patterns),
+# as a share of (the largest layer's bytes, the bytes outside the layers), both in the loaded dtype:
+# measured on the catalog's full-size configs built on meta (scripts/build_catalog.py's builders,
+# storage_cast.cast_modules). Flux: a single block's proj_out (15360 x 3072, 94 MB in bf16) of its
+# 680 MB double block. A class not listed, or a component with skip_modules of its own, counts a
+# whole layer (or everything outside the layers) as one upcast: an upper bound.
+UPCAST_SHARES: dict[str, tuple[float, float]] = {
+    'AutoencoderKL': (0.4998, 0.2197),
+    'AutoencoderKLLTX2Audio': (0.0, 0.0443),
+    'AutoencoderKLLTX2Video': (0.0, 0.0926),
+    'AutoencoderKLQwenImage': (0.0, 0.0314),
+    'AutoencoderKLWan': (0.0, 0.0314),
+    'CLIPTextModel': (0.3333, 0.9984),
+    'CLIPTextModelWithProjection': (0.3333, 0.9831),
+    'FluxTransformer2DModel': (0.1389, 0.1963),
+    'Gemma3ForConditionalGeneration': (0.2631, 0.9903),
+    'LTX2TextConnectors': (0.0, 0.5047),
+    'LTX2VideoTransformer3DModel': (0.1739, 0.2922),
+    'LTX2Vocoder': (0.0, 0.1509),
+    'Qwen2_5_VLForConditionalGeneration': (0.2913, 0.4797),
+    'Qwen3Model': (0.2467, 1.0),
+    'QwenImageTransformer2DModel': (0.1667, 0.2718),
+    'SD3Transformer2DModel': (0.1111, 0.0771),
+    'T5EncoderModel': (0.2174, 1.0),
+    'UMT5EncoderModel': (0.2174, 1.0),
+    'WanTransformer3DModel': (0.2015, 0.0),
+    'ZImageTransformer2DModel': (0.2174, 0.0833),
+}
+# device-memory bytes per second of the upcast (an elementwise conversion: float8 read, the compute
+# dtype written); not calibrated on a GPU yet: about 60 % of an H200's 4.8 TB/s
+UPCAST_BYTES_PER_S = 2.9e12
+
+
+def _class_shares(cp: ComponentPlan) -> tuple[tuple[float, float] | None, tuple[float, float] | None]:
+    """(the cast shares the stored bytes were counted with, the largest-module shares), or None
+    where the class is not measured or the spec has skip patterns of its own."""
+    assert cp.storage is not None
+    own = tuple(cp.storage.skip_modules) != cast_skip_patterns(cp.class_name)
+    if own:
+        return None, None
+    return CAST_SHARES.get(cp.class_name), UPCAST_SHARES.get(cp.class_name)
+
+
+def loaded_bytes(cp: ComponentPlan, layer_bytes: Sequence[int]) -> tuple[list[int], int]:
+    """Each layer's bytes and the bytes outside the layers in the compute dtype, before the cast:
+    the stored bytes (``layer_bytes``, ``weight_bytes``) with their cast share widened back (the
+    loaded dtype taken to be the compute dtype, as the catalog's and the pipeline's are)."""
+    non_layer = max(0, cp.weight_bytes - sum(layer_bytes))
+    if cp.storage is None:
+        return list(layer_bytes), non_layer
+    shares, _ = _class_shares(cp)
+    r = DTYPE_BYTES.get(cp.storage.dtype, 1) / DTYPE_BYTES.get(cp.storage.compute_dtype, 2)
+    layer_share, other_share = shares or (0.0, 0.0)
+    return ([round(b / (1 - layer_share * (1 - r))) for b in layer_bytes],
+            round(non_layer / (1 - other_share * (1 - r))))
+
+
+def upcast_bytes(cp: ComponentPlan, layer_bytes: Sequence[int]) -> int:
+    """The compute-dtype copy the upcast holds while ``cp`` runs: its largest cast module's weights
+    (``UPCAST_SHARES`` of the largest layer, or of what is outside the layers), 0 without storage."""
+    if cp.storage is None:
+        return 0
+    layers, other = loaded_bytes(cp, layer_bytes)
+    _, largest = _class_shares(cp)
+    in_layer, outside = largest or (1.0, 1.0)
+    return int(max(in_layer * max(layers, default=0), outside * other))
+
+
+def upcast_seconds(cp: ComponentPlan, layer_bytes: Sequence[int], bytes_per_s: float = UPCAST_BYTES_PER_S) -> float:
+    """Device time of one call's upcasts (every cast module once: its float8 bytes read, its
+    compute-dtype copy written), for a time model that counts it apart from the compute; 0 without
+    storage. The cast bytes are the class's cast shares of the loaded bytes (all of them where unknown)."""
+    if cp.storage is None:
+        return 0.0
+    layers, other = loaded_bytes(cp, layer_bytes)
+    shares, _ = _class_shares(cp)
+    layer_share, other_share = shares or (1.0, 1.0)
+    cast = layer_share * sum(layers) + other_share * other       # in the compute dtype
+    r = DTYPE_BYTES.get(cp.storage.dtype, 1) / DTYPE_BYTES.get(cp.storage.compute_dtype, 2)
+    return cast * (1 + r) / bytes_per_s
+
+
 def streamed_layers(cp: ComponentPlan, layer_bytes: Sequence[int]) -> list[int]:
     resident = set(cp.resident_layers)
     return [b for i, b in enumerate(layer_bytes) if i not in resident]
@@ -36,12 +126,15 @@ def streamed_layers(cp: ComponentPlan, layer_bytes: Sequence[int]) -> list[int]:
 
 def component_estimate(cp: ComponentPlan, layer_bytes: Sequence[int], *,
                        world_size: int = FSDP_DEFAULT_WORLD_SIZE, activation_bytes: int = 0) -> ComponentEstimate:
-    """GPU and host bytes of one component under its strategy."""
+    """GPU and host bytes of one component under its strategy (float8 storage: its upcast's copy
+    in ``gpu_transient_bytes``)."""
     total = cp.weight_bytes
+    upcast = upcast_bytes(cp, layer_bytes)
     if cp.strategy == "resident":
-        return ComponentEstimate(gpu_resident_bytes=total, activation_bytes=activation_bytes)
+        return ComponentEstimate(gpu_resident_bytes=total, gpu_transient_bytes=upcast, activation_bytes=activation_bytes)
     if cp.strategy == "cpu_offload":
-        return ComponentEstimate(gpu_transient_bytes=total, host_pinned_bytes=total, activation_bytes=activation_bytes)
+        return ComponentEstimate(gpu_transient_bytes=total + upcast, host_pinned_bytes=total,
+                                 activation_bytes=activation_bytes)
     if cp.strategy == "fsdp":
         # each rank keeps its shard; one block is gathered whole while it runs
         largest = max(layer_bytes, default=0)
@@ -51,7 +144,7 @@ def component_estimate(cp: ComponentPlan, layer_bytes: Sequence[int], *,
     resident_layer_bytes = sum(layer_bytes) - sum(streamed)
     non_layer = max(0, total - sum(layer_bytes))
     slots = min((cp.prefetch or 1) + 1, len(streamed))
-    slot_bytes = slots * max(streamed, default=0)
+    slot_bytes = slots * max(streamed, default=0) + upcast
     if cp.stream_non_layer:
         # the modules outside the layers stream too: each is on the GPU from its prefetch to the
         # end of its run, counted here as all of them at once (an upper bound: a text encoder's
@@ -100,7 +193,7 @@ def phase_timeline(plans: Mapping[str, ComponentPlan], comps: Mapping[str, Compo
     for i, name in enumerate(order):
         cp = plans[name]
         held = slots.get(phase_of_plan(cp), 0)
-        if cp.strategy in ("cpu_offload", "fsdp"):
+        if cp.strategy in ("cpu_offload", "fsdp", "resident"):   # resident: its upcast copy, if stored in float8
             held += comps[name].gpu_transient_bytes
         if cp.strategy == "cpu_offload" and i > 0 and plans[order[i - 1]].strategy == "cpu_offload":
             held += comps[order[i - 1]].gpu_transient_bytes
