@@ -387,3 +387,16 @@ def test_the_dit_flags_without_a_streamed_dit_warn_as_sglang_does():
     assert "no resident set" in w.message and (w.line, w.column) == (6, 3)
     assert not make_plan(_spec("  dit_layerwise_offload: true\n  dit_layerwise_resident_layers: 8\n"
                                "  dit_layerwise_residency_policy: strided\n")).warnings
+
+
+def test_resident_values_that_are_not_finite_are_errors_and_huge_counts_mean_all():
+    with pytest.raises(SpecError) as exc:
+        make_plan(_spec("  dit_layerwise_offload: true\n  dit_layerwise_resident_layers: .inf\n"
+                        "  layerwise_resident_layers: {text_encoder: .inf}\n"))
+    assert [(d.line, d.column) for d in exc.value.diagnostics] == [(6, 34), (7, 45)]
+    big = "9" * 400                       # a YAML integer no float holds: bounded, not a traceback
+    plan = make_plan(_spec(f"  dit_layerwise_offload: true\n  dit_layerwise_resident_layers: {big}\n"
+                           f"  dit_offload_prefetch_size: {big}\n  layerwise_offload_components: text_encoder\n"
+                           f"  layerwise_prefetch_size: {{text_encoder: {big}}}\n"))
+    t = plan.components["transformer"]
+    assert len(t.resident_layers) == 57 and [ll.prefetch for ll in t.layers] == [19, 38]

@@ -111,6 +111,7 @@ def resolve(doc: Document, inventory: Inventory, *, strict: bool = False) -> Res
     if residency:
         _apply_component_residency(doc, res, residency, decide)
     check_tuning_keys(doc, res, offload)
+    _check_resident_values(doc, offload, errors)
 
     # Rule 5: components: entries, the most specific statement.
     for name, entry in entries.items():
@@ -444,7 +445,7 @@ def _sglang_flags(doc: Document, res: Resolution, errors: list[Diagnostic]) -> t
         final = dict(flags, layerwise_offload_components=names, **({"use_fsdp_inference": False} if fsdp_off else {}),
                      **{f: False for f in off})
         stages.append(_Stage("conflict", final))
-        p = offload.get("dit_offload_prefetch_size")
+        p = _bounded(offload.get("dit_offload_prefetch_size"))
         if isinstance(p, (int, float)) and not isinstance(p, bool):
             where = ("offload", "dit_offload_prefetch_size")
             if p < 0:
@@ -685,6 +686,17 @@ def _token_places(doc: Document, key: str, raw: Any) -> dict[str, PathKey]:
     return places
 
 
+_COUNT_BOUND = 1 << 31
+
+
+def _bounded(value: Any) -> Any:
+    """An integer count beyond any layer list's length means what the bound means (K and resident counts are
+    clamped to N): bounded so that it converts to a float (a 400-digit integer does not)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > _COUNT_BOUND:
+        return _COUNT_BOUND
+    return value
+
+
 def prefetch_count(p: float, layer_count: int) -> int:
     """Design rule 7: a fraction p in [0, 1) of N layers is K = 1 + round(p·(N−1)) with Python's round
     (half to even, as SGLang computes it); p ≥ 1 is a count, floored; K is clamped to [1, N]."""
@@ -788,8 +800,8 @@ def _resolve_layers(doc: Document, comp: ComponentResolution, entry: dict[str, A
     elif comp.name in per_component:
         # later SGLang (#35688): this component's own dit_offload_prefetch_size
         p, where = per_component[comp.name], ("offload", "layerwise_prefetch_size", comp.name)
-        group_p = offload.get("dit_offload_prefetch_size", defaults.get("prefetch", DEFAULT_PREFETCH))
-        if float(p) != float(group_p):
+        group_p = _bounded(offload.get("dit_offload_prefetch_size", defaults.get("prefetch", DEFAULT_PREFETCH)))
+        if float(_bounded(p)) != float(group_p):
             res.decisions.append(Decision(
                 rule="layerwise-prefetch-size", component=comp.name, from_=f"prefetch {_yaml_value(group_p)}",
                 to=f"prefetch {_yaml_value(p)}",
@@ -802,6 +814,7 @@ def _resolve_layers(doc: Document, comp: ComponentResolution, entry: dict[str, A
         p, where = defaults["prefetch"], ("defaults", "prefetch")
     else:
         p, where = DEFAULT_PREFETCH, None
+    p = _bounded(p)
     if p < 0:
         errors.append(doc.diagnostic(where or ("defaults",), f"prefetch cannot be negative (got {p})"))
         return
@@ -851,6 +864,20 @@ def check_tuning_keys(doc: Document, res: Resolution, offload: Mapping[str, Any]
                     f"SGLang matches exact component names only, so it matches nothing"
                     f"{did_you_mean(name, list(res.components))}",
                     severity="warning", key=True, code="tuning-matches-nothing"))
+
+
+def _check_resident_values(doc: Document, offload: Mapping[str, Any], errors: list[Diagnostic]) -> None:
+    """A resident value must be finite (SGLang fails on an infinite one when it counts the layers)."""
+    places: list[tuple[PathKey, Any]] = []
+    if "dit_layerwise_resident_layers" in offload:
+        places.append((("offload", "dit_layerwise_resident_layers"), offload["dit_layerwise_resident_layers"]))
+    places += [(("offload", "layerwise_resident_layers", name), v)
+               for name, v in (offload.get("layerwise_resident_layers") or {}).items()]
+    for where, value in places:
+        value = _bounded(value)
+        if isinstance(value, (int, float)) and not math.isfinite(value):
+            errors.append(doc.diagnostic(where, f"resident layers must be a finite number (got {value}); SGLang "
+                                                "fails on it when it counts the layers"))
 
 
 def _check_dit_tuning(doc: Document, res: Resolution, offload: Mapping[str, Any]) -> None:
@@ -919,9 +946,10 @@ def _resolve_sglang_resident(doc: Document, comp: ComponentResolution, offload: 
         policy_source = "offload.dit_layerwise_residency_policy"
     else:
         policy, policy_source = DEFAULT_RESIDENCY_POLICY, "the residency policy (SGLang's default)"
+    value = _bounded(value)
     lists = [ll.count for ll in comp.info.layer_lists if ll.count]
-    if not lists or float(value) <= 0:
-        return
+    if not lists or not math.isfinite(float(value)) or float(value) <= 0:
+        return                       # a value that is not finite is an error (_check_resident_values)
     indices: list[int] = []
     offset = 0
     per_list = []
