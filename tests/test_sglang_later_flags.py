@@ -400,3 +400,10 @@ def test_resident_values_that_are_not_finite_are_errors_and_huge_counts_mean_all
                            f"  layerwise_prefetch_size: {{text_encoder: {big}}}\n"))
     t = plan.components["transformer"]
     assert len(t.resident_layers) == 57 and [ll.prefetch for ll in t.layers] == [19, 38]
+
+
+def test_hostile_per_component_values_are_located_short_errors():
+    for value in ("[" * 100_000, '{"a": ' * 10_000 + "1", "x" * 100_000):
+        with pytest.raises(SGLangArgsError) as exc:
+            translate(parse_args(["--layerwise-prefetch-size", value]))
+        assert len(str(exc.value)) < 300

@@ -243,6 +243,12 @@ def _residency_pairs(value: Any) -> dict[str, str]:
     return out
 
 
+def _shown(value: Any, limit: int = 80) -> str:
+    """A value as a message shows it: long ones cut, with their length."""
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _finite(flag: str, value: Any) -> float:
     """A number as SGLang's float() reads it; what it cannot use is refused here."""
     if isinstance(value, bool):
@@ -250,10 +256,10 @@ def _finite(flag: str, value: Any) -> float:
     try:
         number = float(str(value).strip())
     except ValueError:
-        raise SGLangArgsError(f"{flag} expects a number, got '{value}'") from None
+        raise SGLangArgsError(f"{flag} expects a number, got '{_shown(value)}'") from None
     if not math.isfinite(number):
-        raise SGLangArgsError(f"{flag} must be a finite number, got '{value}' (SGLang fails on it when it counts "
-                              "the layers)")
+        raise SGLangArgsError(f"{flag} must be a finite number, got '{_shown(value)}' (SGLang fails on it when it "
+                              "counts the layers)")
     return number
 
 
@@ -277,8 +283,8 @@ def _policy(flag: str, value: Any) -> str:
     """A residency policy, spelled exactly (argparse choices and _validate_offload compare, never strip)."""
     text = value
     if text not in RESIDENCY_POLICIES:
-        raise SGLangArgsError(f"{flag} expects one of {', '.join(RESIDENCY_POLICIES)}, got '{value}' (SGLang refuses "
-                              "anything else)")
+        raise SGLangArgsError(f"{flag} expects one of {', '.join(RESIDENCY_POLICIES)}, got '{_shown(value)}' "
+                              "(SGLang refuses anything else)")
     return text
 
 
@@ -293,8 +299,8 @@ def _tuning_map(name: str, value: Any, notes: list[str]) -> dict[str, float | in
     elif isinstance(value, str):
         items = []
         try:
-            parsed = json.loads(value)
-        except ValueError:
+            parsed = json.loads(value) if value.lstrip().startswith("{") else None
+        except (ValueError, RecursionError):       # not JSON (or nested past reading): taken as entries
             parsed = None
         if isinstance(parsed, dict):
             items = list(parsed.items())
@@ -304,20 +310,21 @@ def _tuning_map(name: str, value: Any, notes: list[str]) -> dict[str, float | in
                 if not pair:
                     continue
                 if "=" not in pair:
-                    raise SGLangArgsError(f"{flag} must use COMPONENT=VALUE entries, got '{pair}' (SGLang refuses it)")
+                    raise SGLangArgsError(f"{flag} must use COMPONENT=VALUE entries, got '{_shown(pair)}' (SGLang "
+                                          "refuses it)")
                 key, entry = pair.split("=", 1)
                 items.append((key.strip(), entry.strip()))
     else:
-        raise SGLangArgsError(f"{flag} expects COMPONENT=VALUE entries, got {value!r}")
+        raise SGLangArgsError(f"{flag} expects COMPONENT=VALUE entries, got {_shown(repr(value))}")
     out: dict[str, float | int | str] = {}
     for key, entry in items:
         key = str(key)
         if not key:
             raise SGLangArgsError(f"{flag}: an entry has no component name")
         if _TUNING_FLAGS[name] == "policy":
-            out[key] = _policy(f"{flag} {key}=", str(entry))
+            out[key] = _policy(f"{flag} {_shown(key)}=", str(entry))
             continue
-        number = _finite(f"{flag} {key}=", entry)
+        number = _finite(f"{flag} {_shown(key)}=", entry)
         if number < 0:
             what = "prefetches 1 layer" if name == "layerwise_prefetch_size" else "keeps no layer resident"
             notes.append(f"{flag} {key}={entry}: SGLang {what} for a negative value; written as 0, which means the "
