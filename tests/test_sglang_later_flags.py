@@ -16,8 +16,11 @@ that carry the pull requests, read through the code index (the files, not the pu
   argument of ``component=value`` entries split on commas (or a JSON object, or a mapping from a config file),
   an entry for the exact component name wins, a component with no entry keeps its group's value.
 - #25517: ``layerwise_offload_components.py`` after it (``LAYERWISE_OFFLOAD_DIT_GROUP = "dit"``, ``default``
-  expanding to the text_encoder, image_encoder and vae groups), and the issue's statement that FSDP is turned
-  off only when a DiT is selected.
+  expanding to the text_encoder, image_encoder and vae groups), the issue's statement that FSDP is turned
+  off only when a DiT is selected, and SGLang's own ``test/unit/test_server_args.py`` at a revision after it
+  (the cases whose ``source`` names one of its tests take that test's assertion; the test's pipeline config
+  is played by a catalog model, and where the test ran the auto-tuning, the selection it asserts is written
+  out under ``performance_mode: manual``, since later changes to the auto-tuning are not modelled).
 
 Where the source leaves a choice to this project, the choice is in docs/guide.md (migration chapter): under
 the seed's meaning (the default) a streamed component with no per-component entry keeps the seed's
@@ -177,12 +180,33 @@ CASES = [
      'sglang': {'text_encoder': ['layerwise', [12, 1], []], 'text_encoder_2': ['layerwise', [24, 1], []],
                 'transformer': ['resident'], 'vae': ['layerwise', [4, 1], [4, 1], []]},
      'source': "#25517: 'default' is the text_encoder, image_encoder and vae groups, not the DiTs"},
+    {'id': 'later_default_with_explicit_fsdp',
+     'model': 'Wan-AI/Wan2.2-T2V-A14B-Diffusers',
+     'argv': ['--sglang-semantics', '25517', '--performance-mode', 'manual', '--num-gpus', '2',
+              '--use-fsdp-inference', '--layerwise-offload-components', 'default'],
+     'offload': {'sglang_semantics': '25517', 'performance_mode': 'manual', 'num_gpus': 2,
+                 'use_fsdp_inference': True, 'layerwise_offload_components': ['default']},
+     'sglang': {'text_encoder': ['layerwise', [24, 1], []], 'transformer': ['fsdp'], 'transformer_2': ['fsdp'],
+                'vae': ['layerwise', [11, 1], [4, 1], []]},
+     'source': 'test_server_args.py (after #25517)::test_auto_wan_layerwise_offload_does_not_disable_explicit_fsdp '
+               '(layerwise [text_encoder, image_encoder, vae] with use_fsdp_inference kept true)'},
+    {'id': 'later_default_group_normalized',
+     'model': 'black-forest-labs/FLUX.1-dev',
+     'argv': ['--sglang-semantics', '25517', '--performance-mode', 'manual', '--layerwise-offload-components',
+              'default', 'text_encoder'],
+     'offload': {'sglang_semantics': '25517', 'performance_mode': 'manual',
+                 'layerwise_offload_components': ['default', 'text_encoder']},
+     'sglang': {'text_encoder': ['layerwise', [12, 1], []], 'text_encoder_2': ['layerwise', [24, 1], []],
+                'transformer': ['resident'], 'vae': ['layerwise', [4, 1], [4, 1], []]},
+     'source': 'test_server_args.py (after #25517)::test_layerwise_offload_components_normalize_default_group '
+               '([default, text_encoder] -> [text_encoder, image_encoder, vae])'},
     {'id': 'later_dit_layerwise_offload',
      'model': 'Tongyi-MAI/Z-Image-Turbo',
      'argv': ['--sglang-semantics', '25517', '--performance-mode', 'manual', '--dit-layerwise-offload'],
      'offload': {'sglang_semantics': '25517', 'performance_mode': 'manual', 'dit_layerwise_offload': True},
      'sglang': {'text_encoder': ['resident'], 'transformer': ['layerwise', [30, 1], []], 'vae': ['resident']},
-     'source': "#25517: --dit-layerwise-offload adds 'dit'"},
+     'source': "test_server_args.py (after #25517)::test_dit_layerwise_offload_selects_dit_group "
+               "(--dit-layerwise-offload gives [dit])"},
     {'id': 'seed_dit_token_matches_nothing',
      'model': 'Tongyi-MAI/Z-Image-Turbo',
      'argv': ['--performance-mode', 'manual', '--layerwise-offload-components', 'dit'],
