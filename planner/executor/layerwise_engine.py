@@ -40,6 +40,16 @@ Shape of the engine (after SGLang's layerwise offload manager, with diffusers-st
   layers, tensors shared by two layers or by a layer and the rest (a RoPE table: moved once, every
   alias sees it, since rebinding works on the tensor object), and tensors that cannot be packed
   (tensor subclasses, stride-0 or gapped views: ``unusual_tensors``).
+- Host tiers (``host_tier``, from the plan): ``pinned`` is the above. ``mapped`` and ``disk`` keep
+  the streamed bytes in the component's safetensors files (the weight source must be those files:
+  ``load_pipeline``): the host side is a ``file_tiers.FilePack``, a ring of two staging entries
+  (pinned on CUDA) each the size of the largest layer; a load reads the layer from the files into
+  the next entry (a copy out of the file's mapping, or O_DIRECT reads), then copies the entry into
+  the slot as above and records the entry's event, which the next read into that entry waits on.
+  The reads run on the calling thread when the load is issued (the window's prefetch), so they
+  overlap the device's queued work, not the host's. Tensors the files do not hold (buffers computed
+  at construction) stay on the device. A file tier attaches once: after a ``detach`` the weights
+  are real tensors that may have changed (a pause, a dtype conversion), and attaching again refuses.
 - Off CUDA the streams and events are no-op objects and the same code runs, so CI exercises slot
   reuse, release, prefetch order and order learning for real.
 
@@ -62,11 +72,12 @@ from typing import Any, Callable, Collection, Sequence
 
 import torch
 
-from planner.executor import host_memory, packing, streams, weight_sources
+from planner.executor import file_tiers, host_memory, packing, streams, weight_sources
 from planner.executor import module_hooks as _h
 from planner.executor.packed_lifecycle import PackedPlacement
 
 _SLOT_WASTE = 0.25   # a slot more than this fraction larger than its next layer is reallocated
+HOST_TIERS = ("pinned", "mapped", "disk")
 
 
 class _Slot:
@@ -122,7 +133,7 @@ class LayerwiseEngine(PackedPlacement):
     def __init__(self, module: torch.nn.Module, layers: Sequence[torch.nn.Module], *,
                  device: torch.device | str, prefetch: int | Sequence[int] = 1, resident: Collection[int] = (),
                  name: str = "", weight_source: Callable[[str], torch.Tensor] | None = None,
-                 stream_non_layer: bool = False) -> None:
+                 stream_non_layer: bool = False, host_tier: str | None = None) -> None:
         self.module = module
         self.layers = list(layers)
         # K per layer: a plan gives each layer list its own K (as SGLang runs one manager per list);
@@ -139,6 +150,10 @@ class LayerwiseEngine(PackedPlacement):
         self.name = name
         self.weight_source = weight_source
         self.stream_non_layer = stream_non_layer
+        tier = str(getattr(host_tier, "value", host_tier) or "pinned")
+        if tier not in HOST_TIERS:
+            raise ValueError(f"{name or 'layerwise'}: host_tier {tier!r}: one of {', '.join(HOST_TIERS)}")
+        self.host_tier = tier
         bad = [i for i in self.resident if not 0 <= i < len(self.layers)]
         if bad:
             raise ValueError(f"{name or 'layerwise'}: resident layer indices out of range "
@@ -238,6 +253,8 @@ class LayerwiseEngine(PackedPlacement):
             "slot_releases": self.slot_releases,
             "host_pinned_bytes": pack.pinned_bytes if pack is not None else 0,
             "host_buffer_bytes": pack.allocated_bytes if pack is not None else 0,
+            "host_tier": self.host_tier,
+            **(pack.report() if pack is not None and self._from_file else {}),
             "unusual_tensors": self._unusual,
             "shared_tensors": self._shared,
             "sync_loads": self.sync_loads,
@@ -284,7 +301,8 @@ class LayerwiseEngine(PackedPlacement):
         self._ops = streams.StreamOps(self.device)
         self._copy_stream: Any = None
         self._hooks = _h.ModuleHooks()
-        self._pack: packing.HostPack | None = None
+        self._pack: Any = None            # packing.HostPack, or file_tiers.FilePack (host_tier mapped / disk)
+        self._from_file = False
         self._sourced: list[weight_sources.SourcedTensors] = []   # while attaching from a weight source
         self._streamed: list[_Layer] = []
         self._all: list[_Layer] = []       # streamed layers, then units (stream_non_layer); by sid
@@ -349,6 +367,10 @@ class LayerwiseEngine(PackedPlacement):
                                  f"of the module built on meta: {', '.join(lacking[:5])}"
                                  + (" ..." if len(lacking) > 5 else ""))
         meta_ok = sourced is not None
+        file_tier = self.host_tier != "pinned"
+        keymap: Any = None
+        if file_tier:
+            tier_reader, keymap = file_tiers.file_source_reader(self.weight_source, self.host_tier, self._label())
         resident = set(self.resident)
         streamed_groups: list[tuple[int, list[torch.Tensor]]] = []
         stay: dict[int, torch.Tensor] = {id(t): t for t in outside}
@@ -364,6 +386,8 @@ class LayerwiseEngine(PackedPlacement):
                     self._unusual += 1
                     self._unpackable.append(t)
                     stay[id(t)] = t
+                elif file_tier and sourced is not None and sourced._name_in_source(t) is None:
+                    stay[id(t)] = t          # not in the files (computed at construction): kept on the device
                 else:
                     packed.append(t)
             streamed_groups.append((i, packed))
@@ -374,8 +398,17 @@ class LayerwiseEngine(PackedPlacement):
             originals[id(t)] = (t, t.data, t.requires_grad)
 
         # host side: one block per dtype, one aligned slice per layer
-        pack = packing.HostPack([ts for _, ts in streamed_groups], pin=self._ops.is_cuda)
+        pack: Any
+        if file_tier:
+            # file tiers: a staging ring; the values stay in the files
+            assert sourced is not None
+            keys = {id(t): keymap[sourced._name_in_source(t)] for _, ts in streamed_groups for t in ts}
+            pack = file_tiers.FilePack([ts for _, ts in streamed_groups], pin=self._ops.is_cuda, tier=self.host_tier,
+                                       reader=tier_reader, keys=keys, new_event=self._ops.new_event)
+        else:
+            pack = packing.HostPack([ts for _, ts in streamed_groups], pin=self._ops.is_cuda)
         self._pack = pack
+        self._from_file = file_tier
         pack.allocate()
         pack.fill(sourced.packed_filler() if sourced is not None else None)
         if sourced is not None:
@@ -383,7 +416,8 @@ class LayerwiseEngine(PackedPlacement):
             for group in pack.groups:
                 for pt in group.tensors:
                     if pt.tensor.device.type == "meta":   # becomes a real object, its values in the block
-                        pt.tensor = sourced.bind(pt.tensor, pack.host_view(group, pt))
+                        data = torch.empty(0, dtype=pt.dtype) if file_tier else pack.host_view(group, pt)
+                        pt.tensor = sourced.bind(pt.tensor, data)
 
         # device side: the slots; their buffers come with the first layers they take
         groups = {i: g for (i, _), g in zip(streamed_groups, pack.groups)}
@@ -575,8 +609,7 @@ class LayerwiseEngine(PackedPlacement):
                                    f"than slots ({len(self._slots)}); raise prefetch")
             # an evicted prefetch may still be writing this slot on the copy stream
             stream.wait_event(slot.load_event)
-            for dst, src in self._place(layer, slot):
-                dst.copy_(src, non_blocking=True)
+            self._copy_in(layer, self._place(layer, slot), stream)
             self.sync_loads += 1
         else:
             stream.wait_event(slot.load_event)
@@ -589,8 +622,7 @@ class LayerwiseEngine(PackedPlacement):
         """A module outside the layers: views of its own buffers, prefetched with the window (or
         loaded now on the compute stream if the window did not foresee it)."""
         if unit.bufs is None:
-            for dst, src in self._unit_alloc(unit):
-                dst.copy_(src, non_blocking=True)
+            self._copy_in(unit, self._unit_alloc(unit), self._ops.current())
             self.other_sync_loads += 1
         else:
             self._ops.current().wait_event(unit.load_event)
@@ -709,12 +741,12 @@ class LayerwiseEngine(PackedPlacement):
         # not grow a slot: Flux's first double block waits for the last single block's
         # activations to go, rather than adding to them
         hold_growth = bool(self._root_depth) and not self.resident
-        todo: list[tuple[Any, list[tuple[torch.Tensor, torch.Tensor]], Any]] = []   # (wait, copies, record)
+        todo: list[tuple[Any, _Layer, list[tuple[torch.Tensor, Any]], Any]] = []   # (wait, layer, copies, record)
         units = 0
         for i, layer in enumerate(want):
             if layer.is_unit:
                 if layer.bufs is None:
-                    todo.append((layer.ready_event, self._unit_alloc(layer), layer.load_event))
+                    todo.append((layer.ready_event, layer, self._unit_alloc(layer), layer.load_event))
                     units += 1
             elif layer.slot is None:
                 slot = self._take_slot()
@@ -724,18 +756,29 @@ class LayerwiseEngine(PackedPlacement):
                     self._free.append(slot)
                     break
                 # allocates on the compute stream, if the slot is resized
-                todo.append((slot.free_event, self._place(layer, slot), slot.load_event))
+                todo.append((slot.free_event, layer, self._place(layer, slot), slot.load_event))
         if not todo:
             return
         copy_stream = self._copy_stream
         with self._ops.use(copy_stream):
-            for wait, copies, loaded in todo:
+            for wait, layer, copies, loaded in todo:
                 copy_stream.wait_event(wait)
-                for dst, src in copies:
-                    dst.copy_(src, non_blocking=True)
+                self._copy_in(layer, copies, copy_stream)
                 loaded.record(copy_stream)
         self.async_loads += len(todo) - units
         self.other_async_loads += units
+
+    def _copy_in(self, layer: _Layer, copies: list[tuple[torch.Tensor, Any]], stream: Any) -> None:
+        """Queues ``layer``'s copies on ``stream`` (current): from its host spans (pinned), or (a file
+        tier) from a ring entry filled from the files now, whose event is recorded after them."""
+        if self._from_file:
+            spans = self._pack.stage(layer.group)
+            for dst, _ in copies:
+                dst.copy_(spans[dst.dtype], non_blocking=True)
+            self._pack.staged(stream)
+            return
+        for dst, src in copies:
+            dst.copy_(src, non_blocking=True)
 
     def _unit_alloc(self, unit: _Layer) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """A unit's own buffers, allocated on the compute stream (must be current), and the copies

@@ -30,7 +30,7 @@ from planner.executor.layer_binding import bind_layer_lists, bind_layers
 from planner.executor.layerwise_engine import LayerwiseEngine
 from planner.executor.resident import Resident
 from planner.executor.storage_cast import CastHooks, CastStore
-from planner.plan import ComponentPlan, Strategy
+from planner.plan import FILE_TIERS, ComponentPlan, Strategy
 
 # (component name, its plan) -> (the module, where its values come from: None when it holds them)
 ModuleSource = Callable[[str, ComponentPlan], Tuple[torch.nn.Module, Optional[Any]]]
@@ -47,7 +47,7 @@ def _layerwise(name: str, module: torch.nn.Module, cp: ComponentPlan, device: to
     return LayerwiseEngine(module, [item for _, items in lists for item in items], device=device,
                            prefetch=[ll.prefetch for ll, items in lists for _ in items],
                            resident=cp.resident_layers, name=name, weight_source=source,
-                           stream_non_layer=cp.stream_non_layer)
+                           stream_non_layer=cp.stream_non_layer, host_tier=cp.host_tier)
 
 
 def _fsdp(name: str, module: torch.nn.Module, cp: ComponentPlan, device: torch.device, source: Any,
@@ -79,6 +79,9 @@ def attach_components(handle: ResidencyHandle, source_of: ModuleSource,
     modules: dict[str, torch.nn.Module] = {}
     group: CpuOffloadGroup | None = None
     for name, cp in plan.components.items():
+        if cp.host_tier in FILE_TIERS and cp.strategy != Strategy.LAYERWISE:
+            raise PlanApplyError(f"{name}: host_tier '{cp.host_tier}' streams layers from the files; strategy "
+                                 f"'{cp.strategy}' keeps its host bytes pinned")
         if cp.strategy == Strategy.CPU_OFFLOAD:
             if name != members[0]:
                 continue

@@ -1,14 +1,28 @@
 """Reading a component's safetensors files one tensor at a time, with positioned reads straight into
 the destination's memory (no file mapping that would stay in the resident set).
+
+Three ways to read (``mode``): ``pread`` (positioned reads through the page cache: loading),
+``mapped`` (copies out of a read-only mapping of each file, whose touched pages are dropped from
+the process's page tables after each tensor, so the page cache keeps them and the resident set does
+not: ``host_tier: mapped``), ``direct`` (aligned ``O_DIRECT`` reads through a small aligned bounce
+buffer, bypassing the page cache: ``host_tier: disk``; where the platform or the file system refuses
+direct I/O, plain reads that then tell the kernel to drop what they read, and the reader says why in
+``direct_io``). Every read is bounded by the header (checked at construction: offsets inside the
+file, no overlaps) and, for mappings, by the file's current size (a file cut after its header was
+read is an error, not a crash).
 """
 
 from __future__ import annotations
 
+import errno
+import mmap
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+import numpy as np
 import torch
 
 from planner.errors import FolderError, PlanApplyError
@@ -18,6 +32,11 @@ from planner.files.safetensors_header import SAFETENSORS_DTYPES, read_safetensor
 _ST_DTYPES: dict[str, torch.dtype] = {
     code: getattr(torch, name) for code, (name, _) in SAFETENSORS_DTYPES.items()
     if isinstance(getattr(torch, name, None), torch.dtype)}
+
+
+READ_MODES = ("pread", "mapped", "direct")
+DIRECT_ALIGN = 4096            # O_DIRECT offsets, lengths and buffer addresses
+BOUNCE_BYTES = 8 << 20         # the aligned buffer direct reads land in before the destination
 
 
 @dataclass(frozen=True)
@@ -40,9 +59,19 @@ class SafetensorsReader:
     at construction; a missing or corrupt file raises ``PlanApplyError`` naming it.
     """
 
-    def __init__(self, files: Iterable[str | Path], *, on_read: Callable[[int], Any] | None = None) -> None:
+    def __init__(self, files: Iterable[str | Path], *, on_read: Callable[[int], Any] | None = None,
+                 mode: str = "pread", expect: Mapping[Path, tuple[int, int, int]] | None = None) -> None:
+        if mode not in READ_MODES:
+            raise ValueError(f"read mode {mode!r}: one of {', '.join(READ_MODES)}")
         self.files = [Path(f) for f in files]
+        self.mode = mode
         self.entries: dict[str, _Entry] = {}
+        # (device, inode, size) of each file when its header was read: a reader opened later over the
+        # same files (``reopen``) refuses one that was replaced or changed in between
+        self.identity: dict[Path, tuple[int, int, int]] = {}
+        self.direct_io: dict[Path, str] = {}        # direct mode: "O_DIRECT", or why plain reads
+        self._maps: dict[Path, mmap.mmap] = {}
+        self._bounce: mmap.mmap | None = None
         self.on_read = on_read
         self.bytes_read = 0
         self.reads = 0
@@ -53,6 +82,8 @@ class SafetensorsReader:
                 header = read_safetensors_header(path)
                 with open(path, "rb") as fh:
                     (length,) = struct.unpack("<Q", fh.read(8))
+                    st = os.fstat(fh.fileno())
+                    self.identity[path] = (st.st_dev, st.st_ino, st.st_size)
             except FolderError as exc:
                 raise PlanApplyError(str(exc)) from None
             except OSError as exc:
@@ -63,6 +94,16 @@ class SafetensorsReader:
                 begin, end = info["data_offsets"]
                 self.entries[name] = _Entry(path, info["dtype"], _ST_DTYPES.get(info["dtype"]),
                                             tuple(int(d) for d in info["shape"]), 8 + length + begin, end - begin)
+        if expect is not None:
+            for path in self.files:
+                if expect.get(path) != self.identity.get(path):
+                    raise PlanApplyError(f"{path}: changed since its header was read (another file, or its size "
+                                         "changed); refused")
+
+    def reopen(self, mode: str) -> SafetensorsReader:
+        """A reader of the same files in another ``mode``, refusing files replaced or changed since
+        this one read their headers (the paths were checked to stay inside the model folder then)."""
+        return SafetensorsReader(self.files, mode=mode, expect=self.identity)
 
     # mapping-like
     def keys(self) -> list[str]:
@@ -91,6 +132,12 @@ class SafetensorsReader:
         """``entry``'s bytes into ``dest`` (a contiguous CPU tensor of exactly ``entry.nbytes``)."""
         if not entry.nbytes:
             return
+        if self.mode == "mapped":
+            self._read_mapped(name, entry, dest)
+            return
+        if self.mode == "direct":
+            self._read_direct(name, entry, dest)
+            return
         view = memoryview(dest.reshape(-1).view(torch.uint8).numpy())
         fh = self._handle(entry.path)
         try:
@@ -104,6 +151,124 @@ class SafetensorsReader:
                 done += n
         except OSError as exc:
             raise PlanApplyError(f"{entry.path}: cannot read tensor {name!r}: {exc.strerror or exc}") from None
+
+    # -- mapped: copies out of the file's mapping ------------------------------------------------
+
+    def _map(self, path: Path) -> mmap.mmap:
+        mm = self._maps.get(path)
+        if mm is None:
+            try:
+                with open(path, "rb") as fh:
+                    st = os.fstat(fh.fileno())
+                    if (st.st_dev, st.st_ino, st.st_size) != self.identity[path]:
+                        raise PlanApplyError(f"{path}: changed since its header was read; refused")
+                    mm = self._maps[path] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            except OSError as exc:
+                raise PlanApplyError(f"{path}: cannot map: {exc.strerror or exc}") from None
+        return mm
+
+    def _read_mapped(self, name: str, entry: _Entry, dest: torch.Tensor) -> None:
+        mm = self._map(entry.path)
+        end = entry.start + entry.nbytes
+        try:
+            size = os.stat(entry.path).st_size
+        except OSError as exc:
+            raise PlanApplyError(f"{entry.path}: cannot read tensor {name!r}: {exc.strerror or exc}") from None
+        # a page of a mapping past the end of its file faults (SIGBUS): check before touching it
+        if end > len(mm) or end > size:
+            raise PlanApplyError(f"{entry.path}: file ends inside tensor {name!r} (it is {size} bytes, the tensor "
+                                 f"ends at {end}); the file was cut after its header was read")
+        out = dest.reshape(-1).view(torch.uint8).numpy()
+        np.copyto(out, np.frombuffer(mm, dtype=np.uint8, count=entry.nbytes, offset=entry.start))
+        if hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            # out of the resident set; the page cache keeps the pages for the next call
+            first = entry.start - entry.start % mmap.PAGESIZE
+            try:
+                mm.madvise(mmap.MADV_DONTNEED, first, end - first)
+            except OSError:  # pragma: no cover - advice only
+                pass
+
+    # -- direct: O_DIRECT reads through an aligned bounce buffer ----------------------------------
+
+    def _direct_handle(self, path: Path, *, plain: bool = False) -> tuple[int, bool]:
+        """(file descriptor, direct) for ``path``: O_DIRECT where the platform and file system take it."""
+        fd = self._handles.get(path)
+        if fd is not None:
+            return fd, self.direct_io[path] == "O_DIRECT"
+        flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+        fd = -1
+        if plain:
+            pass
+        elif hasattr(os, "O_DIRECT"):
+            try:
+                fd = os.open(path, flags | os.O_DIRECT)
+                self.direct_io[path] = "O_DIRECT"
+            except OSError as exc:
+                self.direct_io[path] = f"plain reads: O_DIRECT refused ({exc.strerror or exc})"
+        else:
+            self.direct_io[path] = "plain reads: this platform has no O_DIRECT"
+        if fd < 0:
+            try:
+                fd = os.open(path, flags)
+            except OSError as exc:
+                raise PlanApplyError(f"{path}: cannot open: {exc.strerror or exc}") from None
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino, st.st_size) != self.identity[path]:
+            os.close(fd)
+            raise PlanApplyError(f"{path}: changed since its header was read; refused")
+        self._handles[path] = fd
+        return fd, self.direct_io[path] == "O_DIRECT"
+
+    def _read_direct(self, name: str, entry: _Entry, dest: torch.Tensor) -> None:
+        out = memoryview(dest.reshape(-1).view(torch.uint8).numpy())
+        fd, direct = self._direct_handle(entry.path)
+        start, n = entry.start, entry.nbytes
+        try:
+            if direct:
+                try:
+                    self._direct_loop(fd, name, entry, out)
+                    return
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:     # a file system that takes O_DIRECT opens, not reads
+                        raise
+                    os.close(self._handles.pop(entry.path))
+                    self.direct_io[entry.path] = f"plain reads: O_DIRECT reads refused ({exc.strerror})"
+                    fd, _ = self._direct_handle(entry.path, plain=True)
+            done = 0
+            while done < n:
+                got = os.preadv(fd, [out[done:]], start + done)
+                if got <= 0:
+                    raise PlanApplyError(f"{entry.path}: file ends inside tensor {name!r} ({done} of {n} bytes "
+                                         "read); the file is truncated")
+                done += got
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, start, n, os.POSIX_FADV_DONTNEED)   # the disk tier keeps no page cache
+        except OSError as exc:
+            raise PlanApplyError(f"{entry.path}: cannot read tensor {name!r}: {exc.strerror or exc}") from None
+
+    def _direct_loop(self, fd: int, name: str, entry: _Entry, out: memoryview) -> None:
+        """``entry``'s bytes into ``out`` with reads aligned in offset, length and address."""
+        if self._bounce is None:
+            self._bounce = mmap.mmap(-1, BOUNCE_BYTES)     # anonymous: page aligned
+        bounce = memoryview(self._bounce)
+        try:
+            start, end = entry.start, entry.start + entry.nbytes
+            pos = start - start % DIRECT_ALIGN
+            done = 0
+            while done < entry.nbytes:
+                want = min(BOUNCE_BYTES, -(-(end - pos) // DIRECT_ALIGN) * DIRECT_ALIGN)
+                got = os.preadv(fd, [bounce[:want]], pos)
+                lo, hi = start + done, min(pos + got, end)
+                if got <= 0 or hi <= lo:
+                    raise PlanApplyError(f"{entry.path}: file ends inside tensor {name!r} ({done} of "
+                                         f"{entry.nbytes} bytes read); the file is truncated")
+                out[done:done + hi - lo] = bounce[lo - pos:hi - pos]
+                done += hi - lo
+                pos += got
+                if got % DIRECT_ALIGN and done < entry.nbytes:
+                    raise PlanApplyError(f"{entry.path}: file ends inside tensor {name!r}; the file is truncated")
+        finally:
+            bounce.release()
 
     def read_into(self, name: str, out: torch.Tensor) -> None:
         """Fills ``out`` (same shape; any dtype and device) with tensor ``name`` of the files."""
@@ -143,8 +308,20 @@ class SafetensorsReader:
 
     def close(self) -> None:
         for fh in self._handles.values():
-            fh.close()
+            if isinstance(fh, int):
+                os.close(fh)
+            else:
+                fh.close()
         self._handles = {}
+        for mm in self._maps.values():
+            try:
+                mm.close()
+            except BufferError:  # pragma: no cover - a view still exported: dropped with it
+                pass
+        self._maps = {}
+        if self._bounce is not None:
+            self._bounce.close()
+            self._bounce = None
 
 
 class ComponentSource:

@@ -95,7 +95,7 @@ def choose_host_tiers(doc: Document, inventory: Inventory, resolution: Resolutio
     errors = []
     tiers: dict[str, HostTier] = {}
     movable: list[ComponentResolution] = []
-    fixed_pinned = 0
+    fixed: list[tuple[str, int, str]] = []      # (name, pinned bytes, how) of tiers the planner does not move
     for name, comp in resolution.components.items():
         asked, where = requested_tier(doc, name)
         strategy = comp.strategy
@@ -108,7 +108,7 @@ def choose_host_tiers(doc: Document, inventory: Inventory, resolution: Resolutio
                                                     "its bytes in pinned memory); use strategy layerwise or host_tier "
                                                     "pinned"))
             tiers[name] = HostTier.PINNED
-            fixed_pinned += _pinned_bytes(comp)
+            fixed.append((name, _pinned_bytes(comp), str(strategy)))
             continue
         if asked in ("mapped", "disk") and comp.storage_dtype:
             errors.append(doc.diagnostic(where or ("components", name),
@@ -122,28 +122,30 @@ def choose_host_tiers(doc: Document, inventory: Inventory, resolution: Resolutio
             resolution.decisions.append(Decision(rule="host-tier-entry", component=name, from_="pinned", to=tier.value,
                                                  reason=reason("host-tier-entry", source=_where(where or ()),
                                                                to=tier.value)))
-            fixed_pinned += _pinned_bytes(comp) if tier == HostTier.PINNED else _candidate(comp).staging
+            fixed.append((name, _pinned_bytes(comp), "layerwise, pinned") if tier == HostTier.PINNED else
+                         (name, _candidate(comp).staging, f"layerwise, {tier.value}: its staging ring"))
             continue
         if budget is None and ram is None or comp.storage_dtype:
             # nothing to plan under (or fp8 storage, which needs pinned memory): today's pinned tier
             tiers[name] = HostTier.PINNED
-            fixed_pinned += _pinned_bytes(comp)
+            fixed.append((name, _pinned_bytes(comp), "layerwise, pinned"))
             continue
         movable.append(comp)
     if errors:
         raise SpecError(errors)
     if movable:
-        tiers.update(_place(doc, resolution, movable, fixed_pinned, budget, ram, profile))
+        tiers.update(_place(doc, resolution, movable, fixed, budget, ram, profile))
     return tiers
 
 
-def _place(doc: Document, resolution: Resolution, movable: list[ComponentResolution], fixed_pinned: int,
-           budget: int | None, ram: int | None, profile: Profile | None) -> dict[str, HostTier]:
+def _place(doc: Document, resolution: Resolution, movable: list[ComponentResolution],
+           others: list[tuple[str, int, str]], budget: int | None, ram: int | None,
+           profile: Profile | None) -> dict[str, HostTier]:
     cands = sorted((_candidate(c) for c in movable), key=lambda c: (-c.streamed, c.name))
     # a component whose ring pins as much as its streamed bytes gains nothing from leaving
     fixed = [c for c in cands if c.staging >= c.streamed]
     order = [c for c in cands if c.staging < c.streamed]
-    base = fixed_pinned + sum(c.streamed for c in fixed)
+    base = sum(b for _, b, _ in others) + sum(c.streamed for c in fixed)
     cap = budget if budget is not None else None
     if ram is not None:
         room = ram - PROCESS_HOST_BYTES
@@ -155,8 +157,9 @@ def _place(doc: Document, resolution: Resolution, movable: list[ComponentResolut
 
     k = next((k for k in range(len(order) + 1) if pinned_after(k) <= cap), None)
     if k is None:
-        smallest = pinned_after(len(order))
-        _refuse(doc, smallest, budget, ram, order)
+        parts = ([(n, b, how) for n, b, how in others] + [(c.name, c.streamed, "layerwise, pinned") for c in fixed]
+                 + [(c.name, c.staging, "layerwise, mapped: its staging ring") for c in order])
+        _refuse(doc, pinned_after(len(order)), budget, ram, parts)
     assert k is not None
     # with host_ram: the largest file-backed components read from disk until the page cache holds the rest
     disk = 0
@@ -205,18 +208,18 @@ def _rate(profile: Profile | None, tier: HostTier) -> str:
     return f"; streamed at {rate / 1e9:.1f} GB/s from {where} ({profile.name} profile)" if rate else ""
 
 
-def _refuse(doc: Document, smallest: int, budget: int | None, ram: int | None, order: list[_Candidate]) -> None:
-    moved = ", ".join(c.name for c in order) or "none"
+def _refuse(doc: Document, smallest: int, budget: int | None, ram: int | None,
+            parts: list[tuple[str, int, str]]) -> None:
+    held = ", ".join(f"{n} {format_size(b)} ({how})" for n, b, how in parts if b)
     if budget is not None and smallest > budget:
         where: PathKey = ("memory", "host_budget")
-        msg = (f"memory.host_budget {format_size(budget)} is too small: the smallest plan pins {format_size(smallest)} "
-               f"({smallest} bytes; streamed components kept in their files: {moved}, each through a pinned staging "
-               f"ring; whole-component offload and pinned tiers asked for stay pinned). Raise it to at least "
-               f"{format_size(smallest)}, or keep more on the GPU")
+        msg = (f"even the smallest plan keeps {format_size(smallest)} in pinned host memory ({held}), over "
+               f"memory.host_budget {format_size(budget)}. Raise the budget to at least {format_size(smallest)} "
+               f"({smallest} bytes), or keep more on the GPU (resident components or resident_layers)")
     else:
         where = ("memory", "host_ram")
         need = smallest + PROCESS_HOST_BYTES
-        msg = (f"memory.host_ram {format_size(ram or 0)} is too small: the smallest plan pins {format_size(smallest)} "
-               f"and the process takes about {format_size(PROCESS_HOST_BYTES)}; it needs at least {format_size(need)} "
-               f"({need} bytes)")
+        msg = (f"memory.host_ram {format_size(ram or 0)} is too small: even the smallest plan keeps "
+               f"{format_size(smallest)} in pinned host memory ({held}) and the process takes about "
+               f"{format_size(PROCESS_HOST_BYTES)}. Raise it to at least {format_size(need)} ({need} bytes)")
     raise SpecError([doc.diagnostic(where, msg)])
