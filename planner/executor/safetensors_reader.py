@@ -179,10 +179,15 @@ class SafetensorsReader:
             raise PlanApplyError(f"{entry.path}: file ends inside tensor {name!r} (it is {size} bytes, the tensor "
                                  f"ends at {end}); the file was cut after its header was read")
         out = dest.reshape(-1).view(torch.uint8).numpy()
+        first = entry.start - entry.start % mmap.PAGESIZE
+        if hasattr(mm, "madvise") and hasattr(mmap, "MADV_WILLNEED"):
+            try:     # read ahead what is not in the page cache, and fault the range in once
+                mm.madvise(mmap.MADV_WILLNEED, first, end - first)
+            except OSError:  # pragma: no cover - advice only
+                pass
         np.copyto(out, np.frombuffer(mm, dtype=np.uint8, count=entry.nbytes, offset=entry.start))
         if hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
             # out of the resident set; the page cache keeps the pages for the next call
-            first = entry.start - entry.start % mmap.PAGESIZE
             try:
                 mm.madvise(mmap.MADV_DONTNEED, first, end - first)
             except OSError:  # pragma: no cover - advice only
