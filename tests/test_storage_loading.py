@@ -417,3 +417,32 @@ def test_upcast_seconds_counts_every_cast_byte_once():
     cast = layer_share * sum(info.layer_bytes) + other_share * info.non_layer_bytes
     assert upcast_seconds(cp, stored) == pytest.approx(cast * 1.5 / UPCAST_BYTES_PER_S, rel=1e-3)
     assert upcast_seconds(plan_of("").components["transformer"], info.layer_bytes) == 0.0
+
+
+@pytest.mark.parametrize("tier", ["mapped", "disk"])
+def test_float8_folder_streams_from_its_files(tiny, tier):
+    """host_tier mapped / disk streams each layer's bytes from the files as stored: a float8 folder's
+    are the stored bytes, so the loader streams them (a plan given with the tier: planning itself keeps
+    storage_dtype to pinned memory for now); a float32 folder's are not, and the loader refuses."""
+    from dataclasses import replace
+
+    from planner.plan import HostTier
+
+    def with_tier(plan):
+        cp = plan.components["transformer"]
+        return replace(plan, components={**plan.components, "transformer": replace(cp, host_tier=HostTier(tier))})
+
+    path, expected, f8 = tiny("flux.1-dev")
+    sections = {"components": {"transformer": "layerwise"}}
+    spec = spec_for(f8, **sections)
+    plan = with_tier(planner.make_plan(spec))
+    assert plan.components["transformer"].storage is not None
+    pipe = load(spec, plan=plan)
+    assert pipe.residency.placements["transformer"].host_tier == tier
+    assert torch.equal(run_tiny(pipe), expected)
+    assert torch.equal(run_tiny(pipe), expected)
+    pipe.residency.remove()
+    spec = _with_storage(spec_for(path, **sections), names=("transformer",))
+    with pytest.raises(PlanApplyError, match=f"host_tier '{tier}' streams the weights from the files as they are "
+                                             "stored.*float8_e4m3fn"):
+        load(spec, plan=with_tier(planner.make_plan(spec)))

@@ -67,7 +67,7 @@ from planner.executor.placement import attach_components
 from planner.executor.streams import resolve_device
 from planner.files.bounded_read import load_json_file, plain_relative
 from planner.files.model_folder import component_weight_files
-from planner.plan import ComponentPlan, Plan, Strategy
+from planner.plan import FILE_TIERS, ComponentPlan, Plan, Strategy
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -111,6 +111,23 @@ def check_host_budget(plan: Plan) -> None:
     if budget is not None and need > budget:
         raise PlanApplyError(f"the plan keeps {need} bytes in pinned host memory, over its host budget of "
                              f"{budget} bytes; nothing was loaded")
+
+
+def _check_file_tier_storage(name: str, cp: ComponentPlan, module: torch.nn.Module,
+                             source: safetensors_reader.ComponentSource, names: dict[int, list[str]]) -> None:
+    """host_tier mapped / disk streams each layer's bytes from the files as they are stored: with a
+    storage dtype, every tensor the cast stores must be stored in it in the files (a float8 folder)."""
+    assert cp.storage is not None
+    want = storage_cast.torch_dtype(cp.storage.dtype)
+    for _, mod in storage_cast.cast_modules(module, cp.storage)[0]:
+        for t in mod.parameters():
+            key = next((n for n in names.get(id(t), ()) if n in source), None)
+            have = source.reader.dtype_of(source.keymap[key]) if key is not None else None
+            if key is not None and have != want and t.is_floating_point():
+                raise PlanApplyError(
+                    f"{name}: host_tier '{cp.host_tier}' streams the weights from the files as they are stored, "
+                    f"and storage_dtype {cp.storage.dtype} needs them stored in it ({key} is {have} in the files); "
+                    "plan host_tier pinned, or save the component in float8 first")
 
 
 def _read_index(folder: Path) -> dict[str, Any]:
@@ -196,6 +213,9 @@ def load_planned(folder: str | Path, plan: Plan, *, device: str | torch.device |
                 source = safetensors_reader.ComponentSource(readers[name], keymap)
                 load_dtypes._set_dtypes(module, library, dtype, source, names)
                 info.method, info.built_on_meta = "files", True
+                if cp.storage is not None and cp.host_tier in FILE_TIERS:
+                    _check_file_tier_storage(name, cp, module, source, names)
+                    return module, source     # the files hold the stored bytes: the tier streams them as they are
                 if cp.storage is not None:
                     stored[name] = storage_cast.StoredSource(
                         source, {n: t.dtype for t in packing.unique_tensors(module) for n in names.get(id(t), ())},
