@@ -247,6 +247,8 @@ def test_every_tier_is_bit_identical_to_resident(reference, family, tier):
         out = run_tiny(pipe)
         assert (out - expected).abs().max().item() == 0
         assert torch.equal(out, expected)
+    # loads issued from the post-hooks still arrive ahead of their layers: no layer loaded on arrival
+    assert all(e.sync_loads == 0 for e in engines.values()), {n: e.sync_loads for n, e in engines.items()}
     for name, engine in engines.items():
         rep = engine.report()
         assert rep["host_tier"] == tier and rep["file_loads"] > 0 and rep["file_bytes_read"] > 0, name

@@ -46,8 +46,9 @@ Shape of the engine (after SGLang's layerwise offload manager, with diffusers-st
   (pinned on CUDA) each the size of the largest layer; a load reads the layer from the files into
   the next entry (a copy out of the file's mapping, or O_DIRECT reads), then copies the entry into
   the slot as above and records the entry's event, which the next read into that entry waits on.
-  The reads run on the calling thread when the load is issued (the window's prefetch), so they
-  overlap the device's queued work, not the host's. Tensors the files do not hold (buffers computed
+  The reads run on the calling thread; a file tier issues the window's loads from a layer's
+  post-hook (not its pre-hook), once the layer's work is queued, so the device computes it while the
+  next layer is read (the reads overlap the device's queued work, not the host's). Tensors the files do not hold (buffers computed
   at construction) stay on the device. A file tier attaches once: after a ``detach`` the weights
   are real tensors that may have changed (a pause, a dtype conversion), and attaching again refuses.
 - Off CUDA the streams and events are no-op objects and the same code runs, so CI exercises slot
@@ -595,7 +596,10 @@ class LayerwiseEngine(PackedPlacement):
             raise
         for t, view in binds:
             t.data = view
-        self._issue(want, next_call)
+        if not self._from_file:
+            self._issue(want, next_call)
+        # a file tier reads on this thread: its loads are issued by the post-hook, once this layer's
+        # work is queued, so that the device computes it while the next layer is read
 
     def _slot_arrived(self, layer: _Layer) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The layer's slot views, once the compute stream waits for its copy (loaded now, on the
@@ -666,7 +670,7 @@ class LayerwiseEngine(PackedPlacement):
             # layers reached without the component's forward (e.g. ``vae.decode``): a call is
             # as many layer runs as the expected order holds
             self._close_call()
-        elif want_again:
+        elif want_again or self._from_file:
             self._issue(*self._window())
 
     # ---------------------------------------------------------------------------------------
