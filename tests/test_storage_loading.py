@@ -446,3 +446,34 @@ def test_float8_folder_streams_from_its_files(tiny, tier):
     with pytest.raises(PlanApplyError, match=f"host_tier '{tier}' streams the weights from the files as they are "
                                              "stored.*float8_e4m3fn"):
         load(spec, plan=with_tier(planner.make_plan(spec)))
+
+
+@pytest.mark.parametrize("case", ["resident", "layerwise"])
+def test_interrupted_cast_module_recovers(tiny, case):
+    """A KeyboardInterrupt inside a cast module (torch runs no always_call hook for it): the next call
+    puts the stored bytes back first, so the weights wait in float8 again and the outputs are unchanged."""
+    path, expected, _ = tiny("flux.1-dev")
+    pipe = load(_with_storage(spec_for(path, **CASES[case])))
+    handle = pipe.residency
+    store = handle.storage["transformer"]
+    path_, linear = next((p, m) for p, m in store.modules if p.startswith("transformer_blocks.0.")
+                         and isinstance(m, torch.nn.Linear))
+    real = linear.forward
+
+    def interrupted(*args, **kwargs):
+        del linear.forward                  # once
+        raise KeyboardInterrupt
+
+    linear.forward = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        run_tiny(pipe)
+    assert linear.forward == real
+    if case == "resident":
+        assert linear.weight.dtype == torch.float32      # cut short while upcast
+    for _ in range(2):
+        assert torch.equal(run_tiny(pipe), expected)
+    if case == "resident":
+        assert linear.weight.dtype == F8, path_            # stored in float8 between runs again
+    assert handle.storage["transformer"].hooks.live_bytes == 0
+    handle.remove()
+    assert torch.equal(run_tiny(pipe), expected)

@@ -322,6 +322,7 @@ class CastHooks:
         if self._handles:
             raise RuntimeError(f"{self.store._label()}: cast hooks already attached")
         compute = torch_dtype(self.store.storage.compute_dtype)
+        elsize = torch.empty(0, dtype=compute).element_size()
         try:
             for _, mod in self.store.modules:
                 tensors = _cast_tensors(mod)
@@ -331,13 +332,25 @@ class CastHooks:
 
                 def pre(module: torch.nn.Module, args: Any, tensors: list[torch.Tensor] = tensors,
                         saved: list[list[torch.Tensor]] = saved) -> None:
+                    if saved:
+                        # a cast module does not run inside itself: the last call was cut short by a
+                        # KeyboardInterrupt or SystemExit (torch runs no always_call hook for those).
+                        # A tensor still bound to that call's upcast copy gets its stored bytes back;
+                        # one the strategy has rebound since (a slot view) keeps the new binding.
+                        stale = saved.pop()
+                        saved.clear()
+                        self.live_bytes = max(0, self.live_bytes - sum(t.numel() for t in tensors) * elsize)
+                        with torch.inference_mode(False), torch.no_grad():
+                            for t, data in zip(tensors, stale):
+                                if t.dtype == compute and data.dtype != compute:
+                                    t.data = data
                     stored = [t.data for t in tensors]
                     saved.append(stored)
                     with torch.inference_mode(False), torch.no_grad():
                         for t, data in zip(tensors, stored):
                             t.data = data.to(compute)
                     self.upcasts += 1
-                    self.live_bytes += sum(t.numel() * t.element_size() for t in tensors)
+                    self.live_bytes += sum(t.numel() for t in tensors) * elsize
                     self.peak_bytes = max(self.peak_bytes, self.live_bytes)
 
                 def post(module: torch.nn.Module, args: Any, output: Any, tensors: list[torch.Tensor] = tensors,
@@ -345,7 +358,7 @@ class CastHooks:
                     if not saved:
                         return
                     stored = saved.pop()
-                    self.live_bytes -= sum(t.numel() * t.element_size() for t in tensors)
+                    self.live_bytes -= sum(t.numel() for t in tensors) * elsize
                     with torch.inference_mode(False), torch.no_grad():
                         for t, data in zip(tensors, stored):
                             t.data = data
