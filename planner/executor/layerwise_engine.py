@@ -728,7 +728,9 @@ class LayerwiseEngine(PackedPlacement):
     def _take_slot(self) -> _Slot | None:
         """A free slot, else one whose layer is loaded but neither running nor wanted next."""
         if self._free:
-            return self._free.pop()
+            # a file tier loads from the post-hook, when the slot just freed still waits on the layer
+            # the device runs: it takes the slot freed longest ago, whose reader is likely done
+            return self._free.pop(0) if self._from_file else self._free.pop()
         stamp = self._stamp
         for slot in self._slots:
             victim = slot.layer
