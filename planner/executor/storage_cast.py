@@ -39,6 +39,10 @@ nothing else decides. Two placements wrap the strategy's own, in this order on t
 - a forward hook per cast module, registered before the strategy's (``prepend``; ``always_call``
   so a forward that raises still runs it): each tensor rebound to the float8 ``.data`` it had,
   then the strategy's hook releases it as usual. The stored float8 bytes are never written.
+A call cut short inside a cast module by a KeyboardInterrupt or SystemExit (torch runs no
+``always_call`` hook for those) leaves its tensors bound to the upcast copy: the next pre-hook
+of that module puts the stored float8 ``.data`` back first (unless the strategy has rebound the
+tensor since: a slot view), so the weights wait in float8 again.
 ``detach`` removes both hooks.
 
 Values: the weights a cast module computes with are ``original.to(float8).to(compute_dtype)``,
