@@ -58,7 +58,9 @@ def load_pipeline(spec: SpecLike, *, device: str | None = None, plan: Plan | Non
                   progress: bool = True, pipeline_kwargs: dict[str, Any] | None = None) -> Any:
     """Load ``pipeline.path`` of ``spec`` with its plan (``plan``, else planned from the spec) applied
     as it loads. Returns the pipeline; ``pipe.residency`` is the handle (``report()``, ``remove()``,
-    ``load_seconds``, ``load_report``). Errors: ``SpecError`` (the spec, a plan over
+    ``load_seconds``, ``load_report``). A component with a storage dtype is read straight into its
+    stored form (float8 host blocks, slots or device copy), upcast on the device as it runs; a folder
+    whose files store float8 is planned to keep it (docs/loading.md). Errors: ``SpecError`` (the spec, a plan over
     ``memory.host_budget``), ``PlanApplyError`` (files missing or corrupt, a component that cannot
     be placed); on error nothing stays attached."""
     from planner.executor.pipeline_loader import load_planned
