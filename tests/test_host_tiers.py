@@ -56,6 +56,8 @@ def test_spec_tiers_per_component_and_defaults():
     tr = plan.components["transformer"]
     assert tr.estimate.host_file_bytes == tr.weight_bytes            # streams everything, from the file
     assert tr.estimate.host_pinned_bytes == tr.estimate.staging_bytes < tr.weight_bytes // 10
+    # the host peak counts the ring, not the streamed bytes, and the loader does not read them
+    assert plan.estimate.host_peak_bytes < make_plan(spec()).estimate.host_peak_bytes - tr.weight_bytes
     entry = [d for d in plan.decisions if d.component == "transformer" and d.rule == "host-tier-entry"]
     assert entry and "components.transformer.host_tier" in entry[0].reason
 

@@ -130,6 +130,8 @@ def plan_table(plan: Any, source: str) -> str:
         est = cp.estimate
         t = f"{est.step_seconds:.3f}" if est.step_seconds is not None else "-"
         strategy = str(cp.strategy) if cp.storage is None else f"{cp.strategy} ({cp.storage.dtype}→{cp.storage.compute_dtype})"
+        if cp.host_tier is not None and cp.host_tier != "pinned":
+            strategy += f" ({cp.host_tier})"      # host tier: the bytes stay in the files
         rows.append((name, cp.family, strategy, str(cp.prefetch) if cp.prefetch else "-", layers,
                      _fmt_bytes(est.gpu_resident_bytes), _fmt_bytes(est.gpu_transient_bytes),
                      _fmt_bytes(est.host_pinned_bytes), t))
@@ -147,6 +149,8 @@ def plan_table(plan: Any, source: str) -> str:
                  + (f" (activations {format_size(e.activation_bytes)})" if e.activation_bytes else "")
                  + f"; pinned host {format_size(e.host_pinned_bytes)}"
                  + (f" of {format_size(e.host_budget_bytes)} budget" if e.host_budget_bytes else "")
+                 + (f"; {format_size(read)} read from the files per call" if (read := sum(
+                     cp.estimate.host_file_bytes for cp in plan.components.values())) else "")
                  + (f"; host peak while loading {format_size(e.host_peak_bytes)}" if e.host_peak_bytes else ""))
     if e.seconds_per_step is not None:
         lines.append(f"predicted denoising step {e.seconds_per_step:.3f} s"

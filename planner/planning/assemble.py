@@ -141,6 +141,13 @@ def tier_estimate(cp: ComponentPlan, est: ComponentEstimate, layer_bytes: tuple[
     return replace(est, host_pinned_bytes=ring, host_file_bytes=est.host_pinned_bytes, staging_bytes=ring)
 
 
+def _as_read_while_loading(comps: Mapping[str, ComponentPlan]) -> dict[str, ComponentPlan]:
+    """The components as the loader reads them: a file tier's streamed bytes are not read while loading
+    (they stay in the files), so only its other bytes count toward the file mapping of the host peak."""
+    return {n: replace(cp, weight_bytes=cp.weight_bytes - cp.estimate.host_file_bytes)
+            if cp.estimate.host_file_bytes and cp.storage is None else cp for n, cp in comps.items()}
+
+
 def component_plan(comp: ComponentResolution, strategy: str | None = None,
                    resident_layers: tuple[int, ...] | None = None,
                    host_tier: HostTier | None = None) -> ComponentPlan:
@@ -182,7 +189,7 @@ def build_plan(doc: Document, inventory: Inventory, resolution: Resolution, *,
     pinned = sum(cp.estimate.host_pinned_bytes for cp in comps.values())
     est = estimate or Estimate(
         gpu_peak_bytes=mem.gpu_peak_bytes, host_pinned_bytes=pinned,
-        host_peak_bytes=host_peak_bytes(comps, {n: cp.estimate for n, cp in comps.items()}),
+        host_peak_bytes=host_peak_bytes(_as_read_while_loading(comps), {n: cp.estimate for n, cp in comps.items()}),
         gpu_budget_bytes=parse_size(memory["gpu_budget"]) if "gpu_budget" in memory else None,
         host_budget_bytes=parse_size(memory["host_budget"]) if "host_budget" in memory else None,
         margin_bytes=margin, activation_bytes=max(activations.values(), default=0))
