@@ -148,6 +148,17 @@ def test_a_budget_nothing_fits_in_is_refused_with_the_smallest_that_works():
         make_plan(spec(memory={"host_budget": smallest - 1}))
 
 
+def test_host_ram_too_small_is_refused_with_the_smallest_that_works():
+    with pytest.raises(SpecError) as err:
+        make_plan(spec(memory={"host_ram": "3GiB"}))
+    (diag,) = err.value.diagnostics
+    assert diag.where == "memory.host_ram" and "at least" in diag.message
+    need = int(diag.message.split("at least ")[1].split("(")[1].split(" bytes")[0])
+    plan = make_plan(spec(memory={"host_ram": need}))
+    assert set(tiers(plan).values()) <= {"disk", "mapped", "pinned"}
+    assert "disk" in tiers(plan).values()      # nothing left for the page cache: read from disk
+
+
 def test_step_time_follows_the_read_rate():
     pinned = make_plan(spec())
     mapped = make_plan(spec(defaults={"strategy": "layerwise", "host_tier": "mapped"}))
