@@ -311,6 +311,12 @@ class SafetensorsReader:
     def dtype_of(self, name: str) -> torch.dtype | None:
         return self.entries[name].dtype
 
+    def __del__(self) -> None:   # direct mode holds raw descriptors, which garbage collection would not close
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001, S110 - interpreter shutdown
+            pass
+
     def close(self) -> None:
         for fh in self._handles.values():
             if isinstance(fh, int):
