@@ -15,7 +15,6 @@ from planner.planning.rules import (
     CAST_CLASSES,
     CAST_DEFAULT_SKIP,
     CLASS_CAST_SKIP,
-    cast_skip_patterns,
 )
 from planner.spec.document import load_text
 
@@ -118,7 +117,7 @@ def test_class_table_matches_the_installed_diffusers():
     for name in dir(diffusers):
         try:
             obj = getattr(diffusers, name)
-        except Exception:  # noqa: BLE001 - optional backends
+        except Exception:  # noqa: BLE001, S112 - optional backends
             continue
         if inspect.isclass(obj) and issubclass(obj, diffusers.ModelMixin) and obj.__name__ == name:
             pats = list(obj._skip_layerwise_casting_patterns or ()) + list(obj._keep_in_fp32_modules or ())
@@ -223,7 +222,7 @@ def test_layerwise_streams_float8_bytes(tiny):
     import planner
     from planner.testing.tiny_pipelines import run_tiny
 
-    path, pipe, reference, _ = tiny("flux.1-dev")
+    path, pipe, _, _ = tiny("flux.1-dev")
     reports, slots = {}, {}
     for dtype in (None, "float8_e4m3fn"):
         spec = spec_for(path, components={"transformer": {"strategy": "layerwise", "resident_layers": [0]}})
