@@ -477,3 +477,18 @@ def test_interrupted_cast_module_recovers(tiny, case):
     assert handle.storage["transformer"].hooks.live_bytes == 0
     handle.remove()
     assert torch.equal(run_tiny(pipe), expected)
+
+
+def test_float8_folder_with_a_file_tier_asked_is_planned_widened(tiny):
+    """The host-tier stage keeps a storage dtype to pinned memory: a float8 folder whose spec asks a
+    file tier for a streamed component plans it widened (with a warning), not refused."""
+    _, expected, f8 = tiny("z-image-turbo")
+    spec = spec_for(f8, components={"transformer": {"strategy": "layerwise", "host_tier": "mapped"}})
+    plan = planner.make_plan(spec)
+    assert plan.components["transformer"].storage is None
+    assert plan.components["vae"].storage is not None
+    (warning,) = [w for w in plan.warnings if w.code == "stored-float8-widened"]
+    assert "host_tier 'mapped'" in warning.message and "transformer" in warning.message
+    pipe = load(spec)
+    assert torch.equal(run_tiny(pipe), expected)
+    pipe.residency.remove()

@@ -18,7 +18,10 @@ float8 and wider tensors there is widened as ``from_pretrained`` does, with a wa
 
 The spec has the last word: a ``storage_dtype`` of the component's entry or of ``defaults`` (``none``
 included: widened, as ``from_pretrained`` does) is left as the resolver made it. A sharded (fsdp)
-component is loaded by ``from_pretrained`` and widened, with a warning. Spec side: no torch.
+component is loaded by ``from_pretrained`` and widened, with a warning; so is a streamed one the spec
+asks a file host tier (mapped, disk) for, which the host-tier stage keeps to weights without a
+storage dtype (the loader itself streams a float8 folder's bytes under those tiers as they are).
+Spec side: no torch.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from typing import Any
 from planner.errors import FolderError
 from planner.files import model_folder, safetensors_header
 from planner.inventory.model import Inventory
-from planner.plan import STORAGE_DTYPES, Decision
+from planner.plan import FILE_TIERS, STORAGE_DTYPES, Decision
+from planner.planning.host_tiers import requested_tier
 from planner.planning.resolve import ComponentResolution, Resolution
 from planner.planning.rules import CAST_ADAPTER_SKIP, cast_skip_patterns
 from planner.spec.document import Document
@@ -104,6 +108,15 @@ def storage_from_files(doc: Document, inventory: Inventory, resolution: Resoluti
             resolution.warnings.append(doc.diagnostic(("pipeline", "path"), why_not, severity="warning",
                                                       code="stored-float8-widened"))
         if stored is None:
+            continue
+        tier, _ = requested_tier(doc, comp.name)
+        if tier in {t.value for t in FILE_TIERS} and comp.strategy in ("layerwise", "auto"):
+            # the host-tier stage keeps a storage dtype to pinned memory (for now)
+            resolution.warnings.append(doc.diagnostic(
+                ("pipeline", "path"), f"{comp.name}'s files store {stored}, but host_tier '{tier}' is asked for it, "
+                                      "which planning keeps to weights without a storage dtype: it is widened to "
+                                      f"{comp.compute_dtype} as from_pretrained does", severity="warning",
+                code="stored-float8-widened"))
             continue
         if comp.strategy == "fsdp":
             resolution.warnings.append(doc.diagnostic(
