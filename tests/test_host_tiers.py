@@ -328,6 +328,22 @@ def test_direct_io_falls_back_to_plain_reads(reference, monkeypatch):
     pipe.residency.remove()
 
 
+def test_direct_reads_refused_after_the_open_fall_back_too(reference, monkeypatch):
+    path, _, expected = reference("flux.1-dev")
+
+    def refuse(self, fd, name, entry, out):
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(safetensors_reader.SafetensorsReader, "_direct_loop", refuse)
+    pipe = planner.load_pipeline(tier_spec(path, "disk"), progress=False)
+    pipe.set_progress_bar_config(disable=True)
+    for _ in range(2):
+        assert torch.equal(run_tiny(pipe), expected)
+    rep = pipe.residency.placements["transformer"].report()
+    assert rep["direct_io"].startswith("plain reads: O_DIRECT reads refused")
+    pipe.residency.remove()
+
+
 def test_file_tier_needs_the_files_and_apply_plan_changes_nothing(reference):
     path, _, _ = reference("z-image-turbo")
     pipe = load_tiny_pipeline(path, torch_dtype=torch.float32)

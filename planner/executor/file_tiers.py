@@ -22,6 +22,7 @@ files (the engine calls both, its rollback too); the pack changes no tensor itse
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 import torch
@@ -31,6 +32,9 @@ from planner.executor import host_memory, packing
 from planner.executor.safetensors_reader import SafetensorsReader
 
 STAGING_ENTRIES = 2        # planning.assemble.STAGING_ENTRIES: one filled while the other is copied
+# threads reading one layer's tensors at once (the disk and the page-cache copies need several requests
+# in flight to reach their rate); each writes its own tensors' spans of the entry
+READ_THREADS = 4
 READ_MODE = {"mapped": "mapped", "disk": "direct"}
 
 
@@ -51,7 +55,8 @@ class FilePack:
     from_file = True
 
     def __init__(self, groups: Sequence[Sequence[torch.Tensor]], *, pin: bool, tier: str,
-                 reader: SafetensorsReader, keys: Mapping[int, str], new_event: Callable[[], Any]) -> None:
+                 reader: SafetensorsReader, keys: Mapping[int, str], new_event: Callable[[], Any],
+                 threads: int = READ_THREADS) -> None:
         self.tier = tier
         self.pin = pin
         self.reader = reader
@@ -79,12 +84,20 @@ class FilePack:
         self._current: _Entry | None = None
         self.loads = 0
         self.bytes_read = 0
+        self.threads = max(1, int(threads))
+        self._pool: ThreadPoolExecutor | None = None
+        # each group's tensors, largest first (the threads' work is balanced by taking them in order)
+        self._by_size = [sorted(g.tensors, key=lambda pt: -pt.numel * pt.tensor.element_size()) for g in self.groups]
+        self._index = {id(g): i for i, g in enumerate(self.groups)}
 
     # HostPack's interface, as the engine and ``packed_lifecycle`` use it
 
     def allocate(self) -> None:
         """The staging ring (all or nothing)."""
         try:
+            self.reader.prepare()               # files opened once, shared by the reading threads
+            if self.threads > 1:
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix=f"{self.tier}-read")
             for _ in range(STAGING_ENTRIES):
                 entry = _Entry({}, self._new_event())
                 self._ring.append(entry)
@@ -124,6 +137,9 @@ class FilePack:
                 block.free()
         self._ring = []
         self._current = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         self.reader.close()
 
     # the load path
@@ -133,9 +149,19 @@ class FilePack:
         entry = self._ring[self._next]
         self._next = (self._next + 1) % len(self._ring)
         entry.event.synchronize()              # the copy that last read this entry is done
-        for pt in group.tensors:
-            dest = packing.view_in(entry.blocks[pt.dtype].tensor, pt)
-            self.reader.read_into(self.keys[id(pt)], dest)
+
+        def read(pt: packing.PackedTensor) -> None:
+            self.reader.read_into(self.keys[id(pt)], packing.view_in(entry.blocks[pt.dtype].tensor, pt))
+
+        tensors = self._by_size[self._index[id(group)]]
+        if self._pool is not None and len(tensors) > 1:
+            futures = [self._pool.submit(read, pt) for pt in tensors]
+            wait(futures)                      # every read finished before anything is raised or copied
+            for done in futures:
+                done.result()
+        else:
+            for pt in tensors:
+                read(pt)
         self._current = entry
         self.loads += 1
         self.bytes_read += group.nbytes

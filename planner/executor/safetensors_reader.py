@@ -18,6 +18,7 @@ import errno
 import mmap
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -71,7 +72,9 @@ class SafetensorsReader:
         self.identity: dict[Path, tuple[int, int, int]] = {}
         self.direct_io: dict[Path, str] = {}        # direct mode: "O_DIRECT", or why plain reads
         self._maps: dict[Path, mmap.mmap] = {}
-        self._bounce: mmap.mmap | None = None
+        self._bounces: list[mmap.mmap] = []        # one per reading thread (direct mode)
+        self._local = threading.local()
+        self._lock = threading.Lock()               # opening files, falling back to plain reads
         self.on_read = on_read
         self.bytes_read = 0
         self.reads = 0
@@ -154,7 +157,22 @@ class SafetensorsReader:
 
     # -- mapped: copies out of the file's mapping ------------------------------------------------
 
+    def prepare(self) -> None:
+        """Opens every file now (mappings or descriptors), so that threads reading at once share them."""
+        for path in self.files:
+            if self.mode == "mapped":
+                self._map(path)
+            elif self.mode == "direct":
+                self._direct_handle(path)
+
     def _map(self, path: Path) -> mmap.mmap:
+        mm = self._maps.get(path)
+        if mm is not None:
+            return mm
+        with self._lock:
+            return self._map_locked(path)
+
+    def _map_locked(self, path: Path) -> mmap.mmap:
         mm = self._maps.get(path)
         if mm is None:
             try:
@@ -200,6 +218,13 @@ class SafetensorsReader:
         fd = self._handles.get(path)
         if fd is not None:
             return fd, self.direct_io[path] == "O_DIRECT"
+        with self._lock:
+            return self._direct_open(path, plain)
+
+    def _direct_open(self, path: Path, plain: bool) -> tuple[int, bool]:
+        fd = self._handles.get(path)
+        if fd is not None:
+            return fd, self.direct_io[path] == "O_DIRECT"
         flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
         fd = -1
         if plain:
@@ -236,9 +261,7 @@ class SafetensorsReader:
                 except OSError as exc:
                     if exc.errno != errno.EINVAL:     # a file system that takes O_DIRECT opens, not reads
                         raise
-                    os.close(self._handles.pop(entry.path))
-                    self.direct_io[entry.path] = f"plain reads: O_DIRECT reads refused ({exc.strerror})"
-                    fd, _ = self._direct_handle(entry.path, plain=True)
+                    fd = self._plain_instead(entry.path, fd, f"O_DIRECT reads refused ({exc.strerror})")
             done = 0
             while done < n:
                 got = os.preadv(fd, [out[done:]], start + done)
@@ -251,11 +274,23 @@ class SafetensorsReader:
         except OSError as exc:
             raise PlanApplyError(f"{entry.path}: cannot read tensor {name!r}: {exc.strerror or exc}") from None
 
+    def _plain_instead(self, path: Path, fd: int, why: str) -> int:
+        """Replaces ``path``'s O_DIRECT descriptor ``fd`` by a plain one (once, whichever thread sees it)."""
+        with self._lock:
+            if self._handles.get(path) == fd and self.direct_io.get(path) == "O_DIRECT":
+                os.close(self._handles.pop(path))
+                self.direct_io[path] = f"plain reads: {why}"
+                return self._direct_open(path, plain=True)[0]
+            return self._handles[path]
+
     def _direct_loop(self, fd: int, name: str, entry: _Entry, out: memoryview) -> None:
         """``entry``'s bytes into ``out`` with reads aligned in offset, length and address."""
-        if self._bounce is None:
-            self._bounce = mmap.mmap(-1, BOUNCE_BYTES)     # anonymous: page aligned
-        bounce = memoryview(self._bounce)
+        buf = getattr(self._local, "bounce", None)
+        if buf is None or buf.closed:
+            buf = self._local.bounce = mmap.mmap(-1, BOUNCE_BYTES)     # anonymous: page aligned
+            with self._lock:
+                self._bounces.append(buf)
+        bounce = memoryview(buf)
         try:
             start, end = entry.start, entry.start + entry.nbytes
             pos = start - start % DIRECT_ALIGN
@@ -294,8 +329,9 @@ class SafetensorsReader:
             self._read_bytes(name, entry, staging)
             out.copy_(staging)
             del staging
-        self.bytes_read += entry.nbytes
-        self.reads += 1
+        with self._lock:
+            self.bytes_read += entry.nbytes
+            self.reads += 1
         if self.on_read is not None:
             self.on_read(entry.nbytes)
 
@@ -330,9 +366,9 @@ class SafetensorsReader:
             except BufferError:  # pragma: no cover - a view still exported: dropped with it
                 pass
         self._maps = {}
-        if self._bounce is not None:
-            self._bounce.close()
-            self._bounce = None
+        for buf in self._bounces:
+            buf.close()
+        self._bounces = []
 
 
 class ComponentSource:
