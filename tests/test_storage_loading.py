@@ -492,3 +492,27 @@ def test_float8_folder_with_a_file_tier_asked_is_planned_widened(tiny):
     pipe = load(spec)
     assert torch.equal(run_tiny(pipe), expected)
     pipe.residency.remove()
+
+
+def test_loaded_host_blocks_and_slots_hold_the_stored_bytes(tiny):
+    """A streamed transformer loaded with float8 storage: its host blocks and slots hold float8 bytes (a
+    quarter of a cast float32 weight), and no tensor is staged larger than the largest one."""
+    path, _, _ = tiny("flux.1-dev")
+    reports, staged = {}, {}
+    for dtype in (None, "float8_e4m3fn"):
+        spec = spec_for(path, components={"transformer": {"strategy": "layerwise", "resident_layers": [0]}})
+        if dtype:
+            spec = _with_storage(spec, dtype, names=("transformer",))
+        pipe = load(spec)
+        engine = pipe.residency.placements["transformer"]
+        reports[dtype] = engine.report()
+        rep = pipe.residency.load_report["components"]["transformer"]
+        pipe.residency.remove()
+        staged[dtype] = (rep.get("storage", {}).get("staged_bytes_max", 0),
+                         max(t.numel() * 4 for t in pipe.transformer.parameters()))
+    plain, cast = reports[None], reports["float8_e4m3fn"]
+    assert cast["streamed_bytes"] < 0.5 * plain["streamed_bytes"]
+    assert cast["host_buffer_bytes"] < 0.5 * plain["host_buffer_bytes"]
+    assert 0 < cast["gpu_slot_bytes"] < 0.5 * plain["gpu_slot_bytes"]
+    largest_staged, largest_tensor = staged["float8_e4m3fn"]
+    assert 0 < largest_staged <= largest_tensor
