@@ -99,19 +99,19 @@ def test_explain_names_the_tier_and_the_rule(tmp_path):
     assert "host tier mapped" in out.stdout and "[host-tier-over-budget]" in out.stdout
 
 
-def _sweep():
-    full = make_plan(spec()).estimate.host_pinned_bytes
-    return [int(full * f) for f in (0.12, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1)]
-
-
 RANK = {"disk": 0, "mapped": 1, "pinned": 2}
 
 
-def test_tier_choice_is_monotone_in_the_host_budget():
-    last = None
-    for budget in _sweep():
+@pytest.mark.parametrize("model", ["z-image-turbo", "wan2.2-t2v-a14b", "ltx-2"])
+def test_tier_choice_is_monotone_in_the_host_budget(model):
+    def spec_of(**memory):
+        return dict(spec(memory=memory), pipeline={"model": model})
+
+    full = make_plan(spec_of()).estimate.host_pinned_bytes
+    last, last_time = None, 0.0
+    for budget in [int(full * i / 40) for i in range(1, 45)]:
         try:
-            plan = make_plan(spec(memory={"host_budget": budget}))
+            plan = make_plan(spec_of(host_budget=budget))
         except SpecError:
             assert last is None, "a larger budget must not be refused after a smaller one was planned"
             continue
@@ -119,7 +119,8 @@ def test_tier_choice_is_monotone_in_the_host_budget():
         now = {n: RANK[t] for n, t in tiers(plan).items()}
         if last is not None:
             assert all(now[n] >= last[n] for n in now), (budget, now, last)
-        last = now
+            assert plan.estimate.seconds_per_step <= last_time       # never slower with more budget
+        last, last_time = now, plan.estimate.seconds_per_step
     assert last is not None and set(last.values()) == {RANK["pinned"]}
 
 
