@@ -276,8 +276,9 @@ class StoredSource:
     tensor read through the dtype ``from_pretrained`` would have given it (``via``, by qualified
     name), then cast into its destination, so the stored bytes are those ``CastStore`` makes of a
     loaded module (a float32 file read into float8 directly could round differently than through
-    bfloat16). A tensor whose file dtype is its destination's (a float8 checkpoint stored in
-    float8) is read straight into it, never widened on the way."""
+    bfloat16), the cast made on the CPU as there (a device destination takes the cast bytes). A
+    tensor whose file dtype is its destination's (a float8 checkpoint stored in float8) is read
+    straight into it, never widened on the way."""
 
     def __init__(self, source: Any, via: dict[str, torch.dtype],
                  file_dtype: Callable[[str], torch.dtype | None]) -> None:
@@ -306,7 +307,8 @@ class StoredSource:
         staging = torch.empty(tuple(out.shape), dtype=via)
         self.staged_bytes_max = max(self.staged_bytes_max, staging.numel() * staging.element_size())
         self.source.read_into(name, staging)
-        out.copy_(staging)
+        # cast on the CPU, as CastStore casts a loaded pipeline (before the strategy moves it), then moved
+        out.copy_(staging if out.device.type == "cpu" else staging.to(out.dtype))
         self.through += 1
 
 
