@@ -132,6 +132,17 @@ def test_tier_choice_is_monotone_with_host_ram_too():
         if last is not None:
             assert all(now[n] >= last[n] for n in now), (ram, now, last)
         last = now
+    last = None
+    for budget in range(2 << 30, 24 << 30, 1 << 29):       # host_ram fixed, the budget growing
+        try:
+            plan = make_plan(spec(memory={"host_budget": budget, "host_ram": "24GiB"}))
+        except SpecError:
+            assert last is None
+            continue
+        now = {n: RANK[t] for n, t in tiers(plan).items()}
+        if last is not None:
+            assert all(now[n] >= last[n] for n in now), (budget, now, last)
+        last = now
     small = make_plan(spec(memory={"host_budget": "4GiB", "host_ram": "8GiB"}))
     assert tiers(small)["transformer"] == "disk"
     assert any(d.rule == "host-tier-over-ram" for d in small.decisions)
