@@ -516,3 +516,19 @@ def test_loaded_host_blocks_and_slots_hold_the_stored_bytes(tiny):
     assert 0 < cast["gpu_slot_bytes"] < 0.5 * plain["gpu_slot_bytes"]
     largest_staged, largest_tensor = staged["float8_e4m3fn"]
     assert 0 < largest_staged <= largest_tensor
+
+
+def test_cli_plan_and_explain_of_a_float8_folder(tiny, tmp_path, capsys):
+    import yaml
+
+    from planner.cli import main
+
+    _, _, f8 = tiny("z-image-turbo")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(spec_for(f8, offload={"dit_layerwise_offload": True})))
+    assert main(["plan", str(spec)]) == 0
+    table = capsys.readouterr().out
+    assert "layerwise (float8_e4m3fn→float32)" in table and "resident (float8_e4m3fn→float32)" in table
+    assert main(["explain", str(spec)]) == 0
+    assert "pipeline.path's files store transformer's Linear, Conv and Embedding weights in float8_e4m3fn" in \
+        capsys.readouterr().out
