@@ -44,13 +44,17 @@ Shape of the engine (after SGLang's layerwise offload manager, with diffusers-st
   the streamed bytes in the component's safetensors files (the weight source must be those files:
   ``load_pipeline``): the host side is a ``file_tiers.FilePack``, a ring of two staging entries
   (pinned on CUDA) each the size of the largest layer; a load reads the layer from the files into
-  the next entry (a copy out of the file's mapping, or O_DIRECT reads), then copies the entry into
-  the slot as above and records the entry's event, which the next read into that entry waits on.
-  The reads run on the calling thread; a file tier issues the window's loads from a layer's
-  post-hook (not its pre-hook), once the layer's work is queued, so the device computes it while the
-  next layer is read (the reads overlap the device's queued work, not the host's). Tensors the files do not hold (buffers computed
-  at construction) stay on the device. A file tier attaches once: after a ``detach`` the weights
-  are real tensors that may have changed (a pause, a dtype conversion), and attaching again refuses.
+  the next entry (copies out of the file's mapping, or O_DIRECT reads; a few threads at once, all
+  done before the load goes on), then copies the entry into the slot as above and records the
+  entry's event, which the next read into that entry waits on. The calling thread waits for the
+  reads, so a file tier issues the window's loads from a layer's post-hook (not its pre-hook), once
+  the layer's work is queued, and into the slot freed longest ago: the device computes the layer
+  while the next one is read, and the copy overlaps the running layer. Tensors the files do not
+  hold (buffers computed at construction) stay on the device. Changes and undo beyond the pinned
+  tier's (``file_tiers``): the ring is allocated at attach and freed with the tier's reader by
+  ``detach`` or a failed attach; a meta tensor is bound to an empty placeholder instead of a host
+  view. A file tier attaches once: after a ``detach`` the weights are real tensors that may have
+  changed (a pause, a dtype conversion), and attaching again refuses.
 - Off CUDA the streams and events are no-op objects and the same code runs, so CI exercises slot
   reuse, release, prefetch order and order learning for real.
 
