@@ -340,6 +340,19 @@ def test_direct_io_falls_back_to_plain_reads(reference, monkeypatch):
     pipe.residency.remove()
 
 
+def test_calibrate_measures_the_read_rates_the_profile_takes(tmp_path):
+    from planner.cli.calibrate import measure_file_reads
+
+    cache, disk, how = measure_file_reads(torch, tmp_path, nbytes=64 << 20, piece=4 << 20)
+    assert cache > 0 and disk > 0 and how
+    assert not list(tmp_path.iterdir())          # the file it read is gone
+    profile = tmp_path / "p.json"
+    profile.write_text(json.dumps({"h2d_bytes_per_s": 5e10, "effective_flops": 4e14,
+                                   "page_cache_bytes_per_s": cache, "disk_bytes_per_s": disk}))
+    loaded = load_profile(str(profile))
+    assert (loaded.page_cache_bytes_per_s, loaded.disk_bytes_per_s) == (cache, disk)
+
+
 def test_direct_reads_refused_after_the_open_fall_back_too(reference, monkeypatch):
     path, _, expected = reference("flux.1-dev")
 

@@ -7,7 +7,9 @@ module code, attention as the fused kernel), the same count the planner reads fr
 and counted on the meta device at the same shapes, since a synthetic attention+MLP block runs about
 1.6x faster than a real DiT layer on an H100. A VAE decode has its own rate and activation scale
 (``measure_decoder``): channels-first bf16 convolutions run far below the transformers' rate, and
-cuDNN's workspaces are in no tensor the count sees.
+cuDNN's workspaces are in no tensor the count sees. The host tiers' read rates (``measure_file_reads``):
+copies out of a warm file mapping (``host_tier: mapped``) and O_DIRECT reads (``disk``), through the
+executor's own reader, of a file written in the output's folder (so: of that folder's disk).
 """
 
 from __future__ import annotations
@@ -33,6 +35,63 @@ def measure_h2d(torch: Any, nbytes: int = 1 << 30, repeat: int = 5) -> float:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return nbytes / statistics.median(times[1:])
+
+
+def measure_file_reads(torch: Any, directory: str | Path, nbytes: int = 2 << 30,
+                       piece: int = 16 << 20) -> tuple[float, float, str]:
+    """(page-cache rate, disk rate, how the disk was read) in bytes per second: a safetensors file of
+    ``nbytes`` in ``piece``-sized tensors, written in ``directory`` and synced, read the way the file
+    tiers read a layer (the executor's ``SafetensorsReader``, ``file_tiers.READ_THREADS`` at once):
+    first with direct I/O after the page cache was told to drop it (cold), then twice from its mapping
+    (the second pass, warm, is the page-cache rate)."""
+    import os
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    from planner.executor import file_tiers, host_memory, safetensors_reader
+
+    n = max(1, nbytes // piece)
+    header: dict[str, Any] = {f"t{i:05d}": {"dtype": "U8", "shape": [piece], "data_offsets": [i * piece, (i + 1) * piece]}
+                              for i in range(n)}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    block = os.urandom(piece)
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".calibrate-reads-") as tmp:
+        path = Path(tmp) / "reads.safetensors"
+        with open(path, "wb") as fh:
+            fh.write(len(raw).to_bytes(8, "little") + raw)
+            fh.writelines(block for _ in range(n))
+            fh.flush()
+            os.fsync(fh.fileno())
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        base = safetensors_reader.SafetensorsReader([path])
+        pin = torch.cuda.is_available()
+        dests = [host_memory.alloc_host(piece, torch.uint8, pin) for _ in range(file_tiers.READ_THREADS)]
+        try:
+            def timed(reader: Any) -> float:
+                reader.prepare()
+                with ThreadPoolExecutor(file_tiers.READ_THREADS) as pool:
+                    start = time.perf_counter()
+                    list(pool.map(lambda i: reader.read_into(f"t{i:05d}", dests[i % len(dests)].tensor), range(n)))
+                    return n * piece / (time.perf_counter() - start)
+
+            direct = base.reopen("direct")
+            try:
+                disk = timed(direct)
+                how = "; ".join(sorted(set(direct.direct_io.values())))
+            finally:
+                direct.close()
+            mapped = base.reopen("mapped")
+            try:
+                timed(mapped)                  # brings the file into the page cache
+                cache = timed(mapped)
+            finally:
+                mapped.close()
+        finally:
+            for d in dests:
+                d.free()
+    return cache, disk, how
 
 
 def measure_block_rate(torch: Any, hidden: int = 3840, tokens: int = 4608, heads: int = 30, repeat: int = 5) -> float:
@@ -200,6 +259,12 @@ def calibrate(out: str | Path) -> dict[str, Any]:
             profile["decode_activation_scale"] = round(decode_scale, 3)
     except ImportError:   # no diffusers: the decoder's rates stay unset (the transformer rate stands in)
         pass
+    folder = Path(out).parent if str(Path(out).parent) else Path(".")
+    cache, disk, how = measure_file_reads(torch, folder)
+    profile["page_cache_bytes_per_s"] = cache
+    profile["disk_bytes_per_s"] = disk
+    profile["read_rates_description"] = (f"host tier reads of a file in {folder.resolve()}: from a warm mapping, "
+                                         f"and cold with {how}")
     text = json.dumps(profile, indent=1) + "\n"
     try:
         write_text_atomic(out, text)

@@ -348,7 +348,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     print(f"{profile['name']}: pinned host-to-device {profile['h2d_bytes_per_s'] / 1e9:.1f} GB/s, "
-          f"DiT block {profile['effective_flops'] / 1e12:.0f} TFLOP/s effective; wrote {args.output}")
+          f"DiT block {profile['effective_flops'] / 1e12:.0f} TFLOP/s effective, file reads "
+          f"{profile['page_cache_bytes_per_s'] / 1e9:.1f} GB/s warm / {profile['disk_bytes_per_s'] / 1e9:.1f} GB/s "
+          f"cold; wrote {args.output}")
     return 0
 
 
