@@ -405,6 +405,30 @@ def test_a_failure_while_loading_leaves_nothing_attached(reference, monkeypatch)
     assert len(host_memory.live_host_blocks()) == blocks
 
 
+@pytest.mark.parametrize("at", [1, 2, 7, 19, 40])
+def test_a_read_failing_mid_generation_is_raised_and_remove_still_restores(reference, monkeypatch, at):
+    path, ref_pipe, expected = reference("z-image-turbo")
+    pipe = planner.load_pipeline(tier_spec(path, "mapped"), progress=False)
+    pipe.set_progress_bar_config(disable=True)
+    real = safetensors_reader.SafetensorsReader.read_into
+    count = [0]
+
+    def flaky(self, name, out):
+        count[0] += 1
+        if count[0] == at:
+            raise PlanApplyError("injected read error")
+        return real(self, name, out)
+
+    monkeypatch.setattr(safetensors_reader.SafetensorsReader, "read_into", flaky)
+    with pytest.raises(PlanApplyError, match="injected read error"):
+        run_tiny(pipe)
+    monkeypatch.setattr(safetensors_reader.SafetensorsReader, "read_into", real)
+    assert torch.equal(run_tiny(pipe), expected)         # the next generation runs as if nothing happened
+    pipe.residency.remove()
+    after, ref = weights(pipe), weights(ref_pipe)
+    assert all(torch.equal(after[k], ref[k]) for k in ref)
+
+
 def test_a_file_changed_after_its_header_was_read_is_refused(reference, tmp_path):
     import shutil
 

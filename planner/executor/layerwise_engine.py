@@ -617,7 +617,12 @@ class LayerwiseEngine(PackedPlacement):
                                    f"than slots ({len(self._slots)}); raise prefetch")
             # an evicted prefetch may still be writing this slot on the copy stream
             stream.wait_event(slot.load_event)
-            self._copy_in(layer, self._place(layer, slot), stream)
+            copies = self._place(layer, slot)
+            try:
+                self._copy_in(layer, copies, stream)
+            except BaseException:
+                self._unload(layer)
+                raise
             self.sync_loads += 1
         else:
             stream.wait_event(slot.load_event)
@@ -630,7 +635,12 @@ class LayerwiseEngine(PackedPlacement):
         """A module outside the layers: views of its own buffers, prefetched with the window (or
         loaded now on the compute stream if the window did not foresee it)."""
         if unit.bufs is None:
-            self._copy_in(unit, self._unit_alloc(unit), self._ops.current())
+            copies = self._unit_alloc(unit)
+            try:
+                self._copy_in(unit, copies, self._ops.current())
+            except BaseException:
+                self._unload(unit)
+                raise
             self.other_sync_loads += 1
         else:
             self._ops.current().wait_event(unit.load_event)
@@ -771,12 +781,28 @@ class LayerwiseEngine(PackedPlacement):
             return
         copy_stream = self._copy_stream
         with self._ops.use(copy_stream):
-            for wait, layer, copies, loaded in todo:
+            for n, (wait, layer, copies, loaded) in enumerate(todo):
                 copy_stream.wait_event(wait)
-                self._copy_in(layer, copies, copy_stream)
+                try:
+                    self._copy_in(layer, copies, copy_stream)
+                except BaseException:
+                    for _, later, _, _ in todo[n:]:    # placed, never filled: not loaded
+                        self._unload(later)
+                    raise
                 loaded.record(copy_stream)
         self.async_loads += len(todo) - units
         self.other_async_loads += units
+
+    def _unload(self, layer: _Layer) -> None:
+        """A load that did not happen (a file tier's read failed): the layer holds no slot or buffer,
+        so the next time it is wanted it is loaded again, never bound to what the slot held."""
+        if layer.is_unit:
+            layer.bufs = None
+        elif layer.slot is not None:
+            slot = layer.slot
+            slot.layer = None
+            layer.slot = None
+            self._free.append(slot)
 
     def _copy_in(self, layer: _Layer, copies: list[tuple[torch.Tensor, Any]], stream: Any) -> None:
         """Queues ``layer``'s copies on ``stream`` (current): from its host spans (pinned), or (a file
