@@ -156,7 +156,13 @@ class FilePack:
         tensors = self._by_size[self._index[id(group)]]
         if self._pool is not None and len(tensors) > 1:
             futures = [self._pool.submit(read, pt) for pt in tensors]
-            wait(futures)                      # every read finished before anything is raised or copied
+            try:
+                wait(futures)                  # every read finished before anything is raised or copied
+            except BaseException:              # interrupted: no thread may still write the entry after this
+                for f in futures:
+                    f.cancel()
+                wait(futures)
+                raise
             for done in futures:
                 done.result()
         else:
