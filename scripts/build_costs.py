@@ -230,6 +230,7 @@ def count_class(class_name: str) -> dict[str, Any]:
     layers = layer_paths(module, class_name)
     shapes = [(480, 832, f) for f in VIDEO_FRAMES] if video else [(r, r, 1) for r in RESOLUTIONS]
     points = []
+    head_dim = 0
     for h, w, f in shapes:
         for txt in TEXT_TOKENS:
             call, inputs = make_call(h, w, f, txt)
@@ -240,13 +241,15 @@ def count_class(class_name: str) -> dict[str, Any]:
                                                                                    class_name),
                 "text_tokens": txt, "flops": c.flops, "activation_peak_bytes": c.activation_peak_bytes,
                 "attention_flops": c.attention_flops, "moved_bytes": c.moved_bytes, "ops": c.ops,
+                "strided_bytes": c.strided_bytes,
                 "layer_flops": [c.by_module.get(f"{top}.{p}", 0) for p in layers],
                 "layer_activation_peak_bytes": [c.layer_peaks.get(p, 0) for p in layers],
             })
+            head_dim = head_dim or c.attention_head_dim
             print(f"{class_name} {h}x{w}x{f} txt {txt}: {c.flops / 1e12:.2f} TFLOP, "
                   f"activations {c.activation_peak_bytes / 2**30:.3f} GiB", file=sys.stderr)
     return {"parameters": _parameters(module), "role": "denoiser", "dtype": "bfloat16", "batch": 1, "layers": layers,
-            "points": points}
+            "attention_head_dim": head_dim, "points": points}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,8 +5,12 @@ makes it and subtracts it when the last tensor viewing it is freed).
 The FLOPs are split by the kind of kernel that runs them (matrix multiplies and convolutions, fused
 attention), and ``MovedBytes`` counts the bytes the other ops read and write: normalisations,
 modulations, activations and residual adds run at the memory's speed, not the tensor cores', and
-their share differs by model (SD3.5's narrow hidden size and 64-wide heads run its counted FLOPs
-21 % slower than Z-Image's on an H200).
+their share differs by model. Of those bytes, ``strided_bytes`` are the ones of ops reading a
+non-contiguous input (a transposed head layout normalised or concatenated in place): on an H200
+they moved at 1.35 TB/s where contiguous ones moved at 3.0 (``bench/kernel_profile.py``), and
+SD3.5 moves 63 % of its bytes so where Z-Image moves none. The attention kernels' rate depends on
+the head dim (64-wide heads ran at 0.65x the rate of 128-wide ones), so the head dim that carries
+most attention FLOPs is kept too.
 
 Run on the meta device: shapes, dtypes and the module's real code, no data. Attention is counted as
 the fused kernels a GPU runs (``scaled_dot_product_attention`` is replaced by the flash or the
@@ -91,6 +95,10 @@ class FusedAttention(TorchFunctionMode):
     mask, memory-efficient attention with one or with a head dim past flash's limit (the VAE mid-block
     attends with one head of 512, which PyTorch's dispatcher sends to the memory-efficient kernel)."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.head_dims: dict[int, int] = {}    # head dim -> query rows x key rows attended at it
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         if func is not F.scaled_dot_product_attention:
@@ -102,6 +110,8 @@ class FusedAttention(TorchFunctionMode):
         if a.get("enable_gqa") and k.shape[-3] != q.shape[-3]:
             rep = q.shape[-3] // k.shape[-3]
             k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
+        self.head_dims[int(q.shape[-1])] = self.head_dims.get(int(q.shape[-1]), 0) + \
+            int(q.shape[:-1].numel()) * int(k.shape[-2])
         mask, causal, scale = a.get("attn_mask"), bool(a.get("is_causal", False)), a.get("scale")
         if mask is None and q.shape[-1] <= FLASH_MAX_HEAD_DIM:
             return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False,
@@ -135,6 +145,7 @@ class MovedBytes(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.bytes = 0
+        self.strided_bytes = 0   # of ``bytes``: ops with a non-contiguous input of 2 or more dims
         self.ops = 0          # kernels launched: every op that is not a view
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -142,9 +153,12 @@ class MovedBytes(TorchDispatchMode):
         if not getattr(func, "is_view", False):
             self.ops += 1
         if not getattr(func, "is_view", False) and func._overloadpacket not in flop_registry:
-            moved = sum(_tensor_bytes(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor))
+            ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+            moved = sum(_tensor_bytes(t) for t in ins)
             moved += sum(_tensor_bytes(t) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
             self.bytes += moved
+            if any(t.dim() > 1 and not t.is_contiguous() for t in ins):
+                self.strided_bytes += moved
         return out
 
 
@@ -157,6 +171,8 @@ class Count:
     attention_flops: int = 0          # of ``flops``: the fused attention kernels'; the rest are matmuls/convs
     moved_bytes: int = 0              # read and written by every other op
     ops: int = 0                      # ops that launch work (views excluded): the host's dispatch cost
+    strided_bytes: int = 0            # of ``moved_bytes``: by ops reading a non-contiguous input
+    attention_head_dim: int = 0       # the head dim most attention work ran at (0: no attention)
 
 
 def count_forward(module: torch.nn.Module, call: Callable[[torch.nn.Module], Any],
@@ -172,8 +188,9 @@ def count_forward(module: torch.nn.Module, call: Callable[[torch.nn.Module], Any
         hooks.append(sub.register_forward_hook(lambda _m, _a, _o: setattr(live, "current", None)))
     counter = FlopCounterMode(display=False)
     moved = MovedBytes()
+    fused = FusedAttention()
     try:
-        with torch.no_grad(), FusedAttention(), counter, live, moved:
+        with torch.no_grad(), fused, counter, live, moved:
             out = call(module)
             del out
     finally:
@@ -184,4 +201,5 @@ def count_forward(module: torch.nn.Module, call: Callable[[torch.nn.Module], Any
     attention = sum(int(n) for op, n in counts.get("Global", {}).items() if _is_attention(op))
     return Count(flops=int(counter.get_total_flops()), activation_peak_bytes=live.peak, by_module=by_module,
                  layer_peaks=dict(live.layer_peaks), attention_flops=attention, moved_bytes=moved.bytes,
-                 ops=moved.ops)
+                 ops=moved.ops, strided_bytes=moved.strided_bytes,
+                 attention_head_dim=max(fused.head_dims, key=fused.head_dims.get, default=0))

@@ -21,11 +21,13 @@ from planner.planning.assemble import (
     stored_weight_bytes,
 )
 from planner.planning.estimate import memory_estimate
+from planner.planning.kernel_time import device_seconds, host_seconds
 from planner.planning.profiles import Profile, load_profile
 from planner.planning.resolve import ComponentResolution, Resolution, place_resident
 from planner.planning.rules import reason
 from planner.planning.workload import (
     counted_flops,
+    counted_kernels,
     counted_layer_flops,
     denoiser_batch,
     denoiser_calls,
@@ -71,13 +73,28 @@ def call_flops(info: ComponentInfo, workload: Mapping[str, Any]) -> float:
     return 2.0 * params * int(workload.get("text_tokens", 512)) * images_per_call(workload)
 
 
-def compute_seconds(info: ComponentInfo, workload: Mapping[str, Any], profile: Profile) -> float:
-    """One forward of a component at the profile's counted-FLOP rate (a VAE at its decode rate:
+def compute_parts(info: ComponentInfo, workload: Mapping[str, Any], profile: Profile) -> tuple[float, float]:
+    """One forward of a component as (the GPU's seconds, the host's seconds to launch it): a denoiser
+    counted kernel by kind priced at the profile's kernel rates where it has them (``kernel_time``),
+    else its counted FLOPs at the counted-FLOP rate with no host time (a VAE at its decode rate:
     channels-first bf16 convolutions ran at 0.3x the transformers' rate on an H200)."""
+    if runs_per_step_name(info.name) and profile.kernel_rates is not None:
+        counts = counted_kernels(info.class_name, image_tokens(workload, info.class_name),
+                                 text_tokens(workload, info.class_name), parameters=parameters_of(info))
+        if counts is not None:
+            rates = profile.kernel_rates
+            return device_seconds(counts, denoiser_batch(workload, info.class_name), rates), \
+                host_seconds(counts, rates)
     rate = profile.effective_flops
     if family_of(info.name) == "vae" and profile.decode_flops:
         rate = profile.decode_flops
-    return call_flops(info, workload) / rate
+    return call_flops(info, workload) / rate, 0.0
+
+
+def compute_seconds(info: ComponentInfo, workload: Mapping[str, Any], profile: Profile) -> float:
+    """One forward of a component with its weights on the GPU: the GPU's time, or the host's where
+    launching its ops takes longer."""
+    return max(compute_parts(info, workload, profile))
 
 
 def calls_per_step(info: ComponentInfo, workload: Mapping[str, Any]) -> int:
@@ -109,7 +126,8 @@ def step_seconds(strategy: str, info: ComponentInfo, resident: tuple[int, ...], 
     streams its layers; sequential guidance calls a denoiser twice a step). ``moved`` is (each layer's
     bytes, the whole component's bytes) as they are copied, where a storage dtype makes them fewer
     than loaded; compute always counts the loaded model."""
-    compute = compute_seconds(info, workload, profile)
+    device, host = compute_parts(info, workload, profile)
+    compute = max(device, host)
     per_step = calls_per_step(info, workload)
     layer_bytes, weight_bytes = moved or (info.layer_bytes, info.weight_bytes)
     if strategy == "resident" or strategy == "fsdp":
@@ -118,42 +136,53 @@ def step_seconds(strategy: str, info: ComponentInfo, resident: tuple[int, ...], 
         # moved in once per generation, then resident for the rest of its calls
         return compute * per_step + weight_bytes / profile.h2d_bytes_per_s / calls
     # a denoiser streams call after call (steady state); an encoder or decoder runs once, from cold
-    return per_step * simulate_layerwise(layer_bytes, set(resident), compute, profile, prefetch,
+    return per_step * simulate_layerwise(layer_bytes, set(resident), device, profile, prefetch,
                                          calls=3 if runs_per_step_name(info.name) else 1,
-                                         shares=layer_shares(info, workload))
+                                         shares=layer_shares(info, workload), host=host)
 
 
 def simulate_layerwise(layer_bytes: tuple[int, ...], resident: set[int], compute: float, profile: Profile,
-                       prefetch: int = 1, calls: int = 3, shares: list[float] | None = None) -> float:
-    """One call of a streamed component in steady state, simulated layer by layer.
+                       prefetch: int = 1, calls: int = 3, shares: list[float] | None = None,
+                       host: float = 0.0) -> float:
+    """One call of a streamed component in steady state, simulated layer by layer on two clocks:
+    the host's, which launches each layer's work (``host`` seconds a call) and issues the copies,
+    and the devices' (the copy engine and the GPU).
 
-    The copy engine loads streamed layers one after another; a load needs a free slot (K+1 slots:
-    the layer K+1 loads back must have finished computing); a layer computes when its weights have
-    landed and the layer before it is done. Compute is spread over the layers by ``shares`` (counted
-    FLOPs) where given, else by their bytes. This
-    sees what max(compute, bytes / bandwidth) does not: a streamed layer that follows too few
-    resident ones waits on its copy even when the totals would hide it.
+    A streamed layer's copy is issued at the pre-hook of the streamed layer K before it (the window
+    holds the next K), needs a free slot (K+1 slots: the layer K+1 loads back must have finished
+    computing) and follows the copy before it; a layer computes when its weights have landed, the
+    layer before it is done and the host has launched it. The host waits for the GPU at each call's
+    end (pipelines read the step's result). Compute and launch time are spread over the layers by
+    ``shares`` (counted FLOPs) where given, else by their bytes. This sees what max(compute, bytes /
+    bandwidth) does not: a streamed layer after too few resident ones waits on its copy, and a host
+    that launches a small call's layers barely ahead of the GPU issues each copy too late to hide.
     """
     total = sum(layer_bytes) or 1
-    per_layer = [compute * s for s in shares] if shares else [compute * b / total for b in layer_bytes]
+    weights = shares if shares else [b / total for b in layer_bytes]
+    per_layer = [compute * w for w in weights]
+    launch = [host * w for w in weights]
     slots = prefetch + 1
-    copy_end = 0.0
-    compute_end = 0.0
+    copy_end = gpu_end = host_t = 0.0
     freed: list[float] = []          # compute end of each streamed layer, in load order
+    issued: list[float] = []         # host time at each streamed layer's pre-hook, in load order
     call_start = 0.0
     for _ in range(calls):
-        call_start = compute_end
+        host_t = call_start = max(host_t, gpu_end)
         for i, nbytes in enumerate(layer_bytes):
             ready = 0.0
-            if i not in resident:
+            streamed = i not in resident
+            if streamed:
                 slot_free = freed[-slots] if len(freed) >= slots else 0.0
-                start = max(copy_end, slot_free)
-                copy_end = start + nbytes / profile.h2d_bytes_per_s
+                issue = issued[-prefetch] if prefetch and len(issued) >= prefetch else host_t
+                copy_end = max(copy_end, slot_free, issue) + nbytes / profile.h2d_bytes_per_s
                 ready = copy_end
-            compute_end = max(compute_end, ready) + per_layer[i] + (profile.layer_overhead_s if i not in resident else 0.0)
-            if i not in resident:
-                freed.append(compute_end)
-    return compute_end - call_start
+                issued.append(host_t)
+                host_t += profile.layer_overhead_s
+            host_t += launch[i]
+            gpu_end = max(gpu_end, ready, host_t) + per_layer[i]
+            if streamed:
+                freed.append(gpu_end)
+    return gpu_end - call_start
 
 
 def plan_budget(doc: Document, inventory: Inventory, resolution: Resolution, *, strict: bool = False,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from itertools import pairwise
 from pathlib import Path
 
 from planner.files.bounded_read import load_json_file
@@ -28,6 +29,30 @@ DEFAULT_PROFILE = "h100"
 # Z-Image folder read in 3.4 s from the page cache and 10.9 s cold)
 DEFAULT_PAGE_CACHE_BYTES_PER_S = 6.0e9
 DEFAULT_DISK_BYTES_PER_S = 1.88e9
+
+
+@dataclass(frozen=True)
+class KernelRates:
+    """What a denoiser call's kinds of kernel reach on a GPU (``bench/kernel_profile.py`` measures
+    them): matrix multiplies in FLOP/s, fused attention in FLOP/s by head dim (narrow heads run
+    slower), the other ops' bytes per second from contiguous and from non-contiguous inputs, and the
+    host's seconds per op launched (a small call waits on the host, not the GPU)."""
+
+    matmul_flops: float
+    attention_flops: tuple[tuple[int, float], ...]    # (head dim, FLOP/s), ascending head dims
+    memory_bytes_per_s: float
+    strided_bytes_per_s: float
+    host_op_seconds: float
+
+    def attention_rate(self, head_dim: int) -> float:
+        """Linear in the head dim between measured ones, held at the ends."""
+        points = self.attention_flops
+        if head_dim <= points[0][0]:
+            return points[0][1]
+        for (d0, r0), (d1, r1) in pairwise(points):
+            if head_dim <= d1:
+                return r0 + (r1 - r0) * (head_dim - d0) / (d1 - d0)
+        return points[-1][1]
 
 
 @dataclass(frozen=True)
@@ -47,6 +72,9 @@ class Profile:
     # defaults above
     page_cache_bytes_per_s: float | None = None
     disk_bytes_per_s: float | None = None
+    # a denoiser's call priced kernel by kind where the profile has the rates and the class was
+    # counted that way; None: every counted FLOP at ``effective_flops``
+    kernel_rates: KernelRates | None = None
 
     def read_bytes_per_s(self, tier: object) -> float | None:
         """The rate at which a host tier's bytes reach the staging ring (None: pinned, nothing read)."""
@@ -113,7 +141,27 @@ def load_profile(name_or_path: str | None, base: Path | None = None) -> Profile:
                    decode_flops=_positive(data, "decode_flops") if data.get("decode_flops") is not None else None,
                    decode_activation_scale=_positive(data, "decode_activation_scale", 1.0),
                    page_cache_bytes_per_s=_optional(data, "page_cache_bytes_per_s"),
-                   disk_bytes_per_s=_optional(data, "disk_bytes_per_s"))
+                   disk_bytes_per_s=_optional(data, "disk_bytes_per_s"),
+                   kernel_rates=_kernel_rates(data.get("kernel_rates")))
+
+
+def _kernel_rates(data: object) -> KernelRates | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise ValueError("kernel_rates must be a JSON object")
+    attention = data.get("attention_flops_by_head_dim")
+    if not isinstance(attention, dict) or not attention:
+        raise ValueError("kernel_rates.attention_flops_by_head_dim must be an object of head dim -> FLOP/s")
+    points = []
+    for key in attention:
+        if not (isinstance(key, str) and key.isdigit() and 0 < int(key) <= 4096):
+            raise ValueError(f"kernel_rates.attention_flops_by_head_dim: {key!r} is not a head dim")
+        points.append((int(key), _positive(attention, key)))
+    return KernelRates(matmul_flops=_positive(data, "matmul_flops"), attention_flops=tuple(sorted(points)),
+                       memory_bytes_per_s=_positive(data, "memory_bytes_per_s"),
+                       strided_bytes_per_s=_positive(data, "strided_bytes_per_s"),
+                       host_op_seconds=_positive(data, "host_op_seconds"))
 
 
 def _optional(data: dict, key: str) -> float | None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -183,15 +184,29 @@ def counted_layer_flops(class_name: str, img: int, txt: int,
     return [_grid_value(entry, lambda p, i=i: p["layer_flops"][i], img, txt) for i in range(len(entry["layers"]))]
 
 
-def counted_split(class_name: str, img: int, txt: int,
-                  parameters: int | None = None) -> tuple[float, float, float] | None:
-    """(attention FLOPs, bytes moved by the other ops, ops launched) of one denoiser call at batch 1,
-    where the grid has them (None otherwise: the time model then runs every FLOP at one rate)."""
+@dataclass(frozen=True)
+class KernelCounts:
+    """One denoiser call at batch 1 in bf16, split by the kind of kernel that runs it
+    (``planner.costs.count``): matmul and fused-attention FLOPs, the bytes the other ops move (of them,
+    those of ops reading a non-contiguous input), the ops launched, and the attention's head dim."""
+
+    flops: float
+    attention_flops: float
+    moved_bytes: float
+    strided_bytes: float
+    ops: float
+    attention_head_dim: int
+
+
+def counted_kernels(class_name: str, img: int, txt: int, parameters: int | None = None) -> KernelCounts | None:
+    """The split counts of one call, where the grid has them all (None: the time model then runs
+    every FLOP at the profile's one counted-FLOP rate)."""
     entry = counted_cost(class_name, parameters)
-    keys = ("attention_flops", "moved_bytes", "ops")
-    if entry is None or any(k not in p for p in entry["points"] for k in keys):
+    keys = ("flops", "attention_flops", "moved_bytes", "strided_bytes", "ops")
+    if entry is None or not entry.get("attention_head_dim") or any(k not in p for p in entry["points"] for k in keys):
         return None
-    return tuple(_grid_value(entry, lambda p, k=k: p[k], img, txt) for k in keys)  # type: ignore[return-value]
+    values = [_grid_value(entry, lambda p, k=k: p[k], img, txt) for k in keys]
+    return KernelCounts(*values, attention_head_dim=int(entry["attention_head_dim"]))
 
 
 def activation_peak(class_name: str, img: int, txt: int, parameters: int | None = None) -> float | None:

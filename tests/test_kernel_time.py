@@ -1,0 +1,100 @@
+"""The time model by kind of kernel (planner/planning/kernel_time.py), the host's clock in the
+layerwise simulation, and the profile's kernel rates: hand counts, no GPU."""
+
+from __future__ import annotations
+
+import pytest
+
+from planner.planning.budget import compute_parts, simulate_layerwise
+from planner.planning.kernel_time import call_seconds, device_seconds, host_seconds
+from planner.planning.profiles import KernelRates, Profile, _kernel_rates, load_profile
+from planner.planning.workload import KernelCounts, counted_kernels
+
+RATES = KernelRates(matmul_flops=1e12, attention_flops=((64, 0.5e12), (128, 1e12)), memory_bytes_per_s=1e9,
+                    strided_bytes_per_s=0.5e9, host_op_seconds=1e-3)
+
+
+def test_device_seconds_by_kind_of_kernel_hand_count():
+    counts = KernelCounts(flops=3e12, attention_flops=1e12, moved_bytes=3e9, strided_bytes=1e9, ops=10,
+                          attention_head_dim=128)
+    # matmul 2e12 / 1e12 = 2 s; attention 1e12 / 1e12 = 1 s; contiguous 2e9 / 1e9 = 2 s; strided 1e9 / 0.5e9 = 2 s
+    assert device_seconds(counts, 1, RATES) == pytest.approx(7.0)
+    assert device_seconds(counts, 2, RATES) == pytest.approx(14.0)     # the work doubles with the batch
+    assert host_seconds(counts, RATES) == pytest.approx(0.01)           # the launches do not
+    narrow = KernelCounts(3e12, 1e12, 3e9, 1e9, 10, attention_head_dim=64)
+    assert device_seconds(narrow, 1, RATES) == pytest.approx(8.0)      # 64-wide heads at half the rate
+
+
+def test_a_small_call_waits_on_the_host():
+    counts = KernelCounts(flops=1e9, attention_flops=0, moved_bytes=0, strided_bytes=0, ops=3000,
+                          attention_head_dim=128)
+    assert device_seconds(counts, 1, RATES) == pytest.approx(1e-3)
+    assert call_seconds(counts, 1, RATES) == pytest.approx(3.0)         # 3000 ops x 1 ms
+
+
+def test_attention_rate_interpolates_between_head_dims_and_holds_at_the_ends():
+    assert RATES.attention_rate(32) == 0.5e12
+    assert RATES.attention_rate(96) == pytest.approx(0.75e12)
+    assert RATES.attention_rate(256) == 1e12
+
+
+def test_kernel_rates_from_a_profile_are_checked():
+    good = {"matmul_flops": 7e14, "attention_flops_by_head_dim": {"128": 6e14, "64": 4e14},
+            "memory_bytes_per_s": 3e12, "strided_bytes_per_s": 1.3e12, "host_op_seconds": 2e-5}
+    rates = _kernel_rates(good)
+    assert rates.attention_flops == ((64, 4e14), (128, 6e14))
+    assert _kernel_rates(None) is None
+    for bad in ({**good, "matmul_flops": -1}, {**good, "attention_flops_by_head_dim": {}},
+                {**good, "attention_flops_by_head_dim": {"wide": 1e14}}, {**good, "host_op_seconds": float("inf")},
+                [1, 2]):
+        with pytest.raises(ValueError):
+            _kernel_rates(bad)
+
+
+def test_the_h200_profile_prices_sd35_by_kind_and_the_h100_by_one_rate():
+    from planner.inventory.catalog import catalog_inventory
+
+    inv = catalog_inventory("sd3.5-large")
+    dit = inv.get("transformer")
+    workload = {"height": 1024, "width": 1024, "guidance_scale": 3.5}
+    h200, h100 = load_profile("h200"), load_profile("h100")
+    assert h200.kernel_rates is not None and h100.kernel_rates is None
+    counts = counted_kernels(dit.class_name, 4096, 333, parameters=None)
+    assert counts is not None and counts.attention_head_dim == 64 and counts.strided_bytes > 0
+    device, host = compute_parts(dit, workload, h200)
+    assert device == pytest.approx(device_seconds(counts, 2, h200.kernel_rates), rel=0.02)  # CFG: batch 2
+    assert host == pytest.approx(counts.ops * h200.kernel_rates.host_op_seconds, rel=0.02)
+    _, no_host = compute_parts(dit, workload, h100)
+    assert no_host == 0.0
+
+
+def test_zimage_counts_no_strided_bytes_and_sd35_most():
+    z = counted_kernels("ZImageTransformer2DModel", 4096, 512)
+    s = counted_kernels("SD3Transformer2DModel", 4096, 333)
+    assert z.strided_bytes / z.moved_bytes < 0.01
+    assert s.strided_bytes / s.moved_bytes > 0.4
+
+
+PROFILE = Profile(name="t", h2d_bytes_per_s=1.0, effective_flops=1.0, layer_overhead_s=0.0)
+
+
+def test_simulation_without_host_time_is_the_device_bound_one():
+    # four layers of 1 byte at 1 B/s, 4 s of compute, everything streamed with K = 1: copy-bound, 4 s a call
+    assert simulate_layerwise((1, 1, 1, 1), set(), 4.0, PROFILE, prefetch=1) == pytest.approx(4.0)
+    # all resident: the compute
+    assert simulate_layerwise((1, 1, 1, 1), {0, 1, 2, 3}, 4.0, PROFILE) == pytest.approx(4.0)
+
+
+def test_host_clock_hand_traced():
+    # layers 0 and 3 streamed (1 byte each), 1 and 2 resident; no device work, 1 s of launches a layer.
+    # Copies of 2 s (0.5 B/s): each is issued at the streamed layer before it's pre-hook, 3 s of
+    # launches ahead (layer 0 of the next call at layer 3's, layer 3 at layer 0's), so both land in
+    # time: the call is its 4 s of launches.
+    prof = Profile(name="t", h2d_bytes_per_s=0.5, effective_flops=1.0, layer_overhead_s=0.0)
+    assert simulate_layerwise((1, 1, 1, 1), {1, 2}, 0.0, prof, prefetch=1, host=4.0) == pytest.approx(4.0)
+    # copies of 4 s: two a call on one copy engine, 8 s, whatever the host does
+    slow = Profile(name="t", h2d_bytes_per_s=0.25, effective_flops=1.0, layer_overhead_s=0.0)
+    assert simulate_layerwise((1, 1, 1, 1), {1, 2}, 0.0, slow, prefetch=1, host=4.0) == pytest.approx(8.0)
+    # the host's launches are a floor under a resident call: 4 s of them, then the last layer's 0.125 s
+    assert simulate_layerwise((1, 1, 1, 1), {0, 1, 2, 3}, 0.5, prof, host=4.0) == pytest.approx(4.125)
+    assert simulate_layerwise((1, 1, 1, 1), {0, 1, 2, 3}, 0.5, prof) == pytest.approx(0.5)
