@@ -39,7 +39,14 @@ MODELS = {
     "sd35": ("sd3.5-large", bc.b_sd3_transformer, 2, 333),      # CFG 3.5: batch 2; 77 CLIP + 256 T5 tokens
     "flux": ("flux.1-dev", bc.b_flux_transformer, 1, 512),      # embedded guidance; T5 at 512
     "zimage": ("z-image-turbo", bc.b_zimage_transformer, 1, 512),
+    # not used to set the rates: checks of the time model on DiTs it was not tuned on
+    "qwen": ("qwen-image", bc.b_qwen_image_transformer, 1, 128),  # true CFG off without a negative prompt
+    "wan": ("wan2.2-t2v-a14b", bc.b_wan_transformer, 1, 512),     # sequential CFG: batch 1 per call
 }
+CLASSES = {"sd35": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel", "zimage": "ZImageTransformer2DModel",
+           "qwen": "QwenImageTransformer2DModel", "wan": "WanTransformer3DModel"}
+# Wan is a video model: its sizes are frame counts at its default 480x832
+WAN_SHAPE = (480, 832)
 
 
 def inputs(model: str, size: int, batch: int, txt: int, device: Any) -> tuple[Any, list[torch.Tensor]]:
@@ -49,6 +56,18 @@ def inputs(model: str, size: int, batch: int, txt: int, device: Any) -> tuple[An
     if model == "sd35":
         ins = dict(hidden_states=r(batch, 16, size // 8, size // 8), encoder_hidden_states=r(batch, txt, 4096),
                    pooled_projections=r(batch, 2048), timestep=torch.full((batch,), 500.0, device=device))
+        return (lambda m: m(**ins, return_dict=False)), list(ins.values())
+    if model == "qwen":
+        img = (size // 16) ** 2
+        ins = dict(hidden_states=r(batch, img, 64), encoder_hidden_states=r(batch, txt, 3584),
+                   timestep=torch.full((batch,), 0.5, device=device))
+        shapes = [(1, size // 16, size // 16)] * batch
+        return (lambda m: m(**ins, img_shapes=shapes, return_dict=False)), list(ins.values())
+    if model == "wan":
+        frames = size
+        h, w = WAN_SHAPE
+        ins = dict(hidden_states=r(batch, 16, (frames - 1) // 4 + 1, h // 8, w // 8),
+                   timestep=torch.full((batch,), 500.0, device=device), encoder_hidden_states=r(batch, txt, 4096))
         return (lambda m: m(**ins, return_dict=False)), list(ins.values())
     if model == "flux":
         img = (size // 16) ** 2
@@ -130,10 +149,29 @@ def counted(model: str, size: int, batch: int, txt: int) -> dict[str, Any]:
             "moved_bytes": c.moved_bytes, "ops": c.ops}
 
 
+def predicted(model: str, size: int, batch: int, txt: int) -> dict[str, Any] | None:
+    """The planner's price of the call before it runs: costs.json's counts at these shapes, the H200
+    profile's kernel rates (planner.planning.kernel_time)."""
+    from planner.planning.kernel_time import device_seconds, host_seconds
+    from planner.planning.profiles import load_profile
+    from planner.planning.workload import counted_kernels, image_tokens
+
+    cls = CLASSES[model]
+    shape = {"height": WAN_SHAPE[0], "width": WAN_SHAPE[1], "frames": size} if model == "wan" else \
+        {"height": size, "width": size}
+    counts = counted_kernels(cls, image_tokens(shape, cls), txt)
+    rates = load_profile("h200").kernel_rates
+    if counts is None or rates is None:
+        return None
+    dev, host = device_seconds(counts, batch, rates), host_seconds(counts, rates)
+    return {"device_s": dev, "host_s": host, "call_s": max(dev, host)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="sd35,flux,zimage")
     ap.add_argument("--sizes", default="1024,512")
+    ap.add_argument("--wan-frames", default="21,1", help="Wan's frame counts at 480x832")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
     device = torch.device("cuda", torch.cuda.current_device())
@@ -152,9 +190,11 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_default_dtype(old)
         module = module.to(DT).eval()
         log(f"{model}: built in {time.perf_counter() - t0:.1f} s")
-        for size in [int(s) for s in args.sizes.split(",")]:
+        sizes = [int(s) for s in (args.wan_frames if model == "wan" else args.sizes).split(",")]
+        for size in sizes:
             row = profile_one(model, module, size, batch, txt, device)
             row["counted"] = counted(model, size, batch, txt)
+            row["predicted"] = predicted(model, size, batch, txt)
             c = row["counted"]
             row["rates"] = {
                 "counted_flops_per_s": c["flops"] / row["wall_s"],
@@ -171,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{model} {size}: {row['wall_s'] * 1e3:.1f} ms/forward, busy {row['busy_fraction']:.2f}; "
                 f"matmul {k['matmul'] * 1e3:.1f} ms, attention {k['attention'] * 1e3:.1f} ms, other "
                 f"{k['other'] * 1e3:.1f} ms ({row['kernels']['other']} kernels); counted "
-                f"{row['rates']['counted_flops_per_s'] / 1e12:.0f} TFLOP/s")
+                f"{row['rates']['counted_flops_per_s'] / 1e12:.0f} TFLOP/s; predicted "
+                f"{(row['predicted'] or {}).get('call_s', 0) * 1e3:.1f} ms")
         del module
         free_memory(device)
     out = Path(args.out)

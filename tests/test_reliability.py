@@ -660,8 +660,11 @@ def test_200_calls_host_memory_flat_and_counters_consistent(fresh):
         assert abs(objects_growth) < 200, objects_growth
         assert rep["calls"] == total
         assert rep["sync_loads"] == 0                     # the order never changes: all prefetched
-        # every streamed layer loaded once per call, plus the K layers already in flight for the next call
-        assert rep["async_loads"] == total * n_streamed + min(prefetch, n_streamed)
+        # every streamed layer loaded once per call, plus the K layers already in flight for the next call,
+        # plus the first window once more: loaded when attached, released when the handle entered the
+        # generation's first phase (the encoders'), loaded again by the first call
+        assert rep["async_loads"] == total * n_streamed + 2 * min(prefetch, n_streamed)
+        assert rep["slot_releases"] == 1
         assert rep["slots"] == min(prefetch + 1, n_streamed)
         assert rep["gpu_slot_bytes"] > 0 and rep["host_buffer_bytes"] >= rep["streamed_bytes"]
         assert handle.report()["components"]["transformer"]["calls"] == total

@@ -96,6 +96,10 @@ class ConversionGuard:
             target.attach()
 
 
+# the phases of one generation, in the order they run
+PHASE_ORDER = ("encode", "denoise", "decode")
+
+
 class PhaseHooks:
     """Pre-hooks on every placed component (and its children: pipelines call ``vae.decode``, which
     reaches the children, not ``forward``): when a component starts, what belongs to another part of
@@ -106,6 +110,10 @@ class PhaseHooks:
     - when the phase changes (``ComponentPlan.phase``: encode, denoise, decode), the slots and
       streamed modules of the layerwise components of other phases (``release_slots``), so each
       phase holds only its own streaming memory.
+
+    Attached, it enters the generation's first phase: what the others streamed in while they were
+    placed (each engine's first window) leaves at once, so a plan's budget holds between loading and
+    the first call too (a Flux plan for 8 GiB sat at 8.2 GiB after loading, every phase's slots full).
     """
 
     def __init__(self, modules: Mapping[str, torch.nn.Module], phases: Mapping[str, str],
@@ -123,11 +131,16 @@ class PhaseHooks:
             self._hooks.pre(module, enter)
             for child in module.children():
                 self._hooks.pre(child, enter)
+        known = [p for p in PHASE_ORDER if p in self.phases.values()]
+        if known and set(self.phases.values()) <= set(PHASE_ORDER):
+            self.enter(known[0])
 
     def component_starts(self, name: str) -> None:
         if self.group is not None and name not in self.members:
             self.group.other_component_runs()
-        phase = self.phases[name]
+        self.enter(self.phases[name])
+
+    def enter(self, phase: str) -> None:
         if phase == self.phase:
             return
         self.phase = phase

@@ -153,8 +153,8 @@ def _finish(handle: ResidencyHandle, modules: dict[str, torch.nn.Module], group:
         hooked = {n: modules[n] for n in plan.components if n not in members or releasable}
         phases = PhaseHooks(hooked, {n: cp.phase or cp.family for n, cp in plan.components.items()}, releasable,
                             group=group, members=members)
+        handle._attached.append(phases)     # before attach: entering the first phase can fail, and undo detaches
         phases.attach()
-        handle._attached.append(phases)
     for name, cp in plan.components.items():
         if cp.strategy not in (Strategy.CPU_OFFLOAD, Strategy.LAYERWISE):
             continue
