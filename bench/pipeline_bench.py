@@ -739,7 +739,9 @@ class Bench:
                             row["exact"], row["max_abs_diff"] = None, None
                             row["note"] = f"no reference output ({key}) to compare with"
                         if budget is not None and row.get("peak_allocated_bytes") is not None:
-                            row["within_budget"] = row["peak_allocated_bytes"] <= budget
+                            # the budget holds while loading too (the load's own peak, reset before it)
+                            row["load_within_budget"] = (row.get("gpu_load_peak_bytes") or 0) <= budget
+                            row["within_budget"] = row["peak_allocated_bytes"] <= budget and row["load_within_budget"]
                         # the loaded plan is the largest size's: its predictions hold at another size only
                         # where the plan made for that size places everything the same way
                         if row.get("plan_at_size_same_placement"):

@@ -100,6 +100,12 @@ class ConversionGuard:
 PHASE_ORDER = ("encode", "denoise", "decode")
 
 
+def first_phase(phases: Mapping[str, str]) -> str | None:
+    """The phase a generation starts with, where every component's phase is one of PHASE_ORDER."""
+    known = [p for p in PHASE_ORDER if p in phases.values()]
+    return known[0] if known and set(phases.values()) <= set(PHASE_ORDER) else None
+
+
 class PhaseHooks:
     """Pre-hooks on every placed component (and its children: pipelines call ``vae.decode``, which
     reaches the children, not ``forward``): when a component starts, what belongs to another part of
@@ -131,9 +137,9 @@ class PhaseHooks:
             self._hooks.pre(module, enter)
             for child in module.children():
                 self._hooks.pre(child, enter)
-        known = [p for p in PHASE_ORDER if p in self.phases.values()]
-        if known and set(self.phases.values()) <= set(PHASE_ORDER):
-            self.enter(known[0])
+        first = first_phase(self.phases)
+        if first is not None:
+            self.enter(first)
 
     def component_starts(self, name: str) -> None:
         if self.group is not None and name not in self.members:
