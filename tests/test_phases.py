@@ -140,6 +140,8 @@ def test_each_phase_holds_only_its_own_slots(tiny_dirs, family):
     handle = apply_plan(pipe, plan)
     engines = {n: p for n, p in handle.placements.items() if isinstance(p, LayerwiseEngine)}
     assert {"transformer", "vae"} <= set(engines) and any(plan.components[n].phase == "encode" for n in engines)
+    # placed, each engine gave its first window back before the next component was placed
+    assert all(e.report()["gpu_slot_bytes"] == 0 and e.report()["slot_releases"] == 1 for e in engines.values())
     held: list[tuple[str, dict[str, int]]] = []
     probes = []
     for name, engine in engines.items():
@@ -159,7 +161,7 @@ def test_each_phase_holds_only_its_own_slots(tiny_dirs, family):
                     if plan.components[other].phase != phase:
                         assert nbytes == 0, (generation, running, other, slots)
             rep = handle.report()["components"]
-            # when the first encoder ran (its slots came with the attach), then at each decode
+            # once placed, then at each decode
             assert rep["transformer"]["slot_releases"] == generation + 1
             assert rep["transformer"]["gpu_slot_bytes"] == 0
     finally:

@@ -661,8 +661,8 @@ def test_200_calls_host_memory_flat_and_counters_consistent(fresh):
         assert rep["calls"] == total
         assert rep["sync_loads"] == 0                     # the order never changes: all prefetched
         # every streamed layer loaded once per call, plus the K layers already in flight for the next call,
-        # plus the first window once more: loaded when attached, released when the handle entered the
-        # generation's first phase (the encoders'), loaded again by the first call
+        # plus the first window once more: loaded when attached, given back once placed (loading holds
+        # one component's slots at a time), loaded again by the first call
         assert rep["async_loads"] == total * n_streamed + 2 * min(prefetch, n_streamed)
         assert rep["slot_releases"] == 1
         assert rep["slots"] == min(prefetch + 1, n_streamed)

@@ -96,16 +96,6 @@ class ConversionGuard:
             target.attach()
 
 
-# the phases of one generation, in the order they run
-PHASE_ORDER = ("encode", "denoise", "decode")
-
-
-def first_phase(phases: Mapping[str, str]) -> str | None:
-    """The phase a generation starts with, where every component's phase is one of PHASE_ORDER."""
-    known = [p for p in PHASE_ORDER if p in phases.values()]
-    return known[0] if known and set(phases.values()) <= set(PHASE_ORDER) else None
-
-
 class PhaseHooks:
     """Pre-hooks on every placed component (and its children: pipelines call ``vae.decode``, which
     reaches the children, not ``forward``): when a component starts, what belongs to another part of
@@ -116,10 +106,6 @@ class PhaseHooks:
     - when the phase changes (``ComponentPlan.phase``: encode, denoise, decode), the slots and
       streamed modules of the layerwise components of other phases (``release_slots``), so each
       phase holds only its own streaming memory.
-
-    Attached, it enters the generation's first phase: what the others streamed in while they were
-    placed (each engine's first window) leaves at once, so a plan's budget holds between loading and
-    the first call too (a Flux plan for 8 GiB sat at 8.2 GiB after loading, every phase's slots full).
     """
 
     def __init__(self, modules: Mapping[str, torch.nn.Module], phases: Mapping[str, str],
@@ -137,9 +123,6 @@ class PhaseHooks:
             self._hooks.pre(module, enter)
             for child in module.children():
                 self._hooks.pre(child, enter)
-        first = first_phase(self.phases)
-        if first is not None:
-            self.enter(first)
 
     def component_starts(self, name: str) -> None:
         if self.group is not None and name not in self.members:

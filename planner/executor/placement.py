@@ -22,7 +22,6 @@ from planner.executor.handle import (
     ConversionGuard,
     ExecutionDeviceHint,
     PhaseHooks,
-    first_phase,
     Placement,
     ResidencyHandle,
     _GroupMember,
@@ -79,7 +78,6 @@ def attach_components(handle: ResidencyHandle, source_of: ModuleSource,
     members = [n for n, cp in plan.components.items() if cp.strategy == Strategy.CPU_OFFLOAD]
     modules: dict[str, torch.nn.Module] = {}
     group: CpuOffloadGroup | None = None
-    first = first_phase({n: cp.phase or cp.family for n, cp in plan.components.items()})
     for name, cp in plan.components.items():
         if cp.host_tier in FILE_TIERS and cp.strategy != Strategy.LAYERWISE:
             raise PlanApplyError(f"{name}: host_tier '{cp.host_tier}' streams layers from the files; strategy "
@@ -113,9 +111,9 @@ def attach_components(handle: ResidencyHandle, source_of: ModuleSource,
         placement.attach()
         handle._attached.append(placement)
         handle.placements[name] = placement
-        if (cp.phase or cp.family) != first and hasattr(placement, "release_slots"):
-            # its first window leaves before the next component loads: loading never holds every
-            # phase's slots at once, which no moment of a generation does
+        if hasattr(placement, "release_slots"):
+            # its first window leaves before the next component loads: loading never holds several
+            # components' slots at once (no moment of a generation does); its first call loads them again
             placement.release_slots()
         _cast_hooks(handle, store)
         if on_placed is not None:
