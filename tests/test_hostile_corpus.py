@@ -670,7 +670,8 @@ def sglang_cases(d: Path) -> list[Case]:
         ("gpu memory ok", ["--gpu-memory", "80GiB"], "accepted"),
         ("gpu memory float overflow", ["--gpu-memory", "9" * 400 + ".5GiB"], "refused"),
         ("unknown flags", ["--port", "30000", "--host", "0.0.0.0"], "accepted"),
-        ("later flag", ["--layerwise-prefetch-size", "2"], "accepted"),
+        ("later flag", ["--layerwise-prefetch-size", "transformer=2"], "accepted"),
+        ("later flag bare value", ["--layerwise-prefetch-size", "2"], "refused"),   # SGLang wants COMPONENT=VALUE
         ("newline value", ["--model-path", "a\nb: c"], "accepted"),
         ("unicode flag", ["--d\u00eft-cpu-offload", "true"], "accepted"),
         ("positional", ["transformer"], "usage"),
