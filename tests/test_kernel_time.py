@@ -98,3 +98,26 @@ def test_host_clock_hand_traced():
     # the host's launches are a floor under a resident call: 4 s of them, then the last layer's 0.125 s
     assert simulate_layerwise((1, 1, 1, 1), {0, 1, 2, 3}, 0.5, prof, host=4.0) == pytest.approx(4.125)
     assert simulate_layerwise((1, 1, 1, 1), {0, 1, 2, 3}, 0.5, prof) == pytest.approx(0.5)
+
+
+def test_a_float8_stored_denoiser_pays_its_upcast_each_call():
+    from planner import make_plan
+    from planner.planning.estimate import upcast_seconds
+    from planner.spec.document import load_text
+
+    def plan(extra: str):
+        text = ("version: 1\npipeline: {model: flux.1-dev}\nprofile: h200\n"
+                "workload: {height: 1024, width: 1024, steps: 8}\ncomponents:\n" + extra)
+        return make_plan(load_text(text, "fp8.yaml"))
+
+    plain = plan("  transformer: resident\n")
+    cast = plan("  transformer: {strategy: resident, storage_dtype: float8_e4m3fn}\n")
+    cp = cast.components["transformer"]
+    from planner.inventory.catalog import catalog_inventory
+
+    info = catalog_inventory("flux.1-dev").get("transformer")
+    stored = [int(b * cp.weight_bytes / info.weight_bytes) for b in info.layer_bytes]
+    extra = upcast_seconds(cp, stored)
+    assert extra > 0.01                                        # ~8.6 GB of float8 upcast each step
+    assert cast.components["transformer"].estimate.step_seconds == pytest.approx(
+        plain.components["transformer"].estimate.step_seconds + extra, rel=1e-3)

@@ -20,7 +20,7 @@ from planner.planning.assemble import (
     stored_layer_bytes,
     stored_weight_bytes,
 )
-from planner.planning.estimate import memory_estimate
+from planner.planning.estimate import memory_estimate, upcast_seconds
 from planner.planning.kernel_time import device_seconds, host_seconds
 from planner.planning.profiles import Profile, load_profile
 from planner.planning.resolve import ComponentResolution, Resolution, place_resident
@@ -121,12 +121,14 @@ def runs_per_step_name(name: str) -> bool:
 
 def step_seconds(strategy: str, info: ComponentInfo, resident: tuple[int, ...], workload: Mapping[str, Any],
                  profile: Profile, *, calls: int = 1, prefetch: int = 1,
-                 moved: tuple[tuple[int, ...], int] | None = None) -> float:
+                 moved: tuple[tuple[int, ...], int] | None = None, upcast: float = 0.0) -> float:
     """Predicted seconds of one step's calls of a component under a strategy (layerwise: every call
     streams its layers; sequential guidance calls a denoiser twice a step). ``moved`` is (each layer's
     bytes, the whole component's bytes) as they are copied, where a storage dtype makes them fewer
-    than loaded; compute always counts the loaded model."""
+    than loaded; compute always counts the loaded model. ``upcast`` is the device time of one call's
+    upcasts from a storage dtype (every strategy upcasts each call)."""
     device, host = compute_parts(info, workload, profile)
+    device += upcast
     compute = max(device, host)
     per_step = calls_per_step(info, workload)
     layer_bytes, weight_bytes = moved or (info.layer_bytes, info.weight_bytes)
@@ -240,8 +242,10 @@ def _with_times(plan: Plan, inventory: Inventory, workload: Mapping[str, Any], p
             comps[name] = cp
             continue
         calls = steps if runs_per_step_name(name) else 1
+        moved = _moved_of_plan(cp, info)
         t = step_seconds(cp.strategy, info, cp.resident_layers, workload, profile.for_tier(cp.host_tier), calls=calls,
-                         prefetch=cp.prefetch or 1, moved=_moved_of_plan(cp, info))
+                         prefetch=cp.prefetch or 1, moved=moved,
+                         upcast=upcast_seconds(cp, moved[0]) if moved else 0.0)
         if runs_per_step_name(name):
             per_step += t
         elif cp.phase == "encode":

@@ -65,9 +65,11 @@ UPCAST_SHARES: dict[str, tuple[float, float]] = {
     'WanTransformer3DModel': (0.2015, 0.0),
     'ZImageTransformer2DModel': (0.2174, 0.0833),
 }
-# device-memory bytes per second of the upcast (an elementwise conversion: float8 read, the compute
-# dtype written); not calibrated on a GPU yet: about 60 % of an H200's 4.8 TB/s
-UPCAST_BYTES_PER_S = 2.9e12
+# bytes per second of the upcast (float8 read, the compute dtype written), measured on an H200 as the
+# step diffusers' resident layerwise casting adds over resident bf16 at 1024² (bench/results/
+# pipeline_nvidia-h200_{zimage,flux}_d42094f9.json): Z-Image 18.4 GB in 19.5 ms, Flux 26 GB in 28.9 ms
+# (a conversion per module, far below the 4.8 TB/s an elementwise kernel could reach)
+UPCAST_BYTES_PER_S = 0.92e12
 
 
 def _class_shares(cp: ComponentPlan) -> tuple[tuple[float, float] | None, tuple[float, float] | None]:
