@@ -40,3 +40,30 @@ def spec_for(path, **sections):
     spec = {"version": 1, "pipeline": {"path": str(path), "dtype": "float32"}, "device": "cpu"}
     spec.update(sections)
     return spec
+
+
+def fail_placing(monkeypatch, where: str) -> None:
+    """A MemoryError while a plan is placed: the transformer's layerwise engine attaching
+    (``strategy-attach``, after its weights were cast to float8) or, otherwise, the VAE's cast hooks
+    (the last component: everything else is placed by then)."""
+    from planner.executor import storage_cast
+    from planner.executor.layerwise_engine import LayerwiseEngine
+
+    if where == "strategy-attach":
+        real_attach = LayerwiseEngine.attach
+
+        def flaky_attach(self):
+            if self.name == "transformer":
+                raise MemoryError("simulated: pinned allocation failed")
+            return real_attach(self)
+
+        monkeypatch.setattr(LayerwiseEngine, "attach", flaky_attach)
+        return
+    real_hooks = storage_cast.CastHooks.attach
+
+    def flaky_hooks(self):
+        if self.name == "vae":
+            raise MemoryError("simulated: hook registration failed")
+        return real_hooks(self)
+
+    monkeypatch.setattr(storage_cast.CastHooks, "attach", flaky_hooks)

@@ -231,11 +231,19 @@ def test_layerwise_streams_float8_bytes(tiny):
         handle = planner.apply_plan(pipe, spec)
         try:
             engine = handle.placements["transformer"]
-            # the slots are allocated at attach (and given back when the VAE's phase starts)
-            slots[dtype] = engine.report()["gpu_slot_bytes"]
+            # the slots are held while the transformer runs (given back once placed, and when the VAE's
+            # phase starts): read them at the end of its call
+            seen = []
+            probe = pipe.transformer.register_forward_hook(lambda *_: seen.append(
+                (engine.report()["gpu_slot_bytes"], {d for s in engine._slots for d in s.bufs})))
+            try:
+                run_tiny(pipe)
+            finally:
+                probe.remove()
+            slots[dtype] = engine.report()["gpu_slot_peak_bytes"]
+            assert seen[0][0] > 0
             if dtype:
-                assert {d for s in engine._slots for d in s.bufs} >= {torch.float8_e4m3fn}
-            run_tiny(pipe)
+                assert seen[0][1] >= {torch.float8_e4m3fn}
             reports[dtype] = engine.report()
         finally:
             handle.remove()
@@ -243,7 +251,8 @@ def test_layerwise_streams_float8_bytes(tiny):
     # the tiny pipeline runs in float32: a cast weight streams a quarter of its bytes
     assert cast["streamed_bytes"] < 0.5 * plain["streamed_bytes"]
     assert cast["host_buffer_bytes"] < 0.5 * plain["host_buffer_bytes"]   # pinned on CUDA
-    assert 0 < slots["float8_e4m3fn"] < 0.5 * slots[None]
+    # the slots' peak (sized by the largest layer): its float8 weights and the float32 norms it keeps
+    assert 0 < slots["float8_e4m3fn"] < 0.6 * slots[None]
 
 
 def test_float8_e5m2_and_text_encoders(tiny):
@@ -313,12 +322,11 @@ def test_paused_and_reapplied(tiny):
 @pytest.mark.parametrize("where", ["mid-cast", "strategy-attach", "cast-hooks"])
 def test_failed_apply_changes_nothing(tiny, monkeypatch, where):
     torch = pytest.importorskip("torch")
-    from pipeline_checks import assert_restored, snapshot, spec_for
+    from pipeline_checks import assert_restored, fail_placing, snapshot, spec_for
 
     import planner
     from planner import PlanApplyError
     from planner.executor import storage_cast
-    from planner.executor.layerwise_engine import LayerwiseEngine
     from planner.testing.tiny_pipelines import run_tiny
 
     path, pipe, _, plain = tiny("flux.1-dev")
@@ -346,24 +354,8 @@ def test_failed_apply_changes_nothing(tiny, monkeypatch, where):
             return out + [_Holder()] if len(calls) == 6 else out
 
         monkeypatch.setattr(storage_cast, "_cast_tensors", flaky)
-    elif where == "strategy-attach":
-        real_attach = LayerwiseEngine.attach
-
-        def flaky_attach(self):
-            if self.name == "transformer":     # after its weights were cast to float8
-                raise MemoryError("simulated: pinned allocation failed")
-            return real_attach(self)
-
-        monkeypatch.setattr(LayerwiseEngine, "attach", flaky_attach)
     else:
-        real_hooks = storage_cast.CastHooks.attach
-
-        def flaky_hooks(self):
-            if self.name == "vae":             # the last component: everything else is applied
-                raise MemoryError("simulated: hook registration failed")
-            return real_hooks(self)
-
-        monkeypatch.setattr(storage_cast.CastHooks, "attach", flaky_hooks)
+        fail_placing(monkeypatch, where)
     with pytest.raises(PlanApplyError, match="nothing was changed.*simulated"):
         planner.apply_plan(pipe, plan)
     assert_restored(pipe, snap)
@@ -416,6 +408,7 @@ def test_the_time_model_copies_the_stored_bytes():
             "workload: {height: 1024, width: 1024, steps: 8, guidance_scale: 0.0}\n", "s.yaml"))
 
     bf16, fp8 = plan(""), plan(", storage_dtype: float8_e4m3fn")
-    # without guidance a streamed Z-Image step waits on its copies: half the bytes, a shorter step
-    assert fp8.estimate.seconds_per_step < 0.8 * bf16.estimate.seconds_per_step
+    # without guidance a streamed bf16 Z-Image step waits on its copies; with half the bytes it waits on
+    # its compute and upcasts instead (an H200 measured 0.744x, bench/results/pipeline_nvidia-h200_summary.md)
+    assert fp8.estimate.seconds_per_step < 0.85 * bf16.estimate.seconds_per_step
     assert fp8.estimate.host_pinned_bytes < 0.6 * bf16.estimate.host_pinned_bytes

@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from pipeline_checks import spec_for
+from pipeline_checks import fail_placing, spec_for
 
 import planner
 from planner import PlanApplyError
@@ -216,24 +216,7 @@ def test_failed_load_leaves_nothing_attached(tiny, monkeypatch, where):
         return module
 
     monkeypatch.setattr(module_build, "_build_on_meta", build)
-    if where == "strategy-attach":
-        real_attach = LayerwiseEngine.attach
-
-        def flaky_attach(self):
-            if self.name == "transformer":     # its meta tensors are float8 by now
-                raise MemoryError("simulated: pinned allocation failed")
-            return real_attach(self)
-
-        monkeypatch.setattr(LayerwiseEngine, "attach", flaky_attach)
-    else:
-        real_hooks = storage_cast.CastHooks.attach
-
-        def flaky_hooks(self):
-            if self.name == "vae":             # the last component: the transformer is placed
-                raise MemoryError("simulated: hook registration failed")
-            return real_hooks(self)
-
-        monkeypatch.setattr(storage_cast.CastHooks, "attach", flaky_hooks)
+    fail_placing(monkeypatch, where)
     spec = _with_storage(spec_for(path, offload={"layerwise_offload_components": "all"}))
     with pytest.raises(PlanApplyError, match="simulated"):
         load(spec)
