@@ -20,6 +20,19 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared CI machine OpenMP's spinning
+    threads can make a 1 s test take a minute; a module's references and runs are computed alike.
+    Modules that build tiny pipelines ask for it (``pytestmark``)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # --- tiny pipelines -----------------------------------------------------------------------
 
 

@@ -221,12 +221,7 @@ from planner.executor.layerwise_engine import LayerwiseEngine
 from planner.testing.tiny_pipelines import load_tiny_pipeline, run_tiny
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

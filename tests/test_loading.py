@@ -69,14 +69,7 @@ def assert_same_weights(pipe, reference):
         assert torch.equal(t.detach(), ref.detach()), key
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CI machine spinning OpenMP
-    threads make every run several times slower; reference and loaded runs share the setting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

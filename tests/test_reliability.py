@@ -43,14 +43,7 @@ def engines(handle):
     return {n: p for n, p in handle.placements.items() if isinstance(p, LayerwiseEngine)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CI machine OpenMP's spinning
-    threads can make a 1 s test take a minute; references and runs here are computed alike."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
