@@ -160,3 +160,23 @@ def test_calibrate_decodes_the_catalog_vae():
     import build_catalog
 
     assert DECODER_CONFIG == build_catalog.FLUX_VAE
+
+
+def test_calibrate_measures_kernel_rates_a_profile_takes(tmp_path):
+    torch = pytest.importorskip("torch")
+    from planner.cli.calibrate import measure_kernel_rates
+    from planner.planning.profiles import load_profile
+
+    dims = {"dim": 64, "n_heads": 2, "n_kv_heads": 2, "cap_feat_dim": 32, "axes_dims": [8, 12, 12],
+            "axes_lens": [64, 64, 64]}
+    rates = measure_kernel_rates(torch, device="cpu", tokens=256, hidden=128, heads=2, host_dims=dims,
+                                 host_size=64, repeat=2)
+    # measured, positive and finite (how fast is the bench's business), in the form a profile reads
+    base = json.loads((Path(__file__).resolve().parent.parent / "planner" / "data" / "profiles.json")
+                      .read_text())["profiles"]["h200"]
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(dict(base, name="cpu", kernel_rates=rates)))
+    profile = load_profile(str(path))
+    assert profile.kernel_rates is not None
+    assert {d for d, _ in profile.kernel_rates.attention_flops} == {64, 128}
+    assert 0 < profile.kernel_rates.host_op_seconds < 1

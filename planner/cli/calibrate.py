@@ -7,7 +7,9 @@ module code, attention as the fused kernel), the same count the planner reads fr
 and counted on the meta device at the same shapes, since a synthetic attention+MLP block runs about
 1.6x faster than a real DiT layer on an H100. A VAE decode has its own rate and activation scale
 (``measure_decoder``): channels-first bf16 convolutions run far below the transformers' rate, and
-cuDNN's workspaces are in no tensor the count sees. The host tiers' read rates (``measure_file_reads``):
+cuDNN's workspaces are in no tensor the count sees. The kernel rates (``measure_kernel_rates``) price a
+denoiser call by kind of kernel (matmul, attention by head dim, contiguous and strided memory traffic,
+the host's seconds per op) where the profile has them. The host tiers' read rates (``measure_file_reads``):
 copies out of a warm file mapping (``host_tier: mapped``) and O_DIRECT reads (``disk``), through the
 executor's own reader, of a file written in the output's folder (so: of that folder's disk).
 """
@@ -167,13 +169,89 @@ def measure_dit_rate(torch: Any, *, device: str = "cuda", dims: dict[str, Any] |
 def _counted_flops(torch: Any, cls: Any, n_layers: int, dims: dict[str, Any], dtype: Any, x: list, t: Any,
                    cap: list) -> float:
     """FLOPs of one forward at the inputs' shapes, counted on the meta device (no weights)."""
+    return float(_count(torch, cls, n_layers, dims, dtype, x, t, cap).flops)
+
+
+def _count(torch: Any, cls: Any, n_layers: int, dims: dict[str, Any], dtype: Any, x: list, t: Any, cap: list) -> Any:
     from planner.costs.count import count_forward
 
     with torch.device("meta"):
         model = cls(n_layers=n_layers, n_refiner_layers=1, **dims).to(dtype).eval()
     meta = [[v.to("meta") for v in x], t.to("meta"), [v.to("meta") for v in cap]]
-    return float(count_forward(model, lambda m: m(meta[0], meta[1], meta[2], return_dict=False),
-                               meta[0] + meta[2] + [meta[1]]).flops)
+    return count_forward(model, lambda m: m(meta[0], meta[1], meta[2], return_dict=False),
+                         meta[0] + meta[2] + [meta[1]])
+
+
+def _timed(torch: Any, device: str, fn: Any, repeat: int) -> float:
+    """Median seconds of ``fn()`` after a warm-up, the device synchronised around each run."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    with torch.no_grad():
+        fn()
+        sync()
+        runs = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            fn()
+            sync()
+            runs.append(time.perf_counter() - start)
+    return statistics.median(runs)
+
+
+def measure_kernel_rates(torch: Any, *, device: str = "cuda", tokens: int = 8192, hidden: int = 3072,
+                         heads: int = 24, host_dims: dict[str, Any] | None = None, host_size: int = 256,
+                         repeat: int = 5) -> dict[str, Any]:
+    """The profile's ``kernel_rates`` (``planner.planning.kernel_time``), each from the kernel kind it
+    prices, counted as ``planner.costs.count`` counts them: a (tokens x hidden) @ (hidden x 4·hidden)
+    matrix multiply; fused attention of ``tokens`` queries at head dims 64 and 128; an elementwise add
+    of contiguous and of transposed (non-contiguous) inputs; and the host's seconds per op, from a real
+    Z-Image transformer run at a small size (where the GPU waits on the launches) over the ops its
+    forward counts. Needs diffusers for the last."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from planner.costs.count import MovedBytes
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    F = torch.nn.functional
+    gen = torch.Generator(device).manual_seed(0)
+
+    def rand(*shape: int) -> Any:
+        return torch.randn(*shape, device=device, dtype=dtype, generator=gen)
+
+    def rate(fn: Any, counted: float) -> float:
+        return counted / max(_timed(torch, device, fn, repeat), 1e-9)
+
+    a, w = rand(tokens, hidden), rand(hidden, 4 * hidden)
+    out: dict[str, Any] = {"matmul_flops": rate(lambda: a @ w, 2.0 * tokens * hidden * 4 * hidden)}
+    attention = {}
+    for head_dim in (64, 128):
+        n_heads = max(1, hidden // head_dim)
+        q, k, v = (rand(1, n_heads, tokens, head_dim) for _ in range(3))
+        counter = FlopCounterMode(display=False)
+        with counter:
+            F.scaled_dot_product_attention(q, k, v)
+        flops = counter.get_total_flops() or 4.0 * n_heads * tokens * tokens * head_dim
+        attention[str(head_dim)] = rate(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v), flops)
+    out["attention_flops_by_head_dim"] = attention
+    x, y = rand(1, tokens, heads, hidden // heads), rand(1, tokens, heads, hidden // heads)
+    xt, yt = x.transpose(1, 2), y.transpose(1, 2)         # a head layout read in place: non-contiguous
+    for key, (p, q2) in (("memory_bytes_per_s", (x, y)), ("strided_bytes_per_s", (xt, yt))):
+        moved = MovedBytes()
+        with moved:
+            torch.add(p, q2)
+        out[key] = rate(lambda p=p, q2=q2: torch.add(p, q2), moved.bytes)
+    from diffusers import ZImageTransformer2DModel
+
+    dims = dict(host_dims or {})
+    channels, cap_dim = dims.get("in_channels", 16), dims.get("cap_feat_dim", 2560)
+    img = [rand(channels, 1, host_size // 8, host_size // 8)]
+    cap = [rand(32, cap_dim)]
+    t = torch.tensor([0.5], device=device, dtype=dtype)
+    ops = _count(torch, ZImageTransformer2DModel, 2, dims, dtype, img, t, cap).ops
+    with torch.device(device):
+        model = ZImageTransformer2DModel(n_layers=2, n_refiner_layers=1, **dims).to(dtype).eval()
+    seconds = _timed(torch, device, lambda: model(img, t, cap, return_dict=False), repeat)
+    out["host_op_seconds"] = seconds / max(ops, 1)
+    return out
 
 
 # black-forest-labs/FLUX.1-dev vae/config.json, the AutoencoderKL of the catalog's image pipelines
@@ -252,6 +330,11 @@ def calibrate(out: str | Path) -> dict[str, Any]:
         "effective_flops": _dit_rate(torch),
         "layer_overhead_s": 2e-05,
     }
+    try:
+        profile["kernel_rates"] = dict(measure_kernel_rates(torch),
+                                       description="measured by residency-planner calibrate (measure_kernel_rates)")
+    except ImportError:   # no diffusers: no host rate from real layers, so no kernel rates (one rate stands)
+        pass
     try:
         decode_rate, decode_scale = measure_decoder(torch)
         profile["decode_flops"] = decode_rate
