@@ -16,7 +16,8 @@ sys.path.insert(0, str(ROOT))
 from planner.plan import HOST_TIERS, STRATEGIES  # noqa: E402
 from planner.plan import STORAGE_DTYPES  # noqa: E402
 from planner.planning.rules import DTYPES, HOST_TIER_CHOICES, PLACEMENTS, SPEC_STRATEGIES, STORAGE_DTYPE_CHOICES
-from planner.spec.offload_flags import (OFFLOAD_FLAGS, PERFORMANCE_MODES, RESIDENCY_MODES, RESIDENCY_POLICIES,
+from planner.spec.offload_flags import (LTX2_TWO_STAGE_DEVICE_MODES, OFFLOAD_FLAGS, PERFORMANCE_MODES,
+                                        RESIDENCY_MODES, RESIDENCY_POLICIES,
                                         SGLANG_SEMANTICS)
 
 SIZE = {
@@ -101,6 +102,10 @@ def deployment_schema() -> dict:
                                    "description": doc}
         elif kind == "size":
             offload_props[name] = dict(SIZE, description=doc)
+        elif kind == "pipeline_class":
+            offload_props[name] = {"type": "string", "minLength": 1, "description": doc}
+        elif kind == "ltx2_mode":
+            offload_props[name] = {"enum": list(LTX2_TWO_STAGE_DEVICE_MODES), "description": doc}
         elif kind == "residency":
             offload_props[name] = {"type": "object", "description": doc, "propertyNames": {"minLength": 1},
                                    "additionalProperties": {"enum": list(RESIDENCY_MODES)}}

@@ -23,11 +23,22 @@ device SGLang would have asked) and through a spec's ``offload:`` section.
 
 The cases include every residency assertion of SGLang's test/unit/test_server_args.py (``source``
 names the test; a test's pipeline config is played by the catalog model or Hugging Face id that
-resolves to it) but test_auto_ltx_snapshot_keeps_dit_offload_and_replaces_encoder_cpu_offload, whose
-LTX-2.3 two-stage snapshot mode has no spec equivalent; the assertions of
-test/unit/test_layerwise_offload.py about which components are configured and which residency
-strategy they get are at the end (their expected values are that file's assertions, which pass when
-run the same way).
+resolves to it); the assertions of test/unit/test_layerwise_offload.py about which components are
+configured and which residency strategy they get are at the end (their expected values are that file's
+assertions, which pass when run the same way).
+
+The LTX-2.3 two-stage cases (``pipeline_class_name``, ``ltx2_two_stage_device_mode``; the last ten,
+among them test_auto_ltx_snapshot_keeps_dit_offload_and_replaces_encoder_cpu_offload) were obtained
+the same way up to the server arguments: SGLang's ServerArgs at 416fdbb, imported with the modules it
+never uses for server arguments stubbed out, through that test file's own
+``_from_dict_with_pipeline_config`` helper (LTX2PipelineConfig patched in; CUDA; ``gpu_gib`` total,
+``available_gib`` free; the model path and flags of each case), which also ran that test file, the
+test above passing. The flags SGLang resolved are one of two sets, both of which the LTX-2 cases here
+already map to components: dit_cpu_offload true with layerwise_offload_components [text_encoder,
+image_encoder] (as ltx_auto_low_available) or the same with dit_cpu_offload false (as
+ltx_auto_high_available); their per-component outcome is that of those cases. The components are the
+catalog's LTX-2 ones (``LTX2_COMPONENTS``): the catalog has no LTX-2.3 entry, SGLang's registry gives
+Lightricks/LTX-2.3 the same LTX2PipelineConfig, and the SGLang test loads no model either.
 """
 
 from __future__ import annotations
@@ -44,6 +55,24 @@ from planner.spec.families import sglang_model
 from planner.spec.sglang_args import SGLangArgsError, parse_args, translate
 
 MiB = 1 << 20
+
+# The LTX-2 pipeline's components as the catalog's ltx-2 gives them (classes, layer lists SGLang streams and
+# their lengths), for the Hugging Face id Lightricks/LTX-2.3, which the catalog has no entry for: SGLang's
+# registry resolves it to the same LTX2PipelineConfig, and its unit test patches in exactly that config.
+def ltx2_outcome(transformer):
+    """SGLang's outcome on the LTX-2 components when auto (on an LTX-2 pipeline config, the DiT and the
+    encoders offloaded, the encoders' offload replaced by layerwise) leaves the DiT ``transformer``."""
+    return {'text_encoder': ['layerwise', [48, 1]], 'connectors': ['resident'], 'transformer': [transformer],
+            'vae': ['resident'], 'audio_vae': ['resident'], 'vocoder': ['resident']}
+
+
+LTX2_COMPONENTS = {'text_encoder': ['Gemma3ForConditionalGeneration',
+                                    {'model.language_model.layers': 48, 'model.vision_tower.encoder.layers': 27}],
+                   'connectors': ['LTX2TextConnectors', {}],
+                   'transformer': ['LTX2VideoTransformer3DModel', {'transformer_blocks': 48}],
+                   'vae': ['AutoencoderKLLTX2Video', {'encoder.down_blocks': 4, 'decoder.up_blocks': 3}],
+                   'audio_vae': ['AutoencoderKLLTX2Audio', {'encoder.down': 3, 'decoder.up': 3}],
+                   'vocoder': ['LTX2Vocoder', {'upsamplers': 5, 'resnets': 15}]}
 
 CASES = [{'id': 'layerwise_components_imply_layerwise',
   'model': 'Qwen/Qwen-Image',
@@ -599,7 +628,106 @@ CASES = [{'id': 'layerwise_components_imply_layerwise',
   'gpu_gib': 80,
   'offload': {'performance_mode': 'manual', 'layerwise_offload_components': ['transformer', 'transfomer_3']},
   'sglang': {'text_encoder': ['resident'], 'transformer': ['layerwise', [60, 1]], 'vae': ['resident']},
-  'source': 'a token that matches nothing'}]
+  'source': 'a token that matches nothing'},
+ {'id': 'auto_ltx23_snapshot_keeps_dit_offload',
+  'model': 'Lightricks/LTX-2.3',
+  'argv': ['--pipeline-class-name', 'LTX2TwoStageHQPipeline', '--ltx2-two-stage-device-mode', 'snapshot',
+           '--performance-mode', 'auto'],
+  'gpu_gib': 80,
+  'available_gib': 76,
+  'offload': {'pipeline_class_name': 'LTX2TwoStageHQPipeline', 'ltx2_two_stage_device_mode': 'snapshot',
+              'performance_mode': 'auto'},
+  'components': LTX2_COMPONENTS,
+  'sglang': {'text_encoder': ['layerwise', [48, 1]],
+             'connectors': ['resident'],
+             'transformer': ['cpu_offload'],
+             'vae': ['resident'],
+             'audio_vae': ['resident'],
+             'vocoder': ['resident']},
+  'source': 'test_server_args.py::test_auto_ltx_snapshot_keeps_dit_offload_and_replaces_encoder_cpu_offload '
+            '(its flags, asserted there: dit_cpu_offload true, layerwise_offload_components [text_encoder, '
+            'image_encoder], both encoder flags false; per component as ltx_auto_low_available, whose flags are '
+            'the same)'},
+ {'id': 'ltx23_resident_mode_turns_dit_offload_off',
+  'model': 'Lightricks/LTX-2.3',
+  'argv': ['--pipeline-class-name', 'LTX2TwoStageHQPipeline', '--ltx2-two-stage-device-mode', 'resident'],
+  'gpu_gib': 80,
+  'available_gib': 76,
+  'offload': {'pipeline_class_name': 'LTX2TwoStageHQPipeline', 'ltx2_two_stage_device_mode': 'resident'},
+  'components': LTX2_COMPONENTS,
+  'sglang': ltx2_outcome('resident'),
+  'source': 'LTX-2.3 two-stage, resident mode: auto turns the DiT offload off as for LTX-2'},
+ {'id': 'ltx23_original_mode_turns_dit_offload_off',
+  'model': 'Lightricks/LTX-2.3',
+  'argv': ['--pipeline-class-name', 'LTX2TwoStagePipeline', '--ltx2-two-stage-device-mode', 'original'],
+  'gpu_gib': 80,
+  'available_gib': 76,
+  'offload': {'pipeline_class_name': 'LTX2TwoStagePipeline', 'ltx2_two_stage_device_mode': 'original'},
+  'components': LTX2_COMPONENTS,
+  'sglang': ltx2_outcome('resident'),
+  'source': 'LTX-2.3 two-stage, original mode'},
+ {'id': 'ltx23_default_mode_snapshot_below_130',
+  'model': 'Lightricks/LTX-2.3',
+  'argv': ['--pipeline-class-name', 'LTX2TwoStageHQPipeline'],
+  'gpu_gib': 80,
+  'available_gib': 76,
+  'offload': {'pipeline_class_name': 'LTX2TwoStageHQPipeline'},
+  'components': LTX2_COMPONENTS,
+  'sglang': ltx2_outcome('cpu_offload'),
+  'source': 'LTX-2.3 two-stage, mode unset on an 80 GiB GPU: snapshot, the DiT offload kept'},
+ {'id': 'ltx23_default_mode_resident_from_130',
+  'model': 'Lightricks/LTX-2.3',
+  'argv': ['--pipeline-class-name', 'LTX2TwoStagePipeline'],
+  'gpu_gib': 140,
+  'offload': {'pipeline_class_name': 'LTX2TwoStagePipeline'},
+  'components': LTX2_COMPONENTS,
+  'sglang': ltx2_outcome('resident'),
+  'source': 'LTX-2.3 two-stage, mode unset on a 140 GiB GPU: resident'},
+ {'id': 'ltx23_snapshot_low_available',
+  'model': 'Lightricks/LTX-2.3',
+  'argv': ['--pipeline-class-name', 'LTX2TwoStageHQPipeline', '--ltx2-two-stage-device-mode', 'snapshot'],
+  'gpu_gib': 80,
+  'available_gib': 40,
+  'offload': {'pipeline_class_name': 'LTX2TwoStageHQPipeline', 'ltx2_two_stage_device_mode': 'snapshot'},
+  'components': LTX2_COMPONENTS,
+  'sglang': ltx2_outcome('cpu_offload'),
+  'source': 'LTX-2.3 two-stage snapshot below 70 GiB free'},
+ {'id': 'ltx2_two_stage_name_on_ltx2_model',
+  'model': 'Lightricks/LTX-2',
+  'argv': ['--pipeline-class-name', 'LTX2TwoStageHQPipeline', '--ltx2-two-stage-device-mode', 'snapshot'],
+  'gpu_gib': 80,
+  'available_gib': 76,
+  'offload': {'pipeline_class_name': 'LTX2TwoStageHQPipeline', 'ltx2_two_stage_device_mode': 'snapshot'},
+  'sglang': ltx2_outcome('resident'),
+  'source': 'the two-stage class on LTX-2 (not LTX-2.3): the mode is left unused'},
+ {'id': 'ltx23_one_stage',
+  'model': 'Lightricks/LTX-2.3',
+  'argv': [],
+  'gpu_gib': 80,
+  'available_gib': 76,
+  'offload': {},
+  'components': LTX2_COMPONENTS,
+  'sglang': ltx2_outcome('resident'),
+  'source': 'LTX-2.3 without a two-stage --pipeline-class-name'},
+ {'id': 'ltx23_local_folder_not_by_path',
+  'model': '/models/LTX-2.3',
+  'argv': ['--pipeline-class-name', 'LTX2TwoStageHQPipeline', '--ltx2-two-stage-device-mode', 'snapshot'],
+  'gpu_gib': 80,
+  'available_gib': 76,
+  'offload': {'pipeline_class_name': 'LTX2TwoStageHQPipeline', 'ltx2_two_stage_device_mode': 'snapshot'},
+  'components': LTX2_COMPONENTS,
+  'sglang': ltx2_outcome('resident'),
+  'source': "a local folder LTX-2.3: SGLang's registry resolves it to LTX2PipelineConfig, but "
+            "_is_ltx23_model_path does not match it"},
+ {'id': 'ltx23_cache_folder',
+  'model': '/root/.cache/huggingface/hub/models--Lightricks--LTX-2.3/snapshots/0',
+  'argv': ['--pipeline-class-name', 'LTX2TwoStageHQPipeline'],
+  'gpu_gib': 80,
+  'available_gib': 76,
+  'offload': {'pipeline_class_name': 'LTX2TwoStageHQPipeline'},
+  'components': LTX2_COMPONENTS,
+  'sglang': ltx2_outcome('cpu_offload'),
+  'source': 'the Hugging Face cache folder of Lightricks/LTX-2.3 matches by path'}]
 
 
 def _inventory(components):
@@ -705,6 +833,73 @@ def test_every_change_is_a_decision_naming_the_sglang_rule():
     assert "dit_cpu_offload" in reason and "whole family" in reason
 
 
+# --- LTX-2.3 two-stage residency (ServerArgs._adjust_ltx2_two_stage_device_mode, the auto-tuner's exception)
+
+def _case(case_id):
+    return next(c for c in CASES if c["id"] == case_id)
+
+
+def test_ltx23_snapshot_keeping_the_dit_offload_is_a_decision():
+    for route in (through_from_sglang, through_spec):
+        plan = route(_case("auto_ltx23_snapshot_keeps_dit_offload"))
+        kept = [d for d in plan.decisions if d.rule == "ltx2-snapshot-keeps-dit-offload"]
+        assert [(d.component, d.from_, d.to) for d in kept] == [("transformer", "cpu_offload", "cpu_offload")]
+        assert "snapshot" in kept[0].reason and "LTX2TwoStageHQPipeline" in kept[0].reason
+        assert not plan.warnings
+    # resident mode: the DiT offload goes, as for LTX-2, and no such decision
+    plan = through_spec(_case("ltx23_resident_mode_turns_dit_offload_off"))
+    assert not [d for d in plan.decisions if d.rule == "ltx2-snapshot-keeps-dit-offload"]
+
+
+def test_ltx23_default_mode_without_gpu_memory_says_what_it_needs():
+    case = _case("ltx23_default_mode_snapshot_below_130")
+    spec = {"version": 1, "pipeline": {"path": "Lightricks/LTX-2.3"},
+            "offload": {"pipeline_class_name": "LTX2TwoStageHQPipeline", "gpu_memory_available": "76GiB"}}
+    plan = _plan(spec, case)
+    needs = [w for w in plan.warnings if w.code == "ltx2-two-stage-mode-needs-gpu-memory"]
+    assert needs and "offload.gpu_memory" in needs[0].message and "130 GiB" in needs[0].message
+    assert "taken as snapshot" in needs[0].message
+    assert str(plan.components["transformer"].strategy) == "cpu_offload"
+    # with the mode given nothing is needed
+    spec["offload"]["ltx2_two_stage_device_mode"] = "resident"
+    plan = _plan(spec, case)
+    assert not plan.warnings and str(plan.components["transformer"].strategy) == "resident"
+
+
+def test_ltx2_mode_outside_the_ltx23_two_stage_pipeline_is_a_warning():
+    for case_id in ("ltx2_two_stage_name_on_ltx2_model", "ltx23_local_folder_not_by_path"):
+        plan = through_spec(_case(case_id))
+        assert [w.code for w in plan.warnings] == ["ltx2-two-stage-mode-unused"]
+        assert plan.warnings[0].where == "offload.ltx2_two_stage_device_mode"
+
+
+def test_ltx2_mode_bad_values_are_located_errors(tmp_path, capsys):
+    spec = tmp_path / "ltx.yaml"
+    spec.write_text("version: 1\npipeline:\n  model: ltx-2\noffload:\n  pipeline_class_name: LTX2TwoStagePipeline\n"
+                    "  ltx2_two_stage_device_mode: Snapshot\n")
+    assert cli_main(["validate", str(spec)]) == 1
+    err = capsys.readouterr()
+    assert f"{spec}:6:31: error:" in err.out + err.err
+    spec.write_text("version: 1\npipeline:\n  model: ltx-2\noffload:\n  pipeline_class_name: ''\n")
+    assert cli_main(["validate", str(spec)]) == 1
+    assert f"{spec}:5:24: error:" in "".join(capsys.readouterr())
+    assert cli_main(["from-sglang", "--model-path", "Lightricks/LTX-2.3", "--ltx2-two-stage-device-mode",
+                     "turbo"]) == 1
+    assert "<command line>:1:" in "".join(capsys.readouterr())
+    cfg = tmp_path / "sglang.yaml"
+    cfg.write_text("model_path: Lightricks/LTX-2.3\npipeline_class_name: [LTX2TwoStagePipeline]\n")
+    assert cli_main(["from-sglang", "--config", str(cfg)]) == 1
+    assert f"{cfg}:2:1: error:" in "".join(capsys.readouterr())
+
+
+def test_from_sglang_writes_the_ltx23_two_stage_flags(capsys):
+    assert cli_main(["from-sglang", "--model-path", "Lightricks/LTX-2.3", "--pipeline-class-name",
+                     "LTX2TwoStageHQPipeline", "--ltx2-two-stage-device-mode", "snapshot"]) == 0
+    out = capsys.readouterr().out
+    assert "path: Lightricks/LTX-2.3" in out and "pipeline_class_name: LTX2TwoStageHQPipeline" in out
+    assert "ltx2_two_stage_device_mode: snapshot" in out and "Not residency settings" not in out
+
+
 # --- The data SGLang's auto-tuning reads (test_server_args.py::test_pipeline_configs_declare_auto_tune_hints)
 
 def test_deployment_hints_as_sglang_declares_them():
@@ -778,7 +973,9 @@ def test_component_cpu_offload_strategy_remains_flag_driven():
 @pytest.mark.parametrize("argv", [["--dit-cpu-offload", "yes"], ["--dit-cpu-offload", "on"], ["--dit-cpu-offload", "1"],
                                   ["--dit-offload-prefetch-size=1e999"], ["--dit-offload-prefetch-size", "nan"],
                                   ["--layerwise-offload-components", "transformer", "--dit-offload-prefetch-size", "-1"],
-                                  ["--performance-mode", "turbo"]])
+                                  ["--performance-mode", "turbo"],
+                                  ["--ltx2-two-stage-device-mode", "Snapshot"],     # argparse choices: as written
+                                  ["--ltx2-two-stage-device-mode", "auto"]])
 def test_from_sglang_refuses_what_sglang_refuses(argv):
     with pytest.raises(SGLangArgsError):
         translate(parse_args(argv))

@@ -37,9 +37,12 @@ from planner.spec.offload_flags import (
     DEFAULT_PERFORMANCE_MODE,
     DEFAULT_RESIDENCY_POLICY,
     DEFAULT_SGLANG_SEMANTICS,
+    LTX2_RESIDENT_MIN_GIB,
+    LTX2_TWO_STAGE_PIPELINE_NAMES,
     PERFORMANCE_MODES,
     RESIDENCY_GROUPS,
     RESIDENCY_MODES,
+    is_ltx23_model_path,
 )
 from planner.spec.sizes import parse_size
 
@@ -279,6 +282,33 @@ def _sglang_flags(doc: Document, res: Resolution, errors: list[Diagnostic]) -> t
     stages: list[_Stage] = []
     families = {c.family for c in res.components.values()}
     has_image_encoder = "image_encoder" in families
+    on_cpu = str(doc.data.get("device", "cuda")) == "cpu"
+    two_stage = _ltx23_two_stage(doc, offload, model)
+    if "ltx2_two_stage_device_mode" in offload and not two_stage:
+        res.warnings.append(doc.diagnostic(
+            ("offload", "ltx2_two_stage_device_mode"),
+            "offload.ltx2_two_stage_device_mode applies only to SGLang's LTX-2.3 two-stage pipeline "
+            f"(offload.pipeline_class_name {' or '.join(LTX2_TWO_STAGE_PIPELINE_NAMES)} on a model path naming "
+            "Lightricks/LTX-2.3); SGLang leaves it unused here", severity="warning",
+            code="ltx2-two-stage-mode-unused"))
+
+    def ltx2_mode() -> str:
+        """ServerArgs._adjust_ltx2_two_stage_device_mode: the mode given, else SGLang's default."""
+        given = offload.get("ltx2_two_stage_device_mode")
+        if given is not None:
+            return str(given)
+        if on_cpu:
+            return "snapshot"                       # not CUDA: snapshot
+        if total is None:
+            res.warnings.append(doc.diagnostic(
+                ("offload", "pipeline_class_name"),
+                "SGLang's LTX-2.3 two-stage pipeline defaults ltx2_two_stage_device_mode to resident on an H200 or "
+                f"a GPU of {LTX2_RESIDENT_MIN_GIB} GiB or more, else snapshot (SGLang reads the device), and in "
+                "snapshot mode performance_mode auto keeps the DiT's CPU offload; set offload.gpu_memory (or "
+                "offload.ltx2_two_stage_device_mode): taken as snapshot", severity="warning",
+                code="ltx2-two-stage-mode-needs-gpu-memory"))
+            return "snapshot"
+        return "resident" if total >= LTX2_RESIDENT_MIN_GIB else "snapshot"
 
     # The user's flags, one stage each (design rule 3).
     user = dict(flags, use_fsdp_inference=None, dit_cpu_offload=None, text_encoder_cpu_offload=None,
@@ -332,7 +362,6 @@ def _sglang_flags(doc: Document, res: Resolution, errors: list[Diagnostic]) -> t
         errors.append(doc.diagnostic(("offload", "performance_mode"),
                                      f"performance_mode must be one of {', '.join(PERFORMANCE_MODES)} (got {mode!r})"))
         return stages, None
-    on_cpu = str(doc.data.get("device", "cuda")) == "cpu"
     if mode != "manual" and on_cpu:
         # SGLang's CPU platform: no preset, no offload default, no replacement; unset flags end up false
         mode_steps = False
@@ -407,9 +436,21 @@ def _sglang_flags(doc: Document, res: Resolution, errors: list[Diagnostic]) -> t
                      "devices); set offload.gpu_memory (or offload.gpu_memory_available): "
                      f"taken as below {limit} GiB")
             elif available >= limit:
-                comps = deploy.get("auto_disable_component_offload_components", ())
-                step(f"{limit} GiB free or more: offload turned off for {', '.join(comps)}",
-                     **{f"{c}_cpu_offload": False for c in comps if flags.get(f"{c}_cpu_offload")})
+                comps = tuple(deploy.get("auto_disable_component_offload_components", ()))
+                if "dit" in comps and two_stage and ltx2_mode() == "snapshot":
+                    # the LTX-2.3 two-stage pipeline in snapshot mode moves its stage DiTs with dit_cpu_offload
+                    comps = tuple(c for c in comps if c != "dit")
+                    if flags["dit_cpu_offload"]:
+                        given = ("given" if offload.get("ltx2_two_stage_device_mode") is not None
+                                 else f"its default below {LTX2_RESIDENT_MIN_GIB} GiB")
+                        stages.append(_Stage("ltx2-snapshot-keeps-dit-offload", dict(flags), detail=(
+                            f"{what}: {limit} GiB free or more would turn dit_cpu_offload off, but SGLang's LTX-2.3 "
+                            f"two-stage pipeline ({offload.get('pipeline_class_name')}) in ltx2_two_stage_device_mode "
+                            f"snapshot ({given}) keeps it: it releases and prefetches the stage DiTs between "
+                            "phases with it")))
+                if comps:
+                    step(f"{limit} GiB free or more: offload turned off for {', '.join(comps)}",
+                         **{f"{c}_cpu_offload": False for c in comps if flags.get(f"{c}_cpu_offload")})
         # ServerArgsAutoTuner.maybe_adjust_auto_fsdp_with_offload_enabled
         if num_gpus >= 2 and (flags["dit_cpu_offload"] or flags["dit_layerwise_offload"]) and \
                 fsdp_possible(require_headroom=True):
@@ -453,6 +494,18 @@ def _sglang_flags(doc: Document, res: Resolution, errors: list[Diagnostic]) -> t
             elif not math.isfinite(p):
                 errors.append(doc.diagnostic(where, f"prefetch must be a finite number (got {p})"))
     return stages, names
+
+
+def _ltx23_two_stage(doc: Document, offload: Mapping[str, Any], model: SGLangModel | None) -> bool:
+    """ServerArgs._is_ltx23_two_stage_pipeline: a two-stage --pipeline-class-name on an LTX-2.3 model path.
+    The model path is pipeline.path, or the Hugging Face id of a catalog model. (SGLang's other test, the VAE
+    arch config's ltx_variant, holds its default ltx_2 while the server arguments are resolved: the loaded
+    VAE's markers are copied in when the pipeline is built.)"""
+    if offload.get("pipeline_class_name") not in LTX2_TWO_STAGE_PIPELINE_NAMES:
+        return False
+    section = doc.data.get("pipeline", {})
+    path = section.get("path") if "path" in section else model.model_id if model is not None else None
+    return is_ltx23_model_path(path)
 
 
 def _yaml_value(value: Any) -> str:
@@ -627,6 +680,11 @@ def _apply_offload(doc: Document, res: Resolution, base: str, decide: Any, error
         final = stage.rule == "conflict"
         for comp in comps:
             to = strategy_of(comp, stage.flags, final)
+            if stage.rule == "ltx2-snapshot-keeps-dit-offload" and comp.family == "dit" and \
+                    to == comp.strategy == "cpu_offload":
+                # no change of strategy, but one of SGLang's rules: the decision says why the offload stays
+                res.decisions.append(Decision(rule=stage.rule, component=comp.name, from_=comp.strategy, to=to,
+                                              reason=reason(stage.rule, component=comp.name, detail=stage.detail)))
             if to == comp.strategy:
                 continue
             if stage.rule == "family-flag":

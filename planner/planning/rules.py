@@ -141,6 +141,10 @@ RULES: dict[str, Rule] = {r.id: r for r in (
     Rule("host-tier-over-ram", "under memory.host_ram, the largest file-backed components are read from disk "
                                "(direct I/O) when the page cache cannot hold them beside the pinned bytes",
          "{detail}"),
+    Rule("ltx2-snapshot-keeps-dit-offload",
+         "SGLang's LTX-2.3 two-stage pipeline in ltx2_two_stage_device_mode snapshot keeps dit_cpu_offload where "
+         "performance_mode auto would turn it off for enough free memory",
+         "{detail}"),
 )}
 
 

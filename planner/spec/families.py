@@ -128,7 +128,8 @@ def sglang_model(model_path: str | None = None, catalog: str | None = None) -> S
     text = str(model_path).rstrip("/").lower()
     for model_id, data in models.items():
         mid = model_id.lower()
-        if text == mid or text.endswith("/" + mid) or f"models--{mid.replace('/', '--')}" in text:
+        # a cache folder's name ends at a slash: models--lightricks--ltx-2 is not models--lightricks--ltx-2.3
+        if text == mid or text.endswith("/" + mid) or f"models--{mid.replace('/', '--')}/" in text + "/":
             return _model(model_id, data)
     base = text.rsplit("/", 1)[-1]
     for model_id, data in models.items():

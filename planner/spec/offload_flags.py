@@ -27,8 +27,26 @@ SGLANG_SEMANTICS = ("416fdbb", "25517")
 DEFAULT_SGLANG_SEMANTICS = "416fdbb"
 
 
+# SGLang's LTX-2.3 two-stage residency (server_args.py at 416fdbb): --ltx2-two-stage-device-mode's choices
+# (LTX2_TWO_STAGE_DEVICE_MODES), the --pipeline-class-name values that make a pipeline two-stage
+# (LTX2_TWO_STAGE_PIPELINE_NAMES), the total memory from which an unset mode defaults to resident
+# (LTX2_RESIDENT_AUTO_ENABLE_MEM_GB; an H200 by name too, else snapshot; snapshot off CUDA), and the model-path
+# fragments of _is_ltx23_model_path (lower-cased path).
+LTX2_TWO_STAGE_DEVICE_MODES = ("original", "snapshot", "resident")
+LTX2_TWO_STAGE_PIPELINE_NAMES = ("LTX2TwoStagePipeline", "LTX2TwoStageHQPipeline")
+LTX2_RESIDENT_MIN_GIB = 130
+LTX23_MODEL_PATH_FRAGMENTS = ("lightricks/ltx-2.3", "models--lightricks--ltx-2.3", "lightricks__ltx-2.3")
+
+
+def is_ltx23_model_path(model_path: str | None) -> bool:
+    """SGLang's ServerArgs._is_ltx23_model_path: the path names Lightricks/LTX-2.3 (a Hugging Face id, its
+    cache folder, or a folder named like it)."""
+    return bool(model_path) and any(f in str(model_path).lower() for f in LTX23_MODEL_PATH_FRAGMENTS)
+
+
 # (name, kind, description); kind: bool | selection | prefetch | mode | count | layers | policy | size |
-# residency | tuning (COMPONENT: number >= 0) | tuning_policy (COMPONENT: policy) | semantics
+# residency | tuning (COMPONENT: number >= 0) | tuning_policy (COMPONENT: policy) | semantics |
+# pipeline_class (a non-empty string) | ltx2_mode
 OFFLOAD_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("performance_mode", "mode",
      "SGLang's preset (default auto): manual leaves unset flags unset; auto fills them from the model's deployment "
@@ -71,6 +89,16 @@ OFFLOAD_FLAGS: tuple[tuple[str, str, str], ...] = (
      "Later SGLang's --component-residency (#34736): COMPONENT: MODE (resident, component-offload, "
      "layerwise-offload). A component's own name wins over its group (dit, text_encoder, image_encoder, vae, "
      "all); what it matches overrides every other flag of this section, what it does not match keeps theirs."),
+    ("pipeline_class_name", "pipeline_class",
+     ("SGLang's --pipeline-class-name: the pipeline class SGLang runs instead of model_index.json's. "
+      "LTX2TwoStagePipeline or LTX2TwoStageHQPipeline on an LTX-2.3 model path (Lightricks/LTX-2.3, its cache "
+      "folder) is SGLang's LTX-2.3 two-stage pipeline, which ltx2_two_stage_device_mode applies to; other values "
+      "change no residency.")),
+    ("ltx2_two_stage_device_mode", "ltx2_mode",
+     ("SGLang's --ltx2-two-stage-device-mode, for the LTX-2.3 two-stage pipeline: original, snapshot or resident; "
+      "unset, SGLang's default: resident on an H200 or a GPU of 130 GiB or more (offload.gpu_memory), else "
+      "snapshot (snapshot on device cpu). In snapshot mode performance_mode auto keeps dit_cpu_offload where "
+      "enough free memory would turn it off (SGLang moves the stage DiTs between phases with it).")),
     ("num_gpus", "count", "SGLang's --num-gpus (default 1): multi-GPU auto-tuning (FSDP in place of DiT offload)."),
     ("gpu_memory", "size",
      "Total memory of one GPU, read by the performance_mode decisions that depend on it (SGLang asks the device)."),

@@ -14,6 +14,7 @@ from planner.errors import SpecError
 from planner.spec.document import load_text, read_file
 from planner.spec.offload_flags import (
     DEFAULT_SGLANG_SEMANTICS,
+    LTX2_TWO_STAGE_DEVICE_MODES,
     OFFLOAD_FLAGS,
     PERFORMANCE_MODES,
     RESIDENCY_MODES,
@@ -75,6 +76,7 @@ class SGLangArgsError(ValueError):
 # flags that take exactly one value: given alone, they are a usage error
 _VALUE_FLAGS = {"config", "model_path", "dtype", "dit_precision", "performance_mode", "num_gpus",
                 "dit_offload_prefetch_size", "dit_layerwise_resident_layers", "dit_layerwise_residency_policy",
+                "pipeline_class_name", "ltx2_two_stage_device_mode",
                 _SEMANTICS_OPTION} | _OWN_OPTIONS | set(_TUNING_FLAGS)
 
 
@@ -415,6 +417,17 @@ def _translate(args: dict[str, Any], current: list[str]) -> Translation:
             if mode not in PERFORMANCE_MODES:
                 raise SGLangArgsError(f"--performance-mode expects one of {', '.join(PERFORMANCE_MODES)}, got '{value}'")
             offload[name] = mode
+        elif name == "pipeline_class_name":
+            # argparse type=str: one word (a --config value becomes its text)
+            if isinstance(value, (list, dict)) or value is None or value is True or str(value) == "":
+                raise SGLangArgsError(f"--pipeline-class-name expects a pipeline class name, got '{_shown(value)}'")
+            offload[name] = str(value)
+        elif name == "ltx2_two_stage_device_mode":
+            # argparse choices: checked as written, before SGLang lower-cases it
+            if str(value) not in LTX2_TWO_STAGE_DEVICE_MODES:
+                raise SGLangArgsError(f"--ltx2-two-stage-device-mode expects one of "
+                                      f"{', '.join(LTX2_TWO_STAGE_DEVICE_MODES)}, got '{_shown(value)}'")
+            offload[name] = str(value)
         elif name == "num_gpus":
             try:
                 count = int(str(value))
