@@ -163,6 +163,9 @@ def deployment_schema() -> dict:
                     "guidance_scale": {"type": "number", "minimum": 0,
                                        "description": "Classifier-free guidance scale; where the pipeline batches "
                                                       "guidance, the denoiser's batch doubles when it is on."},
+                    "vae_tiling": {"type": "boolean",
+                                   "description": "The VAE decodes in tiles (diffusers' vae.enable_tiling()): an "
+                                                  "image larger than the VAE's tile is decoded tile by tile."},
                 },
             },
             "profile": {"type": "string", "minLength": 1,

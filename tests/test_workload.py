@@ -203,3 +203,34 @@ def test_a_version_1_file_reads_as_one_denoiser_entry_per_class(monkeypatch):
         assert encoder_cost("T5EncoderModel", None, 512) is None
     finally:
         wl._costs.cache_clear()
+
+
+def test_vae_tiling_decodes_a_large_image_in_tiles_hand_count():
+    from planner.planning.activations import decode_call, vae_tiles
+
+    # 2048² → a 256² latent, 128-latent tiles stepped by 96: rows at 0, 96, 192 of 128, 128, 64 latents
+    assert vae_tiles("AutoencoderKL", 2048, 2048) == [(h, w) for h in (1024, 1024, 512) for w in (1024, 1024, 512)]
+    assert vae_tiles("AutoencoderKL", 1024, 1024) is None           # within one tile: one piece
+    assert vae_tiles("AutoencoderKLWan", 4096, 4096) is None        # tiling not known here: one piece
+    vae = catalog_inventory("flux.1-dev").get("vae")
+    for size in (512, 1024):
+        w = {"height": size, "width": size}
+        assert decode_call(vae, dict(w, vae_tiling=True)) == decode_call(vae, w)
+    big = {"height": 2048, "width": 2048}
+    whole, tiled = decode_call(vae, big), decode_call(vae, dict(big, vae_tiling=True))
+    one_tile = decode_call(vae, {"height": 1024, "width": 1024})
+    assert tiled[1] < whole[1]                                      # the point of tiling: less held at once
+    kept = 3 * 2 * (sum(h * w for h, w in vae_tiles("AutoencoderKL", 2048, 2048)) + 2048 * 2048)
+    assert tiled[1] == one_tile[1] + kept                           # the largest tile's, and every tile kept
+    assert tiled[0] > whole[0]                                      # overlapping tiles decode more pixels
+
+
+def test_vae_tiling_is_a_boolean_in_the_schema():
+    from planner import SpecError, make_plan
+    from planner.spec.document import load_text
+
+    text = "version: 1\npipeline: {model: flux.1-dev}\nworkload: {height: 2048, width: 2048, vae_tiling: %s}\n"
+    tiled, whole = make_plan(load_text(text % "true", "t.yaml")), make_plan(load_text(text % "false", "t.yaml"))
+    assert tiled.components["vae"].estimate.activation_bytes < whole.components["vae"].estimate.activation_bytes
+    with pytest.raises(SpecError, match="vae_tiling"):
+        make_plan(load_text(text % "'yes'", "t.yaml"))

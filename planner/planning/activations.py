@@ -58,16 +58,50 @@ def encoder_call(info: ComponentInfo, workload: Mapping[str, Any], denoiser: str
     return cost[0] * images_per_call(workload), int(cost[1] * scale)
 
 
+# diffusers' AutoencoderKL tiles (``enable_tiling``): tiles of ``sample_size`` pixels (1024 in the
+# configs of the catalog's image VAEs), latent tiles stepped by 3/4 of a tile; every decoded tile is
+# kept until they are blended and concatenated into the image
+VAE_TILE_PIXELS = {"AutoencoderKL": 1024}
+VAE_TILE_OVERLAP = 0.25
+VAE_SCALE = 8
+IMAGE_CHANNELS = 3
+
+
+def vae_tiles(class_name: str, height: int, width: int) -> list[tuple[int, int]] | None:
+    """The (height, width) in pixels of each tile diffusers' tiled decode decodes for an image of
+    ``height`` × ``width``, or None where it decodes in one piece (an image within one tile, or a
+    VAE whose tiling is not known here)."""
+    tile = VAE_TILE_PIXELS.get(class_name)
+    if tile is None or (height <= tile and width <= tile):
+        return None
+    latent_tile = tile // VAE_SCALE
+    step = int(latent_tile * (1 - VAE_TILE_OVERLAP))
+    lat_h, lat_w = max(1, height // VAE_SCALE), max(1, width // VAE_SCALE)
+    rows = [min(latent_tile, lat_h - i) * VAE_SCALE for i in range(0, lat_h, step)]
+    cols = [min(latent_tile, lat_w - j) * VAE_SCALE for j in range(0, lat_w, step)]
+    return [(h, w) for h in rows for w in cols]
+
+
 def decode_call(info: ComponentInfo, workload: Mapping[str, Any],
                 profile: Profile | None = None, dtype: str | None = None) -> tuple[float, int] | None:
     """(FLOPs, activation bytes) of one counted VAE decode of the workload's images, else None; the
-    bytes scaled by the profile's measured ``decode_activation_scale``."""
-    cost = vae_decode_cost(info.class_name, parameters_of(info), int(workload["height"]), int(workload["width"]))
-    if cost is None:
+    bytes scaled by the profile's measured ``decode_activation_scale``. With ``vae_tiling``, an image
+    larger than a tile costs the sum of its tiles' decodes and holds the largest tile's activations
+    beside every decoded tile and the blended image."""
+    height, width = int(workload["height"]), int(workload["width"])
+    tiles = vae_tiles(info.class_name, height, width) if workload.get("vae_tiling") else None
+    params = parameters_of(info)
+    costs = [vae_decode_cost(info.class_name, params, h, w) for h, w in (tiles or [(height, width)])]
+    if any(c is None for c in costs):
         return None
     scale = images_per_call(workload) * _scale_bytes(info, dtype)
     measured = profile.decode_activation_scale if profile is not None else 1.0
-    return cost[0] * images_per_call(workload), int(cost[1] * scale * measured)
+    flops = sum(c[0] for c in costs) * images_per_call(workload)
+    activation = max(c[1] for c in costs) * measured
+    if tiles:
+        # the decoded tiles, then the image they blend into, in the compute dtype (counted in bf16: 2 bytes)
+        activation += IMAGE_CHANNELS * 2 * (sum(h * w for h, w in tiles) + height * width)
+    return flops, int(activation * scale)
 
 
 def component_activations(workload: Mapping[str, Any] | None, inventory: Inventory, dtype: str,
