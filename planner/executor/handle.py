@@ -127,9 +127,7 @@ class PhaseHooks:
     def component_starts(self, name: str) -> None:
         if self.group is not None and name not in self.members:
             self.group.other_component_runs()
-        self.enter(self.phases[name])
-
-    def enter(self, phase: str) -> None:
+        phase = self.phases[name]
         if phase == self.phase:
             return
         self.phase = phase

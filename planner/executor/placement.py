@@ -157,7 +157,7 @@ def _finish(handle: ResidencyHandle, modules: dict[str, torch.nn.Module], group:
         hooked = {n: modules[n] for n in plan.components if n not in members or releasable}
         phases = PhaseHooks(hooked, {n: cp.phase or cp.family for n, cp in plan.components.items()}, releasable,
                             group=group, members=members)
-        handle._attached.append(phases)     # before attach: entering the first phase can fail, and undo detaches
+        handle._attached.append(phases)     # before attach: hooks registered before a failure are undone too
         phases.attach()
     for name, cp in plan.components.items():
         if cp.strategy not in (Strategy.CPU_OFFLOAD, Strategy.LAYERWISE):
