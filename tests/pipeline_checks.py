@@ -42,6 +42,18 @@ def spec_for(path, **sections):
     return spec
 
 
+def with_storage(spec: dict, dtype: str = "float8_e4m3fn", names=("transformer", "vae")) -> dict:
+    """``spec`` with ``storage_dtype: dtype`` on each of ``names`` (by default the diffusers ModelMixin
+    components, whose enable_layerwise_casting is the reference), keeping what their entries say."""
+    comps = spec.setdefault("components", {})
+    for name in names:
+        entry = comps.get(name, {})
+        entry = {"strategy": entry} if isinstance(entry, str) else dict(entry)
+        entry["storage_dtype"] = dtype
+        comps[name] = entry
+    return spec
+
+
 def fail_placing(monkeypatch, where: str) -> None:
     """A MemoryError while a plan is placed: the transformer's layerwise engine attaching
     (``strategy-attach``, after its weights were cast to float8) or, otherwise, the VAE's cast hooks

@@ -142,16 +142,6 @@ FAMILIES = ["z-image-turbo", "flux.1-dev"]
 CAST = ("transformer", "vae")      # diffusers ModelMixin components: enable_layerwise_casting is the reference
 
 
-def _with_storage(spec: dict, dtype: str, names=CAST) -> dict:
-    comps = spec.setdefault("components", {})
-    for name in names:
-        entry = comps.get(name, {})
-        entry = {"strategy": entry} if isinstance(entry, str) else dict(entry)
-        entry["storage_dtype"] = dtype
-        comps[name] = entry
-    return spec
-
-
 @pytest.fixture(scope="module")
 def tiny(tiny_dirs):
     torch = pytest.importorskip("torch")
@@ -182,7 +172,7 @@ def _float8_tensors(module, dtype):
 @pytest.mark.parametrize("case", list(CASES))
 def test_outputs_equal_diffusers_layerwise_casting_and_remove_restores(tiny, family, case):
     torch = pytest.importorskip("torch")
-    from pipeline_checks import assert_restored, snapshot, spec_for
+    from pipeline_checks import assert_restored, snapshot, spec_for, with_storage
 
     import planner
     from planner.executor.layerwise_engine import LayerwiseEngine
@@ -191,7 +181,7 @@ def test_outputs_equal_diffusers_layerwise_casting_and_remove_restores(tiny, fam
     path, pipe, reference, plain = tiny(family)
     assert not torch.equal(reference, plain)          # casting changes the output: the test can tell
     snap = snapshot(pipe)
-    plan = planner.make_plan(_with_storage(spec_for(path, **CASES[case]), "float8_e4m3fn"), pipeline=pipe)
+    plan = planner.make_plan(with_storage(spec_for(path, **CASES[case]), "float8_e4m3fn"), pipeline=pipe)
     assert all(plan.components[n].storage is not None for n in CAST)
     handle = planner.apply_plan(pipe, plan)
     try:
@@ -217,7 +207,7 @@ def test_outputs_equal_diffusers_layerwise_casting_and_remove_restores(tiny, fam
 
 def test_layerwise_streams_float8_bytes(tiny):
     torch = pytest.importorskip("torch")
-    from pipeline_checks import spec_for
+    from pipeline_checks import spec_for, with_storage
 
     import planner
     from planner.testing.tiny_pipelines import run_tiny
@@ -227,14 +217,14 @@ def test_layerwise_streams_float8_bytes(tiny):
     for dtype in (None, "float8_e4m3fn"):
         spec = spec_for(path, components={"transformer": {"strategy": "layerwise", "resident_layers": [0]}})
         if dtype:
-            spec = _with_storage(spec, dtype, names=("transformer",))
+            spec = with_storage(spec, dtype, names=("transformer",))
         handle = planner.apply_plan(pipe, spec)
         try:
             engine = handle.placements["transformer"]
             # the slots are held while the transformer runs (given back once placed, and when the VAE's
             # phase starts): read them at the end of its call
             seen = []
-            probe = pipe.transformer.register_forward_hook(lambda *_: seen.append(
+            probe = pipe.transformer.register_forward_hook(lambda *_, seen=seen, engine=engine: seen.append(
                 (engine.report()["gpu_slot_bytes"], {d for s in engine._slots for d in s.bufs})))
             try:
                 run_tiny(pipe)
@@ -299,14 +289,14 @@ def test_float8_e5m2_and_text_encoders(tiny):
 
 def test_paused_and_reapplied(tiny):
     torch = pytest.importorskip("torch")
-    from pipeline_checks import assert_restored, snapshot, spec_for
+    from pipeline_checks import assert_restored, snapshot, spec_for, with_storage
 
     import planner
     from planner.testing.tiny_pipelines import run_tiny
 
     path, pipe, reference, plain = tiny("z-image-turbo")
     snap = snapshot(pipe)
-    handle = planner.apply_plan(pipe, _with_storage(spec_for(path, offload={"dit_layerwise_offload": True}),
+    handle = planner.apply_plan(pipe, with_storage(spec_for(path, offload={"dit_layerwise_offload": True}),
                                                     "float8_e4m3fn"))
     try:
         assert torch.equal(run_tiny(pipe), reference)
@@ -322,7 +312,13 @@ def test_paused_and_reapplied(tiny):
 @pytest.mark.parametrize("where", ["mid-cast", "strategy-attach", "cast-hooks"])
 def test_failed_apply_changes_nothing(tiny, monkeypatch, where):
     torch = pytest.importorskip("torch")
-    from pipeline_checks import assert_restored, fail_placing, snapshot, spec_for
+    from pipeline_checks import (
+        assert_restored,
+        fail_placing,
+        snapshot,
+        spec_for,
+        with_storage,
+    )
 
     import planner
     from planner import PlanApplyError
@@ -331,7 +327,7 @@ def test_failed_apply_changes_nothing(tiny, monkeypatch, where):
 
     path, pipe, _, plain = tiny("flux.1-dev")
     snap = snapshot(pipe)
-    spec = _with_storage(spec_for(path, offload={"layerwise_offload_components": "all"}), "float8_e4m3fn")
+    spec = with_storage(spec_for(path, offload={"layerwise_offload_components": "all"}), "float8_e4m3fn")
     plan = planner.make_plan(spec, pipeline=pipe)
     if where == "mid-cast":
         # the transformer's cast fails part way, after its first tensors were cast to float8
@@ -366,7 +362,7 @@ def test_regional_compile_under_storage_dtype(tiny):
     """diffusers' regional compilation (every repeated block compiled) of a streamed, cast transformer:
     outputs equal diffusers' casting, and no graph is made after the first call."""
     torch = pytest.importorskip("torch")
-    from pipeline_checks import assert_restored, snapshot, spec_for
+    from pipeline_checks import assert_restored, snapshot, spec_for, with_storage
     from torch._dynamo.utils import counters
 
     import planner
@@ -376,7 +372,7 @@ def test_regional_compile_under_storage_dtype(tiny):
     snap = snapshot(pipe)
     torch._dynamo.reset()
     counters.clear()
-    spec = _with_storage(spec_for(path, components={"transformer": "layerwise"}), "float8_e4m3fn",
+    spec = with_storage(spec_for(path, components={"transformer": "layerwise"}), "float8_e4m3fn",
                          names=("transformer", "vae"))
     handle = planner.apply_plan(pipe, spec)
     blocks = list(pipe.transformer.transformer_blocks) + list(pipe.transformer.single_transformer_blocks)

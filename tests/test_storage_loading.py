@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from pipeline_checks import fail_placing, spec_for
+from pipeline_checks import fail_placing, spec_for, with_storage
 
 import planner
 from planner import PlanApplyError
@@ -37,16 +37,6 @@ CASES = {
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _with_storage(spec: dict, dtype: str = "float8_e4m3fn", names=CAST) -> dict:
-    comps = spec.setdefault("components", {})
-    for name in names:
-        entry = comps.get(name, {})
-        entry = {"strategy": entry} if isinstance(entry, str) else dict(entry)
-        entry["storage_dtype"] = dtype
-        comps[name] = entry
-    return spec
 
 
 def _cast_reference(pipe, dtype=F8):
@@ -109,7 +99,7 @@ def _float8_held(placement, module) -> bool:
 @pytest.mark.parametrize("case", list(CASES))
 def test_loaded_equals_apply_plan_and_diffusers_casting(tiny, family, case):
     path, expected, _ = tiny(family)
-    pipe = load(_with_storage(spec_for(path, **CASES[case])))
+    pipe = load(with_storage(spec_for(path, **CASES[case])))
     handle = pipe.residency
     plan = handle.plan
     rep = handle.load_report["components"]
@@ -183,7 +173,7 @@ def test_e5m2_and_every_component_cast(tiny):
 
 def test_paused_loaded_pipeline_reapplies_without_keeping_originals(tiny):
     path, expected, _ = tiny("z-image-turbo")
-    pipe = load(_with_storage(spec_for(path, offload={"dit_layerwise_offload": True})))
+    pipe = load(with_storage(spec_for(path, offload={"dit_layerwise_offload": True})))
     handle = pipe.residency
     assert torch.equal(run_tiny(pipe), expected)
     with handle.paused():
@@ -212,7 +202,7 @@ def test_failed_load_leaves_nothing_attached(tiny, monkeypatch, where):
 
     monkeypatch.setattr(module_build, "_build_on_meta", build)
     fail_placing(monkeypatch, where)
-    spec = _with_storage(spec_for(path, offload={"layerwise_offload_components": "all"}))
+    spec = with_storage(spec_for(path, offload={"layerwise_offload_components": "all"}))
     with pytest.raises(PlanApplyError, match="simulated"):
         load(spec)
     names = {n for n, _, _ in built}
@@ -420,7 +410,7 @@ def test_float8_folder_streams_from_its_files(tiny, tier):
     assert torch.equal(run_tiny(pipe), expected)
     assert torch.equal(run_tiny(pipe), expected)
     pipe.residency.remove()
-    spec = _with_storage(spec_for(path, **sections), names=("transformer",))
+    spec = with_storage(spec_for(path, **sections), names=("transformer",))
     with pytest.raises(PlanApplyError, match=f"host_tier '{tier}' streams the weights from the files as they are "
                                              "stored.*float8_e4m3fn"):
         load(spec, plan=with_tier(planner.make_plan(spec)))
@@ -431,7 +421,7 @@ def test_interrupted_cast_module_recovers(tiny, case):
     """A KeyboardInterrupt inside a cast module (torch runs no always_call hook for it): the next call
     puts the stored bytes back first, so the weights wait in float8 again and the outputs are unchanged."""
     path, expected, _ = tiny("flux.1-dev")
-    pipe = load(_with_storage(spec_for(path, **CASES[case])))
+    pipe = load(with_storage(spec_for(path, **CASES[case])))
     handle = pipe.residency
     store = handle.storage["transformer"]
     path_, linear = next((p, m) for p, m in store.modules if p.startswith("transformer_blocks.0.")
@@ -480,7 +470,7 @@ def test_loaded_host_blocks_and_slots_hold_the_stored_bytes(tiny):
     for dtype in (None, "float8_e4m3fn"):
         spec = spec_for(path, components={"transformer": {"strategy": "layerwise", "resident_layers": [0]}})
         if dtype:
-            spec = _with_storage(spec, dtype, names=("transformer",))
+            spec = with_storage(spec, dtype, names=("transformer",))
         pipe = load(spec)
         engine = pipe.residency.placements["transformer"]
         reports[dtype] = engine.report()
