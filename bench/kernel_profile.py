@@ -31,6 +31,9 @@ import torch  # noqa: E402
 import build_catalog as bc  # noqa: E402
 from layerwise_bench import free_memory, log, slug  # noqa: E402
 from planner.costs.count import count_forward  # noqa: E402
+from planner.planning.kernel_time import device_seconds, host_seconds  # noqa: E402
+from planner.planning.profiles import load_profile  # noqa: E402
+from planner.planning.workload import counted_kernels, image_tokens  # noqa: E402
 
 DT = torch.bfloat16
 # model -> (catalog model, transformer builder, batch: the pipeline's denoiser batch at its call defaults,
@@ -152,10 +155,6 @@ def counted(model: str, size: int, batch: int, txt: int) -> dict[str, Any]:
 def predicted(model: str, size: int, batch: int, txt: int) -> dict[str, Any] | None:
     """The planner's price of the call before it runs: costs.json's counts at these shapes, the H200
     profile's kernel rates (planner.planning.kernel_time)."""
-    from planner.planning.kernel_time import device_seconds, host_seconds
-    from planner.planning.profiles import load_profile
-    from planner.planning.workload import counted_kernels, image_tokens
-
     cls = CLASSES[model]
     shape = {"height": WAN_SHAPE[0], "width": WAN_SHAPE[1], "frames": size} if model == "wan" else \
         {"height": size, "width": size}

@@ -148,19 +148,7 @@ def measure_dit_rate(torch: Any, *, device: str = "cuda", dims: dict[str, Any] |
         counted.append(_counted_flops(torch, ZImageTransformer2DModel, n_layers, dims, dtype, x, t, cap))
         with torch.device(device):
             model = ZImageTransformer2DModel(n_layers=n_layers, n_refiner_layers=1, **dims).to(dtype).eval()
-        with torch.no_grad():
-            for _ in range(2):
-                model(x, t, cap, return_dict=False)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            runs = []
-            for _ in range(repeat):
-                start = time.perf_counter()
-                model(x, t, cap, return_dict=False)
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                runs.append(time.perf_counter() - start)
-        timings.append(statistics.median(runs))
+        timings.append(_timed(torch, device, lambda m=model: m(x, t, cap, return_dict=False), repeat, warmup=2))
         del model
     per_layer = max((timings[1] - timings[0]) / 2, 1e-9)
     return max((counted[1] - counted[0]) / 2, 1.0) / per_layer
@@ -182,11 +170,12 @@ def _count(torch: Any, cls: Any, n_layers: int, dims: dict[str, Any], dtype: Any
                          meta[0] + meta[2] + [meta[1]])
 
 
-def _timed(torch: Any, device: str, fn: Any, repeat: int) -> float:
-    """Median seconds of ``fn()`` after a warm-up, the device synchronised around each run."""
+def _timed(torch: Any, device: str, fn: Any, repeat: int, warmup: int = 1) -> float:
+    """Median seconds of ``fn()`` after ``warmup`` runs, the device synchronised around each run."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     with torch.no_grad():
-        fn()
+        for _ in range(warmup):
+            fn()
         sync()
         runs = []
         for _ in range(repeat):
