@@ -34,6 +34,7 @@ from kernel_profile import DT, MODELS, inputs
 from layerwise_bench import free_memory, log, slug
 
 from planner.api import apply_plan, make_plan
+from planner.executor import host_memory
 
 # the pipelines' call defaults, as pipeline_bench runs them
 GUIDANCE = {"zimage": 0.0, "flux": 3.5, "sd35": 3.5, "qwen": 1.0, "wan": 5.0}
@@ -70,6 +71,37 @@ def timed(call: Any, module: torch.nn.Module, device: torch.device, reps: int) -
             torch.cuda.synchronize(device)
             runs.append(time.perf_counter() - t0)
     return runs
+
+
+def timed_under_copies(call: Any, module: torch.nn.Module, device: torch.device, reps: int) -> list[float]:
+    """The resident forward while the copy engine copies pinned host memory to the GPU on a side
+    stream the whole time: does a busy copy engine slow the host's launches or the GPU's kernels?"""
+    src = torch.empty(256 << 20, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(256 << 20, dtype=torch.uint8, device=device)
+    side = torch.cuda.Stream(device)
+    runs = []
+    with torch.no_grad():
+        for n in range(reps + 3):
+            with torch.cuda.stream(side):
+                for _ in range(120):          # ~30 GB: outlasts a forward at 55 GB/s
+                    dst.copy_(src, non_blocking=True)
+            t0 = time.perf_counter()
+            call(module)
+            torch.cuda.current_stream(device).synchronize()
+            if n >= 3:
+                runs.append(time.perf_counter() - t0)
+            side.synchronize()
+    del src, dst
+    return runs
+
+
+def devpack_blocks(device: torch.device) -> Any:
+    """``host_memory.alloc_host`` keeping the 'host' blocks in device memory: the engine's hooks and
+    events as streamed, its copies device to device (4 TB/s): what streaming costs besides PCIe."""
+    def alloc(numel: int, dtype: torch.dtype, pin: bool) -> Any:
+        t = torch.empty(numel, dtype=dtype, device=device)
+        return host_memory.HostBlock(t, t.numel() * t.element_size(), pinned=False)
+    return alloc
 
 
 def union(intervals: list[tuple[float, float]]) -> float:
@@ -112,7 +144,7 @@ def profiled(call: Any, module: torch.nn.Module, device: torch.device) -> dict[s
 
 
 def run_case(model: str, size: int, budget: str, prefetches: list[int], storage: str | None, reps: int,
-             device: torch.device) -> list[dict[str, Any]]:
+             device: torch.device, extra: set[str]) -> list[dict[str, Any]]:
     _, builder, batch, txt = MODELS[model]
     if budget == "streamed":
         resident: list[int] = []
@@ -137,13 +169,25 @@ def run_case(model: str, size: int, budget: str, prefetches: list[int], storage:
     log(f"{model} {size}: resident {statistics.median(base) * 1e3:.1f} ms (sd {statistics.pstdev(base) * 1e3:.1f})")
     rows.append({"model": model, "size": size, "variant": "resident", "runs_s": base,
                  "median_s": statistics.median(base)})
-    for k in prefetches:
+    if "copy_load" in extra:
+        loaded = timed_under_copies(call, module, device, reps)
+        rows.append({"model": model, "size": size, "variant": "resident_under_copies", "runs_s": loaded,
+                     "median_s": statistics.median(loaded)})
+        log(f"{model} {size}: resident while the copy engine runs {statistics.median(loaded) * 1e3:.1f} ms")
+    variants = [(k, False) for k in prefetches] + ([(1, True)] if "devpack" in extra else [])
+    for k, devpack in variants:
         comp: dict[str, Any] = {"strategy": "layerwise", "resident_layers": resident, "prefetch": k}
         if storage:
             comp["storage_dtype"] = storage
         plan = make_plan(spec_of(model, size, comp, None))
         cp = plan.components["transformer"]
-        handle = apply_plan({"transformer": module}, transformer_only(plan))
+        saved = host_memory.alloc_host
+        if devpack:
+            host_memory.alloc_host = devpack_blocks(device)
+        try:
+            handle = apply_plan({"transformer": module}, transformer_only(plan))
+        finally:
+            host_memory.alloc_host = saved
         try:
             runs = timed(call, module, device, reps)
             prof = profiled(call, module, device)
@@ -152,13 +196,14 @@ def run_case(model: str, size: int, budget: str, prefetches: list[int], storage:
         free_memory(device)
         pred = cp.estimate.step_seconds
         med = statistics.median(runs)
-        row = {"model": model, "size": size, "budget": budget, "variant": f"prefetch_{k}", "prefetch": k,
+        row = {"model": model, "size": size, "budget": budget, "variant": f"prefetch_{k}" + ("_devpack" if devpack else ""),
+               "prefetch": k,
                "storage_dtype": storage, "resident_layers": resident, "streamed_layers": cp.layers and
                sum(ll.count for ll in cp.layers) - len(resident), "host_pinned_bytes": cp.estimate.host_pinned_bytes,
                "runs_s": runs, "median_s": med, "sd_s": statistics.pstdev(runs), "predicted_s": pred,
                "err": pred / med - 1 if pred else None, "profile": prof}
         rows.append(row)
-        log(f"{model} {size} {budget} {storage or 'bf16'} prefetch {k}: {med * 1e3:.1f} ms (sd "
+        log(f"{model} {size} {budget} {storage or 'bf16'} {row['variant']}: {med * 1e3:.1f} ms (sd "
             f"{row['sd_s'] * 1e3:.1f}), predicted {pred * 1e3:.1f} ms ({row['err']:+.1%}); copy busy "
             f"{prof['copy_busy_s'] * 1e3:.1f} ms, GPU busy {prof['gpu_busy_s'] * 1e3:.1f} ms of "
             f"{prof['wall_s'] * 1e3:.1f}")
@@ -174,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefetch", default="1,2,3")
     ap.add_argument("--storage", default="", help="a storage dtype for every case (float8_e4m3fn)")
     ap.add_argument("--reps", type=int, default=12)
+    ap.add_argument("--extra", default="", help="copy_load (the resident forward under a busy copy engine), "
+                    "devpack (prefetch 1 with the host blocks in device memory), comma-separated")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--name", default="overlap_probe")
     args = ap.parse_args(argv)
@@ -183,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for case in args.cases.split(","):
         model, size, budget = case.split(":")
-        rows += run_case(model, int(size), budget, prefetches, args.storage or None, args.reps, device)
+        rows += run_case(model, int(size), budget, prefetches, args.storage or None, args.reps, device,
+                         set(filter(None, args.extra.split(","))))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{args.name}_{slug(gpu)}.json"
