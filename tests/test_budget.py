@@ -180,3 +180,5 @@ def test_calibrate_measures_kernel_rates_a_profile_takes(tmp_path):
     assert profile.kernel_rates is not None
     assert {d for d, _ in profile.kernel_rates.attention_flops} == {64, 128}
     assert 0 < profile.kernel_rates.host_op_seconds < 1
+    # without a copy engine beside it (the CPU) nothing slows the launches
+    assert profile.kernel_rates.host_slowdown_under_copy == 0.0

@@ -100,6 +100,68 @@ def test_host_clock_hand_traced():
     assert simulate_layerwise((1, 1, 1, 1), {0, 1, 2, 3}, 0.5, prof) == pytest.approx(0.5)
 
 
+def test_copies_slow_the_host_while_the_copy_engine_is_busy():
+    # layers 0 and 3 streamed, 1 and 2 resident, 1 s of launches a layer, copies of 2 s (0.5 B/s).
+    # Launches 1.5x slower while a copy runs (slowdown 0.5); a call starts at T, the copy of its layer 0
+    # issued 1.5 s before (at the last call's layer 3, which launched in 1.5 s) lands at T + 0.5.
+    # Layer 0's pre-hook queues layer 3's copy behind it (T + 0.5 -> T + 2.5); layer 0 launches in
+    # 1.5 s (T + 1.5), layer 1 two thirds slow until the copy ends, a third at full speed (T + 2.833),
+    # layer 2 in 1 s (T + 3.833); layer 3's pre-hook issues the next layer 0 (-> T + 5.833), so its
+    # launches take 1.5 s: T + 5.333, the same 1.5 s as assumed. Without the slowdown: 4 s.
+    prof = Profile(name="t", h2d_bytes_per_s=0.5, effective_flops=1.0, layer_overhead_s=0.0)
+    assert simulate_layerwise((1, 1, 1, 1), {1, 2}, 0.0, prof, prefetch=1, host=4.0,
+                              host_slowdown=0.5) == pytest.approx(16 / 3)
+    # nothing streamed: no copy, no slowdown
+    assert simulate_layerwise((1, 1, 1, 1), {0, 1, 2, 3}, 0.0, prof, host=4.0,
+                              host_slowdown=0.5) == pytest.approx(4.0)
+    # copy-bound (copies of 4 s, 8 s a call): the host's slower launches stay behind the copies
+    slow = Profile(name="t", h2d_bytes_per_s=0.25, effective_flops=1.0, layer_overhead_s=0.0)
+    assert simulate_layerwise((1, 1, 1, 1), {1, 2}, 0.0, slow, prefetch=1, host=4.0,
+                              host_slowdown=0.5) == pytest.approx(8.0)
+    # more slowdown never makes a call faster
+    times = [simulate_layerwise((3, 1, 1, 2, 1, 1), {1, 2, 4}, 0.5, prof, prefetch=1, host=6.0, host_slowdown=s)
+             for s in (0.0, 0.1, 0.3, 1.0)]
+    assert times == sorted(times) and times[-1] > times[0]
+
+
+def test_the_h200_profile_slows_the_host_beside_copies_and_a_profile_may_not_say_so():
+    h200 = load_profile("h200")
+    assert h200.kernel_rates is not None and 0 < h200.kernel_rates.host_slowdown_under_copy < 1
+    base = {"matmul_flops": 7e14, "attention_flops_by_head_dim": {"128": 6e14}, "memory_bytes_per_s": 3e12,
+            "strided_bytes_per_s": 1.3e12, "host_op_seconds": 2e-5}
+    assert _kernel_rates(base).host_slowdown_under_copy == 0.0
+    for bad in (-0.1, float("nan"), "a", True):
+        with pytest.raises(ValueError, match="host_slowdown_under_copy"):
+            _kernel_rates({**base, "host_slowdown_under_copy": bad})
+
+
+def test_a_partly_streamed_host_bound_step_pays_for_the_slower_launches(tmp_path):
+    # Z-Image at 512², 9 of 34 layers streamed (every fourth): bound by the host's launches, which
+    # the copies slow; the same plan under a profile without the slowdown is faster
+    import json
+    from pathlib import Path
+
+    from planner import make_plan
+
+    spec = {"version": 1, "pipeline": {"model": "z-image-turbo", "dtype": "bfloat16"}, "device": "cuda",
+            "workload": {"height": 512, "width": 512, "steps": 8, "guidance_scale": 0.0},
+            "defaults": {"strategy": "resident"},
+            "components": {"transformer": {"strategy": "layerwise", "prefetch": 1,
+                                           "resident_layers": [i for i in range(34) if i % 4 != 0]}}}
+    h200 = json.loads((Path(__file__).resolve().parent.parent / "planner" / "data" / "profiles.json")
+                      .read_text())["profiles"]["h200"]
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps({**h200, "name": "plain",
+                                 "kernel_rates": {**h200["kernel_rates"], "host_slowdown_under_copy": 0.0}}))
+
+    def step(profile: str) -> float:
+        cp = make_plan({**spec, "profile": profile}).components["transformer"]
+        assert cp.strategy.value == "layerwise"
+        return cp.estimate.step_seconds
+
+    assert step("h200") > step(str(plain)) * 1.05
+
+
 def test_a_float8_stored_denoiser_pays_its_upcast_each_call():
     from planner import make_plan
     from planner.planning.estimate import upcast_seconds

@@ -238,9 +238,37 @@ def measure_kernel_rates(torch: Any, *, device: str = "cuda", tokens: int = 8192
     ops = _count(torch, ZImageTransformer2DModel, 2, dims, dtype, img, t, cap).ops
     with torch.device(device):
         model = ZImageTransformer2DModel(n_layers=2, n_refiner_layers=1, **dims).to(dtype).eval()
-    seconds = _timed(torch, device, lambda: model(img, t, cap, return_dict=False), repeat)
+
+    def forward() -> Any:
+        return model(img, t, cap, return_dict=False)
+
+    seconds = _timed(torch, device, forward, repeat)
     out["host_op_seconds"] = seconds / max(ops, 1)
+    loaded = _timed_beside_copies(torch, device, forward, repeat) if device == "cuda" else seconds
+    out["host_slowdown_under_copy"] = max(0.0, loaded / seconds - 1)
     return out
+
+
+def _timed_beside_copies(torch: Any, device: str, fn: Any, repeat: int, chunk: int = 256 << 20) -> float:
+    """Median seconds of ``fn()`` (waited for on its own stream) while a side stream copies pinned
+    host memory to the device the whole time: the launches of a host-bound call slow down beside a
+    busy copy engine, as they do while a partly streamed step prefetches."""
+    src = torch.empty(chunk, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(chunk, dtype=torch.uint8, device=device)
+    side = torch.cuda.Stream()
+    runs = []
+    with torch.no_grad():
+        for n in range(repeat + 1):
+            with torch.cuda.stream(side):
+                for _ in range(32):          # 8 GiB: outlasts a small call at any PCIe rate above 40 GB/s
+                    dst.copy_(src, non_blocking=True)
+            start = time.perf_counter()
+            fn()
+            torch.cuda.current_stream().synchronize()
+            if n:
+                runs.append(time.perf_counter() - start)
+            side.synchronize()
+    return statistics.median(runs)
 
 
 # black-forest-labs/FLUX.1-dev vae/config.json, the AutoencoderKL of the catalog's image pipelines

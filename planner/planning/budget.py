@@ -138,14 +138,15 @@ def step_seconds(strategy: str, info: ComponentInfo, resident: tuple[int, ...], 
         # moved in once per generation, then resident for the rest of its calls
         return compute * per_step + weight_bytes / profile.h2d_bytes_per_s / calls
     # a denoiser streams call after call (steady state); an encoder or decoder runs once, from cold
+    slowdown = profile.kernel_rates.host_slowdown_under_copy if profile.kernel_rates else 0.0
     return per_step * simulate_layerwise(layer_bytes, set(resident), device, profile, prefetch,
                                          calls=3 if runs_per_step_name(info.name) else 1,
-                                         shares=layer_shares(info, workload), host=host)
+                                         shares=layer_shares(info, workload), host=host, host_slowdown=slowdown)
 
 
 def simulate_layerwise(layer_bytes: tuple[int, ...], resident: set[int], compute: float, profile: Profile,
                        prefetch: int = 1, calls: int = 3, shares: list[float] | None = None,
-                       host: float = 0.0) -> float:
+                       host: float = 0.0, host_slowdown: float = 0.0) -> float:
     """One call of a streamed component in steady state, simulated layer by layer on two clocks:
     the host's, which launches each layer's work (``host`` seconds a call) and issues the copies,
     and the devices' (the copy engine and the GPU).
@@ -154,37 +155,58 @@ def simulate_layerwise(layer_bytes: tuple[int, ...], resident: set[int], compute
     holds the next K), needs a free slot (K+1 slots: the layer K+1 loads back must have finished
     computing) and follows the copy before it; a layer computes when its weights have landed, the
     layer before it is done and the host has launched it. The host waits for the GPU at each call's
-    end (pipelines read the step's result). Compute and launch time are spread over the layers by
-    ``shares`` (counted FLOPs) where given, else by their bytes. This sees what max(compute, bytes /
-    bandwidth) does not: a streamed layer after too few resident ones waits on its copy, and a host
-    that launches a small call's layers barely ahead of the GPU issues each copy too late to hide.
+    end (pipelines read the step's result). While the copy engine is busy the host launches
+    ``1 + host_slowdown`` times slower (the profile's ``host_slowdown_under_copy``). Compute and
+    launch time are spread over the layers by ``shares`` (counted FLOPs) where given, else by their
+    bytes. This sees what max(compute, bytes / bandwidth) does not: a streamed layer after too few
+    resident ones waits on its copy, and a host that launches a small call's layers barely ahead of
+    the GPU, slowed by the copies it issues, issues each copy too late to hide.
     """
     total = sum(layer_bytes) or 1
     weights = shares if shares else [b / total for b in layer_bytes]
     per_layer = [compute * w for w in weights]
     launch = [host * w for w in weights]
     slots = prefetch + 1
+    streamed = [i for i in range(len(layer_bytes)) if i not in resident]
     copy_end = gpu_end = host_t = 0.0
-    freed: list[float] = []          # compute end of each streamed layer, in load order
-    issued: list[float] = []         # host time at each streamed layer's pre-hook, in load order
+    landed: dict[int, float] = {}    # when each issued copy ends, by load number (across calls)
+    freed: list[float] = []          # compute end of each streamed layer, by load number
+
+    def issue(load: int, at: float) -> None:
+        nonlocal copy_end
+        slot_free = freed[load - slots] if load >= slots else 0.0
+        copy_end = max(copy_end, slot_free, at) + layer_bytes[streamed[load % len(streamed)]] / profile.h2d_bytes_per_s
+        landed[load] = copy_end
+
+    for load in range(prefetch if streamed else 0):    # the window before the first call
+        issue(load, 0.0)
     call_start = 0.0
     for _ in range(calls):
         host_t = call_start = max(host_t, gpu_end)
-        for i, nbytes in enumerate(layer_bytes):
+        for i in range(len(layer_bytes)):
             ready = 0.0
-            streamed = i not in resident
-            if streamed:
-                slot_free = freed[-slots] if len(freed) >= slots else 0.0
-                issue = issued[-prefetch] if prefetch and len(issued) >= prefetch else host_t
-                copy_end = max(copy_end, slot_free, issue) + nbytes / profile.h2d_bytes_per_s
-                ready = copy_end
-                issued.append(host_t)
+            load = len(freed)
+            if i not in resident:
+                # the pre-hook: the window moves on (K ahead), or the layer loads itself (K = 0)
+                issue(load + prefetch, host_t)
+                ready = landed.pop(load)
                 host_t += profile.layer_overhead_s
-            host_t += launch[i]
+            host_t = _launched(host_t, launch[i], copy_end, host_slowdown)
             gpu_end = max(gpu_end, ready, host_t) + per_layer[i]
-            if streamed:
+            if i not in resident:
                 freed.append(gpu_end)
     return gpu_end - call_start
+
+
+def _launched(start: float, work: float, copy_end: float, slowdown: float) -> float:
+    """When the host, starting at ``start``, has launched ``work`` seconds of launches, each
+    ``1 + slowdown`` times slower until the copy engine's queue empties at ``copy_end``."""
+    if slowdown <= 0 or copy_end <= start:
+        return start + work
+    slow = (copy_end - start) / (1 + slowdown)     # launch work done before the copies end
+    if work <= slow:
+        return start + work * (1 + slowdown)
+    return copy_end + (work - slow)
 
 
 def plan_budget(doc: Document, inventory: Inventory, resolution: Resolution, *, strict: bool = False,

@@ -36,13 +36,19 @@ class KernelRates:
     """What a denoiser call's kinds of kernel reach on a GPU (``bench/kernel_profile.py`` measures
     them): matrix multiplies in FLOP/s, fused attention in FLOP/s by head dim (narrow heads run
     slower), the other ops' bytes per second from contiguous and from non-contiguous inputs, and the
-    host's seconds per op launched (a small call waits on the host, not the GPU)."""
+    host's seconds per op launched (a small call waits on the host, not the GPU), and how much longer
+    each launch takes while the copy engine moves host memory to the GPU (a share: 0.25 is 1.25x).
+
+    The last is what a partly streamed step at a small size pays: its launches and its copies run
+    at once, and the copies slow the launches (on an H200 a Z-Image forward at 512² took 25 % longer
+    beside a running copy, its kernels no longer; ``bench/overlap_probe.py``)."""
 
     matmul_flops: float
     attention_flops: tuple[tuple[int, float], ...]    # (head dim, FLOP/s), ascending head dims
     memory_bytes_per_s: float
     strided_bytes_per_s: float
     host_op_seconds: float
+    host_slowdown_under_copy: float = 0.0
 
     def attention_rate(self, head_dim: int) -> float:
         """Linear in the head dim between measured ones, held at the ends."""
@@ -161,7 +167,16 @@ def _kernel_rates(data: object) -> KernelRates | None:
     return KernelRates(matmul_flops=_positive(data, "matmul_flops"), attention_flops=tuple(sorted(points)),
                        memory_bytes_per_s=_positive(data, "memory_bytes_per_s"),
                        strided_bytes_per_s=_positive(data, "strided_bytes_per_s"),
-                       host_op_seconds=_positive(data, "host_op_seconds"))
+                       host_op_seconds=_positive(data, "host_op_seconds"),
+                       host_slowdown_under_copy=_share(data, "host_slowdown_under_copy"))
+
+
+def _share(data: dict, key: str) -> float:
+    """A non-negative finite number, 0 where absent (a ValueError names the key otherwise)."""
+    value = data.get(key, 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{key} must be a finite number of at least 0, got {value!r}")
+    return float(value)
 
 
 def _optional(data: dict, key: str) -> float | None:
