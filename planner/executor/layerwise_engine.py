@@ -55,6 +55,22 @@ Shape of the engine (after SGLang's layerwise offload manager, with diffusers-st
   ``detach`` or a failed attach; a meta tensor is bound to an empty placeholder instead of a host
   view. A file tier attaches once: after a ``detach`` the weights are real tensors that may have
   changed (a pause, a dtype conversion), and attaching again refuses.
+- Float8 storage (``storage``: the component's ``storage_cast.CastStore``, attached before the
+  engine): the host blocks and the slots hold the stored float8 bytes. A cast module inside a
+  streamed layer whose floating tensors are all packed in that layer is upcast by the engine, not
+  by hooks of its own: when the layer is bound, after the compute stream waits for the slot's
+  load, one conversion per stored dtype (the range of the slot's span its cast tensors cover)
+  writes the compute dtype into a scratch buffer, and the cast tensors are bound to views of it
+  (same shapes and strides: ``stored.to(compute)`` exactly, what the module hooks give); the rest
+  of the layer is bound to the slot as usual, and the post-hook releases every tensor to its
+  float8 placeholder. The scratch is one buffer of the largest streamed layer's upcast numel,
+  reused layer after layer on the compute stream (stream order keeps a layer's conversion behind
+  the readers of the one before); a streamed layer running inside another takes a second one. It
+  is allocated at attach and given back with the slots (``release_slots``, ``detach``, a failed
+  attach), and its views are built once per slot and scratch, like ``binds``. The stored bytes
+  are never written. Everything else cast (resident layers, modules outside the layers, streamed
+  ones with ``stream_non_layer`` too, a cast module holding a shared or unpackable tensor) keeps
+  ``CastHooks`` (``slot_upcast_modules`` says which it need not hook).
 - Off CUDA the streams and events are no-op objects and the same code runs, so CI exercises slot
   reuse, release, prefetch order and order learning for real.
 
@@ -80,6 +96,7 @@ import torch
 from planner.executor import file_tiers, host_memory, packing, streams, weight_sources
 from planner.executor import module_hooks as _h
 from planner.executor.packed_lifecycle import PackedPlacement
+from planner.executor.storage_cast import CastStore, torch_dtype
 
 _SLOT_WASTE = 0.25   # a slot more than this fraction larger than its next layer is reallocated
 HOST_TIERS = ("pinned", "mapped", "disk")
@@ -109,7 +126,8 @@ class _Slot:
 
 class _Layer:
     __slots__ = ("sid", "index", "module", "group", "need", "slot", "depth", "binds", "copies", "releases",
-                 "want_again", "mark", "is_unit", "bufs", "load_event", "ready_event")
+                 "want_again", "mark", "is_unit", "bufs", "load_event", "ready_event", "upcast", "upcast_ids",
+                 "cast_binds", "scratch")
 
     def __init__(self, sid: int, index: int, module: torch.nn.Module, group: packing.PackedGroup) -> None:
         self.sid = sid            # position among streamed layers
@@ -130,6 +148,24 @@ class _Layer:
         self.bufs: dict[torch.dtype, torch.Tensor] | None = None
         self.load_event: Any = None
         self.ready_event: Any = None
+        # float8 storage: (stored dtype, first element, numel, where it lands in the scratch) per
+        # stored dtype, the packed tensors bound to the scratch, and per slot (scratch index ->
+        # (conversions, binds)), built on first use like ``binds``
+        self.upcast: list[tuple[torch.dtype, int, int, int]] = []
+        self.upcast_ids: set[int] = set()
+        self.cast_binds: list[dict[int, tuple[list[tuple[torch.Tensor, torch.Tensor]],
+                                              list[tuple[torch.Tensor, torch.Tensor]]]]] = []
+        self.scratch: _Scratch | None = None   # while it runs
+
+
+class _Scratch:
+    """A compute-dtype buffer a streamed layer's float8 weights are upcast into while it runs."""
+
+    __slots__ = ("buf", "index")
+
+    def __init__(self, index: int, buf: torch.Tensor) -> None:
+        self.index = index
+        self.buf = buf
 
 
 class LayerwiseEngine(PackedPlacement):
@@ -138,7 +174,8 @@ class LayerwiseEngine(PackedPlacement):
     def __init__(self, module: torch.nn.Module, layers: Sequence[torch.nn.Module], *,
                  device: torch.device | str, prefetch: int | Sequence[int] = 1, resident: Collection[int] = (),
                  name: str = "", weight_source: Callable[[str], torch.Tensor] | None = None,
-                 stream_non_layer: bool = False, host_tier: str | None = None) -> None:
+                 stream_non_layer: bool = False, host_tier: str | None = None,
+                 storage: CastStore | None = None) -> None:
         self.module = module
         self.layers = list(layers)
         # K per layer: a plan gives each layer list its own K (as SGLang runs one manager per list);
@@ -159,6 +196,9 @@ class LayerwiseEngine(PackedPlacement):
         if tier not in HOST_TIERS:
             raise ValueError(f"{name or 'layerwise'}: host_tier {tier!r}: one of {', '.join(HOST_TIERS)}")
         self.host_tier = tier
+        # the component's float8 storage (attached before the engine: its cast modules are read at
+        # each attach); the streamed layers' cast weights are upcast as each layer is bound
+        self.storage = storage
         bad = [i for i in self.resident if not 0 <= i < len(self.layers)]
         if bad:
             raise ValueError(f"{name or 'layerwise'}: resident layer indices out of range "
@@ -206,6 +246,8 @@ class LayerwiseEngine(PackedPlacement):
         for layer in self._streamed:
             layer.copies = [None] * len(self._slots)
             layer.binds = [None] * len(self._slots)
+            layer.cast_binds = [{} for _ in self._slots]
+        self._scratches, self._scratch_free = [], []   # freed in compute-stream order, as the slots
         for unit in self._units:
             if unit.bufs is not None:
                 stream.wait_event(unit.load_event)
@@ -221,6 +263,8 @@ class LayerwiseEngine(PackedPlacement):
         self._released = False
         for slot, layer in zip(self._slots, self._streamed):
             self._resize(slot, layer.need)
+        if self._scratch_numel:
+            self._scratch_free.append(self._new_scratch())
         self._issue(*self._window())
 
     def _label(self) -> str:
@@ -260,6 +304,12 @@ class LayerwiseEngine(PackedPlacement):
             "host_buffer_bytes": pack.allocated_bytes if pack is not None else 0,
             "host_tier": self.host_tier,
             **(pack.report() if pack is not None and self._from_file else {}),
+            # float8 storage: the streamed layers' cast modules, upcast in one conversion per layer and
+            # stored dtype into a compute-dtype scratch buffer (a second one only for nested layers)
+            "slot_upcast_modules": len(self._slot_upcast_modules),
+            "slot_upcasts": self.slot_upcasts,
+            "upcast_scratch_bytes": sum(packing.tensor_bytes(s.buf) for s in self._scratches),
+            "upcast_scratch_peak_bytes": self.peak_scratch_bytes,
             "unusual_tensors": self._unusual,
             "shared_tensors": self._shared,
             "sync_loads": self.sync_loads,
@@ -302,6 +352,8 @@ class LayerwiseEngine(PackedPlacement):
             layer.slot = None
             layer.binds = []
             layer.copies = []
+            layer.cast_binds = []
+            layer.scratch = None
             layer.bufs = None
         self._ops = streams.StreamOps(self.device)
         self._copy_stream: Any = None
@@ -335,6 +387,13 @@ class LayerwiseEngine(PackedPlacement):
         self.peak_slot_bytes = 0
         self.other_sync_loads = 0
         self.other_async_loads = 0
+        self._slot_upcast_modules: list[torch.nn.Module] = []
+        self._upcast_dtype: torch.dtype | None = None
+        self._scratch_numel = 0            # the largest streamed layer's upcast, in the compute dtype
+        self._scratches: list[_Scratch] = []
+        self._scratch_free: list[_Scratch] = []
+        self.slot_upcasts = 0
+        self.peak_scratch_bytes = 0
 
     def _attach(self, originals: dict[int, tuple[torch.Tensor, torch.Tensor, bool]]) -> None:
         self.device = streams.resolve_device(self.device)
@@ -445,6 +504,7 @@ class LayerwiseEngine(PackedPlacement):
             layer.releases = [(pt.tensor, self._placeholders[pt.dtype]) for pt in layer.group.tensors]
             layer.copies = [None] * n_slots
             layer.binds = [None] * n_slots
+            layer.cast_binds = [{} for _ in range(n_slots)]
             if i >= n_layers:
                 layer.is_unit = True
                 layer.load_event = self._ops.new_event()
@@ -454,6 +514,8 @@ class LayerwiseEngine(PackedPlacement):
             self._all.append(layer)
             for t, placeholder in layer.releases:
                 t.data = placeholder
+        if self.storage is not None:
+            self._plan_upcasts(self.storage)
 
         self._copy_stream = self._ops.new_stream()
         # slots came from the compute stream's pool; the copy stream must not write them earlier
@@ -472,7 +534,59 @@ class LayerwiseEngine(PackedPlacement):
         # sized for the layer it takes first
         for slot, layer in zip(self._slots, self._streamed):
             self._resize(slot, layer.need)
+        if self._scratch_numel:
+            self._scratch_free.append(self._new_scratch())
         self._issue(*self._window())   # the first layers are in flight before the first call
+
+    def _plan_upcasts(self, store: CastStore) -> None:
+        """Which cast modules the slots upcast: those inside a streamed layer whose floating tensors
+        are all packed in that layer (a tensor shared with another layer, or one that cannot be
+        packed, stays on the device: its module keeps its own upcast hooks). Per layer and stored
+        dtype, the range of its span those tensors cover, and where it lands in the scratch."""
+        compute = torch_dtype(store.storage.compute_dtype)
+        cast_ids = {id(mod) for _, mod in store.modules}
+        covered: list[torch.nn.Module] = []
+        largest = 0
+        for layer in self._streamed:
+            packed = {id(pt.tensor): pt for pt in layer.group.tensors}
+            upcast: dict[int, packing.PackedTensor] = {}
+            for mod in layer.module.modules():
+                if id(mod) not in cast_ids:
+                    continue
+                tensors = [t for t in packing.unique_tensors(mod) if t.is_floating_point()]
+                if not tensors or any(id(t) not in packed for t in tensors):
+                    continue
+                covered.append(mod)
+                upcast.update((id(packed[id(t)]), packed[id(t)]) for t in tensors if packed[id(t)].dtype != compute)
+            ranges: dict[torch.dtype, tuple[int, int]] = {}
+            for pt in upcast.values():
+                lo, hi = ranges.get(pt.dtype, (pt.offset, pt.offset + pt.numel))
+                ranges[pt.dtype] = (min(lo, pt.offset), max(hi, pt.offset + pt.numel))
+            cursor = 0
+            for dtype, (lo, hi) in ranges.items():
+                base = packing.align_elements(cursor, compute.itemsize)
+                layer.upcast.append((dtype, lo, hi - lo, base))
+                cursor = base + hi - lo
+            layer.upcast_ids = set(upcast)
+            largest = max(largest, cursor)
+        self._slot_upcast_modules = covered
+        self._upcast_dtype = compute
+        self._scratch_numel = largest
+
+    def slot_upcast_modules(self) -> list[torch.nn.Module]:
+        """The cast modules whose upcast the slots make (no hooks of their own needed), this attach."""
+        return list(self._slot_upcast_modules)
+
+    def _new_scratch(self) -> _Scratch:
+        """A scratch buffer, allocated on the compute stream (must be current): the first, or one more
+        for a streamed layer that runs inside another."""
+        assert self._upcast_dtype is not None
+        scratch = _Scratch(len(self._scratches),
+                           host_memory.alloc_device(self._scratch_numel, self._upcast_dtype, self.device))
+        self._scratches.append(scratch)
+        self.peak_scratch_bytes = max(self.peak_scratch_bytes,
+                                      sum(packing.tensor_bytes(s.buf) for s in self._scratches))
+        return scratch
 
     def _non_layer_modules(self) -> list[torch.nn.Module]:
         """The modules outside the layers that ``stream_non_layer`` streams: the component's
@@ -626,10 +740,46 @@ class LayerwiseEngine(PackedPlacement):
             self.sync_loads += 1
         else:
             stream.wait_event(slot.load_event)
+        if layer.upcast:
+            return self._upcast(layer, slot)
         binds = layer.binds[slot.index]
         if binds is None:
             binds = layer.binds[slot.index] = self._views(layer, slot.bufs)
         return binds
+
+    def _upcast(self, layer: _Layer, slot: _Slot) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Float8 storage: the layer's stored bytes upcast from its slot into a scratch buffer, one
+        conversion per stored dtype queued on the compute stream (after its wait for the slot's
+        load); returns the binds: its cast tensors to views of the scratch, the rest to the slot.
+        The scratch's earlier readers (the layer before) are ahead on the same stream."""
+        free = self._scratch_free
+        scratch = free.pop() if free else self._new_scratch()
+        try:
+            per_slot = layer.cast_binds[slot.index]
+            entry = per_slot.get(scratch.index)
+            if entry is None:
+                entry = per_slot[scratch.index] = self._cast_views(layer, slot.bufs, scratch.buf)
+            for dst, src in entry[0]:
+                dst.copy_(src)
+        except BaseException:
+            free.append(scratch)
+            raise
+        layer.scratch = scratch
+        self.slot_upcasts += len(entry[0])
+        return entry[1]
+
+    def _cast_views(self, layer: _Layer, bufs: dict[torch.dtype, torch.Tensor], scratch: torch.Tensor
+                    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[tuple[torch.Tensor, torch.Tensor]]]:
+        """(the (scratch range, slot range) conversions, the binds) of ``layer`` in a slot whose
+        buffers are ``bufs``: an upcast tensor sits in the scratch at its offset in the slot, shifted
+        by where its dtype's range lands, so its view has the slot view's shape and strides."""
+        shift = {dtype: base - lo for dtype, lo, _, base in layer.upcast}
+        with torch.inference_mode(False):   # views made inside inference mode would taint the params
+            convs = [(scratch.narrow(0, base, numel), bufs[dtype].narrow(0, lo, numel))
+                     for dtype, lo, numel, base in layer.upcast]
+            binds = [(pt.tensor, packing.view_in(scratch, pt, shift[pt.dtype]) if id(pt) in layer.upcast_ids
+                      else packing.view_in(bufs[pt.dtype], pt)) for pt in layer.group.tensors]
+        return convs, binds
 
     def _unit_arrived(self, unit: _Layer) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """A module outside the layers: views of its own buffers, prefetched with the window (or
@@ -671,6 +821,10 @@ class LayerwiseEngine(PackedPlacement):
             return
         for t, placeholder in layer.releases:
             t.data = placeholder
+        if layer.scratch is not None:
+            # the next layer's conversion into it queues behind this layer's readers
+            self._scratch_free.append(layer.scratch)
+            layer.scratch = None
         slot = layer.slot
         if slot is not None:
             # the copy stream waits on this before the slot takes another layer
@@ -852,6 +1006,7 @@ class LayerwiseEngine(PackedPlacement):
         for layer in self._streamed:         # cached views would keep the old buffers alive
             layer.copies[slot.index] = None
             layer.binds[slot.index] = None
+            layer.cast_binds[slot.index] = {}
         slot.bufs, slot.sizes = {}, {}       # freed in compute-stream order: activations may reuse them
         slot.bufs = {d: host_memory.alloc_device(numel, d, self.device) for d, numel in need.items()}
         slot.sizes = dict(need)

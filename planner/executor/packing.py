@@ -85,7 +85,8 @@ def warn_unpackable(what: str, tensors: Iterable[torch.Tensor], device: torch.de
     return len(kept)
 
 
-def _align(n: int, elsize: int) -> int:
+def align_elements(n: int, elsize: int) -> int:
+    """``n`` elements of ``elsize`` bytes rounded up to the host block's alignment."""
     step = max(1, host_memory.ALIGN_BYTES // elsize)
     return -(-n // step) * step
 
@@ -150,10 +151,10 @@ class HostPack:
                 by_dtype.setdefault(t.dtype, []).append(t)
             for dtype, ts in by_dtype.items():
                 elsize = ts[0].element_size()
-                start = _align(cursor.get(dtype, 0), elsize)
+                start = align_elements(cursor.get(dtype, 0), elsize)
                 off = 0
                 for t in ts:
-                    off = _align(off, elsize)
+                    off = align_elements(off, elsize)
                     group.tensors.append(PackedTensor(
                         tensor=t, dtype=dtype, shape=tuple(t.shape), stride=tuple(t.stride()),
                         offset=off, numel=t.numel(), requires_grad=t.requires_grad, device=home_device(t)))

@@ -37,21 +37,22 @@ ModuleSource = Callable[[str, ComponentPlan], Tuple[torch.nn.Module, Optional[An
 
 
 def _resident(name: str, module: torch.nn.Module, cp: ComponentPlan, device: torch.device, source: Any,
-              renamed: dict[str, Any]) -> Placement:
+              renamed: dict[str, Any], store: CastStore | None) -> Placement:
     return Resident(module, device, source, name)
 
 
 def _layerwise(name: str, module: torch.nn.Module, cp: ComponentPlan, device: torch.device, source: Any,
-               renamed: dict[str, Any]) -> Placement:
+               renamed: dict[str, Any], store: CastStore | None) -> Placement:
+    """The engine upcasts the float8 storage of its streamed layers itself (``store``)."""
     lists = bind_layer_lists(name, module, cp, renamed)
     return LayerwiseEngine(module, [item for _, items in lists for item in items], device=device,
                            prefetch=[ll.prefetch for ll, items in lists for _ in items],
                            resident=cp.resident_layers, name=name, weight_source=source,
-                           stream_non_layer=cp.stream_non_layer, host_tier=cp.host_tier)
+                           stream_non_layer=cp.stream_non_layer, host_tier=cp.host_tier, storage=store)
 
 
 def _fsdp(name: str, module: torch.nn.Module, cp: ComponentPlan, device: torch.device, source: Any,
-          renamed: dict[str, Any]) -> Placement:
+          renamed: dict[str, Any], store: CastStore | None) -> Placement:
     if source is not None:
         raise PlanApplyError(f"{name}: fsdp shards a loaded module, not one built on meta")
     return FsdpShard(module, bind_layers(name, module, cp, renamed), device=device, name=name)
@@ -107,7 +108,7 @@ def attach_components(handle: ResidencyHandle, source_of: ModuleSource,
             raise PlanApplyError(f"{name}: unknown strategy '{cp.strategy}'")
         modules[name], src = source_of(name, cp)
         store = _store(handle, name, modules[name], cp, src is not None)
-        placement = make(name, modules[name], cp, device, src, (renamed or {}).setdefault(name, {}))
+        placement = make(name, modules[name], cp, device, src, (renamed or {}).setdefault(name, {}), store)
         placement.attach()
         handle._attached.append(placement)
         handle.placements[name] = placement
@@ -115,7 +116,7 @@ def attach_components(handle: ResidencyHandle, source_of: ModuleSource,
             # its first window leaves before the next component loads: loading never holds several
             # components' slots at once (no moment of a generation does); its first call loads them again
             placement.release_slots()
-        _cast_hooks(handle, store)
+        _cast_hooks(handle, store, placement)
         if on_placed is not None:
             on_placed([name])
     _finish(handle, modules, group)
@@ -138,11 +139,14 @@ def _store(handle: ResidencyHandle, name: str, module: torch.nn.Module, cp: Comp
     return store
 
 
-def _cast_hooks(handle: ResidencyHandle, store: CastStore | None) -> None:
-    """The upcast hooks, after the strategy's own (detached before it)."""
+def _cast_hooks(handle: ResidencyHandle, store: CastStore | None, placement: Placement | None = None) -> None:
+    """The upcast hooks, after the strategy's own (detached before it); none on the cast modules a
+    layerwise engine upcasts as it binds their streamed layer (asked at each attach: the layers and
+    the cast modules are found again after a pause)."""
     if store is None:
         return
-    hooks = CastHooks(store)
+    elsewhere = placement.slot_upcast_modules if isinstance(placement, LayerwiseEngine) else None
+    hooks = CastHooks(store, upcast_elsewhere=elsewhere)
     hooks.attach()
     handle._attached.append(hooks)
 

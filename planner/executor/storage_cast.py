@@ -32,7 +32,11 @@ nothing else decides. Two placements wrap the strategy's own, in this order on t
   whose ``dtype`` is the compute dtype (diffusers reports its layerwise-casting hook's compute
   dtype; the first parameter would now say float8); ``detach`` puts the original class back.
 
-``CastHooks`` (attached after the strategy's placement, detached before it):
+``CastHooks`` (attached after the strategy's placement, detached before it), on every cast module
+but those a layerwise engine upcasts itself (``LayerwiseEngine.slot_upcast_modules``: the cast
+modules of its streamed layers, upcast in one conversion per layer and stored dtype into a
+compute-dtype scratch buffer as the layer is bound, the same values; asked at each attach, as
+the engine finds its layers and packs them again after a pause):
 - a forward pre-hook per cast module, registered after the strategy's (which binds the weights
   to their device copy first): each cast tensor's ``.data`` becomes its float8 ``.data`` upcast
   to the compute dtype on the device (one module's compute-dtype weights at a time, a transient);
@@ -54,7 +58,7 @@ cast module's forward is float8 (as under diffusers).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -158,7 +162,12 @@ class CastStore:
         self._meta: list[tuple[dict, str, torch.Tensor, torch.dtype]] = []
         self._class: type | None = None     # the class before the dtype-reporting subclass
         self._attached = False
-        self.upcast_bytes_max = 0           # the largest compute-dtype copy one upcast makes
+        # the largest compute-dtype copy one module's upcast makes (the cast modules are Linear, Conv
+        # and Embedding layers: none runs inside another)
+        self.upcast_bytes_max = 0
+        # each cast module's compute-dtype copy, by id, counted at attach (a strategy may bind
+        # placeholders before the hooks come)
+        self.module_upcast_bytes: dict[int, int] = {}
         self.hooks: CastHooks | None = None  # its upcast hooks, for the report
 
     def _label(self) -> str:
@@ -214,7 +223,10 @@ class CastStore:
                     t.data = t.data.to(dtype)
             raise
         self._original, self._meta, self.modules, self.kept = original, places, modules, kept
-        self.upcast_bytes_max = upcast_bytes(modules, torch_dtype(self.storage.compute_dtype))
+        elsize = torch_dtype(self.storage.compute_dtype).itemsize
+        self.module_upcast_bytes = {id(mod): sum(t.numel() for t in _cast_tensors(mod)) * elsize
+                                    for _, mod in modules}
+        self.upcast_bytes_max = max(self.module_upcast_bytes.values(), default=0)
         cls = type(self.module)
         if isinstance(getattr(cls, "dtype", None), property):
             self.module.__class__ = _reporting_class(cls, torch_dtype(self.storage.compute_dtype))
@@ -251,6 +263,7 @@ class CastStore:
         self._restore(self._original)
         self._restore_meta()
         self._original, self._meta, self.modules, self.kept = [], [], [], []
+        self.module_upcast_bytes = {}
         self._attached = False
 
     def report(self) -> dict[str, Any]:
@@ -259,16 +272,10 @@ class CastStore:
                 "cast_tensors": len(self._original) + len({id(t) for _, _, t, _ in self._meta}),
                 "original_host_bytes": sum(k.numel() * k.element_size() for _, k, _, _ in self._original
                                            if k is not None),
-                # the largest compute-dtype copy an upcast makes (one cast module's weights at a time)
-                "upcast_bytes_max": self.upcast_bytes_max,
+                # the largest compute-dtype copy a hook's upcast makes (one cast module's weights at a
+                # time; with hooks, of the modules they hook: not those a layerwise engine upcasts)
+                "upcast_bytes_max": self.hooks.upcast_bytes_max if self.hooks is not None else self.upcast_bytes_max,
                 **(self.hooks.report() if self.hooks is not None else {})}
-
-
-def upcast_bytes(modules: list[tuple[str, torch.nn.Module]], compute: torch.dtype) -> int:
-    """The largest compute-dtype copy ``CastHooks`` holds: the weights of one cast module (the cast
-    modules are Linear, Conv and Embedding layers: none runs inside another)."""
-    elsize = torch.empty(0, dtype=compute).element_size()
-    return max((sum(t.numel() for t in _cast_tensors(mod)) * elsize for _, mod in modules), default=0)
 
 
 class StoredSource:
@@ -313,13 +320,20 @@ class StoredSource:
 
 
 class CastHooks:
-    """Upcast just before each cast module runs, the float8 binding back right after (see the module doc)."""
+    """Upcast just before each cast module runs, the float8 binding back right after (see the module doc).
 
-    def __init__(self, store: CastStore) -> None:
+    ``upcast_elsewhere``, asked at each attach: the cast modules another placement upcasts (a layerwise
+    engine, those of its streamed layers), which get no hooks."""
+
+    def __init__(self, store: CastStore,
+                 upcast_elsewhere: Callable[[], Collection[torch.nn.Module]] | None = None) -> None:
         self.store = store
         store.hooks = self
         self.name = store.name
+        self.upcast_elsewhere = upcast_elsewhere
         self._handles: list[Any] = []
+        self.hooked_modules = 0
+        self.upcast_bytes_max = 0  # the largest compute-dtype copy one of its hooks makes
         self.upcasts = 0
         self.live_bytes = 0        # compute-dtype copies alive now (a cast module running)
         self.peak_bytes = 0        # the most ever alive at once
@@ -329,11 +343,16 @@ class CastHooks:
             raise RuntimeError(f"{self.store._label()}: cast hooks already attached")
         compute = torch_dtype(self.store.storage.compute_dtype)
         elsize = torch.empty(0, dtype=compute).element_size()
+        elsewhere = {id(mod) for mod in self.upcast_elsewhere()} if self.upcast_elsewhere is not None else set()
+        hooked = [(path, mod) for path, mod in self.store.modules if id(mod) not in elsewhere]
+        self.hooked_modules = 0
+        self.upcast_bytes_max = max((self.store.module_upcast_bytes.get(id(mod), 0) for _, mod in hooked), default=0)
         try:
-            for _, mod in self.store.modules:
+            for _, mod in hooked:
                 tensors = _cast_tensors(mod)
                 if not tensors:
                     continue
+                self.hooked_modules += 1
                 saved: list[list[torch.Tensor]] = []
 
                 def pre(module: torch.nn.Module, args: Any, tensors: list[torch.Tensor] = tensors,
@@ -384,4 +403,5 @@ class CastHooks:
         self._handles = []
 
     def report(self) -> dict[str, Any]:
-        return {"upcasts": self.upcasts, "upcast_peak_bytes": self.peak_bytes}
+        return {"upcasts": self.upcasts, "upcast_peak_bytes": self.peak_bytes,
+                "hooked_modules": self.hooked_modules}
