@@ -7,10 +7,13 @@ and the one before it while its prefetch lands) + the running component's activa
 Pinned host bytes = every streamed or offloaded weight, packed once.
 
 A component whose weights are stored in float8 (``ComponentPlan.storage``) also holds, while it
-runs, the compute-dtype copy its upcast makes (``upcast_bytes``): the executor upcasts one cast
-module (a Linear, Conv or Embedding) just before it runs and drops the copy after it, so the
-transient is the largest cast module's weights in the compute dtype, counted in the component's
-``gpu_transient_bytes`` (resident components included: held while they run).
+runs, the compute-dtype copies its upcast makes (``upcast_bytes``), counted in the component's
+``gpu_transient_bytes`` (resident components included: held while they run). The executor upcasts
+one cast module (a Linear, Conv or Embedding) just before it runs and drops the copy after it: the
+largest cast module's weights in the compute dtype. Under strategy layerwise a streamed layer is
+upcast whole as it is bound, into one scratch buffer held while the component runs: the largest
+streamed layer's cast weights in the compute dtype, plus the largest module upcast on its own (in
+a resident layer or outside the layers).
 """
 
 from __future__ import annotations
@@ -97,14 +100,28 @@ def loaded_bytes(cp: ComponentPlan, layer_bytes: Sequence[int]) -> tuple[list[in
 
 
 def upcast_bytes(cp: ComponentPlan, layer_bytes: Sequence[int]) -> int:
-    """The compute-dtype copy the upcast holds while ``cp`` runs: its largest cast module's weights
-    (``UPCAST_SHARES`` of the largest layer, or of what is outside the layers), 0 without storage."""
+    """The compute-dtype copies the upcast holds while ``cp`` runs, 0 without storage.
+
+    A cast module upcast by its own hook holds its weights' copy while it runs: the largest such
+    module counts (``UPCAST_SHARES`` of the largest layer, or of what is outside the layers). Under
+    strategy layerwise the streamed layers' cast modules have no hooks: the engine upcasts a whole
+    layer at once into one scratch buffer, held while the component runs (as its slots are), sized
+    for the largest streamed layer's cast bytes (``CAST_SHARES`` of its loaded bytes; all of them
+    where unknown) in the compute dtype; the hooked modules (the resident layers', those outside the
+    layers) run while it is held, so the largest of them adds to it."""
     if cp.storage is None:
         return 0
     layers, other = loaded_bytes(cp, layer_bytes)
-    _, largest = _class_shares(cp)
+    shares, largest = _class_shares(cp)
     in_layer, outside = largest or (1.0, 1.0)
-    return int(max(in_layer * max(layers, default=0), outside * other))
+    if cp.strategy != "layerwise":
+        return int(max(in_layer * max(layers, default=0), outside * other))
+    resident = set(cp.resident_layers)
+    streamed = [b for i, b in enumerate(layers) if i not in resident]
+    kept = [b for i, b in enumerate(layers) if i in resident]
+    layer_share = shares[0] if shares else 1.0
+    scratch = layer_share * max(streamed, default=0)
+    return int(scratch + max(in_layer * max(kept, default=0), outside * other))
 
 
 def upcast_seconds(cp: ComponentPlan, layer_bytes: Sequence[int], bytes_per_s: float = UPCAST_BYTES_PER_S) -> float:
@@ -128,8 +145,9 @@ def streamed_layers(cp: ComponentPlan, layer_bytes: Sequence[int]) -> list[int]:
 
 def component_estimate(cp: ComponentPlan, layer_bytes: Sequence[int], *,
                        world_size: int = FSDP_DEFAULT_WORLD_SIZE, activation_bytes: int = 0) -> ComponentEstimate:
-    """GPU and host bytes of one component under its strategy (float8 storage: its upcast's copy
-    in ``gpu_transient_bytes``)."""
+    """GPU and host bytes of one component under its strategy (float8 storage: its upcast's copies,
+    ``upcast_bytes``, in ``gpu_transient_bytes``; under layerwise beside the slots, which hold the
+    stored bytes)."""
     total = cp.weight_bytes
     upcast = upcast_bytes(cp, layer_bytes)
     if cp.strategy == "resident":
