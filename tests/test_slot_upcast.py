@@ -353,11 +353,12 @@ def test_nested_layers_take_a_second_scratch_buffer(dtype):
         for block in net.blocks:
             assert block.up.weight.dtype == f8 and block.up.weight.numel() == 0
             assert block.norm.weight.dtype == torch.float32
-        # the scratch the last block gave back holds exactly its float8 values upcast
+        # the scratch the last block gave back holds exactly its float8 bytes upcast (compared bit for bit:
+        # the alignment padding between tensors is never written, and may read as NaN)
         layer, last = engine._streamed[3], engine._scratch_free[-1]
         for dtype_, lo, numel, base in layer.upcast:
             want = engine._pack.host_span(layer.group, dtype_).narrow(0, lo, numel).to(torch.float32)
-            assert torch.equal(last.buf.narrow(0, base, numel), want)
+            assert torch.equal(last.buf.narrow(0, base, numel).view(torch.int32), want.view(torch.int32))
     finally:
         hooks.detach()
         engine.detach()

@@ -52,7 +52,8 @@ tensor since: a slot view), so the weights wait in float8 again.
 Values: the weights a cast module computes with are ``original.to(float8).to(compute_dtype)``,
 what diffusers' hooks give (they downcast the upcast copy after each forward: exact, as a float8
 value is representable in every compute dtype). Limits: a weight read by its parent outside the
-cast module's forward is float8 (as under diffusers).
+cast module's forward is float8 (as under diffusers), except inside a streamed layer, whose cast
+weights the engine binds upcast for the whole run of the layer.
 """
 
 from __future__ import annotations
