@@ -46,24 +46,35 @@ def frames_of(block: dict[str, Any]) -> list[str]:
     return out
 
 
-def replay(snapshot: dict[str, Any], device: int) -> dict[str, Any]:
-    """The live bytes over the trace, and the blocks alive at its maximum."""
-    trace = snapshot["device_traces"][device]
+def replay(trace: list[dict[str, Any]], first: int) -> dict[str, Any]:
+    """The live bytes over the trace and the blocks alive at their maximum after event ``first``
+    (the generation's start): the largest blocks, and every live block grouped by where it was
+    allocated (what the weights, slots and activations are made of at the peak)."""
     live: dict[int, dict[str, Any]] = {}
     cur = peak = 0
     at_peak: dict[int, dict[str, Any]] = {}
-    for ev in trace:
+    at_first = 0
+    for i, ev in enumerate(trace):
         action, addr, size = ev["action"], ev["addr"], ev["size"]
         if action == "alloc":
             live[addr] = ev
             cur += size
-            if cur > peak:
+            if i >= first and cur > peak:
                 peak, at_peak = cur, dict(live)
         elif action == "free_completed" and addr in live:
             cur -= live.pop(addr)["size"]
+        if i == first - 1:
+            at_first = cur
     blocks = sorted(at_peak.values(), key=lambda e: -e["size"])
-    return {"events": len(trace), "peak_above_start": peak, "alive_at_peak": len(blocks),
-            "largest": [{"bytes": b["size"], "frames": frames_of(b)} for b in blocks[:30]]}
+    groups: dict[str, list[int]] = {}
+    for b in blocks:
+        key = " <- ".join(frames_of(b)[:2]) or "(no frame)"
+        groups.setdefault(key, [0, 0])
+        groups[key][0] += b["size"]
+        groups[key][1] += 1
+    return {"events": len(trace), "traced_at_start": at_first, "traced_peak": peak, "alive_at_peak": len(blocks),
+            "largest": [{"bytes": b["size"], "frames": frames_of(b)} for b in blocks[:30]],
+            "by_site": sorted(([k, v[0], v[1]] for k, v in groups.items()), key=lambda g: -g[1])[:40]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--family", default="sd35", choices=sorted(pb.FAMILIES))
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--budget", default="18GiB")
-    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--work", default="/tmp/pb")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
@@ -83,20 +94,22 @@ def main(argv: list[str] | None = None) -> int:
     spec = pb.make_spec(folder, bench_args, args.size, budget=pb.parse_bytes(args.budget), streamed=False,
                         text_tokens=None, guidance=call.get("guidance_scale"))
     plan = make_plan(spec)
+    # recorded from before loading, so every block alive at the peak has the frames that allocated it
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000)
     pipe = load_pipeline(spec, device=str(device), plan=plan, progress=False)
     timer = pb.PhaseTimer(pipe, device)
     pb.generate(pipe, timer, args.size, args.steps, call)        # warm-up
     torch.cuda.synchronize(device)
     start = torch.cuda.memory_allocated(device)
-    torch.cuda.memory._record_memory_history(max_entries=400000)
+    first = len(torch.cuda.memory._snapshot()["device_traces"][device.index or 0])
     t0 = time.perf_counter()
     _, result = pb.generate(pipe, timer, args.size, args.steps, call)
-    snapshot = torch.cuda.memory._snapshot()
+    trace = torch.cuda.memory._snapshot()["device_traces"][device.index or 0]
     torch.cuda.memory._record_memory_history(enabled=None)
-    found = replay(snapshot, device.index or 0)
+    found = replay(trace, first)
     predicted = [(phase, b) for phase, b in memory_timeline(plan.components, margin_bytes=0, steps=1)]
     row = {"family": args.family, "size": args.size, "budget": args.budget, "allocated_at_start": start,
-           "measured_peak": start + found["peak_above_start"], "phase_peak_allocated": result.get("phase_peak_allocated"),
+           "measured_peak": start - found["traced_at_start"] + found["traced_peak"], "phase_peak_allocated": result.get("phase_peak_allocated"),
            "predicted_peak": plan.estimate.gpu_peak_bytes, "margin": plan.estimate.margin_bytes,
            "predicted_timeline": predicted, "generation_s": time.perf_counter() - t0,
            "placement": {n: [cp.strategy.value, list(cp.resident_layers), cp.stream_non_layer]
@@ -106,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     log(f"{args.family} {args.size} {args.budget}: peak {row['measured_peak'] / gib:.3f} GiB measured, "
         f"{row['predicted_peak'] / gib:.3f} predicted (margin {row['margin'] / gib:.3f}); timeline "
         + ", ".join(f"{p} {b / gib:.3f}" for p, b in predicted))
-    for b in found["largest"][:15]:
-        log(f"  {b['bytes'] / (1 << 20):9.1f} MiB  {' <- '.join(b['frames'][:3])}")
+    for site, nbytes, count in found["by_site"][:20]:
+        log(f"  {nbytes / (1 << 20):9.1f} MiB in {count:5d} blocks  {site}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"peak_blocks_{args.family}_{args.size}_{args.budget}_{slug(torch.cuda.get_device_name(device))}.json"
