@@ -89,7 +89,8 @@ each call).
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
 
 import torch
 
@@ -103,7 +104,7 @@ HOST_TIERS = ("pinned", "mapped", "disk")
 
 
 class _Slot:
-    __slots__ = ("index", "bufs", "sizes", "load_event", "free_event", "layer")
+    __slots__ = ("bufs", "free_event", "index", "layer", "load_event", "sizes")
 
     def __init__(self, index: int, ops: streams.StreamOps) -> None:
         self.index = index
@@ -125,9 +126,9 @@ class _Slot:
 
 
 class _Layer:
-    __slots__ = ("sid", "index", "module", "group", "need", "slot", "depth", "binds", "copies", "releases",
-                 "want_again", "mark", "is_unit", "bufs", "load_event", "ready_event", "upcast", "upcast_ids",
-                 "cast_binds", "scratch")
+    __slots__ = ("binds", "bufs", "cast_binds", "copies", "depth", "group", "index", "is_unit", "load_event", "mark",
+                 "module", "need", "ready_event", "releases", "scratch", "sid", "slot", "upcast", "upcast_ids",
+                 "want_again")
 
     def __init__(self, sid: int, index: int, module: torch.nn.Module, group: packing.PackedGroup) -> None:
         self.sid = sid            # position among streamed layers
@@ -188,7 +189,7 @@ class LayerwiseEngine(PackedPlacement):
         self.layer_prefetch = per_layer
         self.prefetch = max(per_layer, default=0)
         self.device = torch.device(device)
-        self.resident = sorted(set(int(i) for i in resident))
+        self.resident = sorted({int(i) for i in resident})
         self.name = name
         self.weight_source = weight_source
         self.stream_non_layer = stream_non_layer

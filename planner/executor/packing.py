@@ -5,8 +5,8 @@ sits in its group's span, views into a buffer, and putting a tensor back as it w
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 

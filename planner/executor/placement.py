@@ -10,7 +10,8 @@ on ``handle._attached``, detached in reverse).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -33,7 +34,7 @@ from planner.executor.storage_cast import CastHooks, CastStore
 from planner.plan import FILE_TIERS, ComponentPlan, Strategy
 
 # (component name, its plan) -> (the module, where its values come from: None when it holds them)
-ModuleSource = Callable[[str, ComponentPlan], Tuple[torch.nn.Module, Optional[Any]]]
+ModuleSource = Callable[[str, ComponentPlan], tuple[torch.nn.Module, Any | None]]
 
 
 def _resident(name: str, module: torch.nn.Module, cp: ComponentPlan, device: torch.device, source: Any,

@@ -18,8 +18,8 @@ a resident layer or outside the layers).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 from planner.inventory.model import DTYPE_BYTES
 from planner.plan import ComponentEstimate, ComponentPlan
