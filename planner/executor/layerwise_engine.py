@@ -35,7 +35,9 @@ Shape of the engine (after SGLang's layerwise offload manager, with diffusers-st
   buffer of their own, freed when they return, so they take no device memory while the layers
   run (diffusers' block-level offload keeps them on the device for
   the whole forward). Their weights must be read inside their own forward (a parent reaching into
-  ``self.proj_out.weight`` would find an empty tensor).
+  ``self.proj_out.weight`` would find an empty tensor). Modules of these that share a tensor are
+  one unit, loaded when any of them runs (T5's ``shared`` and ``encoder.embed_tokens`` hold one
+  embedding: two units would both hold it, and it would stay on the device for good).
 - Stay on the device for good (``gpu_resident_bytes``): non-layer weights and buffers, resident
   layers, tensors shared by two layers or by a layer and the rest (a RoPE table: moved once, every
   alias sees it, since rebinding works on the tensor object), and tensors that cannot be packed
@@ -125,15 +127,61 @@ class _Slot:
         return held - sum(need.values()) <= _SLOT_WASTE * held
 
 
+def _sharing_groups(modules: Sequence[torch.nn.Module]) -> list[list[torch.nn.Module]]:
+    """``modules`` grouped so that modules sharing a tensor are one group (T5's ``shared`` and
+    ``encoder.embed_tokens`` hold one embedding): a group streams as one unit, loaded when any of
+    its modules runs, rather than staying on the device because two units hold the tensor. In
+    order of each group's first module; a module listed twice counts once."""
+    parent = list(range(len(modules)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owner: dict[int, int] = {}
+    seen: dict[int, int] = {}
+    for i, mod in enumerate(modules):
+        if id(mod) in seen:
+            parent[root(i)] = root(seen[id(mod)])
+            continue
+        seen[id(mod)] = i
+        for t in packing.unique_tensors(mod):
+            if id(t) in owner:
+                parent[root(i)] = root(owner[id(t)])
+            else:
+                owner[id(t)] = i
+    groups: dict[int, list[torch.nn.Module]] = {}
+    for i, mod in enumerate(modules):
+        members = groups.setdefault(root(i), [])
+        if all(m is not mod for m in members):
+            members.append(mod)
+    return list(groups.values())
+
+
+def _group_tensors(members: Sequence[torch.nn.Module]) -> list[torch.Tensor]:
+    """The tensors of a group of modules, each once."""
+    seen: set[int] = set()
+    out: list[torch.Tensor] = []
+    for mod in members:
+        for t in packing.unique_tensors(mod):
+            if id(t) not in seen:
+                seen.add(id(t))
+                out.append(t)
+    return out
+
+
 class _Layer:
     __slots__ = ("binds", "bufs", "cast_binds", "copies", "depth", "group", "index", "is_unit", "load_event", "mark",
-                 "module", "need", "ready_event", "releases", "scratch", "sid", "slot", "upcast", "upcast_ids",
+                 "members", "module", "need", "ready_event", "releases", "scratch", "sid", "slot", "upcast", "upcast_ids",
                  "want_again")
 
     def __init__(self, sid: int, index: int, module: torch.nn.Module, group: packing.PackedGroup) -> None:
         self.sid = sid            # position among streamed layers
         self.index = index        # position in the engine's ``layers``
         self.module = module
+        self.members = [module]   # a unit: every module holding its tensors (each one's run loads them)
         self.group = group
         self.need = {dtype: numel for dtype, (_, numel) in group.spans.items()}
         self.slot: _Slot | None = None
@@ -411,8 +459,10 @@ class LayerwiseEngine(PackedPlacement):
         # layers, cannot live in one layer's slot, so it stays on the device for good. Other
         # modules streamed (``stream_non_layer``) count as layers here, and come after them.
         units = self._non_layer_modules() if self.stream_non_layer else []
+        unit_groups = _sharing_groups(units)
         n_layers = len(self.layers)
-        layer_tensors = [packing.unique_tensors(m) for m in self.layers + units]
+        holders_of = [[m] for m in self.layers] + unit_groups
+        layer_tensors = [packing.unique_tensors(m) for m in self.layers] + [_group_tensors(g) for g in unit_groups]
         holders: dict[int, int] = {}
         for ts in layer_tensors:
             for t in ts:
@@ -501,7 +551,8 @@ class LayerwiseEngine(PackedPlacement):
         # streamed tensors: empty placeholders from now on
         self._placeholders = {d: torch.empty(0, dtype=d, device=self.device) for d in dtypes}
         for sid, (i, _) in enumerate(streamed + streamed_units):
-            layer = _Layer(sid, i, (self.layers + units)[i], groups[i])
+            layer = _Layer(sid, i, holders_of[i][0], groups[i])
+            layer.members = holders_of[i]
             layer.releases = [(pt.tensor, self._placeholders[pt.dtype]) for pt in layer.group.tensors]
             layer.copies = [None] * n_slots
             layer.binds = [None] * n_slots
@@ -525,9 +576,10 @@ class LayerwiseEngine(PackedPlacement):
         self._hooks.pre(self.module, self._root_pre)
         self._hooks.post(self.module, self._root_post)
         for layer in self._all:
-            self._hooks.pre(layer.module, self._make_pre(layer))
-            self._hooks.post(layer.module, self._make_post(layer))
-            self._hooks.state_dict_post(layer.module, self._make_state_dict_post(layer))
+            for member in layer.members:
+                self._hooks.pre(member, self._make_pre(layer))
+                self._hooks.post(member, self._make_post(layer))
+                self._hooks.state_dict_post(member, self._make_state_dict_post(layer, member))
 
         self._order = [layer.sid for layer in self._all]
         self._cursor = -1
@@ -647,14 +699,14 @@ class LayerwiseEngine(PackedPlacement):
             self._layer_post(layer)
         return post
 
-    def _make_state_dict_post(self, layer: _Layer) -> Any:
+    def _make_state_dict_post(self, layer: _Layer, member: torch.nn.Module) -> Any:
         """Between its runs a streamed layer's tensors are empty placeholders; ``state_dict()`` (and
         so ``save_pretrained``) gets their values from the host block instead, never an empty
         tensor."""
         by_id = {id(pt.tensor): pt for pt in layer.group.tensors}
         local = [(name, by_id[id(t)]) for name, t in
-                 list(layer.module.named_parameters(remove_duplicate=False))
-                 + list(layer.module.named_buffers(remove_duplicate=False)) if id(t) in by_id]
+                 list(member.named_parameters(remove_duplicate=False))
+                 + list(member.named_buffers(remove_duplicate=False)) if id(t) in by_id]
 
         def post(module: torch.nn.Module, state_dict: Any, prefix: str, local_metadata: Any) -> None:
             pack = self._pack
