@@ -26,7 +26,8 @@ strategy allocates float8 memory and fills it from the files: a streamed compone
 blocks and its slots hold the stored bytes, a CPU-offloaded one's block too, a resident one's
 device copy; each cast tensor is read through the dtype ``from_pretrained`` would have given it
 (``storage_cast.StoredSource``), so the bytes equal ``apply_plan``'s cast of a from_pretrained
-pipeline, and ``CastHooks`` upcast on the device just before each cast module runs. A tensor the
+pipeline, and each cast module is upcast on the device just before it runs (``CastHooks``; a
+streamed layer's by the layerwise engine, in one conversion). A tensor the
 files hold in the storage dtype (a float8 checkpoint) is read straight into its float8 place:
 never widened on the host. ``remove()`` leaves the cast tensors in the dtype they were built with,
 holding the stored values (the wider originals of a bfloat16 or float32 folder are never read).
