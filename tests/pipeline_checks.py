@@ -54,6 +54,18 @@ def with_storage(spec: dict, dtype: str = "float8_e4m3fn", names=("transformer",
     return spec
 
 
+def casting_reference(path, dtype: str = "float8_e4m3fn", names=("transformer", "vae")):
+    """The tiny pipeline at ``path`` run under diffusers' ``enable_layerwise_casting`` (storage ``dtype``,
+    computed in each module's dtype) on ``names``: what a plan with that storage must give bit for bit."""
+    from planner.testing.tiny_pipelines import load_tiny_pipeline, run_tiny
+
+    ref = load_tiny_pipeline(path)
+    for name in names:
+        module = getattr(ref, name)
+        module.enable_layerwise_casting(storage_dtype=getattr(torch, dtype), compute_dtype=module.dtype)
+    return run_tiny(ref)
+
+
 def fail_placing(monkeypatch, where: str) -> None:
     """A MemoryError while a plan is placed: the transformer's layerwise engine attaching
     (``strategy-attach``, after its weights were cast to float8) or, otherwise, the VAE's cast hooks

@@ -13,12 +13,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from pipeline_checks import spec_for  # noqa: E402
-from torch import nn  # noqa: E402
+from pipeline_checks import spec_for
+from torch import nn
 
-from planner import apply_plan, make_plan  # noqa: E402
-from planner.executor.layerwise_engine import LayerwiseEngine, _sharing_groups  # noqa: E402
-from planner.testing.tiny_pipelines import load_tiny_pipeline, run_tiny  # noqa: E402
+from planner import apply_plan, make_plan
+from planner.executor.layerwise_engine import LayerwiseEngine, _sharing_groups
+from planner.testing.tiny_pipelines import load_tiny_pipeline, run_tiny
 
 
 def test_modules_sharing_a_tensor_are_one_group_in_order():

@@ -16,7 +16,13 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from pipeline_checks import assert_restored, snapshot, spec_for, with_storage
+from pipeline_checks import (
+    assert_restored,
+    casting_reference,
+    snapshot,
+    spec_for,
+    with_storage,
+)
 from torch import nn
 
 import planner
@@ -51,11 +57,7 @@ def tiny(tiny_dirs):
         key = (family, dtype)
         if key not in cache:
             path = tiny_dirs(family)
-            ref = load_tiny_pipeline(path)
-            for name in CAST:
-                module = getattr(ref, name)
-                module.enable_layerwise_casting(storage_dtype=getattr(torch, dtype), compute_dtype=module.dtype)
-            cache[key] = (path, run_tiny(ref), run_tiny(load_tiny_pipeline(path)))
+            cache[key] = (path, casting_reference(path, dtype, CAST), run_tiny(load_tiny_pipeline(path)))
         return cache[key]
 
     return get
@@ -308,6 +310,24 @@ def _storage(dtype: str) -> StoragePlan:
                        cast_classes=CAST_CLASSES)
 
 
+def _streamed_with_storage(net, dtype):
+    """``net``'s blocks streamed with float8 storage, as ``apply_plan`` stacks the placements: the
+    cast store, the engine, the hooks of the cast modules the engine does not upcast."""
+    store = CastStore(net, _storage(dtype), "net")
+    store.attach()
+    engine = LayerwiseEngine(net, list(net.blocks), device="cpu", prefetch=1, name="net", storage=store)
+    engine.attach()
+    hooks = CastHooks(store, upcast_elsewhere=engine.slot_upcast_modules)
+    hooks.attach()
+    return store, engine, hooks
+
+
+def _detach(store, engine, hooks):
+    hooks.detach()
+    engine.detach()
+    store.detach()
+
+
 def _casting_reference(net: _Net, dtype: torch.dtype) -> _Net:
     """The values diffusers' hooks compute with: every cast tensor through float8 and back."""
     ref = copy.deepcopy(net)
@@ -329,12 +349,7 @@ def test_nested_layers_take_a_second_scratch_buffer(dtype):
         expected = _casting_reference(net, f8)(x)
         plain = net(x)
     before = {k: (t, t.detach().clone(), t.dtype) for k, t in list(net.named_parameters()) + list(net.named_buffers())}
-    store = CastStore(net, _storage(dtype), "net")
-    store.attach()
-    engine = LayerwiseEngine(net, list(net.blocks), device="cpu", prefetch=1, name="net", storage=store)
-    engine.attach()
-    hooks = CastHooks(store, upcast_elsewhere=engine.slot_upcast_modules)
-    hooks.attach()
+    store, engine, hooks = _streamed_with_storage(net, dtype)
     try:
         host = {d: b.tensor.clone() for d, b in engine._pack.blocks.items()}
         assert f8 in host
@@ -360,9 +375,7 @@ def test_nested_layers_take_a_second_scratch_buffer(dtype):
             want = engine._pack.host_span(layer.group, dtype_).narrow(0, lo, numel).to(torch.float32)
             assert torch.equal(last.buf.narrow(0, base, numel).view(torch.int32), want.view(torch.int32))
     finally:
-        hooks.detach()
-        engine.detach()
-        store.detach()
+        _detach(store, engine, hooks)
     for k, (t, values, dtype_) in before.items():
         now = dict(list(net.named_parameters()) + list(net.named_buffers()))[k]
         assert now is t and now.dtype == dtype_ and torch.equal(now.detach(), values), k
@@ -384,12 +397,7 @@ def test_a_cast_module_with_a_shared_tensor_keeps_its_hooks():
             t.data = t.data.to(torch.float8_e4m3fn).to(t.dtype)
     with torch.no_grad():
         expected = ref(x)
-    store = CastStore(net, _storage("float8_e4m3fn"), "net")
-    store.attach()
-    engine = LayerwiseEngine(net, list(net.blocks), device="cpu", prefetch=1, name="net", storage=store)
-    engine.attach()
-    hooks = CastHooks(store, upcast_elsewhere=engine.slot_upcast_modules)
-    hooks.attach()
+    store, engine, hooks = _streamed_with_storage(net, "float8_e4m3fn")
     try:
         covered = {id(m) for m in engine.slot_upcast_modules()}
         assert id(net.blocks[0].down) not in covered and id(net.blocks[2].down) not in covered
@@ -399,6 +407,4 @@ def test_a_cast_module_with_a_shared_tensor_keeps_its_hooks():
             with torch.no_grad():
                 assert torch.equal(net(x), expected)
     finally:
-        hooks.detach()
-        engine.detach()
-        store.detach()
+        _detach(store, engine, hooks)

@@ -156,7 +156,9 @@ CAST = ("transformer", "vae")      # diffusers ModelMixin components: enable_lay
 
 @pytest.fixture(scope="module")
 def tiny(tiny_dirs):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
+    from pipeline_checks import casting_reference
+
     from planner.testing.tiny_pipelines import load_tiny_pipeline, run_tiny
 
     cache = {}
@@ -165,12 +167,8 @@ def tiny(tiny_dirs):
         key = (family, dtype)
         if key not in cache:
             path = tiny_dirs(family)
-            ref = load_tiny_pipeline(path)
-            for name in CAST:
-                module = getattr(ref, name)
-                module.enable_layerwise_casting(storage_dtype=getattr(torch, dtype), compute_dtype=module.dtype)
             pipe = load_tiny_pipeline(path)
-            cache[key] = (path, pipe, run_tiny(ref), run_tiny(pipe))
+            cache[key] = (path, pipe, casting_reference(path, dtype, CAST), run_tiny(pipe))
         return cache[key]
 
     return get
