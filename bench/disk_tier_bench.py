@@ -1,0 +1,289 @@
+#!/usr/bin/env python
+"""Weights that wait on the disk: a Wan 2.2 A14B-size pipeline under a host budget, beside diffusers'
+``offload_to_disk_path``.
+
+The folder holds Wan 2.2 A14B's two real-size 14B transformers and its VAE with random bf16 weights,
+and the tiny pipeline's text encoder and tokenizer (the must-show is about the transformers' 57 GB,
+not UMT5's 11: a 64 GiB disk holds the folder then), saved with ``save_pretrained`` in a child
+process. Each variant starts with the page cache dropped (``/proc/sys/vm/drop_caches`` as root, and
+``POSIX_FADV_DONTNEED`` on every file of the folder), loads, and runs one generation; s/step is the
+mean of the steps after the first (``callback_on_step_end``). Recorded beside it: the plan's tiers and
+predicted s/step and host peak, the peak RSS (sampled every 50 ms), the peak GPU memory, the bytes one
+step reads from the files and the disk's direct-I/O rate measured in the same run
+(``calibrate.measure_file_reads``), so the disk floor is bytes per step / that rate.
+
+Variants: ``diffusers_resident`` (the reference image; 57 GB fits an H200), ``ours`` (``load_pipeline``
+under ``memory.gpu_budget`` and ``memory.host_budget``, the planner picks the tiers), ``diffusers_disk``
+(``enable_group_offload`` block level with streams and ``offload_to_disk_path`` on both transformers;
+its ``from_pretrained`` reads the folder into host memory first).
+
+    python bench/disk_tier_bench.py --gpu-budget 24GiB --host-budget 32GiB --out bench/results
+    python bench/disk_tier_bench.py --tiny     # the same path on the CPU, tiny pipeline, explicit tiers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import shutil
+import statistics
+import sys
+import time
+import zlib
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+for p in (ROOT, ROOT / "scripts", ROOT / "bench"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+import pipeline_bench as pb
+import torch
+from layerwise_bench import gib, log, slug
+
+from planner.api import load_pipeline, make_plan
+from planner.cli.calibrate import measure_file_reads
+from planner.spec.sizes import parse_size
+
+MODEL = "wan2.2-t2v-a14b"
+TRANSFORMERS = ("transformer", "transformer_2")
+
+
+def build_folder(folder: str, tiny: bool) -> None:
+    """The child process: the pipeline built and saved, then a marker written."""
+    sys.path[:0] = [str(ROOT), str(ROOT / "scripts"), str(ROOT / "bench")]
+    from planner.testing.tiny_pipelines import build_tiny_pipeline, save_tiny_pipeline
+
+    t0 = time.perf_counter()
+    if tiny:
+        save_tiny_pipeline(MODEL, Path(folder))
+    else:
+        import build_catalog as bc
+
+        device = torch.device("cuda")
+        pipe = build_tiny_pipeline(MODEL)
+        parts = dict(pipe.components)
+        old = torch.get_default_dtype()
+        for name in (*TRANSFORMERS, "vae"):
+            torch.manual_seed(zlib.crc32(name.encode()))
+            torch.set_default_dtype(torch.bfloat16)
+            try:
+                with torch.device(device):
+                    module, _ = bc.MODELS[MODEL]["components"][name]()
+            finally:
+                torch.set_default_dtype(old)
+            parts[name] = module.to(torch.bfloat16).eval()
+        parts["text_encoder"] = parts["text_encoder"].to(torch.bfloat16)
+        type(pipe)(**parts).save_pretrained(folder, safe_serialization=True)
+    nbytes = sum(f.stat().st_size for f in Path(folder).rglob("*.safetensors"))
+    (Path(folder) / ".bench-complete.json").write_text(json.dumps(
+        {"folder_bytes": nbytes, "build_and_save_s": time.perf_counter() - t0, "tiny": tiny}))
+
+
+def ensure_folder(work: Path, tiny: bool) -> tuple[Path, dict[str, Any]]:
+    folder = work / ("tiny-wan22" if tiny else "wan22")
+    marker = folder / ".bench-complete.json"
+    if not marker.exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        child = multiprocessing.get_context("spawn").Process(target=build_folder, args=(str(folder), tiny))
+        child.start()
+        child.join()
+        if child.exitcode != 0 or not marker.exists():
+            raise RuntimeError(f"building {folder} failed (exit code {child.exitcode})")
+    return folder, json.loads(marker.read_text())
+
+
+def drop_page_cache(folder: Path, whole: bool) -> dict[str, Any]:
+    """Every file of ``folder`` out of the page cache: with ``whole`` the kernel's drop of every clean
+    page (root only; not for the tiny run, which must not empty a shared machine's cache), and the
+    advice to drop each file's clean pages (any user)."""
+    os.sync()
+    dropped = False
+    if whole:
+        try:
+            Path("/proc/sys/vm/drop_caches").write_text("3\n")
+            dropped = True
+        except OSError:
+            pass
+    advised = 0
+    for f in folder.rglob("*"):
+        if f.is_file() and hasattr(os, "posix_fadvise"):
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                advised += 1
+            finally:
+                os.close(fd)
+    return {"drop_caches": dropped, "files_advised": advised}
+
+
+def call_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    from planner.testing.tiny_pipelines import build_tiny_pipeline, tiny_call_defaults
+
+    call = dict(tiny_call_defaults(build_tiny_pipeline(MODEL)))
+    call.pop("num_inference_steps", None)
+    if not args.tiny:
+        call["num_frames"] = args.frames
+        call.pop("max_sequence_length", None)
+    if args.guidance is not None:
+        call["guidance_scale"] = call["guidance_scale_2"] = args.guidance
+    return call
+
+
+def spec_of(folder: Path, args: argparse.Namespace, call: dict[str, Any]) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "version": 1, "pipeline": {"path": str(folder), "dtype": "float32" if args.tiny else "bfloat16"},
+        "device": "cpu" if args.tiny else "cuda",
+        "workload": {"height": args.size, "width": args.size, "steps": args.steps, "frames": call.get("num_frames", 1),
+                     "guidance_scale": call.get("guidance_scale", 1.0)},
+    }
+    if args.tiers:
+        spec["defaults"] = {"strategy": "layerwise"}
+        spec["components"] = {n: {"host_tier": t} for n, t in (kv.split("=") for kv in args.tiers.split(","))}
+    else:
+        spec["defaults"] = {"strategy": "auto"}
+        spec["memory"] = {"gpu_budget": args.gpu_budget, "host_budget": args.host_budget}
+        if args.host_ram:
+            spec["memory"]["host_ram"] = args.host_ram
+    if args.profile:
+        spec["profile"] = args.profile
+    return spec
+
+
+def load(variant: str, folder: Path, args: argparse.Namespace, device: torch.device, plan: Any) -> Any:
+    from diffusers import DiffusionPipeline
+
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    if variant == "ours":
+        return load_pipeline(plan["spec"], device=str(device), plan=plan["plan"], progress=False)
+    pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=dtype)
+    if variant == "diffusers_resident":
+        return pipe.to(device)
+    offload = Path(args.work) / "diffusers-offload"
+    shutil.rmtree(offload, ignore_errors=True)
+    for name in TRANSFORMERS:
+        getattr(pipe, name).enable_group_offload(
+            onload_device=device, offload_device=torch.device("cpu"), offload_type="block_level",
+            num_blocks_per_group=1, use_stream=device.type == "cuda", offload_to_disk_path=str(offload / name))
+    for name in ("text_encoder", "vae"):
+        getattr(pipe, name).to(device)
+    return pipe
+
+
+def run_variant(variant: str, folder: Path, args: argparse.Namespace, device: torch.device, call: dict[str, Any],
+                ref: torch.Tensor | None) -> tuple[dict[str, Any], torch.Tensor | None]:
+    row: dict[str, Any] = {"variant": variant}
+    plan = None
+    if variant == "ours":
+        spec = spec_of(folder, args, call)
+        made = make_plan(spec)
+        plan = {"spec": spec, "plan": made}
+        row.update(spec=spec, predicted_s_per_step=made.estimate.seconds_per_step,
+                   predicted_generation_s=made.estimate.generation_seconds,
+                   predicted_host_peak_bytes=made.estimate.host_peak_bytes,
+                   predicted_host_pinned_bytes=made.estimate.host_pinned_bytes,
+                   predicted_peak_bytes=made.estimate.gpu_peak_bytes,
+                   placement={n: {"strategy": cp.strategy.value, "host_tier": getattr(cp.host_tier, "value", cp.host_tier),
+                                  "resident_layers": len(cp.resident_layers)} for n, cp in made.components.items()})
+    pb.free_memory(device)
+    row["page_cache"] = drop_page_cache(folder, whole=not args.tiny)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rss0 = pb.rss_bytes()
+    with pb.RssSampler() as sampler:
+        t0 = time.perf_counter()
+        pipe = load(variant, folder, args, device, plan)
+        pb.sync(device)
+        row["ready_s"] = time.perf_counter() - t0
+        pipe.set_progress_bar_config(disable=True)
+        handle = getattr(pipe, "residency", None)
+        if handle is not None:
+            rep = handle.report().get("components", {})
+            row["streamed_bytes_per_call"] = {n: int(rep.get(n, {}).get("streamed_bytes", 0))
+                                              + int(rep.get(n, {}).get("streamed_other_bytes", 0)) for n in TRANSFORMERS}
+        timer = pb.PhaseTimer(pipe, device)
+        steps: list[float] = []
+        timer_callback = timer.callback
+
+        def callback(p: Any, step: int, t: Any, kw: dict[str, Any]) -> dict[str, Any]:
+            out = timer_callback(p, step, t, kw)
+            steps.append(time.perf_counter())
+            return out
+        timer.callback = callback
+        t1 = time.perf_counter()
+        out, res = pb.generate(pipe, timer, args.size, args.steps, call)
+        row["generation_s"] = time.perf_counter() - t1
+        row.update({k: v for k, v in res.items() if k in ("encode_s", "denoise_s", "decode_s", "peak_allocated")})
+        if len(steps) >= 2:
+            row["s_per_step"] = statistics.mean(b - a for a, b in pairwise(steps))
+        timer.remove()
+    row["rss_before_load_bytes"] = rss0
+    row["rss_peak_sampled_bytes"] = sampler.peak
+    if ref is not None:
+        row["exact"], row["max_abs_diff"] = pb.outputs_compare(ref, out)
+    del pipe
+    pb.free_memory(device)
+    return row, out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variants", default="diffusers_resident,ours,diffusers_disk")
+    ap.add_argument("--size", type=int, default=None, help="height and width (default 480; tiny 32)")
+    ap.add_argument("--frames", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--guidance", type=float, default=None, help="both guidance scales (default: the pipeline's)")
+    ap.add_argument("--gpu-budget", default="24GiB")
+    ap.add_argument("--host-budget", default="32GiB")
+    ap.add_argument("--host-ram", default=None)
+    ap.add_argument("--tiers", default=None, help="COMPONENT=TIER,... instead of the budgets (tiny default: "
+                                                 "both transformers disk)")
+    ap.add_argument("--profile", default=None)
+    ap.add_argument("--work", default="/tmp/dt")
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = ap.parse_args(argv)
+    args.size = args.size or (32 if args.tiny else 480)
+    if args.tiny and args.tiers is None:
+        args.tiers = ",".join(f"{n}=disk" for n in TRANSFORMERS)
+    parse_size(args.gpu_budget), parse_size(args.host_budget)
+    device = torch.device("cpu") if args.tiny else torch.device("cuda", torch.cuda.current_device())
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    folder, info = ensure_folder(work, args.tiny)
+    log(f"folder {folder}: {gib(info['folder_bytes'])} GiB")
+    cache_rate, disk_rate, how = measure_file_reads(torch, work, nbytes=(64 << 20) if args.tiny else (4 << 30))
+    log(f"file reads: {cache_rate / 1e9:.2f} GB/s from the page cache, {disk_rate / 1e9:.2f} GB/s direct ({how})")
+    call = call_kwargs(args)
+    rows, ref = [], None
+    for variant in args.variants.split(","):
+        row, out = run_variant(variant, folder, args, device, call, ref)
+        if variant == "diffusers_resident":
+            ref = out
+            row["exact"], row["max_abs_diff"] = True, 0.0
+        if "streamed_bytes_per_call" in row:
+            # sequential guidance calls the step's transformer twice; each call reads it whole
+            per_step = max(row["streamed_bytes_per_call"].values()) * (2 if call.get("guidance_scale", 1) > 1 else 1)
+            row["read_bytes_per_step"] = per_step
+            row["disk_floor_s_per_step"] = per_step / disk_rate
+        rows.append(row)
+        log(f"{variant}: ready {row['ready_s']:.1f} s, {row.get('s_per_step', 0):.2f} s/step "
+            f"(predicted {row.get('predicted_s_per_step') or 0:.2f}, floor {row.get('disk_floor_s_per_step') or 0:.2f}), "
+            f"RSS peak {gib(row['rss_peak_sampled_bytes'])} GiB, exact {row.get('exact')}")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = "cpu-tiny" if args.tiny else slug(torch.cuda.get_device_name(device))
+    path = out_dir / f"disk_tier_{name}.json"
+    path.write_text(json.dumps({"command": "python " + " ".join(sys.argv), "torch": torch.__version__,
+                                "folder": info, "page_cache_bytes_per_s": cache_rate, "disk_bytes_per_s": disk_rate,
+                                "disk_read": how, "call": call, "rows": rows}, indent=1, default=str) + "\n")
+    log(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
