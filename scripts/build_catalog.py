@@ -360,6 +360,9 @@ MODELS: dict[str, dict[str, Any]] = {
     "wan2.2-t2v-a14b": {
         "description": "Wan-AI/Wan2.2-T2V-A14B-Diffusers: two 14B experts (high/low noise), UMT5-XXL, Wan 2.1 VAE",
         "pipeline_class": "WanPipeline",
+        # model_index.json's boundary_ratio and the scheduler's timesteps (Wan 2.2's T2V A14B config:
+        # boundary 0.875, sample shift 12): which expert runs each step (planning.expert_steps)
+        "schedule": {"boundary_ratio": 0.875, "flow_shift": 12.0, "num_train_timesteps": 1000, "use_flow_sigmas": True},
         "components": {"transformer": b_wan_transformer, "transformer_2": b_wan_transformer,
                        "text_encoder": b_t5(UMT5_XXL, "UMT5EncoderModel"),
                        "vae": b_wan_vae(WAN21_VAE, "AutoencoderKLWan")},
@@ -505,9 +508,12 @@ def build_model(model: str) -> dict[str, Any]:
     spec = MODELS[model]
     seq = offload_seq(spec["pipeline_class"])
     names = pipeline_order(list(spec["components"]), seq)
-    return {"description": spec["description"], "pipeline_class": spec["pipeline_class"],
-            "offload_seq": [n for n in seq.split("->") if n],
-            "components": {n: build_component(model, n) for n in names}}
+    entry = {"description": spec["description"], "pipeline_class": spec["pipeline_class"],
+             "offload_seq": [n for n in seq.split("->") if n]}
+    if spec.get("schedule"):
+        entry["schedule"] = dict(spec["schedule"])
+    entry["components"] = {n: build_component(model, n) for n in names}
+    return entry
 
 
 def build_catalog(models: list[str] | None = None) -> dict[str, Any]:

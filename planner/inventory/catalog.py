@@ -44,7 +44,8 @@ def catalog_inventory(model: str) -> Inventory | None:
     entry = load_catalog()["models"].get(model)
     if entry is None:
         return None
-    inv = Inventory.from_dict({"source": f"catalog:{model}", "components": entry["components"]})
+    inv = Inventory.from_dict({"source": f"catalog:{model}", "components": entry["components"],
+                               "schedule": entry.get("schedule")})
     return replace(inv, components=tuple(_ordered(c) for c in inv.components))
 
 

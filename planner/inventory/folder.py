@@ -20,7 +20,7 @@ from planner.errors import FolderError
 from planner.files import model_folder, safetensors_header
 from planner.inventory.catalog import catalog_pipeline_order
 from planner.inventory.layer_lists import layer_lists_of
-from planner.inventory.model import ComponentInfo, Inventory
+from planner.inventory.model import ComponentInfo, Inventory, schedule_facts
 from planner.inventory.run_order import natural_key
 from planner.spec.families import family_of
 
@@ -141,4 +141,18 @@ def folder_inventory(path: str | Path, variant: str | None = None, use_catalog: 
             comps[name] = info
     seq = catalog_pipeline_order(index.get("_class_name")) if use_catalog else None
     names = list(comps)
-    return Inventory(source=f"path:{root}", components=tuple(comps[n] for n in _order(names, seq)))
+    return Inventory(source=f"path:{root}", components=tuple(comps[n] for n in _order(names, seq)),
+                     schedule=_schedule(root, index))
+
+
+def _schedule(root: Path, index: Mapping[str, object]) -> tuple[tuple[str, object], ...]:
+    """The pipeline's expert boundary (``boundary_ratio`` in model_index.json) and, where it has one,
+    its scheduler's timestep config (``scheduler/scheduler_config.json``); nothing without a boundary."""
+    if "boundary_ratio" not in index:
+        return ()
+    config = root / "scheduler" / "scheduler_config.json"
+    scheduler = None
+    if config.is_file():
+        scheduler = model_folder._load_json(model_folder._contained(config, root, "scheduler config"),
+                                            "scheduler config")
+    return schedule_facts(index, scheduler if isinstance(scheduler, dict) else None)

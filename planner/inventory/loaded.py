@@ -12,10 +12,11 @@ describe a pipeline it is handed without loading the executor.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from planner.inventory.layer_lists import layer_lists_of
-from planner.inventory.model import ComponentInfo, Inventory, LayerList
+from planner.inventory.model import ComponentInfo, Inventory, LayerList, schedule_facts
 
 
 class LayerOverrideError(ValueError):
@@ -155,5 +156,11 @@ def inventory_from_pipeline(pipe: Any, overrides: Mapping[str, Sequence[str]] | 
         return inventory_from_modules(pipe, overrides=overrides)
     modules = dict(_modules_of(pipe))
     order = pipeline_order(list(modules), getattr(pipe, "model_cpu_offload_seq", None))
-    return inventory_from_modules({n: modules[n] for n in order}, source=f"pipeline:{type(pipe).__name__}",
-                                  overrides=overrides)
+    inventory = inventory_from_modules({n: modules[n] for n in order}, source=f"pipeline:{type(pipe).__name__}",
+                                       overrides=overrides)
+    config = getattr(pipe, "config", None)
+    if isinstance(config, Mapping) and config.get("boundary_ratio") is not None:
+        scheduler = getattr(getattr(pipe, "scheduler", None), "config", None)
+        inventory = replace(inventory, schedule=schedule_facts(config, scheduler if isinstance(scheduler, Mapping)
+                                                               else None))
+    return inventory

@@ -8,6 +8,7 @@ spec side reads it as plain data; nothing here imports torch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Mapping
@@ -80,6 +81,10 @@ class Inventory:
 
     source: str
     components: tuple[ComponentInfo, ...] = field(default_factory=tuple)
+    # what decides which denoiser runs each step (planning.expert_steps): the pipeline's
+    # ``boundary_ratio`` and its scheduler's timestep config, as (key, value) pairs; empty when the
+    # pipeline has no such split
+    schedule: tuple[tuple[str, Any], ...] = ()
 
     def names(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.components)
@@ -91,12 +96,38 @@ class Inventory:
         return None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "components": {c.name: c.to_dict() for c in self.components}}
+        out: dict[str, Any] = {"source": self.source, "components": {c.name: c.to_dict() for c in self.components}}
+        if self.schedule:
+            out["schedule"] = dict(self.schedule)
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Inventory":
         return cls(source=data.get("source", ""),
-                   components=tuple(ComponentInfo.from_dict(n, d) for n, d in data["components"].items()))
+                   components=tuple(ComponentInfo.from_dict(n, d) for n, d in data["components"].items()),
+                   schedule=schedule_facts(data.get("schedule")))
+
+
+# the facts planning.expert_steps reads, and the types they must have (anything else is ignored)
+SCHEDULE_KEYS = {"boundary_ratio": float, "num_train_timesteps": float, "use_flow_sigmas": bool,
+                 "flow_shift": float, "shift": float}
+
+
+def schedule_facts(*sources: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...]:
+    """The schedule facts found in ``sources`` (model_index.json, a scheduler config, a catalog entry):
+    known keys with values of the right type, later sources winning, sorted."""
+    found: dict[str, Any] = {}
+    for source in sources:
+        if not isinstance(source, Mapping):
+            continue
+        for key, kind in SCHEDULE_KEYS.items():
+            value = source.get(key)
+            if kind is bool and isinstance(value, bool):
+                found[key] = value
+            elif kind is float and isinstance(value, (int, float)) and not isinstance(value, bool) \
+                    and math.isfinite(value) and value > 0:
+                found[key] = float(value)
+    return tuple(sorted(found.items()))
 
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1}

@@ -21,6 +21,7 @@ from planner.planning.assemble import (
     stored_weight_bytes,
 )
 from planner.planning.estimate import memory_estimate, upcast_seconds
+from planner.planning.expert_steps import expert_step_shares
 from planner.planning.kernel_time import device_seconds, host_seconds
 from planner.planning.profiles import Profile, load_profile
 from planner.planning.resolve import ComponentResolution, Resolution, place_resident
@@ -258,18 +259,19 @@ def _with_times(plan: Plan, inventory: Inventory, workload: Mapping[str, Any], p
     comps = {}
     per_step = encode = decode = 0.0
     encoder_calls = 2 if guidance_on(workload, denoiser_class(inventory)) else 1
+    shares = denoiser_step_shares(inventory, steps)
     for name, cp in plan.components.items():
         info = inventory.get(name)
         if info is None or not info.known:
             comps[name] = cp
             continue
-        calls = steps if runs_per_step_name(name) else 1
+        calls = max(1, round(steps * shares.get(name, 1.0))) if runs_per_step_name(name) else 1
         moved = _moved_of_plan(cp, info)
         t = step_seconds(cp.strategy, info, cp.resident_layers, workload, profile.for_tier(cp.host_tier), calls=calls,
                          prefetch=cp.prefetch or 1, moved=moved,
                          upcast=upcast_seconds(cp, moved[0]) if moved else 0.0)
         if runs_per_step_name(name):
-            per_step += t
+            per_step += t * shares.get(name, 1.0)      # an expert runs only its share of the steps
         elif cp.phase == "encode":
             # the negative prompt's call: streamed again under layerwise, already on the GPU otherwise
             again = t if cp.strategy == "layerwise" else compute_seconds(info, workload, profile)
@@ -281,6 +283,12 @@ def _with_times(plan: Plan, inventory: Inventory, workload: Mapping[str, Any], p
                   profile_source=profile.source, steps=steps, encode_seconds=round(encode, 6),
                   decode_seconds=round(decode, 6), generation_seconds=round(encode + steps * per_step + decode, 6))
     return replace(plan, components=comps, estimate=est)
+
+
+def denoiser_step_shares(inventory: Inventory, steps: int) -> dict[str, float]:
+    """Each denoiser's share of the steps (``planning.expert_steps``: two experts split them)."""
+    names = [c.name for c in inventory.components if runs_per_step_name(c.name)]
+    return expert_step_shares(names, dict(inventory.schedule), steps)
 
 
 def _moved_of_plan(cp: Any, info: ComponentInfo) -> tuple[tuple[int, ...], int] | None:
@@ -298,7 +306,7 @@ def _choose(doc: Document, inventory: Inventory, resolution: Resolution, auto: l
     start: dict[str, tuple[str, tuple[int, ...]]] = {}
     for comp in auto:
         start[comp.name] = ("layerwise", ()) if comp.info.layer_count else ("cpu_offload", ())
-    upgrades = _upgrade_sequence(auto, start, workload, profile, steps)
+    upgrades = _upgrade_sequence(auto, start, workload, profile, steps, denoiser_step_shares(inventory, steps))
 
     fixed = build_plan(doc, inventory, resolution, profile=profile)   # auto components are placeholders here
     layer_bytes = {c.name: stored_layer_bytes(c) for c in resolution.components.values()}
@@ -337,25 +345,28 @@ def _choose(doc: Document, inventory: Inventory, resolution: Resolution, auto: l
 
 
 def _upgrade_sequence(auto: list[ComponentResolution], start: Mapping[str, tuple[str, tuple[int, ...]]],
-                      workload: Mapping[str, Any], profile: Profile, steps: int) -> list[tuple[str, str, tuple[int, ...]]]:
-    """Upgrades in order of predicted seconds saved per generation per GPU byte."""
+                      workload: Mapping[str, Any], profile: Profile, steps: int,
+                      shares: Mapping[str, float]) -> list[tuple[str, str, tuple[int, ...]]]:
+    """Upgrades in order of predicted seconds saved per generation per GPU byte (a denoiser's steps
+    are its share of them: an expert runs only some)."""
     candidates: list[tuple[float, int, str, str, tuple[int, ...]]] = []
     order = 0
     for comp in auto:
         info = comp.info
-        calls = steps if runs_per_step(comp.family) else 1
+        calls = round(steps * shares.get(comp.name, 1.0)) if runs_per_step(comp.family) else 1
+        per = max(calls, 1)             # what cpu_offload's one copy is spread over
         n = info.layer_count
         moved = (stored_layer_bytes(comp), stored_weight_bytes(comp))
-        prev_time = step_seconds(start[comp.name][0], info, (), workload, profile, calls=calls, moved=moved) * calls
+        prev_time = step_seconds(start[comp.name][0], info, (), workload, profile, calls=per, moved=moved) * calls
         if n:
             for r in range(1, n):   # all n resident is the "resident" step below
                 resident = place_resident(r, n, comp.placement)
-                t = step_seconds("layerwise", info, resident, workload, profile, calls=calls, moved=moved) * calls
+                t = step_seconds("layerwise", info, resident, workload, profile, calls=per, moved=moved) * calls
                 gain = (prev_time - t) / max(1, max(moved[0]))
                 candidates.append((-gain, order, comp.name, "layerwise", resident))
                 order += 1
                 prev_time = t
-        t = step_seconds("resident", info, (), workload, profile, calls=calls) * calls
+        t = step_seconds("resident", info, (), workload, profile, calls=per) * calls
         gain = (prev_time - t) / max(1, moved[1])
         candidates.append((-gain, order, comp.name, "resident", ()))
         order += 1
