@@ -85,6 +85,20 @@ def inputs(model: str, size: int, batch: int, txt: int, device: Any) -> tuple[An
     return (lambda m: m(x, t, cap, return_dict=False)), x + cap + [t]
 
 
+def build_dit(model: str, device: Any) -> torch.nn.Module:
+    """The model's real-size DiT with seeded random bf16 weights, built on ``device``, in eval mode."""
+    _, builder, _, _ = MODELS[model]
+    torch.manual_seed(zlib.crc32(model.encode()))
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(DT)
+    try:
+        with torch.device(device):
+            module, _ = builder()
+    finally:
+        torch.set_default_dtype(old)
+    return module.to(DT).eval()
+
+
 def kind_of(name: str) -> str:
     n = name.lower()
     if any(k in n for k in ("flash", "fmha", "attention", "attn")):
@@ -177,17 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     gpu = torch.cuda.get_device_name(device)
     rows = []
     for model in args.models.split(","):
-        _, builder, batch, txt = MODELS[model]
+        _, _, batch, txt = MODELS[model]
         t0 = time.perf_counter()
-        torch.manual_seed(zlib.crc32(model.encode()))
-        old = torch.get_default_dtype()
-        torch.set_default_dtype(DT)
-        try:
-            with torch.device(device):
-                module, _ = builder()
-        finally:
-            torch.set_default_dtype(old)
-        module = module.to(DT).eval()
+        module = build_dit(model, device)
         log(f"{model}: built in {time.perf_counter() - t0:.1f} s")
         sizes = [int(s) for s in (args.wan_frames if model == "wan" else args.sizes).split(",")]
         for size in sizes:

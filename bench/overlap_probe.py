@@ -20,7 +20,6 @@ import json
 import statistics
 import sys
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ for p in (ROOT, ROOT / "scripts", ROOT / "bench"):
         sys.path.insert(0, str(p))
 
 import torch
-from kernel_profile import DT, MODELS, inputs
+from kernel_profile import MODELS, build_dit, inputs
 from layerwise_bench import free_memory, log, slug
 
 from planner.api import apply_plan, make_plan
@@ -145,7 +144,7 @@ def profiled(call: Any, module: torch.nn.Module, device: torch.device) -> dict[s
 
 def run_case(model: str, size: int, budget: str, prefetches: list[int], storage: str | None, reps: int,
              device: torch.device, extra: set[str]) -> list[dict[str, Any]]:
-    _, builder, batch, txt = MODELS[model]
+    _, _, batch, txt = MODELS[model]
     if budget == "streamed":
         resident: list[int] = []
     else:
@@ -154,15 +153,7 @@ def run_case(model: str, size: int, budget: str, prefetches: list[int], storage:
         if resident is None:
             log(f"{model} {size} {budget}: transformer {planned.strategy.value}, nothing streamed; skipped")
             return []
-    torch.manual_seed(zlib.crc32(model.encode()))
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(DT)
-    try:
-        with torch.device(device):
-            module, _ = builder()
-    finally:
-        torch.set_default_dtype(old)
-    module = module.to(DT).eval()
+    module = build_dit(model, device)
     call, _ = inputs(model, size, batch, txt, device)
     rows = []
     base = timed(call, module, device, reps)
