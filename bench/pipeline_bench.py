@@ -60,11 +60,12 @@ from layerwise_bench import empty_host_cache, gib, log, measure_pinned_bandwidth
 GiB = 1 << 30
 MiB = 1 << 20
 
-FAMILIES = {"zimage": "z-image-turbo", "flux": "flux.1-dev", "sd35": "sd3.5-large", "zimage_cfg": "z-image-turbo"}
+FAMILIES = {"zimage": "z-image-turbo", "flux": "flux.1-dev", "sd35": "sd3.5-large", "zimage_cfg": "z-image-turbo",
+            "qwen": "qwen-image"}
 # a family run on another family's folder, with other call arguments
 FOLDER_OF = {"zimage_cfg": "zimage"}
 DEFAULT_BUDGETS = {"zimage": "6GiB,10GiB,16GiB", "flux": "8GiB,14GiB,22GiB", "sd35": "8GiB,12GiB,18GiB",
-                   "zimage_cfg": "8GiB,12GiB,16GiB"}
+                   "zimage_cfg": "8GiB,12GiB,16GiB", "qwen": "12GiB,24GiB,40GiB"}
 # Real-size call arguments: Z-Image-Turbo without CFG, Flux.1-dev embedded guidance, SD3.5 with CFG;
 # zimage_cfg is Z-Image with classifier-free guidance (the denoiser's batch doubles).
 REAL_CALL = {
@@ -72,6 +73,9 @@ REAL_CALL = {
     "flux": {"guidance_scale": 3.5},
     "sd35": {"guidance_scale": 3.5, "negative_prompt": "blurry"},
     "zimage_cfg": {"guidance_scale": 5.0, "negative_prompt": "blurry"},
+    # Qwen-Image: true CFG (a second transformer call a step) runs with a negative prompt; the spec's
+    # guidance_scale stands for true_cfg_scale (planner/data/workload_defaults.json)
+    "qwen": {"true_cfg_scale": 4.0, "negative_prompt": "blurry"},
 }
 DIFFUSERS_VARIANTS = ("diffusers_resident", "diffusers_group_offload", "diffusers_model_offload")
 # float8 storage (issue 17): the denoiser's weights stored in float8_e4m3fn, computed in bf16. Their
@@ -415,7 +419,7 @@ def tiny_budgets(folder: Path, args: argparse.Namespace, size: int, call: dict[s
         except SpecError:
             return False
 
-    tt, gs = call.get("max_sequence_length"), call.get("guidance_scale")
+    tt, gs = call.get("max_sequence_length"), call.get("guidance_scale", call.get("true_cfg_scale"))
 
     def all_resident(b: int) -> bool:
         plan = make_plan(make_spec(folder, args, size, budget=b, streamed=False, text_tokens=tt, guidance=gs))
@@ -658,7 +662,8 @@ class Bench:
             from planner.api import make_plan
 
             big = max(sizes)
-            tt, gs = (call.get("max_sequence_length") if args.tiny else None), call.get("guidance_scale")
+            tt = call.get("max_sequence_length") if args.tiny else None
+            gs = call.get("guidance_scale", call.get("true_cfg_scale"))
             if budget is not None and budget < 0:     # tiny: found from the plans themselves
                 budget = tiny_budgets(folder, args, big, call)[-1 - budget]
             streamed = variant.startswith("ours_streamed")
