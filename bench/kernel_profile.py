@@ -220,13 +220,19 @@ def main(argv: list[str] | None = None) -> int:
                 f"{(row['predicted'] or {}).get('call_s', 0) * 1e3:.1f} ms")
         del module
         free_memory(device)
-    out = Path(args.out)
+    write_rows(args.out, "kernel_profile", gpu, rows)
+    return 0
+
+
+def write_rows(out_dir: str, name: str, gpu: str, rows: list[dict[str, Any]]) -> Path:
+    """``<out_dir>/<name>_<gpu slug>.json``: the rows with the GPU, torch and the command that made them."""
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"kernel_profile_{slug(gpu)}.json"
+    path = out / f"{name}_{slug(gpu)}.json"
     path.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "command": "python " + " ".join(sys.argv),
                                 "rows": rows}, indent=1) + "\n")
     log(f"wrote {path}")
-    return 0
+    return path
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 import time
@@ -29,8 +28,8 @@ for p in (ROOT, ROOT / "scripts", ROOT / "bench"):
         sys.path.insert(0, str(p))
 
 import torch
-from kernel_profile import MODELS, build_dit, inputs
-from layerwise_bench import free_memory, log, slug
+from kernel_profile import MODELS, build_dit, inputs, write_rows
+from layerwise_bench import free_memory, log
 
 from planner.api import apply_plan, make_plan
 from planner.executor import host_memory
@@ -223,12 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         model, size, budget = case.split(":")
         rows += run_case(model, int(size), budget, prefetches, args.storage or None, args.reps, device,
                          set(filter(None, args.extra.split(","))))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{args.name}_{slug(gpu)}.json"
-    path.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "command": "python " + " ".join(sys.argv),
-                                "rows": rows}, indent=1) + "\n")
-    log(f"wrote {path}")
+    write_rows(args.out, args.name, gpu, rows)
     return 0
 
 
