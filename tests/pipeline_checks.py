@@ -36,13 +36,25 @@ def assert_restored(pipe, snap):
             assert not hasattr(module, "_hf_hook"), name
 
 
+# diffusers ModelMixin components: their enable_layerwise_casting is the float8 reference
+CAST_COMPONENTS = ("transformer", "vae")
+# the strategies every loading test runs a tiny pipeline under
+STRATEGY_CASES = {
+    "resident": {},
+    "cpu_offload": {"defaults": {"strategy": "cpu_offload"}},
+    "layerwise": {"offload": {"layerwise_offload_components": "all"}},
+    "layerwise-resident-layers": {"components": {"transformer": {"strategy": "layerwise", "prefetch": 2,
+                                                                 "resident_layers": 1, "placement": "leading"}}},
+}
+
+
 def spec_for(path, **sections):
     spec = {"version": 1, "pipeline": {"path": str(path), "dtype": "float32"}, "device": "cpu"}
     spec.update(sections)
     return spec
 
 
-def with_storage(spec: dict, dtype: str = "float8_e4m3fn", names=("transformer", "vae")) -> dict:
+def with_storage(spec: dict, dtype: str = "float8_e4m3fn", names=CAST_COMPONENTS) -> dict:
     """``spec`` with ``storage_dtype: dtype`` on each of ``names`` (by default the diffusers ModelMixin
     components, whose enable_layerwise_casting is the reference), keeping what their entries say."""
     comps = spec.setdefault("components", {})
@@ -54,7 +66,7 @@ def with_storage(spec: dict, dtype: str = "float8_e4m3fn", names=("transformer",
     return spec
 
 
-def casting_reference(path, dtype: str = "float8_e4m3fn", names=("transformer", "vae")):
+def casting_reference(path, dtype: str = "float8_e4m3fn", names=CAST_COMPONENTS):
     """The tiny pipeline at ``path`` run under diffusers' ``enable_layerwise_casting`` (storage ``dtype``,
     computed in each module's dtype) on ``names``: what a plan with that storage must give bit for bit."""
     from planner.testing.tiny_pipelines import load_tiny_pipeline, run_tiny

@@ -27,17 +27,15 @@ from planner import PlanApplyError, SpecError  # noqa: E402
 from planner.executor import checkpoint_keys, safetensors_reader
 from planner.executor.cpu_offload import CpuOffloadGroup  # noqa: E402
 from planner.executor.layerwise_engine import LayerwiseEngine
+from pipeline_checks import STRATEGY_CASES  # noqa: E402
+
 from planner.testing.tiny_pipelines import load_tiny_pipeline, run_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 
 FAMILIES = ["z-image-turbo", "flux.1-dev", "wan2.2-t2v-a14b"]
 CASES = {
-    "resident": {},
-    "cpu_offload": {"defaults": {"strategy": "cpu_offload"}},
-    "layerwise": {"offload": {"layerwise_offload_components": "all"}},
-    "layerwise-resident-layers": {"components": {"transformer": {"strategy": "layerwise", "prefetch": 2,
-                                                                 "resident_layers": 1, "placement": "leading"}}},
+    **STRATEGY_CASES,
     "mix": {"offload": {"dit_layerwise_offload": True, "text_encoder_cpu_offload": True, "vae_cpu_offload": True}},
 }
 

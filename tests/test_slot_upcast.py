@@ -17,6 +17,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from pipeline_checks import (
+    CAST_COMPONENTS,
     assert_restored,
     casting_reference,
     snapshot,
@@ -37,7 +38,7 @@ from planner.testing.tiny_pipelines import load_tiny_pipeline, run_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CAST = ("transformer", "vae")      # diffusers ModelMixin components: enable_layerwise_casting is the reference
+CAST = CAST_COMPONENTS
 FAMILIES = ["z-image-turbo", "flux.1-dev"]
 DTYPES = ["float8_e4m3fn", "float8_e5m2"]
 CASES = {

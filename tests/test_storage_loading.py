@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from pipeline_checks import fail_placing, spec_for, with_storage
+from pipeline_checks import CAST_COMPONENTS, STRATEGY_CASES, fail_placing, spec_for, with_storage
 
 import planner
 from planner import PlanApplyError
@@ -25,15 +25,9 @@ from planner.executor.resident import Resident
 from planner.testing.tiny_pipelines import load_tiny_pipeline, run_tiny
 
 F8 = torch.float8_e4m3fn
-CAST = ("transformer", "vae")      # diffusers ModelMixin components: enable_layerwise_casting is the reference
+CAST = CAST_COMPONENTS
 FAMILIES = ["z-image-turbo", "flux.1-dev"]
-CASES = {
-    "resident": {},
-    "cpu_offload": {"defaults": {"strategy": "cpu_offload"}},
-    "layerwise": {"offload": {"layerwise_offload_components": "all"}},
-    "layerwise-resident-layers": {"components": {"transformer": {"strategy": "layerwise", "prefetch": 2,
-                                                                 "resident_layers": 1, "placement": "leading"}}},
-}
+CASES = STRATEGY_CASES
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
