@@ -168,8 +168,8 @@ class Decision:
 class Estimate:
     gpu_peak_bytes: int = 0
     host_pinned_bytes: int = 0
-    # the process's peak resident memory while load_pipeline reads the folder: pinned bytes, the
-    # largest component's file mapping, the process itself
+    # the process's peak resident memory while load_pipeline reads the folder and the pipeline runs:
+    # the process itself, the pinned bytes, the loader's largest transient (what memory.host_budget caps)
     host_peak_bytes: int | None = None
     gpu_budget_bytes: int | None = None
     host_budget_bytes: int | None = None

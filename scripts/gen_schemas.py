@@ -135,9 +135,15 @@ def deployment_schema() -> dict:
             "device": {"type": "string", "pattern": r"^(cuda(:[0-9]+)?|cpu)$"},
             "memory": {
                 "type": "object", "additionalProperties": False,
-                "properties": {"gpu_budget": SIZE, "host_budget": SIZE, "margin": SIZE,
-                               "host_ram": dict(SIZE, description="The host RAM the plan may count on (pinned "
-                                                "bytes, the page cache of mapped weights, the process); with it "
+                "properties": {"gpu_budget": SIZE,
+                               "host_budget": dict(SIZE, description="The process's peak host memory while "
+                                                   "loading and running (about 3 GiB for the process, the pinned "
+                                                   "bytes, the loader's largest transient); the planner keeps the "
+                                                   "largest streamed components in their files to fit it. "
+                                                   + SIZE["description"]),
+                               "margin": SIZE,
+                               "host_ram": dict(SIZE, description="The host RAM the plan may count on (the host "
+                                                "peak, the page cache of mapped weights); with it "
                                                 "the planner reads from disk what the page cache cannot hold. "
                                                 + SIZE["description"])},
             },

@@ -107,27 +107,29 @@ def test_tier_choice_is_monotone_in_the_host_budget(model):
     def spec_of(**memory):
         return dict(spec(memory=memory), pipeline={"model": model})
 
-    full = make_plan(spec_of()).estimate.host_pinned_bytes
-    last, last_time = None, 0.0
+    full = make_plan(spec_of()).estimate.host_peak_bytes      # everything pinned
+    last, last_time, planned = None, 0.0, 0
     for budget in [int(full * i / 40) for i in range(1, 45)]:
         try:
             plan = make_plan(spec_of(host_budget=budget))
         except SpecError:
             assert last is None, "a larger budget must not be refused after a smaller one was planned"
             continue
-        assert plan.estimate.host_pinned_bytes <= budget
+        assert plan.estimate.host_peak_bytes <= budget        # the budget caps the host peak, not only the pins
         now = {n: RANK[t] for n, t in tiers(plan).items()}
         if last is not None:
             assert all(now[n] >= last[n] for n in now), (budget, now, last)
             assert plan.estimate.seconds_per_step <= last_time       # never slower with more budget
-        last, last_time = now, plan.estimate.seconds_per_step
+        last, last_time, planned = now, plan.estimate.seconds_per_step, planned + 1
     assert last is not None and set(last.values()) == {RANK["pinned"]}
+    assert planned < 44 and any(v < RANK["pinned"] for v in
+                                {n: RANK[t] for n, t in tiers(make_plan(spec_of(host_budget=full - 1))).items()}.values())
 
 
 def test_tier_choice_is_monotone_with_host_ram_too():
     last = None
     for ram in (8 << 30, 12 << 30, 16 << 30, 20 << 30, 24 << 30, 32 << 30):
-        plan = make_plan(spec(memory={"host_budget": "4GiB", "host_ram": ram}))
+        plan = make_plan(spec(memory={"host_budget": "7GiB", "host_ram": ram}))
         now = {n: RANK[t] for n, t in tiers(plan).items()}
         if last is not None:
             assert all(now[n] >= last[n] for n in now), (ram, now, last)
@@ -143,7 +145,7 @@ def test_tier_choice_is_monotone_with_host_ram_too():
         if last is not None:
             assert all(now[n] >= last[n] for n in now), (budget, now, last)
         last = now
-    small = make_plan(spec(memory={"host_budget": "4GiB", "host_ram": "8GiB"}))
+    small = make_plan(spec(memory={"host_budget": "7GiB", "host_ram": "8GiB"}))
     assert tiers(small)["transformer"] == "disk"
     assert any(d.rule == "host-tier-over-ram" for d in small.decisions)
 
@@ -155,9 +157,71 @@ def test_a_budget_nothing_fits_in_is_refused_with_the_smallest_that_works():
     assert "memory.host_budget" in msg and "at least" in msg
     smallest = int(msg.split("at least ")[1].split("(")[1].split(" bytes")[0])
     plan = make_plan(spec(memory={"host_budget": smallest}))          # exactly that works
-    assert plan.estimate.host_pinned_bytes == smallest
+    assert plan.estimate.host_peak_bytes == smallest
+    assert set(tiers(plan).values()) == {"mapped"}                    # every component file-backed
     with pytest.raises(SpecError):
         make_plan(spec(memory={"host_budget": smallest - 1}))
+
+
+def _smallest_in(err):
+    (diag,) = err.value.diagnostics
+    assert diag.where == "memory.host_budget" and "at least" in diag.message
+    return diag.message, int(diag.message.split("at least ")[1].split("(")[1].split(" bytes")[0])
+
+
+@pytest.mark.parametrize("model,memory,sections,needle", [
+    # nothing the tier stage could move: every component resident (one staging read at a time)
+    ("z-image-turbo", "1GiB", {"defaults": {"strategy": "resident"}}, "one tensor read through staging onto the GPU"),
+    # cpu_offload keeps its bytes pinned whatever the budget
+    ("z-image-turbo", "8GiB", {"defaults": {"strategy": "cpu_offload"}}, "text_encoder"),
+    # fsdp: from_pretrained holds the component whole while it is placed
+    ("flux.1-dev", "16GiB", {"components": {"transformer": "fsdp"}}, "held whole by from_pretrained"),
+])
+def test_a_host_peak_over_the_budget_is_refused_with_the_smallest_that_works(model, memory, sections, needle):
+    from planner.planning.estimate import PROCESS_HOST_BYTES
+
+    def spec_of(budget):
+        return dict(spec(memory={"host_budget": budget}, **sections), pipeline={"model": model})
+
+    with pytest.raises(SpecError) as err:
+        make_plan(spec_of(memory))
+    msg, smallest = _smallest_in(err)
+    assert "host peak" in msg and "for the process" in msg and needle in msg
+    plan = make_plan(spec_of(smallest))                              # exactly that works
+    assert plan.estimate.host_peak_bytes == smallest >= PROCESS_HOST_BYTES + plan.estimate.host_pinned_bytes
+    with pytest.raises(SpecError) as err:
+        make_plan(spec_of(smallest - 1))                             # one byte less does not
+    assert _smallest_in(err)[1] == smallest
+
+
+def test_the_budget_caps_the_host_peak_not_only_the_pinned_bytes():
+    from planner.planning.estimate import PROCESS_HOST_BYTES
+
+    pinned = make_plan(spec()).estimate
+    # a budget the pinned bytes alone fit in: the process and the loader's transient do not fit beside them
+    plan = make_plan(spec(memory={"host_budget": pinned.host_pinned_bytes}))
+    assert tiers(plan)["transformer"] == "mapped"
+    assert plan.estimate.host_peak_bytes <= pinned.host_pinned_bytes
+    over = [d for d in plan.decisions if d.rule == "host-tier-over-budget"]
+    assert over and "a host peak of" in over[0].reason and "for the process" in over[0].reason
+    plan = make_plan(spec(memory={"host_budget": pinned.host_peak_bytes}))
+    assert set(tiers(plan).values()) == {"pinned"}
+    assert pinned.host_peak_bytes >= PROCESS_HOST_BYTES + pinned.host_pinned_bytes
+
+
+def test_wan_a14b_under_24_32_32_holds_the_process_its_pins_and_one_staging_read():
+    from planner.inventory.catalog import catalog_inventory
+    from planner.planning.estimate import PROCESS_HOST_BYTES
+
+    plan = make_plan({"version": 1, "pipeline": {"model": "wan2.2-t2v-a14b", "dtype": "bfloat16"},
+                      "defaults": {"strategy": "auto"},
+                      "memory": {"gpu_budget": "24GiB", "host_budget": "32GiB", "host_ram": "32GiB"}})
+    te = catalog_inventory("wan2.2-t2v-a14b").get("text_encoder")
+    assert plan.components["text_encoder"].strategy == "resident"
+    e = plan.estimate
+    # the UMT5 token embedding (1.96 GiB, outside its layers) is the largest tensor read through staging
+    assert e.host_peak_bytes == PROCESS_HOST_BYTES + e.host_pinned_bytes + te.weight_bytes - sum(te.layer_bytes)
+    assert e.host_peak_bytes <= 32 << 30 < e.host_pinned_bytes + max(cp.weight_bytes for cp in plan.components.values())
 
 
 def test_host_ram_too_small_is_refused_with_the_smallest_that_works():
@@ -300,9 +364,10 @@ def test_every_tier_is_bit_identical_to_resident(reference, family, tier):
 
 def test_budget_chosen_tiers_load_and_match(reference):
     path, _, expected = reference("z-image-turbo")
-    full = make_plan(tier_spec(path, "pinned")).estimate.host_pinned_bytes
+    est = make_plan(tier_spec(path, "pinned")).estimate
+    full = est.host_pinned_bytes
     for share in (0.95, 0.9, 0.8, 0.7, 0.6):      # a budget where some stay pinned and some leave
-        budget = int(full * share)
+        budget = est.host_peak_bytes - int(full * (1 - share))     # the process's peak, of which less pinned
         plan = make_plan(tier_spec(path, "auto", memory={"host_budget": budget}))
         if "mapped" in tiers(plan).values():
             break
@@ -313,6 +378,26 @@ def test_budget_chosen_tiers_load_and_match(reference):
     got = {n: p.report().get("host_tier") for n, p in pipe.residency.placements.items()}
     assert {n: t for n, t in got.items() if t} == tiers(plan)
     pipe.residency.remove()
+
+
+def test_a_folder_in_another_dtype_than_the_plan_counts_its_cast_reads(tiny_dirs):
+    """A float32 folder planned in bfloat16: every tensor is read through a float32 staging tensor and
+    cast, so the host peak counts the largest one read; in float32 a streamed layer is read straight
+    into its pinned block and nothing is staged."""
+    from planner.inventory.folder import folder_inventory
+    from planner.planning.estimate import PROCESS_HOST_BYTES
+
+    path = tiny_dirs("z-image-turbo")
+    inv = folder_inventory(path)
+    assert {c.dtype for c in inv.components} == {"float32"}
+    largest = max(max(max(c.layer_bytes, default=0), c.weight_bytes - sum(c.layer_bytes)) for c in inv.components)
+
+    def transient(dtype):
+        e = make_plan(dict(tier_spec(path, "pinned"), pipeline={"path": str(path), "dtype": dtype})).estimate
+        return e.host_peak_bytes - PROCESS_HOST_BYTES - e.host_pinned_bytes
+
+    assert transient("float32") == 0
+    assert transient("bfloat16") == largest > 0
 
 
 def test_direct_io_falls_back_to_plain_reads(reference, monkeypatch):

@@ -148,10 +148,11 @@ def plan_table(plan: Any, source: str) -> str:
     lines.append(f"peak GPU {format_size(e.gpu_peak_bytes)}{budget}"
                  + (f" (activations {format_size(e.activation_bytes)})" if e.activation_bytes else "")
                  + f"; pinned host {format_size(e.host_pinned_bytes)}"
-                 + (f" of {format_size(e.host_budget_bytes)} budget" if e.host_budget_bytes else "")
                  + (f"; {format_size(read)} read from the files per call" if (read := sum(
                      cp.estimate.host_file_bytes for cp in plan.components.values())) else "")
-                 + (f"; host peak while loading {format_size(e.host_peak_bytes)}" if e.host_peak_bytes else ""))
+                 + (f"; host peak {format_size(e.host_peak_bytes)}"
+                    + (f" of {format_size(e.host_budget_bytes)} budget" if e.host_budget_bytes else "")
+                    + " (loading and running)" if e.host_peak_bytes else ""))
     if e.seconds_per_step is not None:
         lines.append(f"predicted denoising step {e.seconds_per_step:.3f} s"
                      + (f"; one generation {e.generation_seconds:.2f} s (encode {e.encode_seconds:.2f} s + "

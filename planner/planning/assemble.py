@@ -141,11 +141,13 @@ def tier_estimate(cp: ComponentPlan, est: ComponentEstimate, layer_bytes: tuple[
     return replace(est, host_pinned_bytes=ring, host_file_bytes=est.host_pinned_bytes, staging_bytes=ring)
 
 
-def _as_read_while_loading(comps: Mapping[str, ComponentPlan]) -> dict[str, ComponentPlan]:
-    """The components as the loader reads them: a file tier's streamed bytes are not read while loading
-    (they stay in the files), so only its other bytes count toward the file mapping of the host peak."""
-    return {n: replace(cp, weight_bytes=cp.weight_bytes - cp.estimate.host_file_bytes)
-            if cp.estimate.host_file_bytes and cp.storage is None else cp for n, cp in comps.items()}
+def cast_on_read(resolution: Resolution, dtype: str) -> frozenset[str]:
+    """The components whose files hold their weights in another dtype than the plan's (a folder's
+    float32 VAE in a bfloat16 plan): the loader reads each of their tensors through a staging tensor
+    and casts it (``estimate.component_transient``). Catalog and class inventories are counted in the
+    plan's dtype: none."""
+    return frozenset(name for name, comp in resolution.components.items()
+                     if comp.info.dtype in DTYPE_BYTES and comp.info.dtype != dtype and not comp.storage_dtype)
 
 
 def component_plan(comp: ComponentResolution, strategy: str | None = None,
@@ -184,12 +186,14 @@ def build_plan(doc: Document, inventory: Inventory, resolution: Resolution, *,
     activations = component_activations(spec.get("workload"), inventory, spec["pipeline"].get("dtype", "bfloat16"),
                                         profile)
     mem = memory_estimate(comps, layer_bytes, activations=activations, margin_bytes=margin)
+    section_dtype = spec["pipeline"].get("dtype", "bfloat16")
     comps = {name: replace(cp, estimate=tier_estimate(cp, mem.components[name], layer_bytes[name]))
              for name, cp in comps.items()}
     pinned = sum(cp.estimate.host_pinned_bytes for cp in comps.values())
     est = estimate or Estimate(
         gpu_peak_bytes=mem.gpu_peak_bytes, host_pinned_bytes=pinned,
-        host_peak_bytes=host_peak_bytes(_as_read_while_loading(comps), {n: cp.estimate for n, cp in comps.items()}),
+        host_peak_bytes=host_peak_bytes(comps, {n: cp.estimate for n, cp in comps.items()}, layer_bytes,
+                                        cast_on_read=cast_on_read(resolution, section_dtype)),
         gpu_budget_bytes=parse_size(memory["gpu_budget"]) if "gpu_budget" in memory else None,
         host_budget_bytes=parse_size(memory["host_budget"]) if "host_budget" in memory else None,
         margin_bytes=margin, activation_bytes=max(activations.values(), default=0))

@@ -16,11 +16,12 @@ from planner.plan import Decision, Plan
 from planner.planning.activations import decode_call, encoder_call, images_per_call
 from planner.planning.assemble import (
     build_plan,
+    cast_on_read,
     component_plan,
     stored_layer_bytes,
     stored_weight_bytes,
 )
-from planner.planning.estimate import memory_estimate, upcast_seconds
+from planner.planning.estimate import PROCESS_HOST_BYTES, loader_transient, memory_estimate, upcast_seconds
 from planner.planning.expert_steps import expert_step_shares
 from planner.planning.kernel_time import device_seconds, host_seconds
 from planner.planning.profiles import Profile, load_profile
@@ -234,22 +235,33 @@ def plan_budget(doc: Document, inventory: Inventory, resolution: Resolution, *, 
     # the host-tier stage (planning.host_tiers), once the strategies are final
     tiers = host_tiers(doc, inventory, resolution, profile) if host_tiers is not None else None
     plan = build_plan(doc, inventory, resolution, profile=profile, host_tiers=tiers)
-    _check_host_budget(doc, plan)
+    _check_host_budget(doc, plan, resolution)
     return _with_times(plan, inventory, workload, profile, steps)
 
 
-def _check_host_budget(doc: Document, plan: Plan) -> None:
-    """``memory.host_budget`` caps the pinned host memory a plan keeps: a plan over it is refused
-    here, where ``plan``, ``validate`` and the loader all see it, before anything is read."""
-    budget, need = plan.estimate.host_budget_bytes, plan.estimate.host_pinned_bytes
-    if budget is None or need <= budget:
+def _check_host_budget(doc: Document, plan: Plan, resolution: Resolution) -> None:
+    """``memory.host_budget`` caps the process's peak host memory (``estimate.host_peak_bytes``: the
+    process, the pinned bytes, the loader's largest transient): a plan over it is refused here, where
+    ``plan``, ``validate`` and the loader all see it, before anything is read. The host-tier stage
+    plans movable components within it; this refuses what it could not move (cpu_offload, pinned
+    tiers the spec names, resident or fsdp components read through the loader)."""
+    budget, need = plan.estimate.host_budget_bytes, plan.estimate.host_peak_bytes
+    if budget is None or need is None or need <= budget:
         return
-    parts = ", ".join(f"{n} {format_size(cp.estimate.host_pinned_bytes)} ({cp.strategy})"
-                      for n, cp in plan.components.items() if cp.estimate.host_pinned_bytes)
+    transient = loader_transient(plan.components, {n: stored_layer_bytes(c) for n, c in resolution.components.items()},
+                                 cast_on_read=cast_on_read(resolution, plan.dtype))
+    pinned = ", ".join(f"{n} {format_size(cp.estimate.host_pinned_bytes)} ({cp.strategy})"
+                       for n, cp in plan.components.items() if cp.estimate.host_pinned_bytes)
     raise SpecError([doc.diagnostic(("memory", "host_budget"),
-                                    f"the plan keeps {format_size(need)} in pinned host memory ({parts}), over "
-                                    f"memory.host_budget {format_size(budget)}. Raise the budget, or keep more on "
-                                    "the GPU (resident components or resident_layers)")])
+                                    f"the plan's host peak is {format_size(need)}: about "
+                                    f"{format_size(PROCESS_HOST_BYTES)} for the process, "
+                                    f"{format_size(plan.estimate.host_pinned_bytes)} in pinned host memory"
+                                    + (f" ({pinned})" if pinned else "")
+                                    + (f" and {format_size(transient.nbytes)} for the loader's largest transient "
+                                       f"({transient.describe()})" if transient.nbytes else "")
+                                    + f", over memory.host_budget {format_size(budget)}. "
+                                      f"Raise the budget to at least {format_size(need)} ({need} bytes), or keep "
+                                      "more on the GPU (resident components or resident_layers)")])
 
 
 def _with_times(plan: Plan, inventory: Inventory, workload: Mapping[str, Any], profile: Profile, steps: int) -> Plan:

@@ -4,7 +4,9 @@ Peak GPU bytes = the largest moment of one generation (``phase_timeline``), each
 weights that stay resident + the layerwise slots of the running phase (the executor gives other
 phases' slots back) + the whole components that phase has on the GPU (a CPU-offloaded component,
 and the one before it while its prefetch lands) + the running component's activations + a margin.
-Pinned host bytes = every streamed or offloaded weight, packed once.
+Pinned host bytes = every streamed or offloaded weight, packed once. Peak host bytes (the process's
+RSS while loading and running, ``host_peak_bytes``) = the process + the pinned bytes + the loader's
+largest transient (one staging read, or an fsdp component whole).
 
 A component whose weights are stored in float8 (``ComponentPlan.storage``) also holds, while it
 runs, the compute-dtype copies its upcast makes (``upcast_bytes``), counted in the component's
@@ -18,7 +20,7 @@ a resident layer or outside the layers).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from planner.inventory.model import DTYPE_BYTES
@@ -185,7 +187,7 @@ def memory_estimate(plans: Mapping[str, ComponentPlan], layer_bytes: Mapping[str
     timeline = phase_timeline(plans, comps, margin_bytes=margin_bytes, steps=1)
     pinned = sum(e.host_pinned_bytes for e in comps.values())
     return MemoryEstimate(components=comps, gpu_peak_bytes=max(b for _, b in timeline), host_pinned_bytes=pinned,
-                          host_peak_bytes=host_peak_bytes(plans, comps))
+                          host_peak_bytes=host_peak_bytes(plans, comps, layer_bytes))
 
 
 def phase_of_plan(cp: ComponentPlan) -> str:
@@ -232,15 +234,99 @@ def memory_timeline(plans: Mapping[str, ComponentPlan], margin_bytes: int = 0,
     return phase_timeline(plans, {n: cp.estimate for n, cp in plans.items()}, margin_bytes=margin_bytes, steps=steps)
 
 
-def host_peak_bytes(plans: Mapping[str, ComponentPlan], comps: Mapping[str, ComponentEstimate]) -> int:
-    """The process's peak resident memory while ``load_pipeline`` reads a folder and runs: the pinned
-    host bytes, the file mapping of the component being read (the largest: the loader maps a
-    component's safetensors files whole while it places them), and the process itself. On an H200
-    this came within -8..+4 % of the sampled peak RSS of 11 loads of Z-Image, Flux.1-dev and SD3.5
-    plans (bench/results/pipeline_nvidia-h200_summary.md)."""
+def host_peak_bytes(plans: Mapping[str, ComponentPlan], comps: Mapping[str, ComponentEstimate],
+                    layer_bytes: Mapping[str, Sequence[int]] | None = None, *,
+                    cast_on_read: Collection[str] = ()) -> int:
+    """The process's peak resident memory while ``load_pipeline`` reads a folder and the pipeline runs:
+    the process itself (``PROCESS_HOST_BYTES``), every component's pinned host bytes (staging rings
+    included) and the loader's largest transient (``loader_transient``).
+
+    Nothing is mapped whole: the loader reads every tensor with positioned reads straight into its
+    place (a pinned host block), or through one staging tensor of that tensor's size; file tiers drop
+    the pages they touch after each layer. On an H200 RSS after loading was RSS before plus the pinned
+    bytes (1.86 GiB before, 14.72 GiB pinned, 16.60 GiB after). Only a component loaded through the
+    library's own ``from_pretrained`` (strategy fsdp) is whole in host memory while it is placed."""
     pinned = sum(e.host_pinned_bytes for e in comps.values())
-    mapping = max((_loaded_bytes(cp) for cp in plans.values()), default=0)
-    return PROCESS_HOST_BYTES + pinned + mapping
+    return PROCESS_HOST_BYTES + pinned + loader_transient(plans, layer_bytes or {}, cast_on_read=cast_on_read).nbytes
+
+
+@dataclass(frozen=True)
+class LoadTransient:
+    """The largest host memory the loader holds for one component beyond its pinned bytes, and why."""
+
+    nbytes: int = 0
+    component: str = ""
+    what: str = ""
+
+    def describe(self) -> str:
+        return f"{self.component}: {self.what}" if self.nbytes else "nothing"
+
+
+def loader_transient(plans: Mapping[str, ComponentPlan], layer_bytes: Mapping[str, Sequence[int]], *,
+                     cast_on_read: Collection[str] = ()) -> LoadTransient:
+    """The largest of the components' ``component_transient`` (they are loaded one at a time); ties
+    go to the first in plan order."""
+    best = LoadTransient()
+    for name, cp in plans.items():
+        nbytes, what = component_transient(cp, layer_bytes.get(name, ()), cast_on_read=name in cast_on_read)
+        if nbytes > best.nbytes:
+            best = LoadTransient(nbytes, name, what)
+    return best
+
+
+def component_transient(cp: ComponentPlan, layer_bytes: Sequence[int], *, cast_on_read: bool = False) -> tuple[int, str]:
+    """What loading ``cp`` holds in host memory besides its pinned bytes, at most, and what it is.
+
+    Strategy fsdp: the whole component in its loaded dtype (``from_pretrained`` builds it on the
+    CPU before it is sharded). Otherwise the largest single staging read: a tensor bound for the
+    device (a resident component's, a layerwise component's resident layers and, unless they
+    stream, its modules outside the layers) is read into a CPU tensor of its size, then copied; one
+    bound for a host block is read straight into it unless it is cast on the way (``storage``: read
+    in the loaded dtype, then cast, and for the device the cast copy beside it; ``cast_on_read``:
+    the files' dtype is not the plan's). A file tier's streamed bytes are not read while loading.
+    The plan holds no tensor sizes: a layer's bytes, and all the bytes outside the layers together,
+    stand for their largest tensor (an upper bound; a component with no layers counts whole)."""
+    if cp.strategy == "fsdp":
+        return _loaded_bytes(cp), "its weights, held whole by from_pretrained (strategy fsdp)"
+    layers: Sequence[int] = layer_bytes
+    outside = max(0, cp.weight_bytes - sum(layers))
+    cast = cast_on_read or cp.storage is not None
+    widen = 1.0
+    if cp.storage is not None:
+        loaded, outside = loaded_bytes(cp, layers)
+        layers = loaded
+        widen = 1 + DTYPE_BYTES.get(cp.storage.dtype, 1) / DTYPE_BYTES.get(cp.storage.compute_dtype, 2)
+    file_tier = cp.strategy == "layerwise" and cp.host_tier is not None and str(cp.host_tier) in ("mapped", "disk")
+    resident = set(cp.resident_layers)
+    parts: list[tuple[int, bool, str]] = []       # (bytes, bound for the device, what)
+    rest = "its modules outside the layers" if layers else "its weights"
+    if cp.strategy == "resident":
+        parts += [(b, True, "a layer") for b in layers]   # at most a layer's bytes
+        parts.append((outside, True, rest))
+    elif cp.strategy == "layerwise":
+        for i, b in enumerate(layers):
+            if i in resident:
+                parts.append((b, True, "a resident layer"))
+            elif not file_tier:
+                parts.append((b, False, "a streamed layer"))
+        if not cp.stream_non_layer:
+            parts.append((outside, True, rest))
+        elif not file_tier:
+            parts.append((outside, False, rest))
+    else:                                          # cpu_offload: read into its host block
+        parts += [(b, False, "a layer") for b in layers]
+        parts.append((outside, False, rest))
+    best, what, onto = 0, "", False
+    for nbytes, device, part in parts:
+        if not (device or cast):
+            continue
+        held = int(nbytes * widen) if device else nbytes
+        if held > best:
+            best, what, onto = held, part, device
+    if not best:
+        return 0, ""
+    how = "onto the GPU" if onto else "cast on its way to a host block"
+    return best, f"one tensor read through staging {how}, at most {what}"
 
 
 def _loaded_bytes(cp: ComponentPlan) -> int:

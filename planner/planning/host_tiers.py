@@ -13,19 +13,23 @@ plan is assembled. Three tiers (``planner.plan.HostTier``):
 
 What the spec says: ``components.X.host_tier``, else ``defaults.host_tier`` (a component entry is
 the most specific statement); ``auto`` or nothing lets the planner pick. It picks only under a host
-limit (``memory.host_budget``: the pinned bytes; ``memory.host_ram``: the RAM the plan may count on,
-the pinned bytes, the page cache of mapped weights and the process); with neither, every streamed
-component is pinned, as before.
+limit (``memory.host_budget``: the process's peak host memory, ``estimate.host_peak_bytes``: the
+process, the pinned bytes and the loader's largest transient; ``memory.host_ram``: the RAM the plan
+may count on, that peak, and after loading the page cache of mapped weights beside the pinned bytes
+and the process); with neither, every streamed component is pinned, as before.
 
 The choice, for the components the planner may place (sorted by streamed bytes, largest first,
 then by name): the fewest largest components leave pinned memory so that the pinned bytes fit the
-budget (``host_budget``, capped by ``host_ram`` less the process); of those, with ``host_ram``, the
-largest are read from disk until the page cache can hold the rest beside the pinned bytes and the
-process; the others are mapped. A larger budget therefore never gives a component a slower tier
-(monotone: each component's tier depends on how many larger ones had to leave, which only shrinks).
-A component whose staging ring would pin as much as its streamed bytes (a single streamed layer)
-stays pinned. A budget that even the smallest plan (every movable component file-backed) exceeds
-is refused, saying the smallest that works. Every choice is a decision with its rule and reason.
+limit less the process (``PROCESS_HOST_BYTES``) and the loader's largest transient
+(``estimate.loader_transient``, counted with every movable component pinned: a file tier reads
+less while loading, so it bounds every choice); of those, with ``host_ram``, the largest are read
+from disk until the page cache can hold the rest beside the pinned bytes and the process; the others
+are mapped. A larger budget therefore never gives a component a slower tier (monotone: the room
+left for pinned bytes grows with the budget, and each component's tier depends on how many larger
+ones had to leave, which only shrinks). A component whose staging ring would pin as much as its
+streamed bytes (a single streamed layer) stays pinned. A budget that even the smallest plan (every
+movable component file-backed) exceeds is refused, saying the smallest that works (its host peak,
+in bytes). Every choice is a decision with its rule and reason.
 """
 
 from __future__ import annotations
@@ -35,8 +39,8 @@ from dataclasses import dataclass
 from planner.errors import SpecError
 from planner.inventory.model import Inventory
 from planner.plan import ComponentPlan, Decision, HostTier, Strategy
-from planner.planning.assemble import component_plan, staging_bytes, stored_layer_bytes
-from planner.planning.estimate import PROCESS_HOST_BYTES, component_estimate
+from planner.planning.assemble import cast_on_read, component_plan, staging_bytes, stored_layer_bytes
+from planner.planning.estimate import PROCESS_HOST_BYTES, LoadTransient, component_estimate, loader_transient
 from planner.planning.profiles import Profile
 from planner.planning.resolve import ComponentResolution, Resolution
 from planner.planning.rules import reason
@@ -134,41 +138,52 @@ def choose_host_tiers(doc: Document, inventory: Inventory, resolution: Resolutio
     if errors:
         raise SpecError(errors)
     if movable:
-        tiers.update(_place(doc, resolution, movable, fixed, budget, ram, profile))
+        # the loader's largest transient, with every movable component pinned: a file tier reads no
+        # more while loading than the pinned tier does, so this bounds every choice (and keeps the
+        # choice monotone: the room it leaves does not depend on it)
+        dtype = doc.data["pipeline"].get("dtype", "bfloat16")
+        plans = {n: component_plan(c, host_tier=tiers.get(n)) for n, c in resolution.components.items()}
+        transient = loader_transient(plans, {n: stored_layer_bytes(c) for n, c in resolution.components.items()},
+                                     cast_on_read=cast_on_read(resolution, dtype))
+        tiers.update(_place(doc, resolution, movable, fixed, budget, ram, profile, transient))
     return tiers
 
 
 def _place(doc: Document, resolution: Resolution, movable: list[ComponentResolution],
            others: list[tuple[str, int, str]], budget: int | None, ram: int | None,
-           profile: Profile | None) -> dict[str, HostTier]:
+           profile: Profile | None, transient: LoadTransient) -> dict[str, HostTier]:
     cands = sorted((_candidate(c) for c in movable), key=lambda c: (-c.streamed, c.name))
     # a component whose ring pins as much as its streamed bytes gains nothing from leaving
     fixed = [c for c in cands if c.staging >= c.streamed]
     order = [c for c in cands if c.staging < c.streamed]
     base = sum(b for _, b, _ in others) + sum(c.streamed for c in fixed)
-    cap = budget if budget is not None else None
-    if ram is not None:
-        room = ram - PROCESS_HOST_BYTES
-        cap = room if cap is None else min(cap, room)
-    assert cap is not None
+    # what the host peak holds besides the pinned bytes: the process and the loader's largest transient
+    over = PROCESS_HOST_BYTES + transient.nbytes
+    limits = [v for v in (budget, ram) if v is not None]
+    assert limits
+    cap = min(limits)
 
     def pinned_after(k: int) -> int:     # the k largest file-backed, the rest pinned
         return base + sum(c.staging for c in order[:k]) + sum(c.streamed for c in order[k:])
 
-    k = next((k for k in range(len(order) + 1) if pinned_after(k) <= cap), None)
+    k = next((k for k in range(len(order) + 1) if over + pinned_after(k) <= cap), None)
     if k is None:
         parts = ([(n, b, how) for n, b, how in others] + [(c.name, c.streamed, "layerwise, pinned") for c in fixed]
                  + [(c.name, c.staging, "layerwise, mapped: its staging ring") for c in order])
-        _refuse(doc, pinned_after(len(order)), budget, ram, parts)
+        _refuse(doc, pinned_after(len(order)), budget, ram, parts, transient)
     assert k is not None
-    # with host_ram: the largest file-backed components read from disk until the page cache holds the rest
+    # with host_ram: the largest file-backed components read from disk until the page cache holds the
+    # rest (after loading: the loader's transient is gone by then)
     disk = 0
     if ram is not None:
         left = ram - PROCESS_HOST_BYTES - pinned_after(k)
         while disk < k and sum(c.streamed for c in order[disk:k]) > left:
             disk += 1
-    limit = (f"memory.host_budget {format_size(budget)}" if budget is not None and (ram is None or cap == budget)
-             else f"memory.host_ram {format_size(ram or 0)} less {format_size(PROCESS_HOST_BYTES)} for the process")
+    limit = (f"memory.host_budget {format_size(budget)}" if budget is not None and cap == budget
+             else f"memory.host_ram {format_size(ram or 0)}")
+    besides = f"{format_size(PROCESS_HOST_BYTES)} for the process" + (
+        f" and {format_size(transient.nbytes)} for the loader's largest transient ({transient.describe()})"
+        if transient.nbytes else "")
     out: dict[str, HostTier] = {}
     total_pinned = pinned_after(k)
     for c in fixed:
@@ -181,7 +196,8 @@ def _place(doc: Document, resolution: Resolution, movable: list[ComponentResolut
         if i >= k:
             tier, rule = HostTier.PINNED, "host-tier-pinned-fits"
             detail = (f"{c.name}'s {format_size(c.streamed)} stay in pinned host memory: the plan pins "
-                      f"{format_size(total_pinned)}, within {limit}")
+                      f"{format_size(total_pinned)}, a host peak of {format_size(over + total_pinned)} with "
+                      f"{besides}, within {limit}")
         elif i < disk:
             tier, rule = HostTier.DISK, "host-tier-over-ram"
             detail = (f"{c.name}'s {format_size(c.streamed)} are read from disk per layer (direct I/O) through a "
@@ -192,7 +208,8 @@ def _place(doc: Document, resolution: Resolution, movable: list[ComponentResolut
             tier, rule = HostTier.MAPPED, "host-tier-over-budget"
             detail = (f"{c.name}'s {format_size(c.streamed)} stay in its files (mapped, kept warm by the page "
                       f"cache), copied per layer through a {format_size(c.staging)} pinned staging ring: pinning "
-                      f"them too would need {format_size(pinned_after(i))}, over {limit}"
+                      f"them too would pin {format_size(pinned_after(i))}, a host peak of "
+                      f"{format_size(over + pinned_after(i))} with {besides}, over {limit}"
                       + _rate(profile, HostTier.MAPPED))
         out[c.name] = tier
         resolution.decisions.append(Decision(rule=rule, component=c.name, from_="auto", to=tier.value,
@@ -208,18 +225,20 @@ def _rate(profile: Profile | None, tier: HostTier) -> str:
     return f"; streamed at {rate / 1e9:.1f} GB/s from {where} ({profile.name} profile)" if rate else ""
 
 
-def _refuse(doc: Document, smallest: int, budget: int | None, ram: int | None,
-            parts: list[tuple[str, int, str]]) -> None:
+def _refuse(doc: Document, smallest_pinned: int, budget: int | None, ram: int | None,
+            parts: list[tuple[str, int, str]], transient: LoadTransient) -> None:
     held = ", ".join(f"{n} {format_size(b)} ({how})" for n, b, how in parts if b)
-    if budget is not None and smallest > budget:
+    need = smallest_pinned + PROCESS_HOST_BYTES + transient.nbytes
+    what = (f"even the smallest plan has a host peak of {format_size(need)}: about {format_size(PROCESS_HOST_BYTES)} "
+            f"for the process, {format_size(smallest_pinned)} in pinned host memory ({held})"
+            + (f" and {format_size(transient.nbytes)} for the loader's largest transient ({transient.describe()})"
+               if transient.nbytes else ""))
+    if budget is not None and need > budget:
         where: PathKey = ("memory", "host_budget")
-        msg = (f"even the smallest plan keeps {format_size(smallest)} in pinned host memory ({held}), over "
-               f"memory.host_budget {format_size(budget)}. Raise the budget to at least {format_size(smallest)} "
-               f"({smallest} bytes), or keep more on the GPU (resident components or resident_layers)")
+        msg = (f"{what}, over memory.host_budget {format_size(budget)}. Raise the budget to at least "
+               f"{format_size(need)} ({need} bytes), or keep more on the GPU (resident components or resident_layers)")
     else:
         where = ("memory", "host_ram")
-        need = smallest + PROCESS_HOST_BYTES
-        msg = (f"memory.host_ram {format_size(ram or 0)} is too small: even the smallest plan keeps "
-               f"{format_size(smallest)} in pinned host memory ({held}) and the process takes about "
-               f"{format_size(PROCESS_HOST_BYTES)}. Raise it to at least {format_size(need)} ({need} bytes)")
+        msg = (f"memory.host_ram {format_size(ram or 0)} is too small: {what}. Raise it to at least "
+               f"{format_size(need)} ({need} bytes)")
     raise SpecError([doc.diagnostic(where, msg)])

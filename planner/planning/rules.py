@@ -132,10 +132,12 @@ RULES: dict[str, Rule] = {r.id: r for r in (
                             "component's host bytes wait",
          "{source} is '{to}'"),
     Rule("host-tier-pinned-fits", "under memory.host_budget, streamed components keep pinned host memory while "
-                                  "the pinned bytes fit",
+                                  "the host peak fits (the process, the pinned bytes, the loader's largest "
+                                  "transient)",
          "{detail}"),
     Rule("host-tier-over-budget", "under memory.host_budget, the largest streamed components leave pinned memory "
-                                  "until the rest fits; their bytes stay in the files, read per layer through a "
+                                  "until the host peak (the process, the pinned bytes, the loader's largest "
+                                  "transient) fits; their bytes stay in the files, read per layer through a "
                                   "pinned staging ring",
          "{detail}"),
     Rule("host-tier-over-ram", "under memory.host_ram, the largest file-backed components are read from disk "
