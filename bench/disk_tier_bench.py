@@ -162,6 +162,13 @@ def load(variant: str, folder: Path, args: argparse.Namespace, device: torch.dev
         return load_pipeline(plan["spec"], device=str(device), plan=plan["plan"], progress=False)
     pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=dtype)
     if variant == "diffusers_resident":
+        if device.type == "cpu":
+            # weights left in the file mapping are not always aligned as a fresh tensor is, and CPU
+            # kernels then round differently (1e-7): the reference gets its own memory, as on a GPU
+            for module in pipe.components.values():
+                if isinstance(module, torch.nn.Module):
+                    for t in list(module.parameters()) + list(module.buffers()):
+                        t.data = t.data.clone()
         return pipe.to(device)
     offload = Path(args.work) / "diffusers-offload"
     shutil.rmtree(offload, ignore_errors=True)
@@ -174,8 +181,31 @@ def load(variant: str, folder: Path, args: argparse.Namespace, device: torch.dev
     return pipe
 
 
-def run_variant(variant: str, folder: Path, args: argparse.Namespace, device: torch.device, call: dict[str, Any],
-                ref: torch.Tensor | None) -> tuple[dict[str, Any], torch.Tensor | None]:
+def variant_child(variant: str, folder: str, args: argparse.Namespace, device: str, call: dict[str, Any],
+                  result: str) -> None:
+    """One variant in a process of its own (its RSS is its own, nothing of the variant before it stays):
+    the row as JSON and the output tensor beside it."""
+    sys.path[:0] = [str(ROOT), str(ROOT / "scripts"), str(ROOT / "bench")]
+    row, out = run_variant(variant, Path(folder), args, torch.device(device), call)
+    torch.save(out.cpu() if out is not None else None, result + ".pt")
+    Path(result).write_text(json.dumps(row, default=str))
+
+
+def run_in_child(variant: str, folder: Path, args: argparse.Namespace, device: torch.device,
+                 call: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor | None]:
+    result = Path(args.work) / f"row-{variant}.json"
+    result.unlink(missing_ok=True)
+    child = multiprocessing.get_context("spawn").Process(
+        target=variant_child, args=(variant, str(folder), args, str(device), call, str(result)))
+    child.start()
+    child.join()
+    if child.exitcode != 0 or not result.exists():
+        return {"variant": variant, "failed": f"exit code {child.exitcode}"}, None
+    return json.loads(result.read_text()), torch.load(str(result) + ".pt")
+
+
+def run_variant(variant: str, folder: Path, args: argparse.Namespace, device: torch.device,
+                call: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor | None]:
     row: dict[str, Any] = {"variant": variant}
     plan = None
     if variant == "ours":
@@ -187,6 +217,8 @@ def run_variant(variant: str, folder: Path, args: argparse.Namespace, device: to
                    predicted_host_peak_bytes=made.estimate.host_peak_bytes,
                    predicted_host_pinned_bytes=made.estimate.host_pinned_bytes,
                    predicted_peak_bytes=made.estimate.gpu_peak_bytes,
+                   predicted_step_s_by_expert={n: made.components[n].estimate.step_seconds for n in TRANSFORMERS
+                                               if n in made.components},
                    placement={n: {"strategy": cp.strategy.value, "host_tier": getattr(cp.host_tier, "value", cp.host_tier),
                                   "resident_layers": len(cp.resident_layers)} for n, cp in made.components.items()})
     pb.free_memory(device)
@@ -200,6 +232,9 @@ def run_variant(variant: str, folder: Path, args: argparse.Namespace, device: to
         pb.sync(device)
         row["ready_s"] = time.perf_counter() - t0
         pipe.set_progress_bar_config(disable=True)
+        # what was read while loading leaves the page cache too: every variant's steps read what it
+        # reads from the disk, diffusers' offload_to_disk_path files included
+        row["page_cache_after_load"] = drop_page_cache(Path(args.work), whole=not args.tiny)
         handle = getattr(pipe, "residency", None)
         if handle is not None:
             rep = handle.report().get("components", {})
@@ -207,11 +242,13 @@ def run_variant(variant: str, folder: Path, args: argparse.Namespace, device: to
                                               + int(rep.get(n, {}).get("streamed_other_bytes", 0)) for n in TRANSFORMERS}
         timer = pb.PhaseTimer(pipe, device)
         steps: list[float] = []
+        timesteps: list[float] = []
         timer_callback = timer.callback
 
         def callback(p: Any, step: int, t: Any, kw: dict[str, Any]) -> dict[str, Any]:
             out = timer_callback(p, step, t, kw)
             steps.append(time.perf_counter())
+            timesteps.append(float(t))
             return out
         timer.callback = callback
         t1 = time.perf_counter()
@@ -220,11 +257,17 @@ def run_variant(variant: str, folder: Path, args: argparse.Namespace, device: to
         row.update({k: v for k, v in res.items() if k in ("encode_s", "denoise_s", "decode_s", "peak_allocated")})
         if len(steps) >= 2:
             row["s_per_step"] = statistics.mean(b - a for a, b in pairwise(steps))
+            # which expert ran each step, as WanPipeline picks it (t >= boundary: the high-noise one)
+            ratio = getattr(pipe.config, "boundary_ratio", None)
+            boundary = ratio * pipe.scheduler.config.num_train_timesteps if ratio is not None else None
+            detail = [{"t": t, "expert": TRANSFORMERS[0] if boundary is None or t >= boundary else TRANSFORMERS[1],
+                       "s": b - a} for t, (a, b) in zip(timesteps[1:], pairwise(steps))]
+            row["steps_detail"] = detail
+            row["s_per_step_by_expert"] = {n: statistics.mean(d["s"] for d in detail if d["expert"] == n)
+                                           for n in TRANSFORMERS if any(d["expert"] == n for d in detail)}
         timer.remove()
     row["rss_before_load_bytes"] = rss0
     row["rss_peak_sampled_bytes"] = sampler.peak
-    if ref is not None:
-        row["exact"], row["max_abs_diff"] = pb.outputs_compare(ref, out)
     del pipe
     pb.free_memory(device)
     return row, out
@@ -261,13 +304,25 @@ def main(argv: list[str] | None = None) -> int:
     call = call_kwargs(args)
     rows, ref = [], None
     for variant in args.variants.split(","):
-        row, out = run_variant(variant, folder, args, device, call, ref)
+        row, out = run_in_child(variant, folder, args, device, call)
         if variant == "diffusers_resident":
             ref = out
             row["exact"], row["max_abs_diff"] = True, 0.0
+        elif ref is not None and out is not None:
+            row["exact"], row["max_abs_diff"] = pb.outputs_compare(ref, out)
+        if "failed" in row:
+            log(f"{variant}: failed ({row['failed']})")
+            rows.append(row)
+            continue
         if "streamed_bytes_per_call" in row:
-            # sequential guidance calls the step's transformer twice; each call reads it whole
-            per_step = max(row["streamed_bytes_per_call"].values()) * (2 if call.get("guidance_scale", 1) > 1 else 1)
+            # sequential guidance calls the step's transformer twice; each call reads what it streams
+            calls = 2 if call.get("guidance_scale", 1) > 1 else 1
+            disk = [n for n, p in (row.get("placement") or {}).items() if p.get("host_tier") == "disk"]
+            row["read_bytes_per_step_by_expert"] = {n: row["streamed_bytes_per_call"][n] * calls for n in disk
+                                                    if n in row["streamed_bytes_per_call"]}
+            row["disk_floor_s_per_step_by_expert"] = {n: b / disk_rate
+                                                      for n, b in row["read_bytes_per_step_by_expert"].items()}
+            per_step = max(row["read_bytes_per_step_by_expert"].values(), default=0)
             row["read_bytes_per_step"] = per_step
             row["disk_floor_s_per_step"] = per_step / disk_rate
         rows.append(row)

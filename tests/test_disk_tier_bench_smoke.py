@@ -41,3 +41,8 @@ def test_disk_tier_bench_tiny(tmp_path: Path) -> None:
     assert ours["read_bytes_per_step"] == 2 * max(ours["streamed_bytes_per_call"].values()) > 0
     assert ours["disk_floor_s_per_step"] == pytest.approx(ours["read_bytes_per_step"] / data["disk_bytes_per_s"])
     assert (tmp_path / "work" / "diffusers-offload" / "transformer").is_dir()
+    # each step after the first is timed and named by the expert WanPipeline ran for it
+    experts = {d["expert"] for d in ours["steps_detail"]}
+    assert experts <= {"transformer", "transformer_2"} and len(ours["steps_detail"]) == 2
+    assert set(ours["s_per_step_by_expert"]) == experts
+    assert set(ours["predicted_step_s_by_expert"]) == {"transformer", "transformer_2"}

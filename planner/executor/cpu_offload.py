@@ -233,7 +233,8 @@ class CpuOffloadGroup(PackedPlacement):
         fillers = {id(t): sourced for comp, ts in zip(self._comps, packed)
                    if (sourced := sources.get(comp.name)) is not None for t in ts}
         pack.fill((lambda pt, dest: fillers[id(pt.tensor)].fill(pt.tensor, dest) if id(pt.tensor) in fillers
-                   else False) if fillers else None)
+                   else False) if fillers else None,
+                  threads=min((s.read_threads for s in fillers.values()), default=1))
         for group in pack.groups:
             for pt in group.tensors:
                 if pt.tensor.device.type == "meta":   # becomes a real object, its values in the block

@@ -107,7 +107,7 @@ class FilePack:
             self.free()
             raise
 
-    def fill(self, source: Any = None) -> None:
+    def fill(self, source: Any = None, *, threads: int = 1) -> None:
         """Nothing to copy: the values stay in the files (checked to hold every packed tensor)."""
 
     def host_view(self, group: packing.PackedGroup, pt: packing.PackedTensor) -> torch.Tensor:

@@ -82,6 +82,10 @@ def alloc_host(numel: int, dtype: torch.dtype, pin: bool) -> HostBlock:
         return HostBlock(torch.empty(numel, dtype=dtype), nbytes, pinned=False)
     size = -(-nbytes // PAGE_BYTES) * PAGE_BYTES
     raw = torch.empty(size + PAGE_BYTES, dtype=torch.uint8)
+    # registering untouched memory faults its pages in one at a time inside the driver: 2.5 GB/s
+    # on an H200 host; written first (torch's fill runs on every core), the two take a quarter of
+    # that (bench/results/host_io_probe_nvidia-h200.json)
+    raw.zero_()
     start = (-raw.data_ptr()) % PAGE_BYTES
     ptr = raw.data_ptr() + start
     err = 1

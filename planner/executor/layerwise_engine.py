@@ -525,7 +525,8 @@ class LayerwiseEngine(PackedPlacement):
         self._pack = pack
         self._from_file = file_tier
         pack.allocate()
-        pack.fill(sourced.packed_filler() if sourced is not None else None)
+        pack.fill(sourced.packed_filler() if sourced is not None else None,
+                  threads=sourced.read_threads if sourced is not None else 1)
         if sourced is not None:
             self._sourced = [sourced]
             for group in pack.groups:

@@ -5,6 +5,7 @@ sits in its group's span, views into a buffer, and putting a tensor back as it w
 from __future__ import annotations
 
 import warnings
+from concurrent.futures import ThreadPoolExecutor, wait
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -175,17 +176,33 @@ class HostPack:
             self.free()
             raise
 
-    def fill(self, source: Callable[[PackedTensor, torch.Tensor], bool] | None = None) -> None:
+    def fill(self, source: Callable[[PackedTensor, torch.Tensor], bool] | None = None, *, threads: int = 1) -> None:
         """Copies every tensor's values into its place (device originals: one D2H each).
 
         ``source(pt, dest)``, when given, is asked first: it fills ``dest`` (the tensor's host view)
-        and answers True, or answers False and the tensor's current values are copied.
+        and answers True, or answers False and the tensor's current values are copied. With
+        ``threads`` > 1 and a source, that many threads fill at once, largest tensors first (the
+        source must take concurrent calls: positioned file reads do, and release the GIL); the
+        first error is raised after every started fill has ended.
         """
-        for group in self.groups:
-            for pt in group.tensors:
-                dest = self.host_view(group, pt)
-                if source is None or not source(pt, dest):
-                    dest.copy_(pt.tensor.data)
+        work = [(group, pt) for group in self.groups for pt in group.tensors]
+
+        def one(item: tuple[PackedGroup, PackedTensor]) -> None:
+            group, pt = item
+            dest = self.host_view(group, pt)
+            if source is None or not source(pt, dest):
+                dest.copy_(pt.tensor.data)
+
+        if threads <= 1 or source is None or len(work) < 2:
+            for item in work:
+                one(item)
+            return
+        work.sort(key=lambda item: -item[1].numel * item[1].tensor.element_size())
+        with ThreadPoolExecutor(min(threads, len(work)), thread_name_prefix="host-fill") as pool:
+            futures = [pool.submit(one, item) for item in work]
+            wait(futures)
+        for f in futures:
+            f.result()
 
     def host_view(self, group: PackedGroup, pt: PackedTensor) -> torch.Tensor:
         return view_in(self.blocks[pt.dtype].tensor, pt, group.spans[pt.dtype][0])

@@ -106,12 +106,20 @@ def _progress(total: int, enabled: bool) -> Any:
 
 
 def check_host_budget(plan: Plan) -> None:
-    """A plan whose host bytes exceed the host budget it records is refused before anything is read
-    (planning refuses such a plan too; this covers a saved plan edited by hand)."""
-    budget, need = plan.estimate.host_budget_bytes, plan.estimate.host_pinned_bytes
-    if budget is not None and need > budget:
-        raise PlanApplyError(f"the plan keeps {need} bytes in pinned host memory, over its host budget of "
-                             f"{budget} bytes; nothing was loaded")
+    """A plan whose predicted host peak exceeds the host budget it records is refused before anything
+    is read (planning refuses such a plan too; this covers a saved plan edited by hand). A plan saved
+    before it recorded a host peak is held to its pinned bytes."""
+    est = plan.estimate
+    budget = est.host_budget_bytes
+    if budget is None:
+        return
+    if est.host_peak_bytes is not None and est.host_peak_bytes > budget:
+        raise PlanApplyError(f"the plan's predicted host peak is {est.host_peak_bytes} bytes (the process, the "
+                             f"pinned bytes, the loader's largest transient), over its host budget of {budget} "
+                             "bytes; nothing was loaded")
+    if est.host_pinned_bytes > budget:
+        raise PlanApplyError(f"the plan keeps {est.host_pinned_bytes} bytes in pinned host memory, over its host "
+                             f"budget of {budget} bytes; nothing was loaded")
 
 
 def _check_file_tier_storage(name: str, cp: ComponentPlan, module: torch.nn.Module,

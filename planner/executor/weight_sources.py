@@ -44,6 +44,8 @@ class SourcedTensors:
         self.what = what or type(module).__name__
         self._read_into = getattr(source, "read_into", None)
         self._has = source.__contains__ if hasattr(source, "__contains__") else None
+        # how many threads may fill through the source at once (HostPack.fill)
+        self.read_threads = max(1, int(getattr(source, "read_threads", 1)))
         self._slots: dict[int, list[tuple[dict, str]]] | None = None
         self.swapped: list[tuple[torch.Tensor, torch.Tensor]] = []   # (meta object, its replacement)
 
