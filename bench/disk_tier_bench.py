@@ -78,7 +78,9 @@ def build_folder(folder: str, tiny: bool) -> None:
                 torch.set_default_dtype(old)
             parts[name] = module.to(torch.bfloat16).eval()
         parts["text_encoder"] = parts["text_encoder"].to(torch.bfloat16)
-        type(pipe)(**parts).save_pretrained(folder, safe_serialization=True)
+        # the pipeline's own settings go with its modules (boundary_ratio splits the steps between the experts)
+        settings = {k: v for k, v in pipe.config.items() if not k.startswith("_") and k not in parts}
+        type(pipe)(**parts, **settings).save_pretrained(folder, safe_serialization=True)
     nbytes = sum(f.stat().st_size for f in Path(folder).rglob("*.safetensors"))
     (Path(folder) / ".bench-complete.json").write_text(json.dumps(
         {"folder_bytes": nbytes, "build_and_save_s": time.perf_counter() - t0, "tiny": tiny}))
