@@ -53,6 +53,24 @@ MODEL = "wan2.2-t2v-a14b"
 TRANSFORMERS = ("transformer", "transformer_2")
 
 
+def matching_text_encoder(tiny: Any, text_dim: int, device: torch.device) -> Any:
+    """A one-layer-deep UMT5 encoder as wide as the real transformers' ``text_dim`` (4096), with the
+    tiny pipeline's vocabulary: the real UMT5-XXL's 11 GB would not fit the disk beside the experts,
+    and the tiny encoder's 32-wide states do not fit the real transformers' text projection."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    cfg = tiny.config.to_dict()
+    cfg.update(d_model=text_dim, d_kv=64, num_heads=text_dim // 64, d_ff=2 * text_dim, num_layers=1)
+    old = torch.get_default_dtype()
+    torch.manual_seed(zlib.crc32(b"text_encoder"))
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            return UMT5EncoderModel(UMT5Config(**cfg)).to(torch.bfloat16).eval()
+    finally:
+        torch.set_default_dtype(old)
+
+
 def build_folder(folder: str, tiny: bool) -> None:
     """The child process: the pipeline built and saved, then a marker written."""
     sys.path[:0] = [str(ROOT), str(ROOT / "scripts"), str(ROOT / "bench")]
@@ -77,7 +95,8 @@ def build_folder(folder: str, tiny: bool) -> None:
             finally:
                 torch.set_default_dtype(old)
             parts[name] = module.to(torch.bfloat16).eval()
-        parts["text_encoder"] = parts["text_encoder"].to(torch.bfloat16)
+        parts["text_encoder"] = matching_text_encoder(parts["text_encoder"], parts["transformer"].config.text_dim,
+                                                      device)
         # the pipeline's own settings go with its modules (boundary_ratio splits the steps between the experts)
         settings = {k: v for k, v in pipe.config.items() if not k.startswith("_") and k not in parts}
         type(pipe)(**parts, **settings).save_pretrained(folder, safe_serialization=True)

@@ -46,3 +46,21 @@ def test_disk_tier_bench_tiny(tmp_path: Path) -> None:
     assert experts <= {"transformer", "transformer_2"} and len(ours["steps_detail"]) == 2
     assert set(ours["s_per_step_by_expert"]) == experts
     assert set(ours["predicted_step_s_by_expert"]) == {"transformer", "transformer_2"}
+
+
+def test_text_encoder_matches_the_real_transformers_width() -> None:
+    """The real-size folder's text encoder: as wide as the transformers' text_dim, one layer."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import disk_tier_bench as dtb
+
+    from planner.testing.tiny_pipelines import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline("wan2.2-t2v-a14b")
+    enc = dtb.matching_text_encoder(pipe.text_encoder, 128, torch.device("cpu"))
+    assert enc.config.d_model == 128 and enc.config.num_layers == 1 and enc.config.vocab_size == len(pipe.tokenizer)
+    ids = pipe.tokenizer("a cat", return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = enc(ids).last_hidden_state
+    assert out.shape[-1] == 128 and out.dtype == torch.bfloat16
