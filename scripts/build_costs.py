@@ -135,7 +135,10 @@ TEXT_ENCODERS: list[tuple[str, str, Callable, tuple[int, ...], str]] = [
      "WanPipeline: pads to max_sequence_length 512; " + MASK_NOTE),
 ]
 # (catalog model, component); the Flux VAE config is Z-Image's and, but for latent statistics, SD3.5's
-VAES: list[tuple[str, str]] = [("flux.1-dev", "vae"), ("z-image-turbo", "vae"), ("sd3.5-large", "vae")]
+# Image VAEs: AutoencoderKL, and Qwen-Image's (a Wan-style causal 3-D VAE decoding one frame). Wan's own
+# VAE decodes video, whose cost grows with the frames: a count at one frame would under-price it.
+VAES: list[tuple[str, str]] = [("flux.1-dev", "vae"), ("z-image-turbo", "vae"), ("sd3.5-large", "vae"),
+                               ("qwen-image", "vae")]
 
 
 def _build(model: str, component: str) -> torch.nn.Module:
@@ -189,11 +192,12 @@ def count_vaes(only: set[str] | None = None) -> dict[str, list[dict[str, Any]]]:
         if (name, params) in seen:
             seen[name, params]["components"].append(f"{model}/{comp}")
             continue
-        channels = module.config.latent_channels
-        scale = 2 ** (len(module.config.block_out_channels) - 1)
+        video = "z_dim" in module.config       # latents (batch, channels, frames, h, w)
+        channels = module.config.z_dim if video else module.config.latent_channels
+        scale = 2 ** (len(module.config.dim_mult if video else module.config.block_out_channels) - 1)
         points = []
         for r in VAE_SIZES:
-            z = _e(1, channels, r // scale, r // scale)
+            z = _e(1, channels, 1, r // scale, r // scale) if video else _e(1, channels, r // scale, r // scale)
             c = count_forward(module, lambda m, z=z: m.decode(z, return_dict=False), [z])
             points.append({"height": r, "width": r, "pixels": r * r, "flops": c.flops,
                            "activation_peak_bytes": c.activation_peak_bytes})
@@ -201,9 +205,11 @@ def count_vaes(only: set[str] | None = None) -> dict[str, list[dict[str, Any]]]:
                   f"activations {c.activation_peak_bytes / 2**30:.3f} GiB", file=sys.stderr)
         entry = {"parameters": params, "role": "vae_decode", "dtype": "bfloat16", "batch": 1,
                  "components": [f"{model}/{comp}"],
-                 "note": "decode(latents, return_dict=False) of (1, latent_channels, h/8, w/8) bf16 latents; the "
-                         "mid-block attention (one head of 512) counted as the memory-efficient kernel, the one "
-                         "PyTorch runs for a head dim past flash attention's 256",
+                 "note": ("decode(latents, return_dict=False) of (1, z_dim, 1, h/8, w/8) bf16 latents (one frame); "
+                          "the mid-block attention (one head of 384) counted as the memory-efficient kernel" if video
+                          else "decode(latents, return_dict=False) of (1, latent_channels, h/8, w/8) bf16 latents; "
+                          "the mid-block attention (one head of 512) counted as the memory-efficient kernel, the one "
+                          "PyTorch runs for a head dim past flash attention's 256"),
                  "points": points}
         seen[name, params] = entry
         out.setdefault(name, []).append(entry)

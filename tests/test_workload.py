@@ -234,3 +234,39 @@ def test_vae_tiling_is_a_boolean_in_the_schema():
     assert tiled.components["vae"].estimate.activation_bytes < whole.components["vae"].estimate.activation_bytes
     with pytest.raises(SpecError, match="vae_tiling"):
         make_plan(load_text(text % "'yes'", "t.yaml"))
+
+
+def test_qwen_image_vae_decode_is_counted_and_scaled_by_its_own_measured_factor():
+    """Qwen-Image's VAE (3-D causal convolutions, one frame) has a count of its own; the H200 profile
+    scales each decoder class by what was measured for it, and a class it did not measure by the
+    general factor."""
+    from planner.planning.activations import decode_call
+
+    vae = catalog_inventory("qwen-image").get("vae")
+    (entry,) = entries("AutoencoderKLQwenImage", "vae_decode")
+    at = {p["height"]: p["activation_peak_bytes"] for p in entry["points"]}
+    assert at[1024] > 3 * 2**30 and at[512] < at[1024] / 3            # an image of a few GiB at 1024²
+    h200 = load_profile("h200")
+    assert h200.decode_scale("AutoencoderKLQwenImage") == 1.22
+    assert h200.decode_scale("AutoencoderKL") == h200.decode_activation_scale == 1.67
+    assert h200.decode_scale("SomeOtherVAE") == h200.decode_activation_scale
+    w = {"height": 1024, "width": 1024}
+    flops, act = decode_call(vae, w, h200, "bfloat16")
+    assert act == pytest.approx(at[1024] * 1.22, abs=2)
+    assert decode_call(vae, w, None, "bfloat16")[1] == pytest.approx(at[1024], abs=2)   # log-log interpolation
+    # the plan's decode phase holds it: a Qwen-Image plan's activation peak is the decode's at 1024²
+    acts = component_activations(w, catalog_inventory("qwen-image"), "bfloat16", h200)
+    assert acts["vae"] == act
+
+
+def test_a_profile_refuses_a_decode_scale_that_is_not_a_positive_number(tmp_path):
+    import json
+
+    base = {"h2d_bytes_per_s": 5e10, "effective_flops": 4e14}
+    for bad in ({"AutoencoderKL": 0}, {"AutoencoderKL": "big"}, [1.2]):
+        path = tmp_path / "p.json"
+        path.write_text(json.dumps(dict(base, decode_activation_scales=bad)))
+        with pytest.raises(ValueError, match="decode_activation_scales|AutoencoderKL"):
+            load_profile(str(path))
+    path.write_text(json.dumps(dict(base, decode_activation_scales={"AutoencoderKL": 1.5})))
+    assert load_profile(str(path)).decode_scale("AutoencoderKL") == 1.5

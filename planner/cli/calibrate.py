@@ -371,6 +371,7 @@ def calibrate(out: str | Path) -> dict[str, Any]:
         profile["decode_flops"] = decode_rate
         if decode_scale is not None:
             profile["decode_activation_scale"] = round(decode_scale, 3)
+            profile["decode_activation_scales"] = {"AutoencoderKL": round(decode_scale, 3)}   # the class measured
     except ImportError:   # no diffusers: the decoder's rates stay unset (the transformer rate stands in)
         pass
     folder = Path(out).parent if str(Path(out).parent) else Path(".")

@@ -95,7 +95,7 @@ def decode_call(info: ComponentInfo, workload: Mapping[str, Any],
     if any(c is None for c in costs):
         return None
     scale = images_per_call(workload) * _scale_bytes(info, dtype)
-    measured = profile.decode_activation_scale if profile is not None else 1.0
+    measured = profile.decode_scale(info.class_name) if profile is not None else 1.0
     flops = sum(c[0] for c in costs) * images_per_call(workload)
     activation = max(c[1] for c in costs) * measured
     if tiles:

@@ -73,6 +73,10 @@ class Profile:
     # workspaces); None / 1.0 where a profile does not say
     decode_flops: float | None = None
     decode_activation_scale: float = 1.0
+    # the same measured per decoder class, where the convolutions differ (Qwen-Image's 3-D causal
+    # convolutions keep other workspaces than AutoencoderKL's 2-D ones); a class not listed takes
+    # decode_activation_scale
+    decode_activation_scales: tuple[tuple[str, float], ...] = ()
     # host_tier mapped: bytes per second copied out of a warm file mapping (the page cache) into
     # pinned memory; host_tier disk: bytes per second read from the disk with direct I/O. None: the
     # defaults above
@@ -81,6 +85,10 @@ class Profile:
     # a denoiser's call priced kernel by kind where the profile has the rates and the class was
     # counted that way; None: every counted FLOP at ``effective_flops``
     kernel_rates: KernelRates | None = None
+
+    def decode_scale(self, class_name: str) -> float:
+        """The measured activation scale of a decoder class (its own where measured)."""
+        return dict(self.decode_activation_scales).get(class_name, self.decode_activation_scale)
 
     def read_bytes_per_s(self, tier: object) -> float | None:
         """The rate at which a host tier's bytes reach the staging ring (None: pinned, nothing read)."""
@@ -146,9 +154,18 @@ def load_profile(name_or_path: str | None, base: Path | None = None) -> Profile:
                    layer_overhead_s=_positive(data, "layer_overhead_s", 2e-5), source=source,
                    decode_flops=_positive(data, "decode_flops") if data.get("decode_flops") is not None else None,
                    decode_activation_scale=_positive(data, "decode_activation_scale", 1.0),
+                   decode_activation_scales=_class_scales(data.get("decode_activation_scales")),
                    page_cache_bytes_per_s=_optional(data, "page_cache_bytes_per_s"),
                    disk_bytes_per_s=_optional(data, "disk_bytes_per_s"),
                    kernel_rates=_kernel_rates(data.get("kernel_rates")))
+
+
+def _class_scales(data: object) -> tuple[tuple[str, float], ...]:
+    if data is None:
+        return ()
+    if not isinstance(data, dict):
+        raise ValueError("decode_activation_scales must be a JSON object of class name -> scale")
+    return tuple(sorted((str(k), _positive(data, k)) for k in data))
 
 
 def _kernel_rates(data: object) -> KernelRates | None:
