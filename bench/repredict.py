@@ -22,7 +22,8 @@ if str(ROOT) not in sys.path:
 
 from planner.api import make_plan  # noqa: E402
 
-CATALOG = {"zimage": "z-image-turbo", "zimage_cfg": "z-image-turbo", "flux": "flux.1-dev", "sd35": "sd3.5-large"}
+CATALOG = {"zimage": "z-image-turbo", "zimage_cfg": "z-image-turbo", "flux": "flux.1-dev", "sd35": "sd3.5-large",
+           "qwen": "qwen-image"}
 GiB = 1 << 30
 
 
