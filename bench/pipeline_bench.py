@@ -39,6 +39,7 @@ import re
 import shlex
 import shutil
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -902,6 +903,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="plan and load each budget variant at each size (default: one plan, the largest size's)")
     p.add_argument("--work", default="/tmp/pb", help="where the pipeline folders are saved (reused when present)")
     p.add_argument("--cleanup", action="store_true", help="delete each family's folder after the family")
+    p.add_argument("--process-per-variant", action="store_true",
+                   help="run each of --variants in a fresh process of this script (one family; the rows merge into "
+                        "<out>/pipeline_<gpu>.json): each variant's RSS is its own, nothing of the one before stays")
     p.add_argument("--budget-s", type=float, default=None,
                    help="stop starting new variants after this many seconds (default 540 on a GPU; 0: none)")
     p.add_argument("--weight-std", type=float, default=None,
@@ -933,9 +937,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def per_variant_processes(argv: list[str], args: argparse.Namespace) -> int:
+    """``--process-per-variant``: this script again for each variant, in order (the reference first, as
+    listed), sharing the saved folder and the references under ``--work``; the folder is deleted after
+    the last when ``--cleanup``."""
+    if not args.variants or len(args.families) != 1:
+        raise SystemExit("--process-per-variant needs --variants and one family")
+    drop = {"--process-per-variant", "--cleanup"}
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--variants", "--budget-s"):
+            skip = True
+            continue
+        if a in drop or a.startswith(("--variants=", "--budget-s=")):
+            continue
+        rest.append(a)
+    start, rc = time.perf_counter(), 0
+    order = [v for v in (argv[argv.index("--variants") + 1].split(",") if "--variants" in argv else []) if v]
+    for variant in order or sorted(args.variants):
+        left = args.budget_s - (time.perf_counter() - start) if args.budget_s else 0.0
+        if args.budget_s and left <= 0:
+            log(f"skipping {variant}: time budget spent")
+            continue
+        cmd = [sys.executable, str(Path(__file__).resolve()), *rest, "--variants", variant]
+        if args.budget_s:
+            cmd += ["--budget-s", f"{left:.0f}"]
+        rc = max(rc, subprocess.run(cmd, check=False).returncode)
+    if args.cleanup:
+        family = FOLDER_OF.get(args.families[0], args.families[0])
+        shutil.rmtree(Path(args.work) / (f"tiny-{family}" if args.tiny else family), ignore_errors=True)
+    return rc
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.process_per_variant:
+        return per_variant_processes(argv, args)
     bench = Bench(args)
     try:
         bench.run()
