@@ -8,24 +8,46 @@ when one of the last two runs, so planning never loads torch.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
-from planner.errors import FolderError, PlanApplyError, SpecError
+from planner.errors import Diagnostic, FolderError, PlanApplyError, SpecError
+from planner.files.host_ram import host_ram_bytes
 from planner.inventory.model import Inventory
 from planner.plan import Plan
 from planner.planning import make_plan as _planning
 from planner.planning.make_plan import SpecLike, load_spec
+from planner.spec.sizes import parse_size
+
+
+HOST_RAM_ENV = "RESIDENCY_PLANNER_HOST_RAM"
 
 
 def make_plan(spec: SpecLike, pipeline: Any = None, *, strict: bool = False,
-              inventory: Inventory | None = None) -> Plan:
+              inventory: Inventory | None = None, machine_ram: int | None = None) -> Plan:
     """Load, validate and resolve a deployment spec into a residency plan.
 
     ``pipeline`` (a loaded diffusers pipeline, or a ``{name: module}`` mapping) or ``inventory``
-    replace the facts the spec's ``pipeline:`` section would give.
+    replace the facts the spec's ``pipeline:`` section would give. ``machine_ram``: the RAM of the
+    machine the plan is for (``this_machine_ram()``), the host tiers' limit where the spec sets no
+    ``memory.host_budget`` or ``memory.host_ram``.
     """
-    return _planning.make_plan(spec, pipeline, strict=strict, inventory=inventory)
+    return _planning.make_plan(spec, pipeline, strict=strict, inventory=inventory, machine_ram=machine_ram)
+
+
+def this_machine_ram() -> int | None:
+    """The RAM of this machine as a plan loaded here may count on it: ``RESIDENCY_PLANNER_HOST_RAM``
+    (a size; empty: none), else ``MemTotal`` capped by the cgroup's memory limit."""
+    if HOST_RAM_ENV in os.environ:
+        value = os.environ[HOST_RAM_ENV].strip()
+        try:
+            return parse_size(value) if value else None
+        except ValueError:
+            raise SpecError([Diagnostic(f"<environment {HOST_RAM_ENV}>", 1, 1,
+                                        f"{HOST_RAM_ENV}={value!r} is not a size (use bytes or a unit: "
+                                        "B, KB, MB, GB, KiB, MiB, GiB)")]) from None
+    return host_ram_bytes()
 
 
 def apply_plan(pipe: Any, plan: Plan | SpecLike, *, device: str | None = None, strict: bool = False) -> Any:
@@ -67,5 +89,6 @@ def load_pipeline(spec: SpecLike, *, device: str | None = None, plan: Plan | Non
 
     doc = load_spec(spec)
     folder = spec_folder(doc)
-    plan = plan or make_plan(doc)
+    # planned for this machine: where the spec gives no host limit, the host tiers fit its RAM
+    plan = plan or make_plan(doc, machine_ram=this_machine_ram())
     return load_planned(folder, plan, device=device, progress=progress, pipeline_kwargs=pipeline_kwargs)

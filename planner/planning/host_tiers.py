@@ -16,7 +16,8 @@ the most specific statement); ``auto`` or nothing lets the planner pick. It pick
 limit (``memory.host_budget``: the process's peak host memory, ``estimate.host_peak_bytes``: the
 process, the pinned bytes and the loader's largest transient; ``memory.host_ram``: the RAM the plan
 may count on, that peak, and after loading the page cache of mapped weights beside the pinned bytes
-and the process); with neither, every streamed component is pinned, as before.
+and the process; ``machine_ram``, the RAM of the machine a plan is loaded on, where the spec sets
+neither); with none of them, every streamed component is pinned, as before.
 
 The choice, for the components the planner may place (sorted by streamed bytes, largest first,
 then by name): the fewest largest components leave pinned memory so that the pinned bytes fit the
@@ -89,13 +90,17 @@ def _candidate(comp: ComponentResolution) -> _Candidate:
 
 
 def choose_host_tiers(doc: Document, inventory: Inventory, resolution: Resolution,
-                      profile: Profile | None = None) -> dict[str, HostTier]:
+                      profile: Profile | None = None, *, machine_ram: int | None = None) -> dict[str, HostTier]:
     """The host tier of every component that keeps host bytes (layerwise, cpu_offload); appends a
     decision per choice to ``resolution.decisions``; ``SpecError`` (located) for a tier the
-    component cannot have, or a budget nothing fits in."""
+    component cannot have, or a budget nothing fits in. ``machine_ram`` (the RAM of the machine the
+    plan is loaded on) stands for ``memory.host_ram`` where the spec sets neither limit."""
     memory = doc.data.get("memory", {}) or {}
     budget = parse_size(memory["host_budget"]) if "host_budget" in memory else None
     ram = parse_size(memory["host_ram"]) if "host_ram" in memory else None
+    ram_name = f"memory.host_ram {format_size(ram)}" if ram is not None else ""
+    if budget is None and ram is None and machine_ram:
+        ram, ram_name = machine_ram, f"this machine's RAM ({format_size(machine_ram)})"
     errors = []
     tiers: dict[str, HostTier] = {}
     movable: list[ComponentResolution] = []
@@ -145,13 +150,14 @@ def choose_host_tiers(doc: Document, inventory: Inventory, resolution: Resolutio
         plans = {n: component_plan(c, host_tier=tiers.get(n)) for n, c in resolution.components.items()}
         transient = loader_transient(plans, {n: stored_layer_bytes(c) for n, c in resolution.components.items()},
                                      cast_on_read=cast_on_read(resolution, dtype))
-        tiers.update(_place(doc, resolution, movable, fixed, budget, ram, profile, transient))
+        tiers.update(_place(doc, resolution, movable, fixed, budget, ram, profile, transient, ram_name))
     return tiers
 
 
 def _place(doc: Document, resolution: Resolution, movable: list[ComponentResolution],
            others: list[tuple[str, int, str]], budget: int | None, ram: int | None,
-           profile: Profile | None, transient: LoadTransient) -> dict[str, HostTier]:
+           profile: Profile | None, transient: LoadTransient, ram_name: str = "") -> dict[str, HostTier]:
+    ram_name = ram_name or f"memory.host_ram {format_size(ram or 0)}"
     cands = sorted((_candidate(c) for c in movable), key=lambda c: (-c.streamed, c.name))
     # a component whose ring pins as much as its streamed bytes gains nothing from leaving
     fixed = [c for c in cands if c.staging >= c.streamed]
@@ -170,7 +176,7 @@ def _place(doc: Document, resolution: Resolution, movable: list[ComponentResolut
     if k is None:
         parts = ([(n, b, how) for n, b, how in others] + [(c.name, c.streamed, "layerwise, pinned") for c in fixed]
                  + [(c.name, c.staging, "layerwise, mapped: its staging ring") for c in order])
-        _refuse(doc, pinned_after(len(order)), budget, ram, parts, transient)
+        _refuse(doc, pinned_after(len(order)), budget, ram, parts, transient, ram_name)
     assert k is not None
     # with host_ram: the largest file-backed components read from disk until the page cache holds the
     # rest (after loading: the loader's transient is gone by then)
@@ -180,7 +186,7 @@ def _place(doc: Document, resolution: Resolution, movable: list[ComponentResolut
         while disk < k and sum(c.streamed for c in order[disk:k]) > left:
             disk += 1
     limit = (f"memory.host_budget {format_size(budget)}" if budget is not None and cap == budget
-             else f"memory.host_ram {format_size(ram or 0)}")
+             else ram_name)
     besides = f"{format_size(PROCESS_HOST_BYTES)} for the process" + (
         f" and {format_size(transient.nbytes)} for the loader's largest transient ({transient.describe()})"
         if transient.nbytes else "")
@@ -202,7 +208,7 @@ def _place(doc: Document, resolution: Resolution, movable: list[ComponentResolut
             tier, rule = HostTier.DISK, "host-tier-over-ram"
             detail = (f"{c.name}'s {format_size(c.streamed)} are read from disk per layer (direct I/O) through a "
                       f"{format_size(c.staging)} pinned staging ring: pinned {format_size(total_pinned)}, and the "
-                      f"page cache could not also hold them within memory.host_ram {format_size(ram or 0)}"
+                      f"page cache could not also hold them within {ram_name}"
                       + _rate(profile, HostTier.DISK))
         else:
             tier, rule = HostTier.MAPPED, "host-tier-over-budget"
@@ -226,7 +232,7 @@ def _rate(profile: Profile | None, tier: HostTier) -> str:
 
 
 def _refuse(doc: Document, smallest_pinned: int, budget: int | None, ram: int | None,
-            parts: list[tuple[str, int, str]], transient: LoadTransient) -> None:
+            parts: list[tuple[str, int, str]], transient: LoadTransient, ram_name: str = "") -> None:
     held = ", ".join(f"{n} {format_size(b)} ({how})" for n, b, how in parts if b)
     need = smallest_pinned + PROCESS_HOST_BYTES + transient.nbytes
     what = (f"even the smallest plan has a host peak of {format_size(need)}: about {format_size(PROCESS_HOST_BYTES)} "
@@ -237,6 +243,11 @@ def _refuse(doc: Document, smallest_pinned: int, budget: int | None, ram: int | 
         where: PathKey = ("memory", "host_budget")
         msg = (f"{what}, over memory.host_budget {format_size(budget)}. Raise the budget to at least "
                f"{format_size(need)} ({need} bytes), or keep more on the GPU (resident components or resident_layers)")
+    elif ram_name.startswith("this machine"):
+        where = ("memory",) if "memory" in doc.data else ("pipeline",)
+        msg = (f"{ram_name} is too small to load this plan: {what}. Keep more on the GPU (a gpu_budget, resident "
+               f"components or resident_layers), or set memory.host_ram to plan for a machine with at least "
+               f"{format_size(need)} ({need} bytes)")
     else:
         where = ("memory", "host_ram")
         msg = (f"memory.host_ram {format_size(ram or 0)} is too small: {what}. Raise it to at least "

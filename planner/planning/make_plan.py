@@ -5,6 +5,7 @@ this module only wires them.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any, Mapping, Union
 
@@ -91,14 +92,17 @@ def spec_inventory(doc: Document, *, pipeline: Any = None) -> Inventory:
 
 
 def make_plan(spec: SpecLike, pipeline: Any = None, *, strict: bool = False,
-              inventory: Inventory | None = None) -> Plan:
+              inventory: Inventory | None = None, machine_ram: int | None = None) -> Plan:
     """Load, validate and resolve a deployment spec into a residency plan.
 
     ``pipeline`` (a loaded diffusers pipeline, or a ``{name: module}`` mapping) or ``inventory``
-    replace the facts the spec's ``pipeline:`` section would give.
+    replace the facts the spec's ``pipeline:`` section would give. ``machine_ram``: the RAM of the
+    machine the plan is for, the host tiers' limit where the spec sets neither ``memory.host_budget``
+    nor ``memory.host_ram``.
     """
     doc = load_spec(spec)
     inv = inventory if inventory is not None else spec_inventory(doc, pipeline=pipeline)
     resolution = resolve(doc, inv, strict=strict)
     storage_from_files(doc, inv, resolution)       # float8 files stay float8
-    return plan_budget(doc, inv, resolution, strict=strict, host_tiers=choose_host_tiers)
+    return plan_budget(doc, inv, resolution, strict=strict,
+                       host_tiers=partial(choose_host_tiers, machine_ram=machine_ram))
