@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from planner.errors import Diagnostic, FolderError, PlanApplyError, SpecError
+from planner.files.bounded_read import plain_relative
 from planner.files.host_ram import host_ram_bytes
+from planner.files.model_folder import component_weight_files
+from planner.files.readahead import start_readahead
 from planner.inventory.model import Inventory
-from planner.plan import Plan
+from planner.plan import FILE_TIERS, Plan
 from planner.planning import make_plan as _planning
 from planner.planning.make_plan import SpecLike, load_spec
 from planner.spec.sizes import parse_size
@@ -34,6 +37,20 @@ def make_plan(spec: SpecLike, pipeline: Any = None, *, strict: bool = False,
     ``memory.host_budget`` or ``memory.host_ram``.
     """
     return _planning.make_plan(spec, pipeline, strict=strict, inventory=inventory, machine_ram=machine_ram)
+
+
+def files_read_whole(folder: Path, plan: Plan) -> list[Path]:
+    """The safetensors files ``load_pipeline`` reads whole, in the plan's order: every component's but
+    those a file tier streams from (their layers stay in the files until they run)."""
+    out: list[Path] = []
+    for name, cp in plan.components.items():
+        if cp.host_tier in FILE_TIERS or not plain_relative(name) or "/" in name:
+            continue
+        try:
+            out += component_weight_files(folder / name)
+        except FolderError:
+            continue            # the loader reports it
+    return out
 
 
 def this_machine_ram() -> int | None:
@@ -85,10 +102,11 @@ def load_pipeline(spec: SpecLike, *, device: str | None = None, plan: Plan | Non
     whose files store float8 is planned to keep it (docs/loading.md). Errors: ``SpecError`` (the spec, a plan over
     ``memory.host_budget``), ``PlanApplyError`` (files missing or corrupt, a component that cannot
     be placed); on error nothing stays attached."""
-    from planner.executor.pipeline_loader import load_planned
-
     doc = load_spec(spec)
     folder = spec_folder(doc)
     # planned for this machine: where the spec gives no host limit, the host tiers fit its RAM
     plan = plan or make_plan(doc, machine_ram=this_machine_ram())
+    start_readahead(files_read_whole(folder, plan))     # the disk works while torch and diffusers import
+    from planner.executor.pipeline_loader import load_planned
+
     return load_planned(folder, plan, device=device, progress=progress, pipeline_kwargs=pipeline_kwargs)
