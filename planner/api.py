@@ -8,6 +8,7 @@ when one of the last two runs, so planning never loads torch.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from planner.inventory.model import Inventory
 from planner.plan import FILE_TIERS, Plan
 from planner.planning import make_plan as _planning
 from planner.planning.make_plan import SpecLike, load_spec
+from planner.planning.workload import uncounted_denoisers
 from planner.spec.sizes import parse_size
 
 
@@ -28,15 +30,37 @@ HOST_RAM_ENV = "RESIDENCY_PLANNER_HOST_RAM"
 
 
 def make_plan(spec: SpecLike, pipeline: Any = None, *, strict: bool = False,
-              inventory: Inventory | None = None, machine_ram: int | None = None) -> Plan:
+              inventory: Inventory | None = None, machine_ram: int | None = None, count: bool = True) -> Plan:
     """Load, validate and resolve a deployment spec into a residency plan.
 
     ``pipeline`` (a loaded diffusers pipeline, or a ``{name: module}`` mapping) or ``inventory``
     replace the facts the spec's ``pipeline:`` section would give. ``machine_ram``: the RAM of the
     machine the plan is for (``this_machine_ram()``), the host tiers' limit where the spec sets no
-    ``memory.host_budget`` or ``memory.host_ram``.
+    ``memory.host_budget`` or ``memory.host_ram``. ``count``: a folder's denoiser whose config the shipped
+    counts lack is counted on the meta device first (needs torch and diffusers; a few seconds for a
+    real-size one), else priced by the rule of thumb.
     """
-    return _planning.make_plan(spec, pipeline, strict=strict, inventory=inventory, machine_ram=machine_ram)
+    doc = load_spec(spec)
+    counts = None
+    if count and pipeline is None and inventory is None and "path" in doc.data["pipeline"]:
+        inventory = _planning.spec_inventory(doc)
+        counts = _folder_counts(doc, inventory)
+    return _planning.make_plan(doc, pipeline, strict=strict, inventory=inventory, machine_ram=machine_ram,
+                               counts=counts)
+
+
+def _folder_counts(doc: Any, inventory: Inventory) -> dict[str, list[Any]] | None:
+    """Counts for the folder's denoisers the shipped data lacks, where torch and diffusers are
+    installed (nothing is imported when every denoiser is counted); None where they are not, or the
+    count fails (the rule of thumb prices them then)."""
+    if not uncounted_denoisers(inventory) or not all(importlib.util.find_spec(m) for m in ("torch", "diffusers")):
+        return None
+    from planner.costs.folder_counts import count_folder   # torch: only for a config to count
+
+    try:
+        return count_folder(_planning.spec_folder(doc), inventory)
+    except Exception:  # noqa: BLE001 - a config the meta build cannot take: the rule of thumb stands
+        return None
 
 
 def files_read_whole(folder: Path, plan: Plan) -> list[Path]:

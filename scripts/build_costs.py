@@ -34,14 +34,10 @@ for p in (ROOT, ROOT / "scripts"):
 import torch  # noqa: E402
 
 import build_catalog as bc  # noqa: E402
+from planner.costs.calls import DT, denoiser_points  # noqa: E402
 from planner.costs.count import count_forward  # noqa: E402
-from planner.planning.workload import image_tokens  # noqa: E402
 
 COSTS_FILE = ROOT / "planner" / "data" / "costs.json"
-DT = torch.bfloat16
-RESOLUTIONS = (512, 1024, 2048)
-TEXT_TOKENS = (128, 256, 512)
-VIDEO_FRAMES = (1, 21, 41, 81)      # at the pipeline's default 480×832
 ENCODER_TOKENS = (77, 128, 256, 512)
 CLIP_TOKENS = (77,)                 # CLIP's tokenizers pad and truncate to 77
 VAE_SIZES = (512, 768, 1024, 1536, 2048)
@@ -51,44 +47,13 @@ def _e(*shape: int) -> torch.Tensor:
     return torch.empty(*shape, dtype=DT, device="meta")
 
 
-def flux_call(h: int, w: int, f: int, txt: int) -> tuple[Callable, list]:
-    img = (h // 16) * (w // 16)
-    ins = dict(hidden_states=_e(1, img, 64), encoder_hidden_states=_e(1, txt, 4096), pooled_projections=_e(1, 768),
-               timestep=_e(1), img_ids=_e(img, 3), txt_ids=_e(txt, 3), guidance=_e(1))
-    return (lambda m: m(**ins, return_dict=False)), list(ins.values())
-
-
-def zimage_call(h: int, w: int, f: int, txt: int) -> tuple[Callable, list]:
-    x, cap, t = [_e(16, 1, h // 8, w // 8)], [_e(txt, 2560)], _e(1)
-    return (lambda m: m(x, t, cap, return_dict=False)), x + cap + [t]
-
-
-def sd3_call(h: int, w: int, f: int, txt: int) -> tuple[Callable, list]:
-    ins = dict(hidden_states=_e(1, 16, h // 8, w // 8), encoder_hidden_states=_e(1, txt, 4096),
-               pooled_projections=_e(1, 2048), timestep=_e(1))
-    return (lambda m: m(**ins, return_dict=False)), list(ins.values())
-
-
-def qwen_image_call(h: int, w: int, f: int, txt: int) -> tuple[Callable, list]:
-    img = (h // 16) * (w // 16)
-    ins = dict(hidden_states=_e(1, img, 64), encoder_hidden_states=_e(1, txt, 3584), timestep=_e(1))
-    shapes = [(1, h // 16, w // 16)]
-    return (lambda m: m(**ins, img_shapes=shapes, return_dict=False)), list(ins.values())
-
-
-def wan_call(h: int, w: int, f: int, txt: int) -> tuple[Callable, list]:
-    ins = dict(hidden_states=_e(1, 16, (f - 1) // 4 + 1, h // 8, w // 8), timestep=_e(1),
-               encoder_hidden_states=_e(1, txt, 4096))
-    return (lambda m: m(**ins, return_dict=False)), list(ins.values())
-
-
-# class -> (builder from build_catalog, call maker, video)
-DENOISERS: dict[str, tuple[Callable, Callable, bool]] = {
-    "FluxTransformer2DModel": (bc.b_flux_transformer, flux_call, False),
-    "ZImageTransformer2DModel": (bc.b_zimage_transformer, zimage_call, False),
-    "SD3Transformer2DModel": (bc.b_sd3_transformer, sd3_call, False),
-    "QwenImageTransformer2DModel": (bc.b_qwen_image_transformer, qwen_image_call, False),
-    "WanTransformer3DModel": (bc.b_wan_transformer, wan_call, True),
+# class -> (builder from build_catalog, video); how each is called: planner.costs.calls
+DENOISERS: dict[str, tuple[Callable, bool]] = {
+    "FluxTransformer2DModel": (bc.b_flux_transformer, False),
+    "ZImageTransformer2DModel": (bc.b_zimage_transformer, False),
+    "SD3Transformer2DModel": (bc.b_sd3_transformer, False),
+    "QwenImageTransformer2DModel": (bc.b_qwen_image_transformer, False),
+    "WanTransformer3DModel": (bc.b_wan_transformer, True),
 }
 
 
@@ -228,32 +193,13 @@ def layer_paths(module: torch.nn.Module, class_name: str) -> list[str]:
 
 
 def count_class(class_name: str) -> dict[str, Any]:
-    build, make_call, video = DENOISERS[class_name]
+    build, _video = DENOISERS[class_name]
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         module, _ = build()
     module = module.to(DT).eval()
     layers = layer_paths(module, class_name)
-    shapes = [(480, 832, f) for f in VIDEO_FRAMES] if video else [(r, r, 1) for r in RESOLUTIONS]
-    points = []
-    head_dim = 0
-    for h, w, f in shapes:
-        for txt in TEXT_TOKENS:
-            call, inputs = make_call(h, w, f, txt)
-            c = count_forward(module, call, inputs, layers=layers)
-            top = type(module).__name__
-            points.append({
-                "height": h, "width": w, "frames": f, "image_tokens": image_tokens({"height": h, "width": w, "frames": f},
-                                                                                   class_name),
-                "text_tokens": txt, "flops": c.flops, "activation_peak_bytes": c.activation_peak_bytes,
-                "attention_flops": c.attention_flops, "moved_bytes": c.moved_bytes, "ops": c.ops,
-                "strided_bytes": c.strided_bytes,
-                "layer_flops": [c.by_module.get(f"{top}.{p}", 0) for p in layers],
-                "layer_activation_peak_bytes": [c.layer_peaks.get(p, 0) for p in layers],
-            })
-            head_dim = head_dim or c.attention_head_dim
-            print(f"{class_name} {h}x{w}x{f} txt {txt}: {c.flops / 1e12:.2f} TFLOP, "
-                  f"activations {c.activation_peak_bytes / 2**30:.3f} GiB", file=sys.stderr)
+    points, head_dim = denoiser_points(module, layers, log=lambda m: print(m, file=sys.stderr))
     return {"parameters": _parameters(module), "role": "denoiser", "dtype": "bfloat16", "batch": 1, "layers": layers,
             "attention_head_dim": head_dim, "points": points}
 

@@ -22,6 +22,7 @@ from planner.errors import Diagnostic, FolderError, SpecError
 from planner.files.atomic_write import same_file, write_text_atomic
 from planner.inventory.folder import folder_inventory
 from planner.plan import Plan, component_to_dict
+from planner.api import make_plan as api_make_plan
 from planner.planning.make_plan import load_spec, make_plan
 from planner.spec.document import load_json_file
 from planner.spec.schema import check_document, schema_path
@@ -115,7 +116,7 @@ def _load_plan(source: str, *, strict: bool = False) -> Any:
             # what the plan schema lets through and the plan cannot be built from
             raise SpecError([Diagnostic(source, 1, 1, f"not a plan this version reads: {type(exc).__name__}: "
                                                       f"{exc}")]) from None
-    return make_plan(source, strict=strict)
+    return api_make_plan(source, strict=strict)     # a folder's uncounted denoiser is counted first
 
 
 def _fmt_bytes(n: int) -> str:

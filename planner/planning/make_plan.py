@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
-from typing import Any, Mapping, Union
+from collections.abc import Mapping, Sequence
+from typing import Any, Union
 
 from planner.errors import FolderError, SpecError, did_you_mean
 from planner.files.hub_cache import resolve_pipeline_path
@@ -24,6 +25,7 @@ from planner.planning.budget import plan_budget
 from planner.planning.host_tiers import choose_host_tiers
 from planner.planning.resolve import resolve
 from planner.planning.stored_dtype import storage_from_files
+from planner.planning.workload import add_counts
 from planner.spec.document import Document, load_file
 from planner.spec.schema import check_document
 
@@ -92,14 +94,18 @@ def spec_inventory(doc: Document, *, pipeline: Any = None) -> Inventory:
 
 
 def make_plan(spec: SpecLike, pipeline: Any = None, *, strict: bool = False,
-              inventory: Inventory | None = None, machine_ram: int | None = None) -> Plan:
+              inventory: Inventory | None = None, machine_ram: int | None = None,
+              counts: Mapping[str, Sequence[Mapping[str, Any]]] | None = None) -> Plan:
     """Load, validate and resolve a deployment spec into a residency plan.
 
     ``pipeline`` (a loaded diffusers pipeline, or a ``{name: module}`` mapping) or ``inventory``
     replace the facts the spec's ``pipeline:`` section would give. ``machine_ram``: the RAM of the
     machine the plan is for, the host tiers' limit where the spec sets neither ``memory.host_budget``
-    nor ``memory.host_ram``.
+    nor ``memory.host_ram``. ``counts``: counted entries for configs the shipped data lacks
+    (``planner.costs.folder_counts``), in its format.
     """
+    if counts:
+        add_counts(counts)
     doc = load_spec(spec)
     inv = inventory if inventory is not None else spec_inventory(doc, pipeline=pipeline)
     resolution = resolve(doc, inv, strict=strict)

@@ -18,7 +18,7 @@ high resolution holds more activations than a denoiser step (full-size upsamplin
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -120,6 +120,30 @@ def _costs() -> dict[str, list[Mapping[str, Any]]]:
     return {name: list(v) if isinstance(v, list) else [v] for name, v in classes.items()}
 
 
+# Entries counted for a folder's config at planning time (planner.costs.folder_counts, through
+# make_plan's ``counts``): facts of a (class, parameter count) like the shipped ones, kept for the
+# process and looked up after them.
+_FOLDER_COUNTS: dict[str, list[Mapping[str, Any]]] = {}
+
+
+def add_counts(counts: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
+    """Makes counted entries (``class -> [entry]``, the shipped format) available to every lookup."""
+    for name, entries in counts.items():
+        have = _FOLDER_COUNTS.setdefault(name, [])
+        for entry in entries:
+            if all(e.get("parameters") != entry.get("parameters") or e.get("role") != entry.get("role")
+                   for e in have):
+                have.append(entry)
+
+
+def uncounted_denoisers(inventory: Inventory) -> list[str]:
+    """The inventory's denoisers (with layers) of a class the shipped data counts, whose config it
+    does not hold (another parameter count): what ``planner.costs.folder_counts`` would count."""
+    return [c.name for c in inventory.components
+            if family_of(c.name) == "dit" and c.layer_lists and counted_cost(c.class_name) is not None
+            and counted_cost(c.class_name, parameters_of(c)) is None]
+
+
 def parameters_of(info: Any) -> int:
     """The parameter count of a component from its weight bytes and dtype (what lookups match on)."""
     return int(info.weight_bytes) // DTYPE_BYTES.get(info.dtype, 2)
@@ -130,7 +154,8 @@ def counted_cost(class_name: str, parameters: int | None = None,
     """The counted grid (batch 1, bf16) of the class's entry in ``role`` whose parameter count is within
     ``PARAMETER_TOLERANCE`` of ``parameters`` (None: the first entry in that role), or None where that
     config was not counted."""
-    entries = [e for e in _costs().get(class_name, ()) if e.get("role", "denoiser") == role]
+    entries = [e for e in (*_costs().get(class_name, ()), *_FOLDER_COUNTS.get(class_name, ()))
+               if e.get("role", "denoiser") == role]
     if parameters is None:
         return entries[0] if entries else None
     for e in entries:
