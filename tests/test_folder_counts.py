@@ -99,3 +99,22 @@ def test_the_grid_holds_every_shape_and_text_length_in_order():
     points, _ = denoiser_points(module, [], resolutions=(256, 512), text_tokens=(32, 64))
     assert [(p["height"], p["text_tokens"]) for p in points] == [(256, 32), (256, 64), (512, 32), (512, 64)]
     assert points[0]["flops"] < points[1]["flops"] < points[3]["flops"]
+
+
+def test_a_config_deeper_than_its_files_is_not_built(tmp_path: Path):
+    """A hostile config.json (a billion layers over the files' few) is priced by the rule, not built."""
+    import json
+    import shutil
+
+    from planner.testing.tiny_pipelines import save_tiny_pipeline
+
+    folder = tmp_path / "z"
+    save_tiny_pipeline("z-image-turbo", folder)
+    cfg_file = folder / "transformer" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["n_layers"] = 10**9
+    cfg_file.write_text(json.dumps(cfg))
+    plan = api.make_plan(spec(folder))
+    assert "ZImageTransformer2DModel" not in wl._FOLDER_COUNTS
+    assert plan.components["transformer"].estimate.activation_bytes > 0
+    shutil.rmtree(folder)

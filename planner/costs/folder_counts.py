@@ -23,11 +23,17 @@ from planner.inventory.model import Inventory
 from planner.planning.workload import parameters_of, uncounted_denoisers
 
 
-def _build_on_meta(class_name: str, config_file: Path) -> torch.nn.Module:
+def _depth_fits(config: Mapping[str, Any], layers: int) -> bool:
+    """A config whose depth keys (``num_layers``, ``n_refiner_layers``, ...) each stay within the layers
+    the files hold: building a module of a billion blocks, even on meta, would not end."""
+    return all(not isinstance(v, int) or isinstance(v, bool) or 0 <= v <= layers
+               for k, v in config.items() if "layers" in k)
+
+
+def _build_on_meta(class_name: str, config: Mapping[str, Any]) -> torch.nn.Module:
     import diffusers
 
     cls = getattr(diffusers, class_name)
-    config = load_json_file(config_file, "config.json")
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         module = cls.from_config(config)
@@ -42,8 +48,11 @@ def count_folder(folder: str | Path, inventory: Inventory) -> dict[str, list[Map
         assert info is not None
         if not plain_relative(name) or "/" in name:     # the name becomes a path in the folder
             continue
-        module = _build_on_meta(info.class_name, Path(folder) / name / "config.json")
+        config = load_json_file(Path(folder) / name / "config.json", "config.json")
         layers = [f"{ll.path}.{i}" for ll in info.layer_lists for i in range(ll.count)]
+        if not isinstance(config, dict) or not _depth_fits(config, len(layers)):
+            continue
+        module = _build_on_meta(info.class_name, config)
         points, head_dim = denoiser_points(module, layers)
         out.setdefault(info.class_name, []).append({
             "parameters": parameters_of(info), "role": "denoiser", "dtype": "bfloat16", "batch": 1,
