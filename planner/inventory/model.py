@@ -49,6 +49,9 @@ class ComponentInfo:
     dtype: str = "bfloat16"
     layer_lists: tuple[LayerList, ...] = ()
     known: bool = True
+    # the dtype the component's files store its weights in, where the sizes above are counted in
+    # another (a folder planned in the pipeline's dtype: the loader casts as it reads); "" when the same
+    file_dtype: str = ""
 
     @cached_property
     def layer_count(self) -> int:
@@ -131,6 +134,27 @@ def schedule_facts(*sources: Mapping[str, Any] | None) -> tuple[tuple[str, Any],
 
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1}
+
+
+def in_plan_dtype(inventory: Inventory, dtype: str) -> Inventory:
+    """A folder's inventory counted as the loader holds it: floating weights in the pipeline's
+    ``dtype`` (``from_pretrained(torch_dtype=...)`` and ``load_pipeline`` cast them as they read),
+    each component keeping the files' dtype in ``file_dtype``. Components stored in float8 stay as
+    they are (the storage-dtype stage decides what stays float8); modules a class keeps in float32
+    are counted in ``dtype`` too (a few norms and embeddings: an under-count of their extra bytes)."""
+    from dataclasses import replace
+
+    float8 = {d for d, n in DTYPE_BYTES.items() if n == 1}
+    scaled = rescale_dtype(replace(inventory, components=tuple(
+        c for c in inventory.components if c.dtype not in float8)), dtype)
+    by_name = {c.name: c for c in scaled.components}
+    comps = []
+    for comp in inventory.components:
+        new = by_name.get(comp.name, comp)
+        if new is not comp and comp.dtype != new.dtype:
+            new = replace(new, file_dtype=comp.dtype)
+        comps.append(new)
+    return replace(inventory, components=tuple(comps))
 
 
 def rescale_dtype(inventory: Inventory, dtype: str) -> Inventory:

@@ -141,13 +141,18 @@ def tier_estimate(cp: ComponentPlan, est: ComponentEstimate, layer_bytes: tuple[
     return replace(est, host_pinned_bytes=ring, host_file_bytes=est.host_pinned_bytes, staging_bytes=ring)
 
 
-def cast_on_read(resolution: Resolution, dtype: str) -> frozenset[str]:
+def cast_on_read(resolution: Resolution, dtype: str) -> dict[str, float]:
     """The components whose files hold their weights in another dtype than the plan's (a folder's
-    float32 VAE in a bfloat16 plan): the loader reads each of their tensors through a staging tensor
-    and casts it (``estimate.component_transient``). Catalog and class inventories are counted in the
-    plan's dtype: none."""
-    return frozenset(name for name, comp in resolution.components.items()
-                     if comp.info.dtype in DTYPE_BYTES and comp.info.dtype != dtype and not comp.storage_dtype)
+    float32 VAE in a bfloat16 plan), each with the files' bytes per byte the plan counts: the loader
+    reads each of their tensors through a staging tensor of the files' dtype and casts it
+    (``estimate.component_transient``). Catalog and class inventories are counted in the plan's
+    dtype: none."""
+    out = {}
+    for name, comp in resolution.components.items():
+        files = comp.info.file_dtype or comp.info.dtype
+        if files in DTYPE_BYTES and files != dtype and not comp.storage_dtype:
+            out[name] = DTYPE_BYTES[files] / DTYPE_BYTES.get(comp.info.dtype, DTYPE_BYTES[files])
+    return out
 
 
 def component_plan(comp: ComponentResolution, strategy: str | None = None,

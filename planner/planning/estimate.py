@@ -268,13 +268,16 @@ def loader_transient(plans: Mapping[str, ComponentPlan], layer_bytes: Mapping[st
     go to the first in plan order."""
     best = LoadTransient()
     for name, cp in plans.items():
-        nbytes, what = component_transient(cp, layer_bytes.get(name, ()), cast_on_read=name in cast_on_read)
+        ratio = cast_on_read.get(name, 1.0) if isinstance(cast_on_read, Mapping) else 1.0
+        nbytes, what = component_transient(cp, layer_bytes.get(name, ()), cast_on_read=name in cast_on_read,
+                                           read_ratio=ratio)
         if nbytes > best.nbytes:
             best = LoadTransient(nbytes, name, what)
     return best
 
 
-def component_transient(cp: ComponentPlan, layer_bytes: Sequence[int], *, cast_on_read: bool = False) -> tuple[int, str]:
+def component_transient(cp: ComponentPlan, layer_bytes: Sequence[int], *, cast_on_read: bool = False,
+                        read_ratio: float = 1.0) -> tuple[int, str]:
     """What loading ``cp`` holds in host memory besides its pinned bytes, at most, and what it is.
 
     Strategy fsdp: the whole component in its loaded dtype (``from_pretrained`` builds it on the
@@ -283,7 +286,8 @@ def component_transient(cp: ComponentPlan, layer_bytes: Sequence[int], *, cast_o
     stream, its modules outside the layers) is read into a CPU tensor of its size, then copied; one
     bound for a host block is read straight into it unless it is cast on the way (``storage``: read
     in the loaded dtype, then cast, and for the device the cast copy beside it; ``cast_on_read``:
-    the files' dtype is not the plan's). A file tier's streamed bytes are not read while loading.
+    the files' dtype is not the plan's: the staging tensor is in the files' dtype, ``read_ratio`` of the
+    bytes the plan counts). A file tier's streamed bytes are not read while loading.
     The plan holds no tensor sizes: a layer's bytes, and all the bytes outside the layers together,
     stand for their largest tensor (an upper bound; a component with no layers counts whole)."""
     if cp.strategy == "fsdp":
@@ -321,6 +325,8 @@ def component_transient(cp: ComponentPlan, layer_bytes: Sequence[int], *, cast_o
         if not (device or cast):
             continue
         held = int(nbytes * widen) if device else nbytes
+        if cast_on_read:
+            held = int(held * read_ratio)
         if held > best:
             best, what, onto = held, part, device
     if not best:

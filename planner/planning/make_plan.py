@@ -19,7 +19,7 @@ from planner.inventory.loaded import (
     discover_layer_lists,
     inventory_from_pipeline,
 )
-from planner.inventory.model import Inventory, rescale_dtype
+from planner.inventory.model import Inventory, in_plan_dtype, rescale_dtype
 from planner.plan import Plan
 from planner.planning.budget import plan_budget
 from planner.planning.host_tiers import choose_host_tiers
@@ -87,7 +87,7 @@ def spec_inventory(doc: Document, *, pipeline: Any = None) -> Inventory:
         return rescale_dtype(inv, dtype)
     if "path" in section:
         try:
-            return folder_inventory(spec_folder(doc))
+            return in_plan_dtype(folder_inventory(spec_folder(doc)), dtype)
         except FolderError as exc:
             raise SpecError([doc.diagnostic(("pipeline", "path"), str(exc))]) from None
     return rescale_dtype(class_inventory(section["components"]), dtype)
