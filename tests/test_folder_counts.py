@@ -118,3 +118,29 @@ def test_a_config_deeper_than_its_files_is_not_built(tmp_path: Path):
     assert "ZImageTransformer2DModel" not in wl._FOLDER_COUNTS
     assert plan.components["transformer"].estimate.activation_bytes > 0
     shutil.rmtree(folder)
+
+
+def test_loading_refuses_a_config_deeper_than_its_files(tmp_path: Path):
+    """The loader builds each module from its config.json: a config of a billion blocks is refused with
+    the file and the key, before anything is built or read, and nothing stays attached."""
+    import json
+
+    from planner.errors import PlanApplyError
+    from planner.testing.tiny_pipelines import save_tiny_pipeline
+
+    folder = tmp_path / "z"
+    save_tiny_pipeline("z-image-turbo", folder)
+    good = api.make_plan({"version": 1, "pipeline": {"path": str(folder)}, "device": "cpu",
+                          "defaults": {"strategy": "layerwise"}}, count=False)
+    for comp, key, nested in (("transformer", "n_layers", None), ("text_encoder", "num_hidden_layers", None)):
+        cfg_file = folder / comp / "config.json"
+        original = cfg_file.read_text()
+        cfg = json.loads(original)
+        (cfg if nested is None else cfg[nested])[key] = 10**9
+        cfg_file.write_text(json.dumps(cfg))
+        try:
+            with pytest.raises(PlanApplyError, match=f"{comp}/config.json: {key} is 1000000000, more than the"):
+                api.load_pipeline({"version": 1, "pipeline": {"path": str(folder)}, "device": "cpu"}, plan=good,
+                                  progress=False)
+        finally:
+            cfg_file.write_text(original)

@@ -13,7 +13,8 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from planner.errors import PlanApplyError
+from planner.errors import FolderError, PlanApplyError
+from planner.files.bounded_read import load_json_file
 
 
 def _library_of(cls: type) -> str | None:
@@ -32,6 +33,31 @@ def _library_of(cls: type) -> str | None:
     except ImportError:  # pragma: no cover
         pass
     return None
+
+
+def check_config_depth(folder: Path, tensors: int) -> None:
+    """Refuses a ``config.json`` whose depth (any integer whose key names layers or blocks) exceeds the
+    tensors its weight files hold: a model of a billion blocks, built even on meta (by this loader or
+    by ``from_pretrained``), would not finish; every block holds at least one tensor."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        return
+    try:
+        config = load_json_file(config_file, "config.json")
+    except FolderError as exc:
+        raise PlanApplyError(str(exc)) from None
+    if not isinstance(config, dict):
+        raise PlanApplyError(f"{config_file}: config.json is not a JSON object")
+    todo: list[tuple[str, Any]] = [("", config)]       # nested configs too (a VLM's text_config)
+    while todo:
+        where, section = todo.pop()
+        for key, value in section.items():
+            if isinstance(value, dict):
+                todo.append((f"{where}{key}.", value))
+            elif ("layers" in key or "blocks" in key) and isinstance(value, int) and not isinstance(value, bool) \
+                    and value > max(tensors, 1):
+                raise PlanApplyError(f"{config_file}: {where}{key} is {value}, more than the {tensors} tensors its "
+                                     "weight files hold; refused (the module would not finish building)")
 
 
 def _build_on_meta(cls: type, library: str, folder: Path, dtype: torch.dtype) -> torch.nn.Module:

@@ -209,6 +209,7 @@ def load_planned(folder: str | Path, plan: Plan, *, device: str | torch.device |
         info = loaded[name] = _Loaded(name=name, strategy=str(cp.strategy), class_name=cls.__name__,
                                       file_bytes=readers[name].nbytes)
         sub = folder / name
+        module_build.check_config_depth(sub, len(readers[name]))
         reason = ""
         if cp.strategy == Strategy.FSDP:
             reason = "fsdp shards a loaded module"
