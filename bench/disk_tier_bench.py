@@ -71,35 +71,42 @@ def matching_text_encoder(tiny: Any, text_dim: int, device: torch.device) -> Any
         torch.set_default_dtype(old)
 
 
+def real_pipeline(device: torch.device) -> Any:
+    """The Wan 2.2 A14B-size pipeline the folder holds: the two real-size experts and VAE (random bf16,
+    built on ``device``; on ``meta`` nothing is allocated), the matching text encoder, the tiny
+    pipeline's tokenizer and scheduler, and the pipeline's own settings (boundary_ratio)."""
+    import build_catalog as bc
+
+    from planner.testing.tiny_pipelines import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(MODEL)
+    parts = dict(pipe.components)
+    old = torch.get_default_dtype()
+    for name in (*TRANSFORMERS, "vae"):
+        torch.manual_seed(zlib.crc32(name.encode()))
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            with torch.device(device):
+                module, _ = bc.MODELS[MODEL]["components"][name]()
+        finally:
+            torch.set_default_dtype(old)
+        parts[name] = module.to(torch.bfloat16).eval()
+    parts["text_encoder"] = matching_text_encoder(parts["text_encoder"], parts["transformer"].config.text_dim, device)
+    # the pipeline's own settings go with its modules (boundary_ratio splits the steps between the experts)
+    settings = {k: v for k, v in pipe.config.items() if not k.startswith("_") and k not in parts}
+    return type(pipe)(**parts, **settings)
+
+
 def build_folder(folder: str, tiny: bool) -> None:
     """The child process: the pipeline built and saved, then a marker written."""
     sys.path[:0] = [str(ROOT), str(ROOT / "scripts"), str(ROOT / "bench")]
-    from planner.testing.tiny_pipelines import build_tiny_pipeline, save_tiny_pipeline
+    from planner.testing.tiny_pipelines import save_tiny_pipeline
 
     t0 = time.perf_counter()
     if tiny:
         save_tiny_pipeline(MODEL, Path(folder))
     else:
-        import build_catalog as bc
-
-        device = torch.device("cuda")
-        pipe = build_tiny_pipeline(MODEL)
-        parts = dict(pipe.components)
-        old = torch.get_default_dtype()
-        for name in (*TRANSFORMERS, "vae"):
-            torch.manual_seed(zlib.crc32(name.encode()))
-            torch.set_default_dtype(torch.bfloat16)
-            try:
-                with torch.device(device):
-                    module, _ = bc.MODELS[MODEL]["components"][name]()
-            finally:
-                torch.set_default_dtype(old)
-            parts[name] = module.to(torch.bfloat16).eval()
-        parts["text_encoder"] = matching_text_encoder(parts["text_encoder"], parts["transformer"].config.text_dim,
-                                                      device)
-        # the pipeline's own settings go with its modules (boundary_ratio splits the steps between the experts)
-        settings = {k: v for k, v in pipe.config.items() if not k.startswith("_") and k not in parts}
-        type(pipe)(**parts, **settings).save_pretrained(folder, safe_serialization=True)
+        real_pipeline(torch.device("cuda")).save_pretrained(folder, safe_serialization=True)
     nbytes = sum(f.stat().st_size for f in Path(folder).rglob("*.safetensors"))
     (Path(folder) / ".bench-complete.json").write_text(json.dumps(
         {"folder_bytes": nbytes, "build_and_save_s": time.perf_counter() - t0, "tiny": tiny}))

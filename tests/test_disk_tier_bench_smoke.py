@@ -64,3 +64,27 @@ def test_text_encoder_matches_the_real_transformers_width() -> None:
     with torch.no_grad():
         out = enc(ids).last_hidden_state
     assert out.shape[-1] == 128 and out.dtype == torch.bfloat16
+
+
+def test_the_real_size_pipeline_fits_together_on_meta() -> None:
+    """What the GPU run builds, built on the meta device: WanPipeline keeps its boundary_ratio (the run
+    passes guidance_scale_2, which needs it), the text encoder's states fit both experts' text projection,
+    and one expert call at the bench's shapes goes through (the prompt's states from the encoder)."""
+    import torch
+
+    sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "scripts")]
+    import disk_tier_bench as dtb
+
+    pipe = dtb.real_pipeline(torch.device("meta"))
+    assert pipe.config.boundary_ratio == 0.875
+    assert {n: getattr(pipe, n).config.num_layers for n in dtb.TRANSFORMERS} == {"transformer": 40, "transformer_2": 40}
+    ids = torch.zeros(1, 16, dtype=torch.long, device="meta")
+    with torch.no_grad():
+        states = pipe.text_encoder(ids).last_hidden_state
+        for name in dtb.TRANSFORMERS:
+            expert = getattr(pipe, name)
+            assert states.shape[-1] == expert.config.text_dim
+            latents = torch.empty(1, expert.config.in_channels, 2, 480 // 8, 480 // 8, dtype=torch.bfloat16,
+                                  device="meta")
+            out = expert(latents, torch.empty(1, device="meta"), states.to(torch.bfloat16), return_dict=False)[0]
+            assert out.shape == latents.shape
