@@ -5,6 +5,7 @@ pinned until the machine runs out of memory. ``make_plan`` alone stays the same 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,21 @@ def test_load_pipeline_plans_for_this_machine(monkeypatch, tmp_path: Path):
     with pytest.raises(SpecError):
         api.load_pipeline({"version": 1, "pipeline": {"path": str(tmp_path)}, "device": "cpu"})
     assert seen["machine_ram"] == 20 * GiB
+
+
+def test_plan_this_machine_shows_what_load_pipeline_would_plan(tmp_path: Path, monkeypatch):
+    import json
+    import subprocess
+    import sys
+
+    spec = tmp_path / "wan.yaml"
+    spec.write_text(json.dumps(wan()))
+    env = dict(os.environ, RESIDENCY_PLANNER_HOST_RAM="32GiB")
+    base = [sys.executable, "-m", "planner", "plan", str(spec), "--format", "json"]
+    plain = json.loads(subprocess.run(base, capture_output=True, text=True, env=env, check=True).stdout)
+    here = json.loads(subprocess.run(base + ["--this-machine"], capture_output=True, text=True, env=env,
+                                     check=True).stdout)
+    tier = lambda p: {n: c.get("host_tier") for n, c in p["components"].items()}   # noqa: E731
+    assert set(tier(plain).values()) == {"pinned"}
+    assert tier(here)["transformer"] != "pinned"
+    assert here["estimate"]["host_peak_bytes"] <= 32 * GiB

@@ -23,6 +23,7 @@ from planner.files.atomic_write import same_file, write_text_atomic
 from planner.inventory.folder import folder_inventory
 from planner.plan import Plan, component_to_dict
 from planner.api import make_plan as api_make_plan
+from planner.api import this_machine_ram
 from planner.planning.make_plan import load_spec, make_plan
 from planner.spec.document import load_json_file
 from planner.spec.schema import check_document, schema_path
@@ -103,8 +104,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _load_plan(source: str, *, strict: bool = False) -> Any:
-    """A plan from a spec file, or a saved plan (.json)."""
+def _load_plan(source: str, *, strict: bool = False, this_machine: bool = False) -> Any:
+    """A plan from a spec file, or a saved plan (.json); ``this_machine``: planned as ``load_pipeline``
+    and ``run`` plan it here (the host tiers fit this machine's RAM where the spec sets no host limit)."""
 
     if source.endswith(".json"):
 
@@ -116,7 +118,8 @@ def _load_plan(source: str, *, strict: bool = False) -> Any:
             # what the plan schema lets through and the plan cannot be built from
             raise SpecError([Diagnostic(source, 1, 1, f"not a plan this version reads: {type(exc).__name__}: "
                                                       f"{exc}")]) from None
-    return api_make_plan(source, strict=strict)     # a folder's uncounted denoiser is counted first
+    # a folder's uncounted denoiser is counted first
+    return api_make_plan(source, strict=strict, machine_ram=this_machine_ram() if this_machine else None)
 
 
 def _fmt_bytes(n: int) -> str:
@@ -193,7 +196,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     try:
-        plan = _load_plan(args.spec, strict=args.strict)
+        plan = _load_plan(args.spec, strict=args.strict, this_machine=args.this_machine)
     except SpecError as exc:
         _emit(exc.diagnostics, args.format, sys.stderr if args.format != "github" else sys.stdout)
         return 1
@@ -415,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", metavar="SPEC")
     p.add_argument("-o", "--output", help="also save the plan as JSON")
     p.add_argument("--chart", metavar="FILE", help="draw the plan (SVG or PNG)")
+    p.add_argument("--this-machine", action="store_true",
+                   help="plan as load_pipeline and run do here: where the spec sets no host limit, the host tiers "
+                        "fit this machine's RAM")
     common(p)
     p.set_defaults(func=cmd_plan)
 
