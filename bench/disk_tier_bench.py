@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
 import shutil
 import statistics
 import sys
@@ -42,6 +41,7 @@ for p in (ROOT, ROOT / "scripts", ROOT / "bench"):
         sys.path.insert(0, str(p))
 
 import pipeline_bench as pb
+from page_cache import drop_page_cache
 import torch
 from layerwise_bench import gib, log, slug
 
@@ -123,30 +123,6 @@ def ensure_folder(work: Path, tiny: bool) -> tuple[Path, dict[str, Any]]:
         if child.exitcode != 0 or not marker.exists():
             raise RuntimeError(f"building {folder} failed (exit code {child.exitcode})")
     return folder, json.loads(marker.read_text())
-
-
-def drop_page_cache(folder: Path, whole: bool) -> dict[str, Any]:
-    """Every file of ``folder`` out of the page cache: with ``whole`` the kernel's drop of every clean
-    page (root only; not for the tiny run, which must not empty a shared machine's cache), and the
-    advice to drop each file's clean pages (any user)."""
-    os.sync()
-    dropped = False
-    if whole:
-        try:
-            Path("/proc/sys/vm/drop_caches").write_text("3\n")
-            dropped = True
-        except OSError:
-            pass
-    advised = 0
-    for f in folder.rglob("*"):
-        if f.is_file() and hasattr(os, "posix_fadvise"):
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                advised += 1
-            finally:
-                os.close(fd)
-    return {"drop_caches": dropped, "files_advised": advised}
 
 
 def call_kwargs(args: argparse.Namespace) -> dict[str, Any]:

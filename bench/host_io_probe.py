@@ -37,18 +37,14 @@ for p in (ROOT, ROOT / "scripts", ROOT / "bench"):
         sys.path.insert(0, str(p))
 
 import torch  # noqa: E402
-
-GiB = 1 << 30
-CHUNK = 64 << 20
+from page_cache import drop_page_cache, plain_read_s  # noqa: E402
 
 
 def drop_caches() -> bool:
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
+    return drop_page_cache(None, whole=True)["drop_caches"]
+
+GiB = 1 << 30
+CHUNK = 64 << 20
 
 
 def register(t: torch.Tensor) -> float:
@@ -157,16 +153,6 @@ def read_rates(work: Path, nbytes: int) -> dict[str, Any]:
     mm.close()
     path.unlink()
     return out
-
-
-def plain_read_s(folder: Path) -> float:
-    buf = bytearray(16 << 20)
-    t0 = time.perf_counter()
-    for f in sorted(folder.rglob("*.safetensors")):
-        with open(f, "rb", buffering=0) as fh:
-            while fh.readinto(buf):
-                pass
-    return time.perf_counter() - t0
 
 
 def load_child(folder: str, out: str) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -24,6 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 GiB = 1 << 30
+sys.path.insert(0, str(ROOT / "bench"))
+from page_cache import drop_page_cache  # noqa: E402
 
 
 def build_folder(folder: Path, tiny: bool) -> None:
@@ -40,15 +41,6 @@ def build_folder(folder: Path, tiny: bool) -> None:
         pipe.transformer = big.to("cpu")
         pipe.register_modules(transformer=pipe.transformer)
     pipe.save_pretrained(str(folder), safe_serialization=True, max_shard_size="5GB")
-
-
-def drop_caches() -> bool:
-    try:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def child(mode: str, folder: str, out: str, tiny: bool) -> None:
@@ -117,7 +109,7 @@ def main() -> None:
     size = sum(f.stat().st_size for f in folder.rglob("*.safetensors"))
     rows = []
     for mode in ("diffusers", "ours"):
-        dropped = drop_caches()
+        dropped = drop_page_cache(folder, whole=True)["drop_caches"]
         res_file = out / f".load_{mode}.json"
         cmd = [sys.executable, __file__, "--child", mode, str(folder), str(res_file)] + (["--tiny"] if args.tiny else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)

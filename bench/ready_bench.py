@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -34,34 +33,6 @@ for p in (ROOT, ROOT / "scripts", ROOT / "bench"):
 
 GiB = 1 << 30
 LOADERS = ("ours", "diffusers_cpu", "diffusers_group_offload")
-
-
-def drop_caches(folder: Path, whole: bool) -> bool:
-    os.sync()
-    dropped = False
-    if whole:
-        try:
-            Path("/proc/sys/vm/drop_caches").write_text("3\n")
-            dropped = True
-        except OSError:
-            pass
-    for f in folder.rglob("*.safetensors"):
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-    return dropped
-
-
-def plain_read_s(folder: Path) -> float:
-    buf = bytearray(16 << 20)
-    t0 = time.perf_counter()
-    for f in sorted(folder.rglob("*.safetensors")):
-        with open(f, "rb", buffering=0) as fh:
-            while fh.readinto(buf):
-                pass
-    return time.perf_counter() - t0
 
 
 def child(loader: str, folder: str, out: str, tiny: bool) -> None:
@@ -135,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import pipeline_bench as pb
+    from page_cache import drop_page_cache, plain_read_s
 
     bargs = pb.parse_args(["--families", args.family, "--work", args.work] + (["--tiny"] if args.tiny else []))
     device = torch.device("cpu" if args.tiny else "cuda")
@@ -143,9 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     for state in args.states.split(","):
         for loader in args.loaders.split(","):
             if state == "cold":
-                dropped = drop_caches(folder, whole=not args.tiny)
+                dropped = drop_page_cache(folder, whole=not args.tiny)["drop_caches"]
                 read_s = plain_read_s(folder)          # the cold read, then the cache dropped again
-                drop_caches(folder, whole=not args.tiny)
+                drop_page_cache(folder, whole=not args.tiny)
             else:
                 dropped = False
                 plain_read_s(folder)

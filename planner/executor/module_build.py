@@ -35,19 +35,27 @@ def _library_of(cls: type) -> str | None:
     return None
 
 
+def json_object(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object file of a model folder, read through the bounded reader; ``PlanApplyError`` naming
+    the file when it is unreadable or not an object."""
+    try:
+        value = load_json_file(path, what)
+    except FolderError as exc:
+        raise PlanApplyError(str(exc)) from None
+    if not isinstance(value, dict):
+        raise PlanApplyError(f"{path}: {what} is not a JSON object")
+    return value
+
+
 def check_config_depth(folder: Path, tensors: int) -> None:
-    """Refuses a ``config.json`` whose depth (any integer whose key names layers or blocks) exceeds the
-    tensors its weight files hold: a model of a billion blocks, built even on meta (by this loader or
-    by ``from_pretrained``), would not finish; every block holds at least one tensor."""
+    """Refuses a ``config.json`` whose depth (any integer whose key names layers or blocks) exceeds
+    ``tensors``, the tensors its weight files hold (every block holds one; a caller may bound it
+    tighter): a model of a billion blocks, built even on meta (by this loader or by
+    ``from_pretrained``), would not finish."""
     config_file = folder / "config.json"
     if not config_file.is_file():
         return
-    try:
-        config = load_json_file(config_file, "config.json")
-    except FolderError as exc:
-        raise PlanApplyError(str(exc)) from None
-    if not isinstance(config, dict):
-        raise PlanApplyError(f"{config_file}: config.json is not a JSON object")
+    config = json_object(config_file, "config.json")
     todo: list[tuple[str, Any]] = [("", config)]       # nested configs too (a VLM's text_config)
     while todo:
         where, section = todo.pop()

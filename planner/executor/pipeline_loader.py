@@ -66,7 +66,7 @@ from planner.executor import (
 from planner.executor.handle import ResidencyHandle
 from planner.executor.placement import attach_components
 from planner.executor.streams import resolve_device
-from planner.files.bounded_read import load_json_file, plain_relative
+from planner.files.bounded_read import plain_relative
 from planner.files.model_folder import component_weight_files
 from planner.plan import FILE_TIERS, ComponentPlan, Plan, Strategy
 
@@ -143,13 +143,7 @@ def _read_index(folder: Path) -> dict[str, Any]:
     index_file = folder / "model_index.json"
     if not index_file.exists():
         raise PlanApplyError(f"{index_file}: not found; pipeline.path must be a diffusers pipeline folder")
-    try:
-        index = load_json_file(index_file, "model_index.json")
-    except FolderError as exc:
-        raise PlanApplyError(str(exc)) from None
-    if not isinstance(index, dict):
-        raise PlanApplyError(f"{index_file}: model_index.json is not a JSON object")
-    return index
+    return module_build.json_object(index_file, "model_index.json")
 
 
 def load_planned(folder: str | Path, plan: Plan, *, device: str | torch.device | None = None,

@@ -9,7 +9,7 @@ spec side reads it as plain data; nothing here imports torch.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, Mapping
 
@@ -142,35 +142,25 @@ def in_plan_dtype(inventory: Inventory, dtype: str) -> Inventory:
     each component keeping the files' dtype in ``file_dtype``. Components stored in float8 stay as
     they are (the storage-dtype stage decides what stays float8); modules a class keeps in float32
     are counted in ``dtype`` too (a few norms and embeddings: an under-count of their extra bytes)."""
-    from dataclasses import replace
+    def loaded(comp: ComponentInfo) -> ComponentInfo:
+        new = comp if DTYPE_BYTES.get(comp.dtype) == 1 else _in_dtype(comp, dtype)
+        return new if new is comp else replace(new, file_dtype=comp.dtype)
 
-    float8 = {d for d, n in DTYPE_BYTES.items() if n == 1}
-    scaled = rescale_dtype(replace(inventory, components=tuple(
-        c for c in inventory.components if c.dtype not in float8)), dtype)
-    by_name = {c.name: c for c in scaled.components}
-    comps = []
-    for comp in inventory.components:
-        new = by_name.get(comp.name, comp)
-        if new is not comp and comp.dtype != new.dtype:
-            new = replace(new, file_dtype=comp.dtype)
-        comps.append(new)
-    return replace(inventory, components=tuple(comps))
+    return replace(inventory, components=tuple(loaded(c) for c in inventory.components))
+
+
+def _in_dtype(comp: ComponentInfo, dtype: str) -> ComponentInfo:
+    """``comp`` with its floating-point weights counted in ``dtype`` (itself when already so, or not floating)."""
+    if comp.dtype == dtype or comp.dtype not in DTYPE_BYTES:
+        return comp
+
+    def scale(nbytes: int) -> int:
+        return nbytes * DTYPE_BYTES[dtype] // DTYPE_BYTES[comp.dtype]
+
+    lls = tuple(replace(ll, layer_bytes=tuple(scale(b) for b in ll.layer_bytes)) for ll in comp.layer_lists)
+    return replace(comp, weight_bytes=scale(comp.weight_bytes), dtype=dtype, layer_lists=lls)
 
 
 def rescale_dtype(inventory: Inventory, dtype: str) -> Inventory:
     """The same inventory with floating-point weights counted in ``dtype`` (catalog bytes are bf16)."""
-    from dataclasses import replace
-
-    def scale(nbytes: int, src: str) -> int:
-        return nbytes * DTYPE_BYTES[dtype] // DTYPE_BYTES.get(src, 2)
-
-    comps = []
-    for comp in inventory.components:
-        if comp.dtype == dtype or comp.dtype not in DTYPE_BYTES:
-            comps.append(comp)
-            continue
-        lls = tuple(replace(ll, layer_bytes=tuple(scale(b, comp.dtype) for b in ll.layer_bytes))
-                    for ll in comp.layer_lists)
-        comps.append(replace(comp, weight_bytes=scale(comp.weight_bytes, comp.dtype), dtype=dtype,
-                             layer_lists=lls))
-    return replace(inventory, components=tuple(comps))
+    return replace(inventory, components=tuple(_in_dtype(c, dtype) for c in inventory.components))
