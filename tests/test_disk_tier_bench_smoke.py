@@ -88,3 +88,36 @@ def test_the_real_size_pipeline_fits_together_on_meta() -> None:
                                   device="meta")
             out = expert(latents, torch.empty(1, device="meta"), states.to(torch.bfloat16), return_dict=False)[0]
             assert out.shape == latents.shape
+
+
+def test_room_for_diffusers_offload_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the disk cannot hold diffusers' second copy of the experts, their weights move into the
+    process's memory (the values kept) and the folder's transformer files go, marked for a rebuild;
+    where it can, nothing changes."""
+    import shutil
+
+    import torch
+    from diffusers import DiffusionPipeline
+
+    sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "scripts")]
+    import disk_tier_bench as dtb
+
+    from planner.testing.tiny_pipelines import save_tiny_pipeline
+
+    folder = tmp_path / "wan"
+    save_tiny_pipeline("wan2.2-t2v-a14b", folder)
+    (folder / ".bench-complete.json").write_text("{}")
+    pipe = DiffusionPipeline.from_pretrained(str(folder))
+    before = {n: {k: v.clone() for k, v in getattr(pipe, n).state_dict().items()} for n in dtb.TRANSFORMERS}
+    assert dtb.make_room_for_offload(pipe, folder, tmp_path / "offload") is False
+    assert list((folder / "transformer").glob("*.safetensors"))
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=1))
+    assert dtb.make_room_for_offload(pipe, folder, tmp_path / "offload") is True
+    for name in dtb.TRANSFORMERS:
+        assert not list((folder / name).glob("*.safetensors"))
+        after = getattr(pipe, name).state_dict()
+        assert all(torch.equal(before[name][k], after[k]) for k in before[name])
+    assert not (folder / ".bench-complete.json").exists()
+    assert list((folder / "vae").glob("*.safetensors"))
