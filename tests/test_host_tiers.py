@@ -170,8 +170,8 @@ def _smallest_in(err):
 
 
 @pytest.mark.parametrize("model,memory,sections,needle", [
-    # nothing the tier stage could move: every component resident (one staging read at a time)
-    ("z-image-turbo", "1GiB", {"defaults": {"strategy": "resident"}}, "one tensor read through staging onto the GPU"),
+    # nothing the tier stage could move: every component resident (the reading threads' staging chunks)
+    ("z-image-turbo", "1GiB", {"defaults": {"strategy": "resident"}}, "staging chunks of 16.00 MiB at most"),
     # cpu_offload keeps its bytes pinned whatever the budget
     ("z-image-turbo", "8GiB", {"defaults": {"strategy": "cpu_offload"}}, "text_encoder"),
     # fsdp: from_pretrained holds the component whole while it is placed
@@ -209,7 +209,8 @@ def test_the_budget_caps_the_host_peak_not_only_the_pinned_bytes():
     assert pinned.host_peak_bytes >= PROCESS_HOST_BYTES + pinned.host_pinned_bytes
 
 
-def test_wan_a14b_under_24_32_32_holds_the_process_its_pins_and_one_staging_read():
+def test_wan_a14b_under_24_32_32_holds_the_process_its_pins_and_the_staging_chunks():
+    from planner.files.load_reads import READ_THREADS_MAX, STAGING_CHUNK_BYTES
     from planner.inventory.catalog import catalog_inventory
     from planner.planning.estimate import PROCESS_HOST_BYTES
 
@@ -219,8 +220,10 @@ def test_wan_a14b_under_24_32_32_holds_the_process_its_pins_and_one_staging_read
     te = catalog_inventory("wan2.2-t2v-a14b").get("text_encoder")
     assert plan.components["text_encoder"].strategy == "resident"
     e = plan.estimate
-    # the UMT5 token embedding (1.96 GiB, outside its layers) is the largest tensor read through staging
-    assert e.host_peak_bytes == PROCESS_HOST_BYTES + e.host_pinned_bytes + te.weight_bytes - sum(te.layer_bytes)
+    # the UMT5 token embedding (1.96 GiB, outside its layers), the largest tensor read through staging,
+    # is read a chunk at a time: the reading threads' chunks are what the load holds
+    assert te.weight_bytes - sum(te.layer_bytes) > READ_THREADS_MAX * STAGING_CHUNK_BYTES
+    assert e.host_peak_bytes == PROCESS_HOST_BYTES + e.host_pinned_bytes + READ_THREADS_MAX * STAGING_CHUNK_BYTES
     assert e.host_peak_bytes <= 32 << 30 < e.host_pinned_bytes + max(cp.weight_bytes for cp in plan.components.values())
 
 
@@ -381,9 +384,11 @@ def test_budget_chosen_tiers_load_and_match(reference):
 
 
 def test_a_folder_in_another_dtype_than_the_plan_counts_its_cast_reads(tiny_dirs):
-    """A float32 folder planned in bfloat16: every tensor is read through a float32 staging tensor and
-    cast, so the host peak counts the largest one read; in float32 a streamed layer is read straight
-    into its pinned block and nothing is staged."""
+    """A float32 folder planned in bfloat16: every tensor is read through a float32 staging chunk and
+    cast, so the host peak counts a chunk a reading thread, each at most the largest tensor (these are
+    smaller than a chunk); in float32 a streamed layer is read straight into its pinned block and
+    nothing is staged."""
+    from planner.files.load_reads import READ_THREADS_MAX, STAGING_CHUNK_BYTES
     from planner.inventory.folder import folder_inventory
     from planner.planning.estimate import PROCESS_HOST_BYTES
 
@@ -397,7 +402,8 @@ def test_a_folder_in_another_dtype_than_the_plan_counts_its_cast_reads(tiny_dirs
         return e.host_peak_bytes - PROCESS_HOST_BYTES - e.host_pinned_bytes
 
     assert transient("float32") == 0
-    assert transient("bfloat16") == largest > 0
+    assert 0 < largest < STAGING_CHUNK_BYTES
+    assert transient("bfloat16") == READ_THREADS_MAX * largest
 
 
 def test_direct_io_falls_back_to_plain_reads(reference, monkeypatch):

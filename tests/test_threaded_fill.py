@@ -1,5 +1,5 @@
 """Host blocks filled by several threads at once (``HostPack.fill(threads=...)``) hold what one thread
-puts there; a failing read is raised, not lost; reads through a staging tensor go one at a time."""
+puts there; a failing read is raised, not lost; reads that cast go a chunk at a time, one chunk a thread."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
+from planner.errors import PlanApplyError  # noqa: E402
 from planner.executor import packing, safetensors_reader  # noqa: E402
 
 
@@ -74,18 +75,24 @@ def test_a_failing_read_is_raised(tmp_path: Path) -> None:
     pack.free()
 
 
-def test_staging_reads_go_one_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_staged_reads_hold_one_chunk_a_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reads that cast on the way go a chunk at a time through a staging chunk of their thread's:
+    several threads read at once, each holding one chunk however large its tensor, and the block
+    holds what one thread's whole-tensor cast gives."""
+    monkeypatch.setattr(safetensors_reader, "STAGING_BYTES", 256)     # the larger tensors span many chunks
     values = _tensors(12)
     path = tmp_path / "w.safetensors"
     safetensors_torch.save_file(values, str(path))
     reader = safetensors_reader.SafetensorsReader([path])
     live, peak, lock = [0], [0], threading.Lock()
     real = reader._read_bytes
+    sizes: list[int] = []
 
-    def counted(name, entry, dest):          # a staging read holds its staging tensor while reading
+    def counted(name, entry, dest):
         with lock:
             live[0] += 1
             peak[0] = max(peak[0], live[0])
+            sizes.append(entry.nbytes)
         try:
             threading.Event().wait(0.002)
             real(name, entry, dest)
@@ -95,9 +102,98 @@ def test_staging_reads_go_one_at_a_time(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(reader, "_read_bytes", counted)
     pack, names = _pack(values, torch.bfloat16)
     pack.fill(_filler(reader, pack, names), threads=6)
-    assert peak[0] == 1
-    pack2, names2 = _pack(values, torch.float32)   # straight into the block: reads overlap
-    live[0] = peak[0] = 0
-    pack2.fill(_filler(reader, pack2, names2), threads=6)
-    assert peak[0] > 1
+    assert peak[0] > 1                                   # the casts overlap
+    assert max(sizes) <= 256 and len(sizes) > len(values)
+    assert reader.staged_bytes_max == 256
+    chunks = reader._chunks[False]
+    assert 1 < len(chunks) <= 6 and all(c.numel() == 256 for c in chunks)   # one a thread, kept for reuse
+    for i, pt in enumerate(pt for g in pack.groups for pt in g.tensors):
+        assert torch.equal(pack.host_view(pack.groups[i // 4], pt), values[names[i]].to(torch.bfloat16)), names[i]
     reader.close()
+    pack.free()
+
+
+def test_a_staged_read_casts_and_reads_across_chunk_edges(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tensor read into another dtype, or into a destination that is not a host block, through
+    chunks that split it anywhere (the chunk a multiple of the file's element size): the same values
+    as a whole read, cast as ``copy_`` casts; a cut file is an error naming the tensor."""
+    g = torch.Generator().manual_seed(1)
+    values = {"a": torch.randn(1000, generator=g), "b": torch.randn(3, 77, generator=g).to(torch.bfloat16),
+              "c": torch.randint(0, 100, (513,), generator=g, dtype=torch.int64), "e": torch.empty(0, 4)}
+    path = tmp_path / "w.safetensors"
+    safetensors_torch.save_file(values, str(path))
+    for chunk in (8, 24, 1000, 1 << 20):
+        monkeypatch.setattr(safetensors_reader, "STAGING_BYTES", chunk)
+        reader = safetensors_reader.SafetensorsReader([path])
+        for name, v in values.items():
+            for dtype in (v.dtype, torch.float64, torch.bfloat16):
+                out = torch.full(v.shape, 7, dtype=dtype)
+                reader.read_into(name, out)
+                assert torch.equal(out, v.to(dtype)), (chunk, name, dtype)
+        reader.close()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes())
+    reader = safetensors_reader.SafetensorsReader([cut])
+    cut.write_bytes(path.read_bytes()[:reader.entries["a"].start + 100])   # cut inside "a" after its header was read
+    monkeypatch.setattr(safetensors_reader, "STAGING_BYTES", 64)
+    with pytest.raises(PlanApplyError, match="'a'.*truncated"):
+        reader.read_into("a", torch.empty(1000, dtype=torch.float64))
+    reader.close()
+
+
+class _Source:
+    """A weight source several threads may read at once, recording which threads read."""
+
+    read_threads = 4
+
+    def __init__(self, values: dict[str, torch.Tensor], fail: str | None = None) -> None:
+        self.values, self.fail = values, fail
+        self.threads: set[str] = set()
+        self.live, self.peak, self.lock = 0, 0, threading.Lock()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.values
+
+    def __call__(self, name: str) -> torch.Tensor:
+        return self.values[name].clone()
+
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        with self.lock:
+            self.threads.add(threading.current_thread().name)
+            self.live += 1
+            self.peak = max(self.peak, self.live)
+        try:
+            threading.Event().wait(0.003)
+            if name == self.fail:
+                raise OSError(f"cannot read {name}")
+            out.copy_(self.values[name])
+        finally:
+            with self.lock:
+                self.live -= 1
+
+
+def _meta_module() -> torch.nn.Module:
+    with torch.device("meta"):
+        return torch.nn.Sequential(*[torch.nn.Linear(8 + i, 8 + i + 1) for i in range(6)])
+
+
+@pytest.mark.parametrize("fail", [None, "3.weight"])
+def test_tensors_bound_for_the_device_are_read_by_several_threads(fail: str | None) -> None:
+    """A resident component built on meta: its tensors read at once by the source's threads, every
+    read done before the first bind, so a failing read leaves every tensor as it was (meta)."""
+    from planner.executor.resident import Resident
+
+    g = torch.Generator().manual_seed(3)
+    module = _meta_module()
+    values = {n: torch.randn(p.shape, generator=g) for n, p in module.named_parameters()}
+    source = _Source(values, fail)
+    placement = Resident(module, torch.device("cpu"), source=source, name="m")
+    if fail is None:
+        placement.attach()
+        assert source.peak > 1 and len(source.threads) > 1
+        assert all(torch.equal(p, values[n]) for n, p in module.named_parameters())
+        return
+    with pytest.raises(OSError, match="3.weight"):
+        placement.attach()
+    assert source.live == 0                                   # every started read ended first
+    assert all(p.device.type == "meta" for p in module.parameters())

@@ -245,8 +245,10 @@ class CpuOffloadGroup(PackedPlacement):
             comp.host_binds = [(pt.tensor, pack.host_view(group, pt)) for pt in group.tensors]
             for t, view in comp.host_binds:
                 t.data = view
-        for comp, t in stay:
-            comp.resident_bytes += self._place_for_good(t, sources.get(comp.name))
+        for comp in self._comps:
+            mine = [t for c, t in stay if c is comp]
+            if mine:
+                comp.resident_bytes += self._place_all_for_good(mine, sources.get(comp.name))
 
         self._side = self._ops.new_stream()
         for comp in self._comps:

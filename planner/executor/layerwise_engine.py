@@ -546,8 +546,7 @@ class LayerwiseEngine(PackedPlacement):
         dtypes = {dtype for i, _ in streamed + streamed_units for dtype in groups[i].spans}
 
         # what stays goes to the device now (from the weight source: read straight onto it)
-        for t in stay.values():
-            self._resident_bytes += self._place_for_good(t, sourced)
+        self._resident_bytes += self._place_all_for_good(list(stay.values()), sourced)
 
         # streamed tensors: empty placeholders from now on
         self._placeholders = {d: torch.empty(0, dtype=d, device=self.device) for d in dtypes}

@@ -21,6 +21,7 @@ requires_grad)``, filled before a tensor is first changed), then re-raises.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -96,12 +97,18 @@ class PackedPlacement:
             self._pack.free()
         self._reset_state()
 
-    def _place_for_good(self, t: torch.Tensor, sourced: Any) -> int:
-        """A tensor that stays on the device for the whole attach (non-layer weights, resident layers,
-        shared or unpackable tensors): read from its weight source straight onto the device, else
-        moved there; recorded in ``_moved`` for detach. Returns its bytes."""
+    def _place_all_for_good(self, tensors: Sequence[torch.Tensor], sourced: Any) -> int:
+        """Tensors that stay on the device for the whole attach (non-layer weights, resident layers,
+        shared or unpackable tensors): read from their weight source straight onto the device, several
+        at once, else moved there; each recorded in ``_moved`` for detach. Returns their bytes."""
         device = self.device  # type: ignore[attr-defined]
-        fresh = sourced.materialize(t, device) if sourced is not None else None
+        fresh = sourced.materialize_all(tensors, device) if sourced is not None else [None] * len(tensors)
+        return sum(self._place_for_good(t, sourced, f) for t, f in zip(tensors, fresh))
+
+    def _place_for_good(self, t: torch.Tensor, sourced: Any, fresh: torch.Tensor | None) -> int:
+        """One of ``_place_all_for_good``'s tensors: bound to ``fresh`` (its values read onto the
+        device) or, without it, moved there."""
+        device = self.device  # type: ignore[attr-defined]
         if fresh is not None:
             home = packing.home_device(t)
             t = sourced.bind(t, fresh)

@@ -5,13 +5,12 @@ sits in its group's span, views into a buffer, and putting a tensor back as it w
 from __future__ import annotations
 
 import warnings
-from concurrent.futures import ThreadPoolExecutor, wait
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from planner.executor import host_memory
+from planner.executor import host_memory, parallel_reads
 
 
 def iter_tensors(module: torch.nn.Module) -> Iterator[tuple[torch.nn.Module, str, torch.Tensor]]:
@@ -193,16 +192,12 @@ class HostPack:
             if source is None or not source(pt, dest):
                 dest.copy_(pt.tensor.data)
 
-        if threads <= 1 or source is None or len(work) < 2:
+        if threads <= 1 or source is None:
             for item in work:
                 one(item)
             return
-        work.sort(key=lambda item: -item[1].numel * item[1].tensor.element_size())
-        with ThreadPoolExecutor(min(threads, len(work)), thread_name_prefix="host-fill") as pool:
-            futures = [pool.submit(one, item) for item in work]
-            wait(futures)
-        for f in futures:
-            f.result()
+        parallel_reads.largest_first(work, lambda item: item[1].numel * item[1].tensor.element_size(), one,
+                                     threads=threads, name="host-fill")
 
     def host_view(self, group: PackedGroup, pt: PackedTensor) -> torch.Tensor:
         return view_in(self.blocks[pt.dtype].tensor, pt, group.spans[pt.dtype][0])

@@ -4,8 +4,9 @@ Changes it makes, and how ``detach`` undoes each:
 - every parameter and buffer moved to the device (``.data`` replaced, the Parameter objects kept):
   moved back to the device it came from;
 - for a component built on the meta device, each tensor read from its weight source straight onto
-  the device and bound in place of the meta tensor: ``detach`` sends it to the CPU, where
-  ``from_pretrained`` would have left it; a failed attach puts every meta tensor back.
+  the device (several threads reading at once, every read done before the first bind) and bound in
+  place of the meta tensor: ``detach`` sends it to the CPU, where ``from_pretrained`` would have
+  left it; a failed attach puts every meta tensor back.
 """
 
 from __future__ import annotations
@@ -52,10 +53,9 @@ class Resident:
         self._original = []
         try:
             with torch.inference_mode(False), torch.no_grad():
-                for t in tensors:
+                for t, fresh in zip(tensors, sourced.materialize_all(tensors, self.device)):
                     home = packing.home_device(t)
                     before.append((t, t.data))
-                    fresh = sourced.materialize(t, self.device)
                     t = sourced.bind(t, fresh) if fresh is not None else sourced.bind(t, t.data.to(self.device))
                     self._original.append((t, home))
         except BaseException:

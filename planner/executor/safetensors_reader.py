@@ -19,7 +19,7 @@ import mmap
 import os
 import struct
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from planner.errors import FolderError, PlanApplyError
+from planner.files import load_reads
 from planner.files.safetensors_header import SAFETENSORS_DTYPES, read_safetensors_header
 
 # safetensors dtype codes -> the torch dtypes this torch build has (the table is the header reader's)
@@ -38,7 +39,8 @@ _ST_DTYPES: dict[str, torch.dtype] = {
 READ_MODES = ("pread", "mapped", "direct")
 DIRECT_ALIGN = 4096            # O_DIRECT offsets, lengths and buffer addresses
 BOUNCE_BYTES = 8 << 20         # the aligned buffer direct reads land in before the destination
-READ_THREADS = max(1, min(16, os.cpu_count() or 1))    # reading threads while loading
+STAGING_BYTES = load_reads.STAGING_CHUNK_BYTES      # a staged read's chunk (one a reading thread)
+READ_THREADS = load_reads.read_threads()               # reading threads while loading
 
 
 @dataclass(frozen=True)
@@ -56,9 +58,12 @@ class SafetensorsReader:
 
     ``read_into(name, out)`` reads a tensor straight into ``out``'s memory when ``out`` is a
     contiguous CPU tensor of the file's dtype (a slice of a host block: no intermediate copy);
-    otherwise through one staging tensor of that tensor's size, then ``out.copy_`` (casting,
-    or to the device). ``reader(name)`` returns a fresh CPU tensor. Headers are read and checked
-    at construction; a missing or corrupt file raises ``PlanApplyError`` naming it.
+    otherwise (a cast, a device destination) ``STAGING_BYTES`` at a time through a staging chunk
+    (page-locked when ``out`` is on a GPU), each chunk copied into its place in ``out``: a reading
+    thread holds one chunk whatever the tensor's size, so several threads may read at once. A
+    non-contiguous ``out`` goes through one staging tensor of its size, one at a time.
+    ``reader(name)`` returns a fresh CPU tensor. Headers are read and checked at construction; a
+    missing or corrupt file raises ``PlanApplyError`` naming it.
     """
 
     def __init__(self, files: Iterable[str | Path], *, on_read: Callable[[int], Any] | None = None,
@@ -76,11 +81,12 @@ class SafetensorsReader:
         self._bounces: list[mmap.mmap] = []        # one per reading thread (direct mode)
         self._local = threading.local()
         self._lock = threading.Lock()               # opening files, falling back to plain reads
-        self._staging = threading.Lock()            # reads that pass through a staging tensor
+        self._staging = threading.Lock()            # reads through a whole staging tensor (non-contiguous)
+        self._chunks: dict[bool, list[torch.Tensor]] = {False: [], True: []}   # free staging chunks (pinned?)
         self.on_read = on_read
         self.bytes_read = 0
         self.reads = 0
-        self.staged_bytes_max = 0     # largest staging tensor (casts, device targets)
+        self.staged_bytes_max = 0     # largest staging chunk or tensor used (casts, device targets)
         self._handles: dict[Path, Any] = {}
         for path in self.files:
             try:
@@ -327,10 +333,13 @@ class SafetensorsReader:
                   and type(out) is torch.Tensor)
         if direct:
             self._read_bytes(name, entry, out)
+        elif out.is_contiguous() and type(out) is torch.Tensor:
+            self._read_staged(name, entry, out)
         else:
             with self._staging:    # one staging tensor at a time, however many threads read
                 staging = torch.empty(entry.shape, dtype=entry.dtype)
-                self.staged_bytes_max = max(self.staged_bytes_max, entry.nbytes)
+                with self._lock:
+                    self.staged_bytes_max = max(self.staged_bytes_max, entry.nbytes)
                 self._read_bytes(name, entry, staging)
                 out.copy_(staging)
                 del staging
@@ -339,6 +348,41 @@ class SafetensorsReader:
             self.reads += 1
             if self.on_read is not None:
                 self.on_read(entry.nbytes)
+
+    def _read_staged(self, name: str, entry: _Entry, out: torch.Tensor) -> None:
+        """``entry`` into the contiguous ``out`` through a staging chunk, a chunk at a time (each
+        read, then copied, cast if the dtypes differ, into its range of ``out``). The chunk's copy
+        onto a GPU is synchronous, so the chunk is free again when ``copy_`` returns."""
+        assert entry.dtype is not None
+        pinned = out.device.type == "cuda"
+        chunk = self._take_chunk(pinned)
+        try:
+            flat = out.reshape(-1)
+            same = out.dtype == entry.dtype
+            dst = flat.view(torch.uint8) if same else flat
+            size = entry.dtype.itemsize
+            step = STAGING_BYTES // size * size
+            with self._lock:
+                self.staged_bytes_max = max(self.staged_bytes_max, min(step, entry.nbytes))
+            done = 0
+            while done < entry.nbytes:
+                n = min(step, entry.nbytes - done)
+                part = chunk[:n]
+                self._read_bytes(name, replace(entry, start=entry.start + done, nbytes=n), part)
+                if same:
+                    dst[done:done + n].copy_(part)
+                else:
+                    dst[done // size:(done + n) // size].copy_(part.view(entry.dtype))
+                done += n
+        finally:
+            with self._lock:
+                self._chunks[pinned].append(chunk)
+
+    def _take_chunk(self, pinned: bool) -> torch.Tensor:
+        with self._lock:
+            if self._chunks[pinned]:
+                return self._chunks[pinned].pop()
+        return torch.empty(STAGING_BYTES, dtype=torch.uint8, pin_memory=pinned)
 
     def __call__(self, name: str) -> torch.Tensor:
         entry = self.entries[name]
@@ -374,6 +418,7 @@ class SafetensorsReader:
         for buf in self._bounces:
             buf.close()
         self._bounces = []
+        self._chunks = {False: [], True: []}
 
 
 class ComponentSource:

@@ -4,11 +4,14 @@ engines place them, with every binding undone on failure.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 
+from planner.executor import parallel_reads
 from planner.executor.packing import PackedTensor
+from planner.executor.streams import resolve_device
 
 
 def tensor_names(module: torch.nn.Module) -> dict[int, list[str]]:
@@ -139,6 +142,20 @@ class SourcedTensors:
             return None
         fresh = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device=device)
         return fresh if self.fill(t, fresh) else None
+
+    def materialize_all(self, tensors: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+        """``materialize`` for each of ``tensors`` (in their order), read by up to ``read_threads``
+        threads at once, largest first. Nothing is bound: a failure leaves the module as it was, and
+        the first error is raised after every started read has ended."""
+        fresh: list[torch.Tensor | None] = [None] * len(tensors)
+        device = resolve_device(device)    # a thread's current CUDA device is its own, not the caller's
+
+        def one(i: int) -> None:
+            fresh[i] = self.materialize(tensors[i], device)
+
+        parallel_reads.largest_first(range(len(tensors)), lambda i: tensors[i].numel() * tensors[i].element_size(),
+                                     one, threads=self.read_threads, name="device-fill")
+        return fresh
 
     def packed_filler(self) -> Callable[[PackedTensor, torch.Tensor], bool]:
         """For ``HostPack.fill``: the source's values straight into the host block."""

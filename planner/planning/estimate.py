@@ -23,9 +23,11 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
+from planner.files.load_reads import READ_THREADS_MAX, STAGING_CHUNK_BYTES
 from planner.inventory.model import DTYPE_BYTES
 from planner.plan import ComponentEstimate, ComponentPlan
 from planner.planning.rules import CAST_SHARES, cast_skip_patterns
+from planner.spec.sizes import format_size
 from planner.spec.families import runs_per_step
 
 FSDP_DEFAULT_WORLD_SIZE = 2
@@ -281,13 +283,15 @@ def component_transient(cp: ComponentPlan, layer_bytes: Sequence[int], *, cast_o
     """What loading ``cp`` holds in host memory besides its pinned bytes, at most, and what it is.
 
     Strategy fsdp: the whole component in its loaded dtype (``from_pretrained`` builds it on the
-    CPU before it is sharded). Otherwise the largest single staging read: a tensor bound for the
-    device (a resident component's, a layerwise component's resident layers and, unless they
-    stream, its modules outside the layers) is read into a CPU tensor of its size, then copied; one
-    bound for a host block is read straight into it unless it is cast on the way (``storage``: read
-    in the loaded dtype, then cast, and for the device the cast copy beside it; ``cast_on_read``:
-    the files' dtype is not the plan's: the staging tensor is in the files' dtype, ``read_ratio`` of the
-    bytes the plan counts). A file tier's streamed bytes are not read while loading.
+    CPU before it is sharded). Otherwise what its staged reads hold: a tensor bound for the device
+    (a resident component's, a layerwise component's resident layers and, unless they stream, its
+    modules outside the layers) is read a chunk at a time through each reading thread's staging
+    chunk, so ``READ_THREADS_MAX`` chunks at most (each the smaller of ``STAGING_CHUNK_BYTES`` and
+    the largest such tensor) however large the tensor; one bound for a host block is
+    read straight into it unless it is cast on the way (``cast_on_read``: the files' dtype is not the
+    plan's; chunked the same way, the staging in the files' dtype, ``read_ratio`` of the bytes the
+    plan counts). ``storage`` (float8): each tensor read whole in the loaded dtype, then cast, and for
+    the device the cast copy beside it. A file tier's streamed bytes are not read while loading.
     The plan holds no tensor sizes: a layer's bytes, and all the bytes outside the layers together,
     stand for their largest tensor (an upper bound; a component with no layers counts whole)."""
     if cp.strategy == "fsdp":
@@ -332,6 +336,11 @@ def component_transient(cp: ComponentPlan, layer_bytes: Sequence[int], *, cast_o
     if not best:
         return 0, ""
     how = "onto the GPU" if onto else "cast on its way to a host block"
+    if cp.storage is None:
+        # read a chunk at a time, one chunk a reading thread, however large the tensor
+        chunk = min(STAGING_CHUNK_BYTES, best)
+        return READ_THREADS_MAX * chunk, (f"{READ_THREADS_MAX} reading threads' staging chunks of "
+                                          f"{format_size(chunk)} at most, reading {what} {how}")
     return best, f"one tensor read through staging {how}, at most {what}"
 
 
