@@ -740,6 +740,11 @@ class Bench:
                             vals = [r[key] for r in reps if key in r]
                             if vals:
                                 row[key] = statistics.median(vals)
+                        # a host-bound plan's step varies from one generation to the next: the spread
+                        # beside the median says how far one run's figure can be trusted
+                        steps = [r["s_per_step"] for r in reps if "s_per_step" in r]
+                        if len(steps) >= 2:
+                            row["s_per_step_range"] = [min(steps), max(steps)]
                         if dev.type == "cuda":
                             row["peak_allocated_bytes"] = max(r["peak_allocated"] for r in reps)
                             row["peak_reserved_bytes"] = max(r["peak_reserved"] for r in reps)
@@ -876,13 +881,18 @@ def markdown(data: dict[str, Any]) -> str:
             lines.append(
                 f"| {r['variant']} | {r['size']} | {gib(r.get('budget_bytes'))} | "
                 f"{gib(r.get('compared_peak_bytes'))} | {peak} | {ok} | "
-                f"{_fmt(pred_s, '.4f')} | {_fmt(r.get('s_per_step'), '.4f')} | {_fmt(r.get('s_per_step_error_pct'), '+.1f')} | "
+                f"{_fmt(pred_s, '.4f')} | {_fmt(r.get('s_per_step'), '.4f')}{_range(r.get('s_per_step_range'))} | "
+                f"{_fmt(r.get('s_per_step_error_pct'), '+.1f')} | "
                 f"{_fmt(r.get('compared_generation_s'), '.2f') + ' / ' if r.get('compared_generation_s') else ''}"
                 f"{_fmt(r.get('generation_s'), '.2f')} | {_fmt(r.get('encode_s'), '.2f')} / {_fmt(r.get('decode_s'), '.2f')} | "
                 f"{_fmt(r.get('ready_s'), '.1f')} | {_fmt(r.get('first_generation_s'), '.1f')} | {gib(r.get('rss_after_load_bytes'))} / "
                 f"{gib(r.get('rss_peak_sampled_bytes'))} | {exact} | {place} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _range(span: list[float] | None) -> str:
+    return f" ({span[0]:.4f}–{span[1]:.4f})" if span else ""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
