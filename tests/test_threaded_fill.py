@@ -197,3 +197,25 @@ def test_tensors_bound_for_the_device_are_read_by_several_threads(fail: str | No
         placement.attach()
     assert source.live == 0                                   # every started read ended first
     assert all(p.device.type == "meta" for p in module.parameters())
+
+
+def test_a_refused_page_lock_stages_through_pageable_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A staged read bound for a GPU asks for a page-locked chunk; where the driver refuses one (a small
+    locked-memory limit), it gets a pageable chunk instead of an error."""
+    values = _tensors(3)
+    path = tmp_path / "w.safetensors"
+    safetensors_torch.save_file(values, str(path))
+    reader = safetensors_reader.SafetensorsReader([path])
+    real_empty = torch.empty
+    asked: list[bool] = []
+
+    def empty(*args, **kwargs):
+        if kwargs.get("pin_memory"):
+            asked.append(True)
+            raise RuntimeError("cudaHostAlloc: out of memory")
+        return real_empty(*args, **kwargs)
+    monkeypatch.setattr(torch, "empty", empty)
+    chunk = reader._take_chunk(pinned=True)
+    monkeypatch.setattr(torch, "empty", real_empty)
+    assert asked and not chunk.is_pinned() and chunk.numel() == safetensors_reader.STAGING_BYTES
+    reader.close()

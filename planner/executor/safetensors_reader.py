@@ -379,10 +379,17 @@ class SafetensorsReader:
                 self._chunks[pinned].append(chunk)
 
     def _take_chunk(self, pinned: bool) -> torch.Tensor:
+        """A free staging chunk, page-locked if asked and the driver allows it (where it refuses, as
+        under a small locked-memory limit, a pageable one: the copy is as right, only slower)."""
         with self._lock:
             if self._chunks[pinned]:
                 return self._chunks[pinned].pop()
-        return torch.empty(STAGING_BYTES, dtype=torch.uint8, pin_memory=pinned)
+        if pinned:
+            try:
+                return torch.empty(STAGING_BYTES, dtype=torch.uint8, pin_memory=True)
+            except RuntimeError:
+                pass
+        return torch.empty(STAGING_BYTES, dtype=torch.uint8)
 
     def __call__(self, name: str) -> torch.Tensor:
         entry = self.entries[name]
