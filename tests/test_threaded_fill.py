@@ -219,3 +219,33 @@ def test_a_refused_page_lock_stages_through_pageable_memory(tmp_path: Path, monk
     monkeypatch.setattr(torch, "empty", real_empty)
     assert asked and not chunk.is_pinned() and chunk.numel() == safetensors_reader.STAGING_BYTES
     reader.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_staged_reads_onto_a_gpu_are_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU: device destinations filled a chunk at a time through page-locked chunks, cast or not,
+    and a meta module's tensors read onto the device by several threads, each equal to its file."""
+    from planner.executor.weight_sources import SourcedTensors
+
+    monkeypatch.setattr(safetensors_reader, "STAGING_BYTES", 1 << 16)
+    g = torch.Generator().manual_seed(2)
+    values = {"a": torch.randn(700, 301, generator=g), "b": torch.randn(3, 77, generator=g).to(torch.bfloat16)}
+    path = tmp_path / "w.safetensors"
+    safetensors_torch.save_file(values, str(path))
+    reader = safetensors_reader.SafetensorsReader([path])
+    for name, v in values.items():
+        for dtype in (v.dtype, torch.bfloat16, torch.float32):
+            out = torch.empty(v.shape, dtype=dtype, device="cuda")
+            reader.read_into(name, out)
+            assert torch.equal(out.cpu(), v.to(dtype)), (name, dtype)
+    assert reader._chunks[True] and all(c.is_pinned() for c in reader._chunks[True])
+    reader.close()
+
+    module = _meta_module()
+    ref = {n: torch.randn(p.shape, generator=g) for n, p in module.named_parameters()}
+    mpath = tmp_path / "m.safetensors"
+    safetensors_torch.save_file(ref, str(mpath))
+    source = safetensors_reader.ComponentSource(safetensors_reader.SafetensorsReader([mpath]), {n: n for n in ref})
+    named = list(module.named_parameters())
+    fresh = SourcedTensors(module, source).materialize_all([p for _, p in named], torch.device("cuda"))
+    assert all(f.is_cuda and torch.equal(f.cpu(), ref[n]) for f, (n, _) in zip(fresh, named))
