@@ -358,8 +358,6 @@ class SafetensorsReader:
         chunk = self._take_chunk(pinned)
         try:
             flat = out.reshape(-1)
-            same = out.dtype == entry.dtype
-            dst = flat.view(torch.uint8) if same else flat
             size = entry.dtype.itemsize
             step = STAGING_BYTES // size * size
             with self._lock:
@@ -369,10 +367,7 @@ class SafetensorsReader:
                 n = min(step, entry.nbytes - done)
                 part = chunk[:n]
                 self._read_bytes(name, replace(entry, start=entry.start + done, nbytes=n), part)
-                if same:
-                    dst[done:done + n].copy_(part)
-                else:
-                    dst[done // size:(done + n) // size].copy_(part.view(entry.dtype))
+                flat[done // size:(done + n) // size].copy_(part.view(entry.dtype))   # casts where the dtypes differ
                 done += n
         finally:
             with self._lock:

@@ -24,12 +24,13 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def _mem_total(meminfo: Path) -> int | None:
+def meminfo_bytes(field: str, meminfo: Path = MEMINFO) -> int | None:
+    """A ``/proc/meminfo`` field (``MemTotal``, ``MemAvailable``) in bytes; None where it cannot be read."""
     text = _read(meminfo)
     for line in (text or "").splitlines():
         key, _, value = line.partition(":")
         parts = value.split()
-        if key.strip() == "MemTotal" and parts and parts[0].isdigit():
+        if key.strip() == field and parts and parts[0].isdigit():
             return int(parts[0]) * (1024 if parts[1:2] == ["kB"] else 1)
     return None
 
@@ -47,7 +48,7 @@ def _cgroup_limit(root: Path) -> int | None:
 def host_ram_bytes(meminfo: Path = MEMINFO, cgroup_root: Path = CGROUP_ROOT) -> int | None:
     """The RAM this process may use: ``MemTotal`` capped by the cgroup's limit; None where neither can
     be read."""
-    total = _mem_total(meminfo)
+    total = meminfo_bytes("MemTotal", meminfo)
     limit = _cgroup_limit(cgroup_root)
     if total is None:
         return limit

@@ -15,23 +15,12 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
-from planner.errors import FolderError
-from planner.files.bounded_read import read_bounded
-
-MEMINFO = Path("/proc/meminfo")
+from planner.files.host_ram import MEMINFO, meminfo_bytes
 
 
 def available_bytes(meminfo: Path = MEMINFO) -> int | None:
-    try:
-        text = read_bounded(meminfo, 1 << 16, "memory information").decode("ascii", "replace")
-    except (FolderError, OSError):
-        return None
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        parts = value.split()
-        if key.strip() == "MemAvailable" and parts and parts[0].isdigit():
-            return int(parts[0]) * 1024
-    return None
+    """What the kernel reports available (``MemAvailable``), None where it cannot be read."""
+    return meminfo_bytes("MemAvailable", meminfo)
 
 
 def files_within(files: Iterable[Path], room: int) -> list[Path]:
