@@ -385,6 +385,7 @@ def plan_fields(plan: Any) -> dict[str, Any]:
         "predicted_peak_bytes": est.gpu_peak_bytes,
         "predicted_s_per_step": est.seconds_per_step,
         "predicted_host_pinned_bytes": est.host_pinned_bytes,
+        "predicted_host_peak_bytes": est.host_peak_bytes,
         "predicted_activation_bytes": est.activation_bytes,
         "predicted_margin_bytes": est.margin_bytes,
         "profile": est.profile,
@@ -846,7 +847,7 @@ def markdown(data: dict[str, Any]) -> str:
         lines += [f"## {fam} ({info.get('class', '')}, {FAMILIES[fam]}; "
                   f"{gib(info.get('folder_bytes'))} GiB of weights, {data['steps']} steps)", "",
                   "| variant | size | budget GiB | predicted peak GiB | peak alloc / reserved GiB | ok | "
-                  "pred s/step | s/step | err % | pred / gen s | encode / decode s | ready s | first gen s | RSS load / max GiB | "
+                  "pred s/step | s/step | err % | pred / gen s | encode / decode s | ready s | first gen s | RSS load / max (pred) GiB | "
                   "exact (max diff) | placement |",
                   "|---|---:|---:|---:|---|---|---:|---:|---:|---:|---|---:|---:|---|---|---|"]
 
@@ -886,7 +887,9 @@ def markdown(data: dict[str, Any]) -> str:
                 f"{_fmt(r.get('compared_generation_s'), '.2f') + ' / ' if r.get('compared_generation_s') else ''}"
                 f"{_fmt(r.get('generation_s'), '.2f')} | {_fmt(r.get('encode_s'), '.2f')} / {_fmt(r.get('decode_s'), '.2f')} | "
                 f"{_fmt(r.get('ready_s'), '.1f')} | {_fmt(r.get('first_generation_s'), '.1f')} | {gib(r.get('rss_after_load_bytes'))} / "
-                f"{gib(r.get('rss_peak_sampled_bytes'))} | {exact} | {place} |")
+                f"{gib(r.get('rss_peak_sampled_bytes'))}"
+                f"{' (' + gib(r['predicted_host_peak_bytes']) + ')' if r.get('predicted_host_peak_bytes') else ''}"
+                f" | {exact} | {place} |")
         lines.append("")
     return "\n".join(lines)
 
