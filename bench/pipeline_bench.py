@@ -121,28 +121,60 @@ def outputs_compare(ref: torch.Tensor, out: torch.Tensor) -> tuple[bool, float |
     return False, float(diff.max()) if diff.numel() else float("nan")
 
 
-def rss_bytes() -> int:
+RSS_FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
+
+
+def rss_fields() -> dict[str, int]:
+    """This process's resident set and its parts (anonymous, file-backed, shared), in bytes."""
+    out: dict[str, int] = {}
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
+            key, _, rest = line.partition(":")
+            if key in RSS_FIELDS:
+                out[key] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
         pass
-    return 0
+    return out
+
+
+def rss_bytes() -> int:
+    return rss_fields().get("VmRSS", 0)
 
 
 class RssSampler:
-    """Maximum VmRSS of this process, sampled every 50 ms in a background thread."""
+    """Maximum VmRSS of this process (and of each of its parts), sampled every 50 ms in a background
+    thread, with the phase and the main thread's innermost frames where VmRSS peaked: the bytes
+    above the plan's host peak are found by where they were allocated."""
 
     def __init__(self, interval: float = 0.05) -> None:
         self.interval = interval
-        self.peak = rss_bytes()
+        self.peaks: dict[str, int] = {}
+        self.phase = "load"
+        self.at_peak: dict[str, Any] = {}
+        self._main = threading.main_thread().ident
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._sample()
+
+    @property
+    def peak(self) -> int:
+        return self.peaks.get("VmRSS", 0)
+
+    def _sample(self) -> None:
+        now = rss_fields()
+        if now.get("VmRSS", 0) > self.peak + (64 << 20) or not self.at_peak:
+            frame = sys._current_frames().get(self._main)
+            # the waits of a thread pool say nothing of who allocated: the frames above them do
+            stack = [f for f in (traceback.extract_stack(frame) if frame is not None else [])
+                     if Path(f.filename).name not in ("threading.py", "_base.py", "thread.py")][-10:]
+            self.at_peak = {"phase": self.phase, "rss": now,
+                            "stack": [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in stack]}
+        for key, value in now.items():
+            self.peaks[key] = max(self.peaks.get(key, 0), value)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, rss_bytes())
+            self._sample()
 
     def __enter__(self) -> "RssSampler":
         self._thread.start()
@@ -151,7 +183,12 @@ class RssSampler:
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
+        self._sample()
+
+    def fields(self) -> dict[str, Any]:
+        return {"rss_peak_sampled_bytes": self.peak,
+                "rss_peak_parts_bytes": {k: v for k, v in self.peaks.items() if k != "VmRSS"},
+                "rss_at_peak": self.at_peak}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -706,7 +743,9 @@ class Bench:
                 sync(dev)
                 ready_s = time.perf_counter() - t0
                 pipe.set_progress_bar_config(disable=True)
-                base.update(ready_s=ready_s, rss_before_load_bytes=rss0, rss_after_load_bytes=rss_bytes(),
+                sampler._sample()
+                sampler.phase = "generate"
+                base.update(ready_s=ready_s, rss_load_peak_sampled_bytes=sampler.peak, rss_before_load_bytes=rss0, rss_after_load_bytes=rss_bytes(),
                             gpu_after_load_bytes=torch.cuda.memory_allocated(dev) if dev.type == "cuda" else None,
                             gpu_load_peak_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None)
                 handle = getattr(pipe, "residency", None)
@@ -722,7 +761,9 @@ class Bench:
                             int(den.get("streamed_other_bytes", 0))
                     except Exception as exc:   # the report is information only
                         base["report_error"] = str(exc)
-                log(f"{family} {variant}: ready in {ready_s:.1f} s, RSS {gib(rss_bytes())} GiB")
+                log(f"{family} {variant}: ready in {ready_s:.1f} s, RSS {gib(rss_bytes())} GiB, peak while loading "
+                    f"{gib(sampler.peak)} GiB ({', '.join(f'{k} {gib(v)}' for k, v in sampler.at_peak['rss'].items())}"
+                    f" at {' < '.join(reversed(sampler.at_peak['stack'][-6:]))})")
                 timer = PhaseTimer(pipe, dev)
                 for size in sizes:
                     row = dict(base, size=size, **per_size_pred.get(size, {}))
@@ -800,7 +841,9 @@ class Bench:
                         log(f"{family} {size}: {variant} FAILED: {row['error'][:300]}")
                         traceback.print_exc()
                         free_memory(dev)
-                    row["rss_peak_sampled_bytes"] = sampler.peak
+                    row.update(sampler.fields())
+                    log(f"{family} {size}: {variant} RSS peak {gib(sampler.peak)} GiB in {sampler.at_peak['phase']} at "
+                        f"{' < '.join(reversed(sampler.at_peak['stack'][-6:]))}")
                     self.rows.append(row)
                     self.write()
             finally:
@@ -817,7 +860,7 @@ class Bench:
                 free_memory(dev)
         for r in self.rows:
             if r["family"] == family and r["variant"] == variant:
-                r["rss_peak_sampled_bytes"] = sampler.peak
+                r.update(sampler.fields())
 
 
 def _ru_maxrss() -> int | None:
