@@ -392,7 +392,7 @@ def generate(pipe: Any, timer: PhaseTimer, size: int, steps: int, call: dict[str
 
 def make_spec(folder: Path, args: argparse.Namespace, size: int, *, budget: int | None,
               streamed: bool, text_tokens: int | None, guidance: float | None,
-              storage: str | None = None) -> dict[str, Any]:
+              storage: str | None = None, resident: bool = False) -> dict[str, Any]:
     workload: dict[str, Any] = {"height": size, "width": size, "steps": args.steps}
     if text_tokens:
         workload["text_tokens"] = text_tokens
@@ -404,7 +404,9 @@ def make_spec(folder: Path, args: argparse.Namespace, size: int, *, budget: int 
         "device": "cpu" if args.tiny else "cuda",
         "workload": workload,
     }
-    if streamed:
+    if resident:
+        spec["defaults"] = {"strategy": "resident"}
+    elif streamed:
         spec["defaults"] = {"strategy": "layerwise"}
         if storage:
             spec["components"] = {"transformer": {"storage_dtype": storage}}
@@ -728,6 +730,21 @@ class Bench:
                                                          for n, v in base["placement"].items())
                 + f"; predicted peak {gib(base['predicted_peak_bytes'])} GiB, "
                   f"{base['predicted_s_per_step']} s/step ({base['profile']})")
+        elif variant == "diffusers_resident":
+            # the planner's own all-resident plan at each size: where the resident step itself is
+            # mispredicted (a host slower than the profile's), a plan's error is the machine's too
+            from planner.api import make_plan
+
+            gs = call.get("guidance_scale", call.get("true_cfg_scale"))
+            tt = call.get("max_sequence_length") if args.tiny else None
+            for size in sizes:
+                p = make_plan(make_spec(folder, args, size, budget=None, streamed=False, text_tokens=tt,
+                                        guidance=gs, resident=True))
+                per_size_pred[size] = {"predicted_peak_bytes_at_size": p.estimate.gpu_peak_bytes,
+                                       "predicted_s_per_step_at_size": p.estimate.seconds_per_step,
+                                       "predicted_generation_seconds_at_size":
+                                           getattr(p.estimate, "generation_seconds", None),
+                                       "plan_at_size_same_placement": True, "profile": p.estimate.profile}
         free_memory(dev)
         rss0 = rss_bytes()
         # what the process holds on the GPU before loading (an earlier variant's leftovers): in every
@@ -860,7 +877,10 @@ class Bench:
                 free_memory(dev)
         for r in self.rows:
             if r["family"] == family and r["variant"] == variant:
-                r.update(sampler.fields())
+                # taking the pipeline down puts every weight back on the host (``remove``): after the
+                # generations, so apart from the peak while loading and running
+                r.setdefault("rss_peak_sampled_bytes", sampler.peak)
+                r["rss_peak_with_remove_bytes"] = sampler.peak
 
 
 def _ru_maxrss() -> int | None:
