@@ -390,6 +390,34 @@ def generate(pipe: Any, timer: PhaseTimer, size: int, steps: int, call: dict[str
 # specs and plans
 
 
+def predicted_at_size(plan: Any) -> dict[str, Any]:
+    est = plan.estimate
+    return {"predicted_peak_bytes_at_size": est.gpu_peak_bytes,
+            "predicted_s_per_step_at_size": est.seconds_per_step,
+            "predicted_generation_seconds_at_size": getattr(est, "generation_seconds", None),
+            "host_bound_at_size": bool(getattr(est, "host_bound", False))}
+
+
+def relative_to_resident(rows: list[dict[str, Any]]) -> None:
+    """For each of ours' host-bound plans, its s/step error measured against diffusers' resident run
+    of the same size in the same run: (ours / resident measured) over (ours / resident predicted),
+    minus one. A host slower than the profile's slows both alike; this is the plan's own error,
+    without the machine's."""
+    resident = {(r["family"], r.get("size")): r for r in rows
+                if r["variant"] == "diffusers_resident" and r.get("s_per_step") and r.get("compared_s_per_step")}
+    for r in rows:
+        ref = resident.get((r["family"], r.get("size")))
+        if ref is None or not r["variant"].startswith("ours") or not (r.get("s_per_step") and r.get("compared_s_per_step")):
+            continue
+        if not r.get("host_bound_at_size"):
+            continue    # a step bound by its copies or the GPU does not slow with the host
+        measured = r["s_per_step"] / ref["s_per_step"]
+        predicted = r["compared_s_per_step"] / ref["compared_s_per_step"]
+        r["s_per_step_vs_resident"] = round(measured, 4)
+        r["predicted_s_per_step_vs_resident"] = round(predicted, 4)
+        r["s_per_step_error_vs_resident_pct"] = round((measured / predicted - 1) * 100, 2)
+
+
 def make_spec(folder: Path, args: argparse.Namespace, size: int, *, budget: int | None,
               streamed: bool, text_tokens: int | None, guidance: float | None,
               storage: str | None = None, resident: bool = False) -> dict[str, Any]:
@@ -425,6 +453,8 @@ def plan_fields(plan: Any) -> dict[str, Any]:
         "predicted_s_per_step": est.seconds_per_step,
         "predicted_host_pinned_bytes": est.host_pinned_bytes,
         "predicted_host_peak_bytes": est.host_peak_bytes,
+        "predicted_step_launch_seconds": getattr(est, "step_launch_seconds", None),
+        "predicted_step_gpu_seconds": getattr(est, "step_gpu_seconds", None),
         "predicted_activation_bytes": est.activation_bytes,
         "predicted_margin_bytes": est.margin_bytes,
         "profile": est.profile,
@@ -547,6 +577,7 @@ class Bench:
         this = dict(self.meta, families_run=list(self.families), total_s=round(self.elapsed(), 2))
         data = dict(self.meta, total_s=round(self.elapsed(), 2), families=families,
                     runs=runs + [this], rows=old_rows + self.rows)
+        relative_to_resident(data["rows"])
         return data
 
     def write(self) -> tuple[Path, Path]:
@@ -720,10 +751,7 @@ class Bench:
                 p = plan if size == big else make_plan(make_spec(
                     folder, args, size, budget=budget, streamed=streamed, text_tokens=tt, guidance=gs,
                     storage=FP8 if variant == "ours_streamed_fp8" else None))
-                per_size_pred[size] = {"predicted_peak_bytes_at_size": p.estimate.gpu_peak_bytes,
-                                       "predicted_s_per_step_at_size": p.estimate.seconds_per_step,
-                                       "predicted_generation_seconds_at_size":
-                                           getattr(p.estimate, "generation_seconds", None),
+                per_size_pred[size] = {**predicted_at_size(p),
                                        "plan_at_size_same_placement": placement_key(p) == placement_key(plan)}
             log(f"{family} {variant}: plan " + ", ".join(f"{n} {v['strategy']}"
                                                          + (f" {v['resident_layers']}/{v['layers']}" if v['layers'] else "")
@@ -740,11 +768,8 @@ class Bench:
             for size in sizes:
                 p = make_plan(make_spec(folder, args, size, budget=None, streamed=False, text_tokens=tt,
                                         guidance=gs, resident=True))
-                per_size_pred[size] = {"predicted_peak_bytes_at_size": p.estimate.gpu_peak_bytes,
-                                       "predicted_s_per_step_at_size": p.estimate.seconds_per_step,
-                                       "predicted_generation_seconds_at_size":
-                                           getattr(p.estimate, "generation_seconds", None),
-                                       "plan_at_size_same_placement": True, "profile": p.estimate.profile}
+                per_size_pred[size] = {**predicted_at_size(p), "plan_at_size_same_placement": True,
+                                       "profile": p.estimate.profile}
         free_memory(dev)
         rss0 = rss_bytes()
         # what the process holds on the GPU before loading (an earlier variant's leftovers): in every
@@ -910,9 +935,9 @@ def markdown(data: dict[str, Any]) -> str:
         lines += [f"## {fam} ({info.get('class', '')}, {FAMILIES[fam]}; "
                   f"{gib(info.get('folder_bytes'))} GiB of weights, {data['steps']} steps)", "",
                   "| variant | size | budget GiB | predicted peak GiB | peak alloc / reserved GiB | ok | "
-                  "pred s/step | s/step | err % | pred / gen s | encode / decode s | ready s | first gen s | RSS load / max (pred) GiB | "
+                  "pred s/step | s/step | err % | err vs resident % | pred / gen s | encode / decode s | ready s | first gen s | RSS load / max (pred) GiB | "
                   "exact (max diff) | placement |",
-                  "|---|---:|---:|---:|---|---|---:|---:|---:|---:|---|---:|---:|---|---|---|"]
+                  "|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|---|---|"]
 
         def key(r: dict[str, Any]) -> tuple:
             v = r["variant"]
@@ -921,11 +946,11 @@ def markdown(data: dict[str, Any]) -> str:
         for r in sorted(rows, key=key):
             if r.get("skipped") or (r.get("error") and "size" not in r):
                 what = f"skipped: {r['skipped']}" if r.get("skipped") else f"error: {r['error'][:150]}"
-                lines.append(f"| {r['variant']} | {r.get('size', '')} | | | | | | | | | | | | | {what} | |")
+                lines.append(f"| {r['variant']} | {r.get('size', '')} | | | | | | | | | | | | | | {what} | |")
                 continue
             if r.get("error"):
                 lines.append(f"| {r['variant']} | {r['size']} | {gib(r.get('budget_bytes'))} | "
-                             f"{gib(r.get('predicted_peak_bytes'))} | | | | | | | | {_fmt(r.get('ready_s'), '.1f')} | | "
+                             f"{gib(r.get('predicted_peak_bytes'))} | | | | | | | | | {_fmt(r.get('ready_s'), '.1f')} | | "
                              f"| error: {r['error'][:150]} | |")
                 continue
             ok = "" if r.get("within_budget") is None else ("yes" if r["within_budget"] else "NO")
@@ -945,8 +970,8 @@ def markdown(data: dict[str, Any]) -> str:
             lines.append(
                 f"| {r['variant']} | {r['size']} | {gib(r.get('budget_bytes'))} | "
                 f"{gib(r.get('compared_peak_bytes'))} | {peak} | {ok} | "
-                f"{_fmt(pred_s, '.4f')} | {_fmt(r.get('s_per_step'), '.4f')}{_range(r.get('s_per_step_range'))} | "
-                f"{_fmt(r.get('s_per_step_error_pct'), '+.1f')} | "
+                f"{_fmt(pred_s, '.4f')}{' (host)' if pred_s and r.get('host_bound_at_size') else ''} | {_fmt(r.get('s_per_step'), '.4f')}{_range(r.get('s_per_step_range'))} | "
+                f"{_fmt(r.get('s_per_step_error_pct'), '+.1f')} | {_fmt(r.get('s_per_step_error_vs_resident_pct'), '+.1f')} | "
                 f"{_fmt(r.get('compared_generation_s'), '.2f') + ' / ' if r.get('compared_generation_s') else ''}"
                 f"{_fmt(r.get('generation_s'), '.2f')} | {_fmt(r.get('encode_s'), '.2f')} / {_fmt(r.get('decode_s'), '.2f')} | "
                 f"{_fmt(r.get('ready_s'), '.1f')} | {_fmt(r.get('first_generation_s'), '.1f')} | {gib(r.get('rss_after_load_bytes'))} / "

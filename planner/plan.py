@@ -164,6 +164,10 @@ class Decision:
     reason: str
 
 
+# a step whose launches take at least this share of it is the host's (below, its copies dominate)
+HOST_BOUND_SHARE = 0.5
+
+
 @dataclass(frozen=True)
 class Estimate:
     gpu_peak_bytes: int = 0
@@ -182,6 +186,18 @@ class Estimate:
     decode_seconds: float | None = None      # one generation's VAE decode
     generation_seconds: float | None = None  # encode + steps x seconds_per_step + decode
     steps: int | None = None
+    # one step's denoiser calls with their weights on the GPU: the host's time to launch their ops
+    # and the GPU's time to run them. Where launching takes longer the step waits on the host's CPU,
+    # whose speed differs between machines (the profile's host_op_seconds is one machine's)
+    step_launch_seconds: float | None = None
+    step_gpu_seconds: float | None = None
+
+    @property
+    def host_bound(self) -> bool:
+        """The step's calls wait on the host's launches more than on the GPU, and those launches are
+        most of the step (not its copies): its time follows the host's CPU."""
+        launch, gpu, step = self.step_launch_seconds or 0.0, self.step_gpu_seconds or 0.0, self.seconds_per_step or 0.0
+        return launch > gpu > 0.0 and launch >= HOST_BOUND_SHARE * step
 
 
 @dataclass(frozen=True)
@@ -220,6 +236,8 @@ class Plan:
                 "encode_seconds": self.estimate.encode_seconds,
                 "decode_seconds": self.estimate.decode_seconds,
                 "generation_seconds": self.estimate.generation_seconds,
+                "step_launch_seconds": self.estimate.step_launch_seconds,
+                "step_gpu_seconds": self.estimate.step_gpu_seconds,
             }),
         }
 
@@ -254,6 +272,8 @@ class Plan:
                 encode_seconds=est.get("encode_seconds"),
                 decode_seconds=est.get("decode_seconds"),
                 generation_seconds=est.get("generation_seconds"),
+                step_launch_seconds=est.get("step_launch_seconds"),
+                step_gpu_seconds=est.get("step_gpu_seconds"),
             ),
         )
 

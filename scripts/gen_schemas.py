@@ -264,7 +264,9 @@ def plan_schema() -> dict:
                              "steps": {"type": "integer", "minimum": 0},
                              "encode_seconds": {"type": "number", "minimum": 0},
                              "decode_seconds": {"type": "number", "minimum": 0},
-                             "generation_seconds": {"type": "number", "minimum": 0}}},
+                             "generation_seconds": {"type": "number", "minimum": 0},
+                             "step_launch_seconds": {"type": "number", "minimum": 0},
+                             "step_gpu_seconds": {"type": "number", "minimum": 0}}},
         },
     }
 

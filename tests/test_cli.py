@@ -179,3 +179,23 @@ def test_validate_imports_no_torch():
                          capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     imported = {line.split("|")[-1].strip().split(".")[0] for line in imp.stderr.splitlines() if "|" in line}
     assert not imported & {"torch", "diffusers", "transformers", "numpy", "safetensors"}
+
+
+def test_plan_says_when_the_step_waits_on_the_host(tmp_path, capsys):
+    spec = {"version": 1, "pipeline": {"model": "z-image-turbo", "dtype": "bfloat16"}, "device": "cuda",
+            "profile": "h200", "defaults": {"strategy": "resident"},
+            "workload": {"height": 512, "width": 512, "steps": 8, "guidance_scale": 0.0}}
+    said = {}
+    for size in (512, 1024):
+        path = tmp_path / f"z{size}.yaml"
+        path.write_text(yaml.safe_dump({**spec, "workload": {**spec["workload"], "height": size, "width": size}}))
+        assert main(["plan", str(path)]) == 0
+        said[size] = capsys.readouterr().out
+        assert main(["plan", "--format", "json", str(path)]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        Draft202012Validator(json.loads((ROOT / "schemas" / "plan.schema.json").read_text())).validate(doc)
+        est = doc["estimate"]
+        assert est["step_launch_seconds"] > 0 and est["step_gpu_seconds"] > 0
+        assert (est["step_launch_seconds"] > est["step_gpu_seconds"]) == (size == 512)
+    assert "waits on the host's CPU" in said[512] and "calibrate" in said[512]
+    assert "waits on the host" not in said[1024]

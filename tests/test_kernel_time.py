@@ -183,3 +183,43 @@ def test_a_float8_stored_denoiser_pays_its_upcast_each_call():
     assert extra > 0.01                                        # ~8.6 GB of float8 upcast each step
     assert cast.components["transformer"].estimate.step_seconds == pytest.approx(
         plain.components["transformer"].estimate.step_seconds + extra, rel=1e-3)
+
+
+def _zimage_estimate(size: int, strategy: str = "resident", profile: str = "h200"):
+    from planner import make_plan
+
+    return make_plan({"version": 1, "pipeline": {"model": "z-image-turbo", "dtype": "bfloat16"}, "device": "cuda",
+                      "profile": profile, "workload": {"height": size, "width": size, "steps": 8, "guidance_scale": 0.0},
+                      "defaults": {"strategy": strategy}}).estimate
+
+
+def test_the_estimate_says_when_a_step_waits_on_the_host(tmp_path):
+    # Z-Image's DiT launches the same ops at any size; at 512² they take longer to launch than the
+    # GPU takes to run them, at 1024² not
+    small, large = _zimage_estimate(512), _zimage_estimate(1024)
+    assert small.step_launch_seconds == large.step_launch_seconds > 0
+    assert small.step_gpu_seconds < small.step_launch_seconds < large.step_gpu_seconds
+    assert small.host_bound and not large.host_bound
+    # everything streamed at 512²: the same launches, but the copies are most of the step
+    streamed = _zimage_estimate(512, "layerwise")
+    assert streamed.step_launch_seconds == small.step_launch_seconds
+    assert streamed.seconds_per_step > 2 * streamed.step_launch_seconds and not streamed.host_bound
+    # a host twice as slow (a calibrated profile) doubles the launches and the host-bound step
+    import json
+    from pathlib import Path
+
+    h200 = json.loads((Path(__file__).resolve().parent.parent / "planner" / "data" / "profiles.json")
+                      .read_text())["profiles"]["h200"]
+    slow = tmp_path / "slow-host.json"
+    slow.write_text(json.dumps({**h200, "name": "slow-host",
+                                "kernel_rates": {**h200["kernel_rates"],
+                                                 "host_op_seconds": 2 * h200["kernel_rates"]["host_op_seconds"]}}))
+    slow_est = _zimage_estimate(512, profile=str(slow))
+    assert slow_est.step_launch_seconds == pytest.approx(2 * small.step_launch_seconds, rel=1e-4)
+    assert slow_est.seconds_per_step == pytest.approx(2 * small.seconds_per_step, rel=0.02)
+    assert _zimage_estimate(1024, profile=str(slow)).seconds_per_step == pytest.approx(large.seconds_per_step)
+
+
+def test_a_profile_without_kernel_rates_counts_no_launches():
+    est = _zimage_estimate(512, profile="h100")
+    assert est.step_launch_seconds is None and not est.host_bound

@@ -81,3 +81,40 @@ def test_top_level_fields(bench_result: dict) -> None:
         assert key in data
     assert "--tiny" in data["command"]
     assert data["families"]["zimage"]["class"] == "ZImagePipeline"
+
+
+def test_rss_is_recorded_in_parts_with_where_it_peaked(bench_result: dict) -> None:
+    for r in bench_result["rows"]:
+        assert r["rss_load_peak_sampled_bytes"] <= r["rss_peak_sampled_bytes"] <= r["rss_peak_with_remove_bytes"]
+        assert set(r["rss_peak_parts_bytes"]) >= {"RssAnon", "RssFile"}
+        assert r["rss_at_peak"]["phase"] in ("load", "generate") and r["rss_at_peak"]["stack"]
+        if r["kind"] == "ours":
+            assert r["predicted_host_peak_bytes"] > 0
+
+
+def test_the_resident_run_carries_the_planners_all_resident_prediction(bench_result: dict) -> None:
+    for r in bench_result["rows"]:
+        if r["variant"] == "diffusers_resident":
+            assert r["predicted_s_per_step_at_size"] is not None and r["predicted_peak_bytes_at_size"] > 0
+            assert r["compared_peak_bytes"] == r["predicted_peak_bytes_at_size"]
+
+
+def test_host_bound_plans_are_compared_with_the_resident_run_of_their_size() -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from pipeline_bench import relative_to_resident
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    rows = [{"family": "f", "variant": "diffusers_resident", "size": 512, "s_per_step": 0.12, "compared_s_per_step": 0.10},
+            {"family": "f", "variant": "ours_22GiB", "size": 512, "s_per_step": 0.156, "compared_s_per_step": 0.125,
+             "host_bound_at_size": True},
+            {"family": "f", "variant": "ours_8GiB", "size": 512, "s_per_step": 0.3, "compared_s_per_step": 0.3,
+             "host_bound_at_size": False},
+            {"family": "f", "variant": "ours_22GiB", "size": 1024, "s_per_step": 0.2, "compared_s_per_step": 0.2,
+             "host_bound_at_size": True}]
+    relative_to_resident(rows)
+    # measured 1.30x resident against 1.25x predicted: +4 % of the plan's own, the host's 20 % apart
+    assert rows[1]["s_per_step_vs_resident"] == 1.3 and rows[1]["predicted_s_per_step_vs_resident"] == 1.25
+    assert rows[1]["s_per_step_error_vs_resident_pct"] == 4.0
+    assert "s_per_step_error_vs_resident_pct" not in rows[2]     # bound by its copies
+    assert "s_per_step_error_vs_resident_pct" not in rows[3]     # no resident run at 1024

@@ -162,6 +162,10 @@ def plan_table(plan: Any, source: str) -> str:
                      + (f"; one generation {e.generation_seconds:.2f} s (encode {e.encode_seconds:.2f} s + "
                         f"{e.steps} steps + decode {e.decode_seconds:.2f} s)" if e.generation_seconds is not None else "")
                      + f" ({e.profile} profile" + (f", {e.profile_source}" if e.profile_source else "") + ")")
+        if e.host_bound:
+            lines.append(f"the step waits on the host's CPU: launching its ops takes {e.step_launch_seconds:.3f} s "
+                         f"against {e.step_gpu_seconds:.3f} s of GPU work, and a host's launch speed differs between "
+                         "machines and runs; 'residency-planner calibrate' measures this machine's")
     if plan.decisions:
         lines.append(f"{len(plan.decisions)} decision(s); 'residency-planner explain {source}' says why")
     for w in plan.warnings:

@@ -269,7 +269,7 @@ def _with_times(plan: Plan, inventory: Inventory, workload: Mapping[str, Any], p
     (twice under guidance: the negative prompt is encoded too), ``steps`` denoising steps, the
     decode."""
     comps = {}
-    per_step = encode = decode = 0.0
+    per_step = encode = decode = launch = gpu = 0.0
     encoder_calls = 2 if guidance_on(workload, denoiser_class(inventory)) else 1
     shares = denoiser_step_shares(inventory, steps)
     for name, cp in plan.components.items():
@@ -284,6 +284,9 @@ def _with_times(plan: Plan, inventory: Inventory, workload: Mapping[str, Any], p
                          upcast=upcast_seconds(cp, moved[0]) if moved else 0.0)
         if runs_per_step_name(name):
             per_step += t * shares.get(name, 1.0)      # an expert runs only its share of the steps
+            device, host = compute_parts(info, workload, profile)
+            launch += host * calls_per_step(info, workload) * shares.get(name, 1.0)
+            gpu += device * calls_per_step(info, workload) * shares.get(name, 1.0)
         elif cp.phase == "encode":
             # the negative prompt's call: streamed again under layerwise, already on the GPU otherwise
             again = t if cp.strategy == "layerwise" else compute_seconds(info, workload, profile)
@@ -293,7 +296,8 @@ def _with_times(plan: Plan, inventory: Inventory, workload: Mapping[str, Any], p
         comps[name] = replace(cp, estimate=replace(cp.estimate, step_seconds=round(t, 6)))
     est = replace(plan.estimate, seconds_per_step=round(per_step, 6), profile=profile.name,
                   profile_source=profile.source, steps=steps, encode_seconds=round(encode, 6),
-                  decode_seconds=round(decode, 6), generation_seconds=round(encode + steps * per_step + decode, 6))
+                  decode_seconds=round(decode, 6), generation_seconds=round(encode + steps * per_step + decode, 6),
+                  step_launch_seconds=round(launch, 6) if launch else None, step_gpu_seconds=round(gpu, 6) if gpu else None)
     return replace(plan, components=comps, estimate=est)
 
 
