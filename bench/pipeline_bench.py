@@ -55,6 +55,8 @@ for _p in (ROOT, ROOT / "scripts"):
 
 import torch  # noqa: E402
 
+from planner.api import make_plan  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from layerwise_bench import empty_host_cache, gib, log, measure_pinned_bandwidth, slug, sync  # noqa: E402
 
@@ -480,7 +482,6 @@ def placement_key(plan: Any) -> Any:
 def tiny_budgets(folder: Path, args: argparse.Namespace, size: int, call: dict[str, Any]) -> list[int]:
     """Budgets that force mixed plans on a tiny pipeline: the smallest that plans, and halfway from it
     to the all-resident peak (found with make_plan alone)."""
-    from planner.api import make_plan
     from planner.errors import SpecError
 
     def ok(b: int) -> bool:
@@ -731,8 +732,6 @@ class Bench:
         plan_info: dict[str, Any] = {}
         per_size_pred: dict[int, dict[str, Any]] = {}
         if variant.startswith("ours"):
-            from planner.api import make_plan
-
             big = max(sizes)
             tt = call.get("max_sequence_length") if args.tiny else None
             gs = call.get("guidance_scale", call.get("true_cfg_scale"))
@@ -761,8 +760,6 @@ class Bench:
         elif variant == "diffusers_resident":
             # the planner's own all-resident plan at each size: where the resident step itself is
             # mispredicted (a host slower than the profile's), a plan's error is the machine's too
-            from planner.api import make_plan
-
             gs = call.get("guidance_scale", call.get("true_cfg_scale"))
             tt = call.get("max_sequence_length") if args.tiny else None
             for size in sizes:

@@ -3,6 +3,9 @@ layerwise simulation, and the profile's kernel rates: hand counts, no GPU."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from planner.planning.budget import compute_parts, simulate_layerwise
@@ -12,6 +15,12 @@ from planner.planning.workload import KernelCounts, counted_kernels
 
 RATES = KernelRates(matmul_flops=1e12, attention_flops=((64, 0.5e12), (128, 1e12)), memory_bytes_per_s=1e9,
                     strided_bytes_per_s=0.5e9, host_op_seconds=1e-3)
+
+
+def _h200_data() -> dict:
+    """The built-in H200 profile as data, for variants written to files."""
+    return json.loads((Path(__file__).resolve().parent.parent / "planner" / "data" / "profiles.json")
+                      .read_text())["profiles"]["h200"]
 
 
 def test_device_seconds_by_kind_of_kernel_hand_count():
@@ -138,9 +147,6 @@ def test_the_h200_profile_slows_the_host_beside_copies_and_a_profile_may_not_say
 def test_a_partly_streamed_host_bound_step_pays_for_the_slower_launches(tmp_path):
     # Z-Image at 512², 9 of 34 layers streamed (every fourth): bound by the host's launches, which
     # the copies slow; the same plan under a profile without the slowdown is faster
-    import json
-    from pathlib import Path
-
     from planner import make_plan
 
     spec = {"version": 1, "pipeline": {"model": "z-image-turbo", "dtype": "bfloat16"}, "device": "cuda",
@@ -148,8 +154,7 @@ def test_a_partly_streamed_host_bound_step_pays_for_the_slower_launches(tmp_path
             "defaults": {"strategy": "resident"},
             "components": {"transformer": {"strategy": "layerwise", "prefetch": 1,
                                            "resident_layers": [i for i in range(34) if i % 4 != 0]}}}
-    h200 = json.loads((Path(__file__).resolve().parent.parent / "planner" / "data" / "profiles.json")
-                      .read_text())["profiles"]["h200"]
+    h200 = _h200_data()
     plain = tmp_path / "plain.json"
     plain.write_text(json.dumps({**h200, "name": "plain",
                                  "kernel_rates": {**h200["kernel_rates"], "host_slowdown_under_copy": 0.0}}))
@@ -205,11 +210,7 @@ def test_the_estimate_says_when_a_step_waits_on_the_host(tmp_path):
     assert streamed.step_launch_seconds == small.step_launch_seconds
     assert streamed.seconds_per_step > 2 * streamed.step_launch_seconds and not streamed.host_bound
     # a host twice as slow (a calibrated profile) doubles the launches and the host-bound step
-    import json
-    from pathlib import Path
-
-    h200 = json.loads((Path(__file__).resolve().parent.parent / "planner" / "data" / "profiles.json")
-                      .read_text())["profiles"]["h200"]
+    h200 = _h200_data()
     slow = tmp_path / "slow-host.json"
     slow.write_text(json.dumps({**h200, "name": "slow-host",
                                 "kernel_rates": {**h200["kernel_rates"],
