@@ -93,6 +93,26 @@ def gib(n: float | int | None) -> str:
     return "" if n is None else f"{n / GiB:.2f}"
 
 
+RSS_FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
+
+
+def rss_fields() -> dict[str, int]:
+    """This process's resident set and its parts (anonymous, file-backed, shared), in bytes."""
+    out: dict[str, int] = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in RSS_FIELDS:
+                out[key] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
+def rss_bytes() -> int:
+    return rss_fields().get("VmRSS", 0)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -58,7 +58,8 @@ import torch  # noqa: E402
 from planner.api import make_plan  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from layerwise_bench import empty_host_cache, gib, log, measure_pinned_bandwidth, slug, sync  # noqa: E402
+from layerwise_bench import (  # noqa: E402
+    empty_host_cache, gib, log, measure_pinned_bandwidth, rss_bytes, rss_fields, slug, sync)
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -123,26 +124,6 @@ def outputs_compare(ref: torch.Tensor, out: torch.Tensor) -> tuple[bool, float |
     return False, float(diff.max()) if diff.numel() else float("nan")
 
 
-RSS_FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
-
-
-def rss_fields() -> dict[str, int]:
-    """This process's resident set and its parts (anonymous, file-backed, shared), in bytes."""
-    out: dict[str, int] = {}
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            key, _, rest = line.partition(":")
-            if key in RSS_FIELDS:
-                out[key] = int(rest.split()[0]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return out
-
-
-def rss_bytes() -> int:
-    return rss_fields().get("VmRSS", 0)
-
-
 class RssSampler:
     """Maximum VmRSS of this process (and of each of its parts), sampled every 50 ms in a background
     thread, with the phase and the main thread's innermost frames where VmRSS peaked: the bytes
@@ -177,6 +158,11 @@ class RssSampler:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             self._sample()
+
+    def mark(self, phase: str) -> None:
+        """Samples now (what the phase before ends with), then counts what follows as ``phase``."""
+        self._sample()
+        self.phase = phase
 
     def __enter__(self) -> "RssSampler":
         self._thread.start()
@@ -731,10 +717,10 @@ class Bench:
                                     kind="ours" if variant.startswith("ours") else "diffusers")
         plan_info: dict[str, Any] = {}
         per_size_pred: dict[int, dict[str, Any]] = {}
+        tt = call.get("max_sequence_length") if args.tiny else None
+        gs = call.get("guidance_scale", call.get("true_cfg_scale"))
         if variant.startswith("ours"):
             big = max(sizes)
-            tt = call.get("max_sequence_length") if args.tiny else None
-            gs = call.get("guidance_scale", call.get("true_cfg_scale"))
             if budget is not None and budget < 0:     # tiny: found from the plans themselves
                 budget = tiny_budgets(folder, args, big, call)[-1 - budget]
             streamed = variant.startswith("ours_streamed")
@@ -760,8 +746,6 @@ class Bench:
         elif variant == "diffusers_resident":
             # the planner's own all-resident plan at each size: where the resident step itself is
             # mispredicted (a host slower than the profile's), a plan's error is the machine's too
-            gs = call.get("guidance_scale", call.get("true_cfg_scale"))
-            tt = call.get("max_sequence_length") if args.tiny else None
             for size in sizes:
                 p = make_plan(make_spec(folder, args, size, budget=None, streamed=False, text_tokens=tt,
                                         guidance=gs, resident=True))
@@ -782,8 +766,7 @@ class Bench:
                 sync(dev)
                 ready_s = time.perf_counter() - t0
                 pipe.set_progress_bar_config(disable=True)
-                sampler._sample()
-                sampler.phase = "generate"
+                sampler.mark("generate")
                 base.update(ready_s=ready_s, rss_load_peak_sampled_bytes=sampler.peak, rss_before_load_bytes=rss0, rss_after_load_bytes=rss_bytes(),
                             gpu_after_load_bytes=torch.cuda.memory_allocated(dev) if dev.type == "cuda" else None,
                             gpu_load_peak_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None)

@@ -28,14 +28,10 @@ from planner.executor import host_memory
 from planner.executor.layerwise_engine import LayerwiseEngine
 from planner.inventory.loaded import discover_layer_lists
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from layerwise_bench import rss_bytes as rss  # noqa: E402
+
 MiB = 1 << 20
-
-
-def rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def main() -> None:

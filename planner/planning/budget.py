@@ -283,10 +283,11 @@ def _with_times(plan: Plan, inventory: Inventory, workload: Mapping[str, Any], p
                          prefetch=cp.prefetch or 1, moved=moved,
                          upcast=upcast_seconds(cp, moved[0]) if moved else 0.0)
         if runs_per_step_name(name):
-            per_step += t * shares.get(name, 1.0)      # an expert runs only its share of the steps
+            share = shares.get(name, 1.0)              # an expert runs only its share of the steps
+            per_step += t * share
             device, host = compute_parts(info, workload, profile)
-            launch += host * calls_per_step(info, workload) * shares.get(name, 1.0)
-            gpu += device * calls_per_step(info, workload) * shares.get(name, 1.0)
+            launch += host * calls_per_step(info, workload) * share
+            gpu += device * calls_per_step(info, workload) * share
         elif cp.phase == "encode":
             # the negative prompt's call: streamed again under layerwise, already on the GPU otherwise
             again = t if cp.strategy == "layerwise" else compute_seconds(info, workload, profile)
