@@ -5,6 +5,11 @@ what was measured only where the plan places every component as the measured one
 changed was not measured). No GPU: this reads JSON and plans.
 
     python bench/repredict.py bench/results/pipeline_nvidia-h200_zimage_d42094f9.json ... [--profile h200]
+
+``--pin`` plans each row at the placement it was measured with (every component's strategy and
+resident layers given in the spec), so a row is priced even where the planner would now place it
+otherwise; ``--use-profile`` prices every row with one profile (a calibrate file of the machine
+the rows ran on, say) in place of the one each recorded.
 """
 
 from __future__ import annotations
@@ -27,12 +32,26 @@ CATALOG = {"zimage": "z-image-turbo", "zimage_cfg": "z-image-turbo", "flux": "fl
 GiB = 1 << 30
 
 
-def replanned(row: dict[str, Any], profile: str) -> tuple[Any, bool]:
+def pinned(spec: dict[str, Any], placement: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` with every component placed as ``placement`` (a row's) says, nothing left to a budget."""
+    out = {k: v for k, v in spec.items() if k != "memory"}
+    out["defaults"] = {"strategy": "auto"}
+    out["components"] = {
+        name: ({"strategy": p["strategy"], "resident_layers": p["resident_layers"]} if p["strategy"] == "layerwise"
+               else {"strategy": p["strategy"]})
+        for name, p in placement.items()}
+    return out
+
+
+def replanned(row: dict[str, Any], profile: str, *, pin: bool = False, use_profile: str | None = None
+              ) -> tuple[Any, bool]:
     spec = copy.deepcopy(row["spec"])
     spec["pipeline"] = {"model": CATALOG[row["family"]], "dtype": spec["pipeline"].get("dtype", "bfloat16")}
-    spec["profile"] = row.get("profile") or profile
+    spec["profile"] = use_profile or row.get("profile") or profile
     if row.get("plan_size") != row["size"]:          # a plan made at another size, run at this one
         spec["workload"]["height"] = spec["workload"]["width"] = row["size"]
+    if pin:
+        spec = pinned(spec, row["placement"])
     plan = make_plan(spec)
     place = {n: (str(getattr(c.strategy, "value", c.strategy)), len(c.resident_layers)) for n, c in plan.components.items()}
     measured = {n: (v["strategy"], v["resident_layers"]) for n, v in row["placement"].items()}
@@ -43,16 +62,26 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("files", nargs="+")
     ap.add_argument("--profile", default="h200", help="for rows that do not record theirs")
+    ap.add_argument("--use-profile", default=None, help="for every row, in place of the one it recorded")
+    ap.add_argument("--pin", action="store_true", help="plan each row at its measured placement")
     args = ap.parse_args(argv)
     print("| family | plan | size | same plan | s/step | predicted | err | gen s | predicted | err | peak GiB | "
           "predicted | err |")
     print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in args.files:
         data = json.loads(Path(name).read_text())
+        ours = {r["family"]: r for r in data["rows"] if r.get("kind") == "ours" and "spec" in r}
         for row in data["rows"]:
-            if row.get("kind") != "ours" or "error" in row or "s_per_step" not in row:
+            if "error" in row or "s_per_step" not in row:
                 continue
-            plan, same = replanned(row, args.profile)
+            if row["variant"] == "diffusers_resident" and args.pin and row["family"] in ours:
+                # diffusers' resident run, priced as the all-resident plan of the same pipeline
+                like = ours[row["family"]]
+                row = dict(row, spec=like["spec"], plan_size=like.get("plan_size"), placement={
+                    n: {"strategy": "resident", "resident_layers": 0} for n in like["placement"]})
+            elif row.get("kind") != "ours":
+                continue
+            plan, same = replanned(row, args.profile, pin=args.pin, use_profile=args.use_profile)
             est = plan.estimate
 
             def err(measured: float, predicted: float) -> str:

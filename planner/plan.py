@@ -191,6 +191,10 @@ class Estimate:
     # whose speed differs between machines (the profile's host_op_seconds is one machine's)
     step_launch_seconds: float | None = None
     step_gpu_seconds: float | None = None
+    # a step that waits on the host, priced also on the fastest and slowest host the profile has seen
+    # for its GPU kind (kernel_rates.host_op_seconds_seen): (fastest, slowest)
+    seconds_per_step_range: tuple[float, float] | None = None
+    generation_seconds_range: tuple[float, float] | None = None
 
     @property
     def host_bound(self) -> bool:
@@ -238,6 +242,8 @@ class Plan:
                 "generation_seconds": self.estimate.generation_seconds,
                 "step_launch_seconds": self.estimate.step_launch_seconds,
                 "step_gpu_seconds": self.estimate.step_gpu_seconds,
+                "seconds_per_step_range": _listed(self.estimate.seconds_per_step_range),
+                "generation_seconds_range": _listed(self.estimate.generation_seconds_range),
             }),
         }
 
@@ -274,12 +280,22 @@ class Plan:
                 generation_seconds=est.get("generation_seconds"),
                 step_launch_seconds=est.get("step_launch_seconds"),
                 step_gpu_seconds=est.get("step_gpu_seconds"),
+                seconds_per_step_range=_pair(est.get("seconds_per_step_range")),
+                generation_seconds_range=_pair(est.get("generation_seconds_range")),
             ),
         )
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
         return cls.from_dict(json.loads(text))
+
+
+def _listed(pair: tuple[float, float] | None) -> list[float] | None:
+    return None if pair is None else [pair[0], pair[1]]
+
+
+def _pair(data: Any) -> tuple[float, float] | None:
+    return None if data is None else (float(data[0]), float(data[1]))
 
 
 def _warning_from(data: Any) -> Diagnostic:

@@ -27,6 +27,8 @@ SIZE = {
         {"type": "string", "pattern": r"^\s*[0-9]+(\.[0-9]+)?\s*([KMGT]i?B|B)?\s*$"},
     ],
 }
+# a host-bound step priced on the fastest and slowest host its profile has seen: [fastest, slowest]
+SECONDS_RANGE = {"type": "array", "items": {"type": "number", "minimum": 0}, "minItems": 2, "maxItems": 2}
 PREFETCH = {
     "description": "Layers loaded ahead of the one running: a count (>= 1, floored) or a fraction in [0, 1) of the layer count.",
     "type": "number", "minimum": 0,
@@ -266,7 +268,9 @@ def plan_schema() -> dict:
                              "decode_seconds": {"type": "number", "minimum": 0},
                              "generation_seconds": {"type": "number", "minimum": 0},
                              "step_launch_seconds": {"type": "number", "minimum": 0},
-                             "step_gpu_seconds": {"type": "number", "minimum": 0}}},
+                             "step_gpu_seconds": {"type": "number", "minimum": 0},
+                             "seconds_per_step_range": SECONDS_RANGE,
+                             "generation_seconds_range": SECONDS_RANGE}},
         },
     }
 

@@ -199,3 +199,6 @@ def test_plan_says_when_the_step_waits_on_the_host(tmp_path, capsys):
         assert (est["step_launch_seconds"] > est["step_gpu_seconds"]) == (size == 512)
     assert "waits on the host's CPU" in said[512] and "calibrate" in said[512]
     assert "waits on the host" not in said[1024]
+    # the fastest and slowest hosts the profile has seen, for the host-bound step only
+    assert "slowest hosts the h200 profile has seen" in said[512]
+    assert "slowest hosts" not in said[1024]

@@ -224,3 +224,52 @@ def test_the_estimate_says_when_a_step_waits_on_the_host(tmp_path):
 def test_a_profile_without_kernel_rates_counts_no_launches():
     est = _zimage_estimate(512, profile="h100")
     assert est.step_launch_seconds is None and not est.host_bound
+
+
+def test_a_host_bound_step_is_priced_on_the_fastest_and_slowest_hosts_seen(tmp_path):
+    from planner.plan import Plan
+
+    h200 = load_profile("h200").kernel_rates
+    assert h200 is not None and h200.host_op_seconds_seen is not None
+    fastest, slowest = h200.host_op_seconds_seen
+    assert fastest < h200.host_op_seconds < slowest
+    small = _zimage_estimate(512)
+    assert small.host_bound
+    lo, hi = small.seconds_per_step_range
+    assert lo <= small.seconds_per_step <= hi
+    # on the slowest host the step is its launches, slowed by that host's time per op
+    assert hi == pytest.approx(small.step_launch_seconds * slowest / h200.host_op_seconds, rel=1e-3)
+    # on the fastest the launches no longer outlast the GPU's work: the GPU's time floors it
+    assert lo == pytest.approx(max(small.step_gpu_seconds, small.step_launch_seconds * fastest / h200.host_op_seconds),
+                               rel=1e-3)
+    g_lo, g_hi = small.generation_seconds_range
+    assert g_lo <= small.generation_seconds <= g_hi
+    assert g_hi - small.generation_seconds >= 8 * (hi - small.seconds_per_step) * 0.999
+    # a step bound by the GPU (1024²) or by its copies (everything streamed) has no range
+    assert _zimage_estimate(1024).seconds_per_step_range is None
+    assert _zimage_estimate(512, "layerwise").seconds_per_step_range is None
+    # a profile that is one machine's (as calibrate writes) prices one host
+    data = _h200_data()
+    one = tmp_path / "one-host.json"
+    rates = {k: v for k, v in data["kernel_rates"].items() if k != "host_op_seconds_seen"}
+    one.write_text(json.dumps({**data, "name": "one-host", "kernel_rates": rates}))
+    est = _zimage_estimate(512, profile=str(one))
+    assert est.host_bound and est.seconds_per_step_range is None and est.generation_seconds_range is None
+    # the plan's JSON keeps the ranges
+    from planner import make_plan
+
+    plan = make_plan({"version": 1, "pipeline": {"model": "z-image-turbo", "dtype": "bfloat16"}, "device": "cuda",
+                      "profile": "h200", "workload": {"height": 512, "width": 512, "steps": 8, "guidance_scale": 0.0},
+                      "defaults": {"strategy": "resident"}})
+    again = Plan.from_json(plan.to_json())
+    assert again == plan and again.estimate.seconds_per_step_range == (lo, hi)
+
+
+def test_host_op_seconds_seen_is_checked():
+    good = {"matmul_flops": 7e14, "attention_flops_by_head_dim": {"128": 6e14}, "memory_bytes_per_s": 3e12,
+            "strided_bytes_per_s": 1.3e12, "host_op_seconds": 2e-5}
+    assert _kernel_rates({**good, "host_op_seconds_seen": [1e-5, 3e-5]}).host_op_seconds_seen == (1e-5, 3e-5)
+    assert _kernel_rates(good).host_op_seconds_seen is None
+    for bad in ([3e-5, 1e-5], [1e-5], [1e-5, 2e-5, 3e-5], [0, 1e-5], "1e-5", [1e-5, float("nan")]):
+        with pytest.raises(ValueError, match="host_op_seconds_seen"):
+            _kernel_rates({**good, "host_op_seconds_seen": bad})

@@ -166,6 +166,10 @@ def plan_table(plan: Any, source: str) -> str:
             lines.append(f"the step waits on the host's CPU: launching its ops takes {e.step_launch_seconds:.3f} s "
                          f"against {e.step_gpu_seconds:.3f} s of GPU work, and a host's launch speed differs between "
                          "machines and runs; 'residency-planner calibrate' measures this machine's")
+            if e.seconds_per_step_range and e.generation_seconds_range:
+                (fast, slow), (gen_fast, gen_slow) = e.seconds_per_step_range, e.generation_seconds_range
+                lines.append(f"on the fastest and slowest hosts the {e.profile} profile has seen: {fast:.3f}-{slow:.3f} s "
+                             f"a step, {gen_fast:.2f}-{gen_slow:.2f} s a generation")
     if plan.decisions:
         lines.append(f"{len(plan.decisions)} decision(s); 'residency-planner explain {source}' says why")
     for w in plan.warnings:
@@ -360,6 +364,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
           f"DiT block {profile['effective_flops'] / 1e12:.0f} TFLOP/s effective, file reads "
           f"{profile['page_cache_bytes_per_s'] / 1e9:.1f} GB/s warm / {profile['disk_bytes_per_s'] / 1e9:.1f} GB/s "
           f"cold; wrote {args.output}")
+    rates = profile.get("kernel_rates")
+    if rates:
+        print(f"the host launches an op in {rates['host_op_seconds'] * 1e6:.1f} us (a Z-Image forward), "
+              f"{rates['host_slowdown_under_copy'] * 100:.0f} % slower beside a running copy")
     return 0
 
 

@@ -236,7 +236,22 @@ def plan_budget(doc: Document, inventory: Inventory, resolution: Resolution, *, 
     tiers = host_tiers(doc, inventory, resolution, profile) if host_tiers is not None else None
     plan = build_plan(doc, inventory, resolution, profile=profile, host_tiers=tiers)
     _check_host_budget(doc, plan, resolution)
-    return _with_times(plan, inventory, workload, profile, steps)
+    return _with_host_range(_with_times(plan, inventory, workload, profile, steps), inventory, workload, profile, steps)
+
+
+def _with_host_range(plan: Plan, inventory: Inventory, workload: Mapping[str, Any], profile: Profile,
+                     steps: int) -> Plan:
+    """A step that waits on the host's launches, priced also on the fastest and slowest host the
+    profile has seen for its GPU (``host_op_seconds_seen``): the host is the machine's, not the GPU's,
+    and one GPU kind's hosts launched 1.9x apart (bench/results/pipeline_nvidia-h200_summary.md)."""
+    rates = profile.kernel_rates
+    if rates is None or rates.host_op_seconds_seen is None or not plan.estimate.host_bound:
+        return plan
+    fast, slow = (_with_times(plan, inventory, workload, profile.with_host_op_seconds(s), steps).estimate
+                  for s in rates.host_op_seconds_seen)
+    return replace(plan, estimate=replace(
+        plan.estimate, seconds_per_step_range=(fast.seconds_per_step, slow.seconds_per_step),
+        generation_seconds_range=(fast.generation_seconds, slow.generation_seconds)))
 
 
 def _check_host_budget(doc: Document, plan: Plan, resolution: Resolution) -> None:

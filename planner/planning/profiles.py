@@ -49,6 +49,9 @@ class KernelRates:
     strided_bytes_per_s: float
     host_op_seconds: float
     host_slowdown_under_copy: float = 0.0
+    # the fastest and slowest host seconds per op measured on machines of this GPU kind: a step
+    # bound by the launches is priced at both too (None: the profile is one machine's, as calibrate's)
+    host_op_seconds_seen: tuple[float, float] | None = None
 
     def attention_rate(self, head_dim: int) -> float:
         """Linear in the head dim between measured ones, held at the ends."""
@@ -85,6 +88,12 @@ class Profile:
     # a denoiser's call priced kernel by kind where the profile has the rates and the class was
     # counted that way; None: every counted FLOP at ``effective_flops``
     kernel_rates: KernelRates | None = None
+
+    def with_host_op_seconds(self, seconds: float) -> "Profile":
+        """This profile on a host that launches an op in ``seconds`` (nothing else changes)."""
+        if self.kernel_rates is None:
+            return self
+        return replace(self, kernel_rates=replace(self.kernel_rates, host_op_seconds=seconds))
 
     def decode_scale(self, class_name: str) -> float:
         """The measured activation scale of a decoder class (its own where measured)."""
@@ -185,7 +194,21 @@ def _kernel_rates(data: object) -> KernelRates | None:
                        memory_bytes_per_s=_positive(data, "memory_bytes_per_s"),
                        strided_bytes_per_s=_positive(data, "strided_bytes_per_s"),
                        host_op_seconds=_positive(data, "host_op_seconds"),
-                       host_slowdown_under_copy=_share(data, "host_slowdown_under_copy"))
+                       host_slowdown_under_copy=_share(data, "host_slowdown_under_copy"),
+                       host_op_seconds_seen=_seen(data.get("host_op_seconds_seen")))
+
+
+def _seen(data: object) -> tuple[float, float] | None:
+    """``kernel_rates.host_op_seconds_seen``: [fastest, slowest], two numbers above 0, in order."""
+    if data is None:
+        return None
+    key = "kernel_rates.host_op_seconds_seen"
+    if not isinstance(data, list) or len(data) != 2:
+        raise ValueError(f"{key} must be a list of two numbers [fastest, slowest], got {data!r}")
+    lo, hi = (_positive({key: v}, key) for v in data)
+    if lo > hi:
+        raise ValueError(f"{key} must list the fastest host first, got {data!r}")
+    return lo, hi
 
 
 def _share(data: dict, key: str) -> float:
