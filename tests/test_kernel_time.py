@@ -273,3 +273,32 @@ def test_host_op_seconds_seen_is_checked():
     for bad in ([3e-5, 1e-5], [1e-5], [1e-5, 2e-5, 3e-5], [0, 1e-5], "1e-5", [1e-5, float("nan")]):
         with pytest.raises(ValueError, match="host_op_seconds_seen"):
             _kernel_rates({**good, "host_op_seconds_seen": bad})
+
+
+def test_a_fully_streamed_encoder_copies_its_modules_outside_the_layers_each_call():
+    from planner.inventory.model import ComponentInfo, LayerList
+    from planner.planning.budget import step_seconds
+
+    link = Profile(name="link", h2d_bytes_per_s=100.0, effective_flops=1e30, layer_overhead_s=0.0)
+    layers = (LayerList("layers", 4, (100,) * 4),)
+    bare = ComponentInfo("text_encoder", "SomeEncoder", weight_bytes=400, layer_lists=layers)
+    embedded = ComponentInfo("text_encoder", "SomeEncoder", weight_bytes=650, layer_lists=layers)
+    workload = {"height": 64, "width": 64}
+    # from cold with nothing to compute: four 1 s layer copies; the 250 bytes outside them (a token
+    # embedding) 2.5 s more, on the same copy engine
+    assert step_seconds("layerwise", bare, (), workload, link) == pytest.approx(4.0)
+    assert step_seconds("layerwise", embedded, (), workload, link) == pytest.approx(6.5)
+    # with a layer resident the modules outside stay on the device: nothing more is copied per call
+    assert step_seconds("layerwise", embedded, (0,), workload, link) == pytest.approx(
+        step_seconds("layerwise", bare, (0,), workload, link))
+    # the catalog's Z-Image under guidance: two encoder calls, each copying all of Qwen3-4B (its 0.78 GB
+    # token embedding too), with nothing computing beside them
+    from planner import make_plan
+    from planner.inventory.catalog import catalog_inventory
+
+    workload = {"height": 1024, "width": 1024, "steps": 8, "guidance_scale": 5.0}
+    encode = make_plan({"version": 1, "pipeline": {"model": "z-image-turbo", "dtype": "bfloat16"}, "device": "cuda",
+                        "profile": "h200", "workload": workload,
+                        "defaults": {"strategy": "layerwise"}}).estimate.encode_seconds
+    te = catalog_inventory("z-image-turbo").get("text_encoder")
+    assert encode >= 2 * te.weight_bytes / load_profile("h200").h2d_bytes_per_s

@@ -20,6 +20,7 @@ from planner.planning.assemble import (
     component_plan,
     stored_layer_bytes,
     stored_weight_bytes,
+    streams_non_layer,
 )
 from planner.planning.estimate import PROCESS_HOST_BYTES, loader_transient, memory_estimate, upcast_seconds
 from planner.planning.expert_steps import expert_step_shares
@@ -141,9 +142,18 @@ def step_seconds(strategy: str, info: ComponentInfo, resident: tuple[int, ...], 
         return compute * per_step + weight_bytes / profile.h2d_bytes_per_s / calls
     # a denoiser streams call after call (steady state); an encoder or decoder runs once, from cold
     slowdown = profile.kernel_rates.host_slowdown_under_copy if profile.kernel_rates else 0.0
-    return per_step * simulate_layerwise(layer_bytes, set(resident), device, profile, prefetch,
+    shares = layer_shares(info, workload)
+    outside = weight_bytes - sum(layer_bytes)
+    if streams_non_layer(strategy, family_of(info.name), tuple(resident)) and outside > 0 and layer_bytes:
+        # its modules outside the layers are copied each call too (a text encoder's token embedding:
+        # 0.78 GB of Qwen3-4B's 8.04, 2.27 of Qwen2.5-VL's 16.58), prefetched with the window beside
+        # the first layer and outside its count: the same copy engine, the first layer's time
+        total = sum(layer_bytes) or 1
+        shares = shares or [b / total for b in layer_bytes]     # compute stays where the layers put it
+        layer_bytes = (layer_bytes[0] + outside, *layer_bytes[1:])
+    return per_step * simulate_layerwise(tuple(layer_bytes), set(resident), device, profile, prefetch,
                                          calls=3 if runs_per_step_name(info.name) else 1,
-                                         shares=layer_shares(info, workload), host=host, host_slowdown=slowdown)
+                                         shares=shares, host=host, host_slowdown=slowdown)
 
 
 def simulate_layerwise(layer_bytes: tuple[int, ...], resident: set[int], compute: float, profile: Profile,
