@@ -47,6 +47,9 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from planner.errors import FolderError  # noqa: E402
+from planner.files.bounded_read import read_bounded  # noqa: E402
+
 GiB = 1 << 30
 
 OURS_PREFETCH = {"ours_p1": 1, "ours_p2": 2, "ours_p4": 4}
@@ -100,11 +103,12 @@ def rss_fields() -> dict[str, int]:
     """This process's resident set and its parts (anonymous, file-backed, shared), in bytes."""
     out: dict[str, int] = {}
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        text = read_bounded(Path("/proc/self/status"), 1 << 16, "process status").decode("ascii", "replace")
+        for line in text.splitlines():
             key, _, rest = line.partition(":")
             if key in RSS_FIELDS:
                 out[key] = int(rest.split()[0]) * 1024
-    except (OSError, ValueError, IndexError):
+    except (FolderError, OSError, ValueError, IndexError):
         pass
     return out
 

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from planner.api import make_plan
 
@@ -20,21 +22,22 @@ def _row(size: int, budget_gib: int) -> dict:
             "workload": {"height": size, "width": size, "steps": 8}, "defaults": {"strategy": "auto"},
             "memory": {"gpu_budget": budget_gib * GiB}, "profile": "h200"}
     plan = make_plan(dict(spec, pipeline={"model": "z-image-turbo", "dtype": "bfloat16"}))
-    placement = {n: {"strategy": str(getattr(c.strategy, "value", c.strategy)),
-                     "resident_layers": len(c.resident_layers), "layers": c.layer_count, "prefetch": c.prefetch}
-                 for n, c in plan.components.items()}
+    placement = _bench_module("pipeline_bench").plan_fields(plan)["placement"]    # as the bench records it
     return {"family": "zimage", "variant": f"ours_{budget_gib}GiB", "kind": "ours", "size": size, "plan_size": size,
             "spec": spec, "placement": placement, "profile": "h200", "s_per_step": 0.1, "generation_s": 1.0,
             "peak_allocated_bytes": budget_gib * GiB}
 
 
-def _repredict() -> object:
+def _bench_module(name: str) -> Any:
     sys.path.insert(0, str(ROOT / "bench"))
     try:
-        import repredict
+        return importlib.import_module(name)
     finally:
         sys.path.pop(0)
-    return repredict
+
+
+def _repredict() -> Any:
+    return _bench_module("repredict")
 
 
 def test_pin_plans_the_measured_placement_where_the_budget_would_not():

@@ -142,23 +142,19 @@ def step_seconds(strategy: str, info: ComponentInfo, resident: tuple[int, ...], 
         return compute * per_step + weight_bytes / profile.h2d_bytes_per_s / calls
     # a denoiser streams call after call (steady state); an encoder or decoder runs once, from cold
     slowdown = profile.kernel_rates.host_slowdown_under_copy if profile.kernel_rates else 0.0
-    shares = layer_shares(info, workload)
-    outside = weight_bytes - sum(layer_bytes)
-    if streams_non_layer(strategy, family_of(info.name), tuple(resident)) and outside > 0 and layer_bytes:
-        # its modules outside the layers are copied each call too (a text encoder's token embedding:
-        # 0.78 GB of Qwen3-4B's 8.04, 2.27 of Qwen2.5-VL's 16.58), prefetched with the window beside
-        # the first layer and outside its count: the same copy engine, the first layer's time
-        total = sum(layer_bytes) or 1
-        shares = shares or [b / total for b in layer_bytes]     # compute stays where the layers put it
-        layer_bytes = (layer_bytes[0] + outside, *layer_bytes[1:])
-    return per_step * simulate_layerwise(tuple(layer_bytes), set(resident), device, profile, prefetch,
+    # every layer streamed: its modules outside the layers are copied each call too (a text encoder's
+    # token embedding: 0.78 GB of Qwen3-4B's 8.04, 2.27 of Qwen2.5-VL's 16.58)
+    outside = max(0, weight_bytes - sum(layer_bytes)) if streams_non_layer(strategy, family_of(info.name),
+                                                                           resident) else 0
+    return per_step * simulate_layerwise(layer_bytes, set(resident), device, profile, prefetch,
                                          calls=3 if runs_per_step_name(info.name) else 1,
-                                         shares=shares, host=host, host_slowdown=slowdown)
+                                         shares=layer_shares(info, workload), host=host, host_slowdown=slowdown,
+                                         outside_bytes=outside)
 
 
 def simulate_layerwise(layer_bytes: tuple[int, ...], resident: set[int], compute: float, profile: Profile,
                        prefetch: int = 1, calls: int = 3, shares: list[float] | None = None,
-                       host: float = 0.0, host_slowdown: float = 0.0) -> float:
+                       host: float = 0.0, host_slowdown: float = 0.0, outside_bytes: int = 0) -> float:
     """One call of a streamed component in steady state, simulated layer by layer on two clocks:
     the host's, which launches each layer's work (``host`` seconds a call) and issues the copies,
     and the devices' (the copy engine and the GPU).
@@ -170,7 +166,9 @@ def simulate_layerwise(layer_bytes: tuple[int, ...], resident: set[int], compute
     end (pipelines read the step's result). While the copy engine is busy the host launches
     ``1 + host_slowdown`` times slower (the profile's ``host_slowdown_under_copy``). Compute and
     launch time are spread over the layers by ``shares`` (counted FLOPs) where given, else by their
-    bytes. This sees what max(compute, bytes / bandwidth) does not: a streamed layer after too few
+    bytes. ``outside_bytes`` (modules outside the layers, streamed with them) are copied each call
+    with the first streamed layer, prefetched with the window outside its count, and compute nothing.
+    This sees what max(compute, bytes / bandwidth) does not: a streamed layer after too few
     resident ones waits on its copy, and a host that launches a small call's layers barely ahead of
     the GPU, slowed by the copies it issues, issues each copy too late to hide.
     """
@@ -187,7 +185,9 @@ def simulate_layerwise(layer_bytes: tuple[int, ...], resident: set[int], compute
     def issue(load: int, at: float) -> None:
         nonlocal copy_end
         slot_free = freed[load - slots] if load >= slots else 0.0
-        copy_end = max(copy_end, slot_free, at) + layer_bytes[streamed[load % len(streamed)]] / profile.h2d_bytes_per_s
+        index = load % len(streamed)
+        nbytes = layer_bytes[streamed[index]] + (outside_bytes if index == 0 else 0)
+        copy_end = max(copy_end, slot_free, at) + nbytes / profile.h2d_bytes_per_s
         landed[load] = copy_end
 
     for load in range(prefetch if streamed else 0):    # the window before the first call
@@ -311,8 +311,9 @@ def _with_times(plan: Plan, inventory: Inventory, workload: Mapping[str, Any], p
             share = shares.get(name, 1.0)              # an expert runs only its share of the steps
             per_step += t * share
             device, host = compute_parts(info, workload, profile)
-            launch += host * calls_per_step(info, workload) * share
-            gpu += device * calls_per_step(info, workload) * share
+            step_calls = calls_per_step(info, workload) * share
+            launch += host * step_calls
+            gpu += device * step_calls
         elif cp.phase == "encode":
             # the negative prompt's call: streamed again under layerwise, already on the GPU otherwise
             again = t if cp.strategy == "layerwise" else compute_seconds(info, workload, profile)
